@@ -1,0 +1,103 @@
+"""Pipeline text: `name{key=value,...}` items joined by commas (MLIR `--pass-pipeline` style).
+
+Values are bare words or double-quoted strings (with `\\"` and `\\\\` escapes) when they hold
+`, { } = "` or spaces. Parsing gives `[(name, {key: raw_text})]`; typing happens in `core.config`.
+"""
+from __future__ import annotations
+
+import re
+
+from .errors import PipelineParseError
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9:_\-]*")
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class _Reader:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def error(self, message: str) -> PipelineParseError:
+        pointer = " " * self.pos + "^"
+        return PipelineParseError(f"{message} at position {self.pos}:\n  {self.text}\n  {pointer}")
+
+    def skip_space(self) -> None:
+        while self.pos < len(self.text) and self.text[self.pos].isspace():
+            self.pos += 1
+
+    def peek(self) -> str:
+        self.skip_space()
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def expect(self, ch: str) -> None:
+        if self.peek() != ch:
+            found = repr(self.peek()) if self.peek() else "end of text"
+            raise self.error(f"expected '{ch}', found {found}")
+        self.pos += 1
+
+    def match(self, pattern: re.Pattern[str], what: str) -> str:
+        self.skip_space()
+        m = pattern.match(self.text, self.pos)
+        if not m:
+            raise self.error(f"expected {what}")
+        self.pos = m.end()
+        return m.group(0)
+
+    def value(self) -> str:
+        if self.peek() == '"':
+            self.pos += 1
+            out = []
+            while self.pos < len(self.text):
+                ch = self.text[self.pos]
+                if ch == "\\" and self.pos + 1 < len(self.text):
+                    out.append(self.text[self.pos + 1])
+                    self.pos += 2
+                    continue
+                if ch == '"':
+                    self.pos += 1
+                    return "".join(out)
+                out.append(ch)
+                self.pos += 1
+            raise self.error("unterminated quoted value")
+        start = self.pos
+        while self.pos < len(self.text) and self.text[self.pos] not in ',{}="':
+            self.pos += 1
+        raw = self.text[start:self.pos].strip()
+        if not raw:
+            raise self.error("expected a value")
+        return raw
+
+
+def parse_pipeline_text(text: str) -> list[tuple[str, dict[str, str]]]:
+    """Split pipeline text into (pass name, raw options). Empty text is an empty pipeline."""
+    if not isinstance(text, str):
+        raise PipelineParseError(f"pipeline text must be a string, got {type(text).__name__}")
+    reader = _Reader(text)
+    items: list[tuple[str, dict[str, str]]] = []
+    if reader.peek() == "":
+        return items
+    while True:
+        name = reader.match(_NAME, "a pass name (lowercase letters, digits, '-')")
+        options: dict[str, str] = {}
+        if reader.peek() == "{":
+            reader.pos += 1
+            if reader.peek() != "}":
+                while True:
+                    key = reader.match(_KEY, "an option name")
+                    if key in options:
+                        raise reader.error(f"{name}: option '{key}' given twice")
+                    reader.expect("=")
+                    options[key] = reader.value()
+                    if reader.peek() == ",":
+                        reader.pos += 1
+                        continue
+                    break
+            reader.expect("}")
+        items.append((name, options))
+        nxt = reader.peek()
+        if nxt == "":
+            return items
+        if nxt != ",":
+            raise reader.error(f"expected ',' between passes, found {nxt!r}")
+        reader.pos += 1
