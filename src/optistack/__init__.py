@@ -1,1 +1,56 @@
-"""optistack"""
+"""optistack: composable model optimization passes, each one measured and accuracy-gated.
+
+    import optistack as ost
+    wl = ost.workloads.load("minilm")
+    result = ost.Pipeline.parse("int8-dynamic,compile").run(wl, max_accuracy_drop=0.01)
+    result.report
+
+Importing is lean: names below are resolved on first use, and nothing imports triton, onnx,
+transformers or touches CUDA until a pass or workload needs it.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Pipeline": ("optistack.core.pipeline", "Pipeline"),
+    "PassResult": ("optistack.core.pass_protocol", "PassResult"),
+    "PassContext": ("optistack.core.pass_protocol", "PassContext"),
+    "ConfiguredPass": ("optistack.core.pass_protocol", "ConfiguredPass"),
+    "PassConfig": ("optistack.core.config", "PassConfig"),
+    "Availability": ("optistack.core.requirements", "Availability"),
+    "register_pass": ("optistack.core.registry", "register_pass"),
+    "pass_names": ("optistack.core.registry", "pass_names"),
+    "get_pass_class": ("optistack.core.registry", "get_pass_class"),
+    "Report": ("optistack.bench.report", "Report"),
+    "TimingConfig": ("optistack.bench.timer", "TimingConfig"),
+    "RunResult": ("optistack.core.run", "RunResult"),
+    "optimize": ("optistack.api", "optimize"),
+    "list_passes": ("optistack.api", "list_passes"),
+    "OptistackError": ("optistack.core.errors", "OptistackError"),
+    "PassConfigError": ("optistack.core.errors", "PassConfigError"),
+    "PipelineParseError": ("optistack.core.errors", "PipelineParseError"),
+    "UnknownPassError": ("optistack.core.errors", "UnknownPassError"),
+    "WorkloadError": ("optistack.core.errors", "WorkloadError"),
+}
+_SUBMODULES = {"workloads", "passes", "bench", "core"}
+
+__all__ = sorted(_LAZY) + sorted(_SUBMODULES) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"optistack.{name}")
+    raise AttributeError(f"module 'optistack' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

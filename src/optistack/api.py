@@ -1,0 +1,49 @@
+"""The one-call entry points: `optimize` for any module, `list_passes` for what can run here."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .core.pipeline import Pipeline
+from .core.registry import get_pass_class, pass_names
+from .core.run import RunResult
+
+
+def optimize(model: Any, example_inputs: Any, pipeline: str | Pipeline, *,
+             eval_fn: Callable[[Any], float] | None = None, higher_is_better: bool | None = None,
+             metric_name: str | None = None, eval_inputs: Any = None, max_accuracy_drop: float | None = None,
+             timing: Any = None, verbose: bool = True) -> RunResult:
+    """Run `pipeline` on your own module; each pass is timed on `example_inputs` and scored.
+
+    Without `eval_fn` the score is the relative output error against the unoptimized model (lower is
+    better). With `eval_fn(model) -> float`, say `higher_is_better`: the direction is never guessed.
+    Your `model` is not modified; `result.model` is the optimized copy.
+    """
+    from .workloads.generic import GenericWorkload
+
+    pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline.parse(pipeline)
+    workload = GenericWorkload(model, example_inputs, eval_fn=eval_fn, higher_is_better=higher_is_better,
+                               metric_name=metric_name, eval_inputs=eval_inputs)
+    return pipe.run(workload, max_accuracy_drop=max_accuracy_drop, timing=timing, verbose=verbose)
+
+
+def list_passes() -> list[dict[str, Any]]:
+    """Every registered pass with whether it can run here and, when not, why."""
+    rows = []
+    for name in pass_names():
+        try:
+            cls = get_pass_class(name)
+            available = cls().requirements()
+            rows.append({"name": name, "available": available.ok, "reason": available.reason,
+                         "takes": sorted(cls.takes), "gives": cls.gives, "lossy": getattr(cls, "lossy", False),
+                         "summary": _summary(cls)})
+        except Exception as exc:  # a broken plugin is listed, not fatal
+            rows.append({"name": name, "available": False, "reason": f"failed to load: {exc}",
+                         "takes": [], "gives": None, "lossy": False, "summary": ""})
+    return rows
+
+
+def _summary(cls: type) -> str:
+    import sys
+
+    doc = cls.__doc__ or getattr(sys.modules.get(cls.__module__), "__doc__", None) or ""
+    return doc.strip().split("\n")[0]

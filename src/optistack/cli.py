@@ -1,0 +1,135 @@
+"""`optistack` command line: demo, run, passes, workloads, report."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEMO_PIPELINE = "identity,prune-structured{sparsity=0.5},int8-dynamic,compile"
+DEMO_BUDGET = 0.01
+
+
+def _timing(quick: bool):
+    from .bench.timer import TimingConfig
+
+    return TimingConfig(min_rounds=6, max_rounds=20, max_seconds=8.0) if quick else TimingConfig()
+
+
+def _write_outputs(report, args) -> None:
+    if getattr(args, "json", None):
+        print(f"report JSON: {report.save(args.json)}", file=sys.stderr)
+    if getattr(args, "markdown", None):
+        Path(args.markdown).write_text(report.to_markdown())
+    if getattr(args, "plot", None):
+        print(f"plot: {report.plot(args.plot)}", file=sys.stderr)
+
+
+def cmd_run(args) -> int:
+    from .core.pipeline import Pipeline
+    from .workloads import load
+
+    pipeline = Pipeline.parse(args.pipeline)  # parse first: a typo fails before a model loads
+    workload = load(args.model)
+    result = pipeline.run(workload, max_accuracy_drop=args.max_accuracy_drop, timing=_timing(args.quick))
+    result.report.print()
+    _write_outputs(result.report, args)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    args.pipeline = args.pipeline or DEMO_PIPELINE
+    print(f"optistack demo: optimizing the bundled {args.model} with '{args.pipeline}', "
+          f"accuracy budget {args.max_accuracy_drop:g}", file=sys.stderr)
+    return cmd_run(args)
+
+
+def cmd_passes(args) -> int:
+    from .api import list_passes
+
+    rows = list_passes()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="optistack passes")
+    for col in ("pass", "available here", "takes -> gives", "what it does"):
+        table.add_column(col)
+    for r in rows:
+        avail = "[green]yes[/]" if r["available"] else f"[yellow]no[/]: {r['reason']}"
+        forms = f"{'/'.join(r['takes'])} -> {r['gives'] or 'same'}"
+        table.add_row(r["name"], avail, forms, r["summary"])
+    Console().print(table)
+    return 0
+
+
+def cmd_workloads(args) -> int:
+    from .core.registry import workload_names
+
+    print("\n".join(workload_names()))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .bench.report import Report
+
+    report = Report.load(args.path)
+    fmt = args.format
+    if fmt == "png":
+        out = args.output or str(Path(args.path).with_suffix(".png"))
+        print(report.plot(out))
+        return 0
+    text = {"md": report.to_markdown, "html": report._repr_html_, "json": report.to_json}.get(fmt)
+    if text is None:  # "text": the rich table
+        report.print()
+        return 0
+    if args.output:
+        Path(args.output).write_text(text())
+    else:
+        print(text())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optistack", description="Optimize PyTorch models, measured after every pass.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_run_args(p, pipeline_required: bool) -> None:
+        p.add_argument("--model", default="minilm", help="workload name (see `optistack workloads`)")
+        p.add_argument("--pipeline", required=pipeline_required, default=None, help='e.g. "int8-dynamic,compile"')
+        p.add_argument("--max-accuracy-drop", type=float, default=DEMO_BUDGET if not pipeline_required else None,
+                       help="reject passes whose accuracy drop from the original exceeds this (0.01 = 1%%)")
+        p.add_argument("--json", help="write the report JSON here")
+        p.add_argument("--markdown", help="write the report as markdown here")
+        p.add_argument("--plot", help="write a speedup/accuracy PNG here")
+        p.add_argument("--quick", action="store_true", help="fewer timing rounds (wider CIs)")
+
+    add_run_args(sub.add_parser("run", help="run a pipeline on a workload and print the report"), True)
+    add_run_args(sub.add_parser("demo", help="optimize a bundled real model and print the report"), False)
+    p = sub.add_parser("passes", help="list every pass, available or not, with the reason")
+    p.add_argument("--json", action="store_true")
+    sub.add_parser("workloads", help="list workload names")
+    p = sub.add_parser("report", help="re-render a saved report")
+    p.add_argument("path")
+    p.add_argument("--format", choices=("text", "md", "html", "json", "png"), default="text")
+    p.add_argument("--output", "-o", help="file to write (default: stdout; png: next to the JSON)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .core.errors import OptistackError
+
+    args = build_parser().parse_args(argv)
+    handler = {"run": cmd_run, "demo": cmd_demo, "passes": cmd_passes, "workloads": cmd_workloads,
+               "report": cmd_report}[args.command]
+    try:
+        return handler(args)
+    except (OptistackError, FileNotFoundError, ValueError) as exc:
+        print(f"optistack: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

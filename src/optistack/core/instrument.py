@@ -1,0 +1,44 @@
+"""Instruments watch every pass from outside (MLIR PassInstrumentation, TVM PassContext instruments).
+
+Every hook is optional. `after_pass` may set `step.status = "rejected"` (with `step.reason`): the
+pipeline then keeps the model it had before the pass. Benchmarking and progress output are instruments;
+passes hold no timing code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .pass_protocol import PassContext
+
+
+@dataclass
+class RunState:
+    """What instruments may read during a run. `current` is the last accepted model."""
+
+    workload: Any
+    original: Any
+    current: Any
+    form: str
+    ctx: PassContext
+    report: Any  # bench.report.Report, filled as the run goes
+    scratch: dict[str, Any] = field(default_factory=dict)  # instrument-private state, keyed by instrument
+
+
+class Instrument(Protocol):
+    def before_pipeline(self, state: RunState) -> None: ...
+
+    def before_pass(self, p: Any, step: Any, state: RunState) -> None: ...
+
+    def after_pass(self, p: Any, step: Any, candidate: Any, state: RunState) -> None: ...
+
+    def pass_not_run(self, p: Any, step: Any, state: RunState) -> None: ...
+
+    def after_pipeline(self, state: RunState) -> None: ...
+
+
+def notify(instruments: list[Any], hook: str, *args: Any) -> None:
+    for inst in instruments:
+        fn = getattr(inst, hook, None)
+        if fn is not None:
+            fn(*args)

@@ -1,0 +1,100 @@
+"""`Pipeline`: an ordered list of passes that is itself a pass, with a text form that round-trips.
+
+`Pipeline.parse("int8-dynamic,compile")` builds it; `str(p)` prints text that parses to an equal
+pipeline. Model forms are checked at parse time, so a pass that cannot take what the previous one gives
+is refused with a message naming both, before anything runs.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+from .errors import OptistackError, PipelineParseError
+from .pass_protocol import MODULE, PassContext, PassResult, form_after, pass_text
+from .registry import get_pass_class
+from .syntax import parse_pipeline_text
+
+_FORM_WORDS = {"module": "an eager torch module", "compiled": "a torch.compile'd model",
+               "onnx": "an ONNX Runtime model", "engine": "a TensorRT engine"}
+
+
+class Pipeline:
+    """A sequence of passes; applying it applies each in order (no measurement: see `run`)."""
+
+    name = "pipeline"
+
+    def __init__(self, passes: Iterable[Any] = (), start_form: str = MODULE) -> None:
+        self.passes = list(passes)
+        self.start_form = start_form
+        self.config = None
+        check_forms(self.passes, start_form)
+
+    @classmethod
+    def parse(cls, text: str, start_form: str = MODULE) -> "Pipeline":
+        passes = []
+        for name, options in parse_pipeline_text(text):
+            pass_cls = get_pass_class(name)
+            passes.append(pass_cls(**options))
+        return cls(passes, start_form)
+
+    @property
+    def takes(self) -> frozenset[str]:
+        return self.passes[0].takes if self.passes else frozenset({self.start_form})
+
+    @property
+    def gives(self) -> str | None:
+        form = self.start_form
+        for p in self.passes:
+            form = form_after(p, form)
+        return form
+
+    def requirements(self) -> Any:
+        from .requirements import all_of
+
+        return all_of(*(p.requirements() for p in self.passes))
+
+    def apply(self, model: Any, ctx: PassContext) -> PassResult:
+        modified, info = False, {}
+        for p in self.passes:
+            result = p.apply(model, ctx)
+            model, modified = result.model, modified or result.modified
+            info.update({f"{p.name}.{k}": v for k, v in result.info.items()})
+        return PassResult(model, modified, info)
+
+    def run(self, workload: Any, *, max_accuracy_drop: float | None = None, timing: Any = None,
+            instruments: Sequence[Any] | None = None, verbose: bool = True) -> Any:
+        """Apply every pass to `workload`'s model, measured by the benchmark instrument; see `core.run`."""
+        from .run import run_pipeline
+
+        return run_pipeline(self, workload, max_accuracy_drop=max_accuracy_drop, timing=timing,
+                            instruments=instruments, verbose=verbose)
+
+    def __str__(self) -> str:
+        return ",".join(pass_text(p) for p in self.passes)
+
+    def __repr__(self) -> str:
+        return f"Pipeline.parse({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Pipeline) and self.passes == other.passes
+
+    def __len__(self) -> int:
+        return len(self.passes)
+
+    def __iter__(self):
+        return iter(self.passes)
+
+
+def check_forms(passes: Sequence[Any], start_form: str = MODULE) -> None:
+    """Refuse a chain where a pass cannot take the form the previous pass gives."""
+    form, previous = start_form, None
+    for p in passes:
+        for attr in ("name", "apply", "takes"):
+            if not hasattr(p, attr):
+                raise OptistackError(f"{p!r} is not a pass: it has no '{attr}' attribute")
+        if form not in p.takes:
+            takes = " or ".join(_FORM_WORDS.get(f, f) for f in sorted(p.takes))
+            after = f"after '{previous.name}', which gives {_FORM_WORDS.get(form, form)}" if previous else \
+                f"on {_FORM_WORDS.get(form, form)}"
+            hint = f"; put '{p.name}' before '{previous.name}'" if previous and start_form in p.takes else ""
+            raise PipelineParseError(f"pass '{p.name}' cannot run {after}: it takes {takes}{hint}")
+        form, previous = form_after(p, form), p

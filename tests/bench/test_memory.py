@@ -1,0 +1,22 @@
+import torch
+
+from optistack.bench.memory import model_bytes, peak_memory
+
+
+def test_model_bytes_counts_parameters_and_buffers_once():
+    m = torch.nn.Sequential(torch.nn.Linear(100, 50), torch.nn.BatchNorm1d(50))
+    expected = sum(p.numel() * 4 for p in m.parameters()) + sum(b.numel() * b.element_size() for b in m.buffers())
+    assert model_bytes(m) == expected
+    tied = torch.nn.Sequential(torch.nn.Linear(10, 10, bias=False), torch.nn.Linear(10, 10, bias=False))
+    tied[1].weight = tied[0].weight
+    assert model_bytes(tied) == 400
+    assert model_bytes(m.to(torch.bfloat16)) < expected
+
+
+def test_peak_memory_sees_a_large_temporary_allocation():
+    def allocate():
+        x = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB
+        x.add_(1)
+        return float(x[0])
+
+    assert peak_memory(allocate) > 32 * 1024 * 1024
