@@ -52,7 +52,8 @@ class BenchmarkInstrument:
         samples = interleaved({"original": self._run(state, model)}, self.timing, device)["original"]
         state.report.baseline = {
             "latency_ms": summarize(samples).to_dict(),
-            "accuracy": {**accuracy, "metric": wl.metric.name, "higher_is_better": wl.metric.higher_is_better},
+            "accuracy": {**accuracy, "metric": wl.metric.name, "higher_is_better": wl.metric.higher_is_better,
+                         "scale": wl.metric.scale},
             "model_bytes": model_bytes(model),
             "peak_memory_bytes": peak_memory(self._run(state, model), device),
             "first_call_ms": first_ms,

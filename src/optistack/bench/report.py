@@ -68,6 +68,10 @@ class Step:
         if acc is not None:
             acc = dict(acc)
             acc.pop("delta", None)
+            for key in ("before", "after"):  # JSON null stands for a non-finite score
+                acc[key] = math.nan if acc.get(key) is None else acc[key]
+            for key in ("drop", "drop_from_original"):  # inf, not nan: a re-gate must still reject
+                acc[key] = math.inf if acc.get(key) is None else acc[key]
             d["accuracy"] = Accuracy(**acc)
         known = {f.name for f in fields(Step)}
         return Step(**{k: v for k, v in d.items() if k in known})

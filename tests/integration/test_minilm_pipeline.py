@@ -1,0 +1,42 @@
+"""End-to-end on the bundled MiniLM: the headline pipeline, the gate, and the README's demo."""
+import pytest
+import torch
+
+import optistack as ost
+from optistack.bench.timer import TimingConfig
+
+pytestmark = pytest.mark.slow
+QUICK = TimingConfig(warmup=2, min_rounds=6, max_rounds=20, max_seconds=10)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return ost.workloads.load("minilm")
+
+
+def test_int8_dynamic_then_compile_keeps_cosine_and_reports_every_figure(minilm):
+    result = ost.Pipeline.parse("int8-dynamic,compile").run(minilm, max_accuracy_drop=0.01, timing=QUICK,
+                                                           verbose=False)
+    steps = result.report.steps
+    assert [s.status for s in steps] == ["applied", "applied"], [s.reason for s in steps]
+    final = steps[-1]
+    assert final.accuracy.after >= 0.99  # mean embedding cosine to the fp32 model
+    assert final.accuracy.extra["retrieval_top1"] >= 0.95
+    assert final.speedup["ci95"][0] <= final.speedup["median"] <= final.speedup["ci95"][1]
+    assert final.cumulative_speedup is not None and final.first_call_ms is not None
+    assert steps[0].model_bytes < result.report.baseline["model_bytes"] * 0.5  # int8 weights
+    out = minilm.run(result.model)  # the optimized model is usable like the original
+    assert out.last_hidden_state.shape == (8, 128, 384)
+
+
+def test_the_original_model_is_untouched_and_structured_pruning_is_gated(minilm):
+    before = {k: v.clone() for k, v in minilm.model.state_dict().items()}
+    result = ost.Pipeline.parse("prune-structured{sparsity=0.5},identity").run(
+        minilm, max_accuracy_drop=0.01, timing=QUICK, verbose=False)
+    pruned, identity = result.report.steps
+    assert pruned.status == "rejected" and "exceeds the budget" in pruned.reason
+    assert pruned.info["params_after"] < pruned.info["params_before"]
+    assert identity.status == "applied"
+    assert identity.accuracy.after == pytest.approx(1.0, abs=1e-6)
+    after = minilm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
