@@ -22,7 +22,7 @@ def test_text_round_trips_to_an_equal_pipeline(text):
 
 
 def test_defaults_are_not_printed():
-    assert str(Pipeline.parse("compile{mode=default},prune-magnitude{sparsity=0.5}")) == "compile,prune-magnitude"
+    assert str(Pipeline.parse("prune-magnitude{sparsity=0.5},compile{mode=default}")) == "prune-magnitude,compile"
 
 
 def test_unknown_pass_and_bad_option_are_clear_errors():

@@ -1,0 +1,96 @@
+"""`compile`: wrap the model in `torch.compile` (TorchDynamo + a backend, Inductor by default).
+
+Compilation is lazy: `apply` only wraps the module; the graph is captured and compiled on the first
+call, which the benchmark instrument reports separately as compile time. Later calls with new input
+shapes may recompile (set `dynamic=true` to ask for shape-generic kernels up front).
+
+The result is a COMPILED model: it runs like the module (same arguments, same outputs, attribute
+access such as `.config` passes through to the original) but later passes must not edit its weights,
+so weight-editing passes (quantization, pruning) belong before `compile` in a pipeline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import Any, Literal, Optional
+
+from ...core.config import PassConfig, check
+from ...core.errors import PassApplyError, closest
+from ...core.pass_protocol import COMPILED, MODULE, ConfiguredPass, PassContext, PassResult
+from ...core.requirements import Availability
+
+# Always valid without asking dynamo (importing torch._dynamo costs ~1 s, so only done when needed).
+_BUILTIN_BACKENDS = ("inductor", "eager", "aot_eager")
+
+
+def _valid_backends() -> tuple[list[str], list[str]]:
+    """(every registered backend, the ones worth listing in an error: no debug/testing backends)."""
+    import torch._dynamo
+
+    every = set(torch._dynamo.list_backends(exclude_tags=())) | set(_BUILTIN_BACKENDS)
+    shown = set(torch._dynamo.list_backends()) | set(_BUILTIN_BACKENDS)
+    return sorted(every), sorted(shown)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileConfig(PassConfig):
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    backend: str = "inductor"
+    dynamic: Optional[bool] = None
+    fullgraph: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in _BUILTIN_BACKENDS:
+            every, shown = _valid_backends()
+            check(
+                self.backend in every,
+                f"compile: option 'backend' must be a registered torch.compile backend such as "
+                f"{', '.join(shown)}; got {self.backend!r}{closest(self.backend, every)} "
+                "(torch._dynamo.list_backends(exclude_tags=()) lists debug backends too)",
+            )
+        check(
+            self.mode == "default" or self.backend == "inductor",
+            f"compile: option 'mode={self.mode}' needs backend=inductor (got backend={self.backend}); "
+            "other backends take mode=default only",
+        )
+
+
+def _cxx_compiler() -> str | None:
+    """The C++ compiler Inductor would use for CPU kernels: $CXX, then g++, then cc."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "cc"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+class CompilePass(ConfiguredPass):
+    """`torch.compile(model, mode=..., backend=..., dynamic=..., fullgraph=...)`, compiled on first call."""
+
+    name = "compile"
+    Config = CompileConfig
+    takes = frozenset({MODULE})
+    gives = COMPILED
+
+    def requirements(self) -> Availability:
+        if self.config.backend == "inductor" and _cxx_compiler() is None:
+            return Availability.no(
+                "compile: backend=inductor generates C++ for CPU kernels but no C++ compiler was found "
+                "(looked for $CXX, g++, c++, cc); install g++ or use backend=aot_eager"
+            )
+        return Availability.yes()
+
+    def apply(self, model: Any, ctx: PassContext) -> PassResult:
+        import torch
+        from torch._dynamo.eval_frame import OptimizedModule
+
+        if not isinstance(model, torch.nn.Module):
+            raise PassApplyError(f"compile: expected a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, OptimizedModule):
+            raise PassApplyError("compile: the model is already torch.compile'd; compile it once")
+        cfg = self.config
+        compiled = torch.compile(
+            model, mode=cfg.mode, backend=cfg.backend, dynamic=cfg.dynamic, fullgraph=cfg.fullgraph
+        )
+        info: dict[str, Any] = {"backend": cfg.backend, "mode": cfg.mode, "lazy": True}
+        return PassResult(compiled, modified=True, info=info)

@@ -1,0 +1,258 @@
+"""`prune-structured`: remove whole MLP neurons (and optionally attention heads) so Linear layers shrink.
+
+Unlike `prune-magnitude`, the weight matrices really get smaller, so dense kernels do less work and
+the model runs faster (roughly in proportion to the FLOPs removed) and uses less memory.
+
+Recognized structures:
+
+- HF BERT-style blocks: `<p>.intermediate.dense` -> `<p>.output.dense` (BERT, RoBERTa, MiniLM, ...);
+  with `heads > 0` also attention heads: `<a>.self.{query,key,value}` -> `<a>.output.dense`, updating
+  the self-attention module's `num_attention_heads` and `all_head_size`.
+- Llama-style MLPs: `gate_proj`, `up_proj` -> `down_proj` (Llama, Mistral, Qwen2, SmolLM2, ...).
+  Head pruning is not supported for these (grouped-query attention); `heads > 0` is refused.
+- `nn.Sequential(..., Linear, <elementwise activation/dropout>..., Linear, ...)`.
+
+Importance of hidden neuron j = prod_i ||row j of first linear i|| * ||column j of the second linear||
+(`l2` or `l1` norms). Importance of a head = ||its rows of query, key and value|| * ||its columns of
+the output projection||. The least important `sparsity` fraction of neurons (`heads` fraction of
+heads) is removed in every block; at least one neuron and one head always remain.
+
+`model.config.intermediate_size` is updated when every pruned MLP ends at the same width, so
+`save_pretrained`/`from_pretrained` round-trips. A head-pruned BERT cannot be described by a
+BertConfig (head size is hidden_size / num_attention_heads), so its config is left unchanged and
+`info["config_reloadable"]` is false: reload it from a pickled module, not `from_pretrained`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from ...core.config import PassConfig, check
+from ...core.errors import PassApplyError
+from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredPruneConfig(PassConfig):
+    sparsity: float = 0.25
+    heads: float = 0.0
+    importance: Literal["l2", "l1"] = "l2"
+
+    def __post_init__(self) -> None:
+        check(
+            0.0 <= self.sparsity < 1.0,
+            f"prune-structured: option 'sparsity' (fraction of MLP neurons removed) must be >= 0 and < 1; "
+            f"got {self.sparsity}",
+        )
+        check(
+            0.0 <= self.heads < 1.0,
+            f"prune-structured: option 'heads' (fraction of attention heads removed) must be >= 0 and < 1; "
+            f"got {self.heads}",
+        )
+
+
+@dataclasses.dataclass
+class _Mlp:
+    name: str
+    kind: str  # "bert" | "llama" | "sequential"
+    firsts: list[Any]  # linears producing the hidden neurons (rows are neurons)
+    second: Any  # linear consuming them (columns are neurons)
+
+
+@dataclasses.dataclass
+class _Attention:
+    name: str
+    attn: Any  # module holding num_attention_heads / attention_head_size / all_head_size
+    qkv: list[Any]
+    out: Any
+
+
+def _elementwise_types() -> tuple[type, ...]:
+    from torch import nn
+
+    return (
+        nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU,
+        nn.CELU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign,
+        nn.Dropout, nn.Identity,
+    )  # fmt: skip
+
+
+def _plain_linear(m: Any) -> bool:
+    import torch
+
+    return isinstance(m, torch.nn.Linear) and type(m.weight.data) is torch.Tensor
+
+
+def _find_mlps(model: Any) -> list[_Mlp]:
+    import torch
+
+    mods = dict(model.named_modules())
+    elementwise = _elementwise_types()
+    found: list[_Mlp] = []
+    for name, m in mods.items():
+        gate, up, down = (getattr(m, a, None) for a in ("gate_proj", "up_proj", "down_proj"))
+        if all(_plain_linear(x) for x in (gate, up, down)):
+            found.append(_Mlp(name, "llama", [gate, up], down))
+        elif name.split(".")[-1] == "intermediate":
+            prefix = name[: -len("intermediate")]
+            first = getattr(m, "dense", None)
+            second = getattr(mods.get(prefix + "output"), "dense", None)
+            if _plain_linear(first) and _plain_linear(second):
+                found.append(_Mlp(name, "bert", [first], second))
+        elif isinstance(m, torch.nn.Sequential):
+            children = list(m)
+            for i, first in enumerate(children):
+                j = i + 1
+                while j < len(children) and isinstance(children[j], elementwise):
+                    j += 1
+                if j > i + 1 and j < len(children) and _plain_linear(first) and _plain_linear(children[j]):
+                    found.append(_Mlp(f"{name}.{i}" if name else str(i), "sequential", [first], children[j]))
+    return [g for g in found if all(f.out_features == g.second.in_features for f in g.firsts)]
+
+
+def _find_attention(model: Any) -> list[_Attention]:
+    found = []
+    for name, m in model.named_modules():
+        attn, out = getattr(m, "self", None), getattr(getattr(m, "output", None), "dense", None)
+        if attn is None or not _plain_linear(out):
+            continue
+        qkv = [getattr(attn, a, None) for a in ("query", "key", "value")]
+        n, hd = getattr(attn, "num_attention_heads", None), getattr(attn, "attention_head_size", None)
+        if not all(_plain_linear(x) for x in qkv) or not isinstance(n, int) or not isinstance(hd, int):
+            continue
+        if all(x.out_features == n * hd for x in qkv) and out.in_features == n * hd:
+            found.append(_Attention(name, attn, qkv, out))
+    return found
+
+
+def _norms(w: Any, dim: int, kind: str) -> Any:
+    import torch
+
+    return torch.linalg.vector_norm(w.detach().float(), ord=2 if kind == "l2" else 1, dim=dim)
+
+
+def _keep(lin: Any, idx: Any, dim: int) -> None:
+    """Keep only rows (dim=0: outputs) or columns (dim=1: inputs) `idx` of a Linear, in place."""
+    import torch
+
+    w = lin.weight
+    lin.weight = torch.nn.Parameter(w.data.index_select(dim, idx).contiguous(), requires_grad=w.requires_grad)
+    if dim == 0:
+        if lin.bias is not None:
+            b = lin.bias
+            lin.bias = torch.nn.Parameter(b.data.index_select(0, idx).contiguous(), requires_grad=b.requires_grad)
+        lin.out_features = idx.numel()
+    else:
+        lin.in_features = idx.numel()
+
+
+def _n_remove(fraction: float, n: int) -> int:
+    return max(0, min(n - 1, round(fraction * n)))
+
+
+def _top(scores: Any, k: int) -> Any:
+    import torch
+
+    return torch.topk(scores, k).indices.sort().values.to(torch.long)
+
+
+def _prune_mlp(g: _Mlp, fraction: float, kind: str) -> int:
+    n = g.second.in_features
+    drop = _n_remove(fraction, n)
+    if drop == 0:
+        return 0
+    score = _norms(g.second.weight, 0, kind)
+    for f in g.firsts:
+        score = score * _norms(f.weight, 1, kind)
+    keep = _top(score, n - drop).to(g.second.weight.device)
+    for f in g.firsts:
+        _keep(f, keep, 0)
+    _keep(g.second, keep, 1)
+    return drop
+
+
+def _prune_heads(a: _Attention, fraction: float, kind: str) -> int:
+    import torch
+
+    n, hd = a.attn.num_attention_heads, a.attn.attention_head_size
+    drop = _n_remove(fraction, n)
+    if drop == 0:
+        return 0
+    rows = torch.cat([x.weight.detach().float() for x in a.qkv], dim=1).reshape(n, -1)
+    cols = a.out.weight.detach().float().t().reshape(n, -1)
+    score = _norms(rows, 1, kind) * _norms(cols, 1, kind)
+    heads = _top(score, n - drop)
+    idx = (heads[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1).to(a.out.weight.device)
+    for x in a.qkv:
+        _keep(x, idx, 0)
+    _keep(a.out, idx, 1)
+    a.attn.num_attention_heads = n - drop
+    a.attn.all_head_size = (n - drop) * hd
+    return drop
+
+
+def _n_params(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class StructuredPrunePass(ConfiguredPass):
+    """Remove the least important MLP neurons (and attention heads) so layers really shrink."""
+
+    name = "prune-structured"
+    Config = StructuredPruneConfig
+    takes = frozenset({MODULE})
+    lossy = True
+
+    def apply(self, model: Any, ctx: PassContext) -> PassResult:
+        import torch
+
+        if not isinstance(model, torch.nn.Module):
+            raise PassApplyError(f"{self.name}: expected a torch.nn.Module, got {type(model).__name__}")
+        cfg = self.config
+        mlps = _find_mlps(model)
+        attns = _find_attention(model) if cfg.heads > 0 else []
+        if not mlps and not attns:
+            raise PassApplyError(
+                f"{self.name}: found no prunable structure; expected BERT-style MLPs "
+                "(*.intermediate.dense -> *.output.dense), Llama-style MLPs (gate_proj, up_proj -> down_proj) "
+                "or nn.Sequential(Linear, activation, Linear) with plain float nn.Linear layers"
+            )
+        if cfg.heads > 0 and not attns:
+            raise PassApplyError(
+                f"{self.name}: heads={cfg.heads} asks for head pruning, which needs BERT-style attention "
+                "(<attention>.self.query/key/value -> <attention>.output.dense); none found (Llama-style "
+                "grouped-query attention is not supported). Use heads=0 to prune MLP neurons only"
+            )
+        before = _n_params(model)
+        with torch.no_grad():
+            neurons_before = sum(g.second.in_features for g in mlps)
+            heads_before = sum(a.attn.num_attention_heads for a in attns)
+            neurons = sum(_prune_mlp(g, cfg.sparsity, cfg.importance) for g in mlps)
+            heads = sum(_prune_heads(a, cfg.heads, cfg.importance) for a in attns)
+        info: dict[str, Any] = {
+            "mlps": len(mlps),
+            "neurons_removed": neurons,
+            "neurons_before": neurons_before,
+            "attention_layers": len(attns),
+            "heads_removed": heads,
+            "heads_before": heads_before,
+            "params_before": before,
+            "params_after": _n_params(model),
+        }
+        info.update(_update_config(model, mlps, heads > 0))
+        return PassResult(model, modified=bool(neurons or heads), info=info)
+
+
+def _update_config(model: Any, mlps: list[_Mlp], heads_pruned: bool) -> dict[str, Any]:
+    """Write the new intermediate size into `model.config` when the model has one and it is uniform."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    widths = {g.second.in_features for g in mlps if g.kind in ("bert", "llama")}
+    out: dict[str, Any] = {"config_reloadable": not heads_pruned}
+    if hasattr(config, "intermediate_size") and len(widths) == 1:
+        config.intermediate_size = widths.pop()
+        out["intermediate_size"] = config.intermediate_size
+    elif widths:
+        out["config_reloadable"] = False  # widths differ per block: no single intermediate_size
+    return out

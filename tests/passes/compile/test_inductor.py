@@ -1,0 +1,92 @@
+"""`compile`: torch.compile wrapper; validation is cheap, the compiled cases are marked slow."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from optistack.core.errors import PassApplyError, PassConfigError
+from optistack.core.pass_protocol import COMPILED, MODULE, PassContext
+from optistack.core.syntax import parse_pipeline_text
+from optistack.passes.compile.inductor import CompilePass
+
+CTX = PassContext()
+
+
+def tiny_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 8)).eval()
+
+
+def test_declares_forms():
+    assert CompilePass.takes == frozenset({MODULE}) and CompilePass.gives == COMPILED
+
+
+def test_bad_backend_lists_valid_ones():
+    with pytest.raises(PassConfigError, match=r"^compile: option 'backend'.*inductor.*got 'nope'"):
+        CompilePass(backend="nope")
+
+
+def test_bad_mode_and_mode_backend_mismatch():
+    with pytest.raises(PassConfigError, match=r"^compile: option 'mode' must be one of default"):
+        CompilePass(mode="fast")
+    with pytest.raises(PassConfigError, match=r"^compile: option 'mode=max-autotune' needs backend=inductor"):
+        CompilePass(mode="max-autotune", backend="eager")
+
+
+@pytest.mark.parametrize(
+    "p, text",
+    [
+        (CompilePass(), "compile"),
+        (CompilePass(backend="aot_eager", dynamic=True), "compile{backend=aot_eager,dynamic=true}"),
+        (CompilePass(mode="max-autotune-no-cudagraphs", fullgraph=True),
+         "compile{mode=max-autotune-no-cudagraphs,fullgraph=true}"),
+    ],
+)
+def test_text_round_trips(p, text):
+    assert str(p) == text
+    [(name, opts)] = parse_pipeline_text(text)
+    assert name == "compile" and CompilePass(**opts) == p
+
+
+def test_requirements_name_missing_compiler(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CXX", raising=False)
+    avail = CompilePass().requirements()
+    assert not avail and "C++ compiler" in avail.reason
+    assert CompilePass(backend="aot_eager").requirements()
+
+
+def test_apply_refuses_non_modules_and_double_compile():
+    with pytest.raises(PassApplyError, match="^compile: expected a torch.nn.Module"):
+        CompilePass().apply(lambda x: x, CTX)
+    compiled = CompilePass(backend="eager").apply(tiny_mlp(), CTX).model
+    with pytest.raises(PassApplyError, match="^compile: .*already"):
+        CompilePass().apply(compiled, CTX)
+
+
+@pytest.mark.slow
+def test_inductor_matches_eager():
+    if not CompilePass().requirements():
+        pytest.skip(CompilePass().requirements().reason)
+    model = tiny_mlp()
+    x = torch.randn(4, 16)
+    ref = model(x)
+    result = CompilePass().apply(model, CTX)
+    assert result.modified and result.info["backend"] == "inductor"
+    torch.testing.assert_close(result.model(x), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result.model(x), ref, rtol=1e-5, atol=1e-5)  # warm call, compiled graph
+
+
+@pytest.mark.slow
+def test_aot_eager_keeps_hf_attributes():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                 intermediate_size=128, vocab_size=100)).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    ref = model(ids).last_hidden_state
+    compiled = CompilePass(backend="aot_eager").apply(model, CTX).model
+    assert compiled.config.hidden_size == 64  # attribute access passes through
+    torch.testing.assert_close(compiled(ids).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
