@@ -1,0 +1,166 @@
+"""Any callable model with example inputs: the user's own use case without writing a workload class.
+
+Scored either by the user's `eval_fn` (whose direction must be stated: we never guess whether higher
+is better) or, by default, by relative output error against the original model's outputs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ..core.errors import WorkloadError
+from .base import Inputs, Metric
+from .loaders import model_device, to_device
+
+
+def normalize_inputs(example: Any) -> Inputs:
+    """A tensor, a tuple/list of positional args, a dict of kwargs, or an (args, kwargs) pair -> (args, kwargs).
+
+    A 2-item tuple/list counts as (args, kwargs) only when its first item is a tuple/list and its second a dict.
+    """
+    if isinstance(example, dict):
+        return (), dict(example)
+    if isinstance(example, (tuple, list)):
+        if len(example) == 2 and isinstance(example[0], (tuple, list)) and isinstance(example[1], dict):
+            return tuple(example[0]), dict(example[1])
+        return tuple(example), {}
+    return (example,), {}
+
+
+def flatten_outputs(outputs: Any) -> torch.Tensor:
+    """Every tensor in a tensor/tuple/list/dict/ModelOutput, flattened and joined, as float32 on CPU."""
+    parts: list[torch.Tensor] = []
+
+    def visit(obj: Any) -> None:
+        if obj is None:
+            return
+        if isinstance(obj, torch.Tensor):
+            parts.append(obj.detach().reshape(-1).to("cpu", torch.float32))
+        elif isinstance(obj, dict):  # ModelOutput is a dict too; keys in insertion order
+            for value in obj.values():
+                visit(value)
+        elif isinstance(obj, (tuple, list)):
+            for value in obj:
+                visit(value)
+        elif isinstance(obj, (int, float, bool)):
+            parts.append(torch.tensor([float(obj)]))
+        elif hasattr(obj, "__array__"):  # numpy arrays from exported runtimes
+            parts.append(torch.as_tensor(obj).reshape(-1).to(torch.float32))
+        else:
+            raise WorkloadError(f"generic: cannot compare model outputs of type {type(obj).__name__}")
+
+    visit(outputs)
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+class GenericWorkload:
+    """Wraps a model and its example inputs; see the module docstring for how it is scored."""
+
+    kind = "generic"
+
+    def __init__(
+        self,
+        model: Any,
+        example_inputs: Any,
+        eval_fn: Callable[[Any], float] | None = None,
+        higher_is_better: bool | None = None,
+        metric_name: str | None = None,
+        eval_inputs: Iterable[Any] | None = None,
+        name: str = "generic",
+    ) -> None:
+        if not callable(model):
+            raise WorkloadError(f"generic: the model must be callable, got a {type(model).__name__}")
+        if eval_fn is not None and not callable(eval_fn):
+            raise WorkloadError(f"generic: eval_fn must be callable, got a {type(eval_fn).__name__}")
+        if eval_fn is not None and not isinstance(higher_is_better, bool):
+            raise WorkloadError(
+                "generic: with eval_fn, pass higher_is_better=True or False; the accuracy gate needs the "
+                "metric's direction and optistack never guesses it"
+            )
+        self.name = name
+        self.model = model.eval() if isinstance(model, torch.nn.Module) else model
+        self.eval_fn = eval_fn
+        self.inputs = normalize_inputs(example_inputs)
+        if eval_inputs is not None and not isinstance(eval_inputs, (list, tuple)):
+            raise WorkloadError("generic: eval_inputs must be a list of inputs (each in any form example_inputs accepts)")
+        self.eval_inputs = [normalize_inputs(x) for x in (eval_inputs or [])]
+        self._inputs_on: dict[str, Inputs] = {}
+        if eval_fn is not None:
+            self.metric = Metric(metric_name or "eval", higher_is_better, "relative")
+        else:
+            self.metric = Metric("rel_error", False, "absolute")
+        # Run the original once now: this checks the inputs fit the model, and the outputs are the
+        # reference, taken before any pass can change the model in place.
+        self._reference = [self._call(self.model, inp, check=True) for inp in self._all_inputs()]
+
+    def _all_inputs(self) -> list[Inputs]:
+        return [self.inputs, *self.eval_inputs]
+
+    def _call(self, model: Any, inputs: Inputs, check: bool = False) -> torch.Tensor:
+        args, kwargs = to_device(inputs, model_device(model))
+        try:
+            with torch.inference_mode():
+                out = model(*args, **kwargs)
+        except Exception as exc:
+            if not check:
+                raise
+            raise WorkloadError(
+                f"generic: running the model on its example inputs failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        return flatten_outputs(out)
+
+    def run(self, model: Any) -> Any:
+        """model(*args, **kwargs) on the example inputs (moved to the model's device once), without grad."""
+        device = model_device(model)
+        inputs = self._inputs_on.get(str(device))
+        if inputs is None:
+            inputs = self._inputs_on[str(device)] = to_device(self.inputs, device)
+        args, kwargs = inputs
+        with torch.inference_mode():
+            return model(*args, **kwargs)
+
+    def evaluate(self, model: Any) -> dict[str, float]:
+        if self.eval_fn is not None:
+            return {self.metric.name: float(self.eval_fn(model))}
+        diff_sq, ref_sq, worst = 0.0, 0.0, 0.0
+        for inputs, ref in zip(self._all_inputs(), self._reference):
+            out = self._call(model, inputs)
+            if out.shape != ref.shape:
+                raise WorkloadError(f"generic: outputs have {out.numel()} values, the original model gave {ref.numel()}")
+            if not torch.isfinite(out).all():
+                return {self.metric.name: math.nan, f"{self.metric.name}_max": math.nan}
+            d, r = (out - ref).square().sum().item(), ref.square().sum().item()
+            diff_sq, ref_sq = diff_sq + d, ref_sq + r
+            worst = max(worst, _ratio(d, r))
+        return {self.metric.name: _ratio(diff_sq, ref_sq), f"{self.metric.name}_max": worst}
+
+    def calibration_inputs(self, n: int) -> Iterable[Inputs]:
+        """The example inputs (and eval inputs): a generic workload has no other data."""
+        return self._all_inputs()[: max(n, 0)]
+
+    def extra_measurements(self, model: Any) -> dict[str, float]:
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        model = self.model
+        params = sum(p.numel() for p in model.parameters()) if isinstance(model, torch.nn.Module) else None
+        return {
+            "model": type(model).__name__,
+            "params": params,
+            "input_shapes": _shapes(self.inputs),
+            "eval_inputs": len(self._all_inputs()),
+            "metric": self.metric.name,
+        }
+
+
+def _ratio(diff_sq: float, ref_sq: float) -> float:
+    """‖y - y_ref‖ / ‖y_ref‖, falling back to the absolute error when the reference is all zeros."""
+    return math.sqrt(diff_sq / ref_sq) if ref_sq > 0 else math.sqrt(diff_sq)
+
+
+def _shapes(inputs: Inputs) -> Any:
+    args, kwargs = inputs
+    shape = lambda x: list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__  # noqa: E731
+    return {"args": [shape(a) for a in args], "kwargs": {k: shape(v) for k, v in kwargs.items()}}

