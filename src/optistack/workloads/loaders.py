@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import WorkloadError
+from ..core.quiet import quiet_import
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -48,9 +49,10 @@ def load_minilm() -> tuple[Any, Any]:
     """(model in eval mode, fp32; tokenizer)."""
     _require_transformers()
     path = minilm_dir()
-    from transformers import AutoModel, AutoTokenizer
+    with quiet_import(hf_progress=True):
+        from transformers import AutoModel, AutoTokenizer
 
-    model = AutoModel.from_pretrained(path, dtype="float32").eval()
+        model = AutoModel.from_pretrained(path, dtype="float32").eval()
     return model, AutoTokenizer.from_pretrained(path)
 
 
@@ -93,7 +95,8 @@ def smollm2_dir(cache_dir: str | Path | None = None) -> Path:
     stamp = _source_stamp(gguf)
     if _cache_is_valid(target, stamp):
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with quiet_import():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -135,9 +138,10 @@ def _remove_stale_temps(root: Path, max_age_s: float = 3600.0) -> None:
 def load_smollm2(cache_dir: str | Path | None = None) -> tuple[Any, Any]:
     """(LlamaForCausalLM in eval mode, fp32; tokenizer), from the converted cache."""
     path = smollm2_dir(cache_dir)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with quiet_import(hf_progress=True):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
     return model, AutoTokenizer.from_pretrained(path)
 
 

@@ -89,7 +89,10 @@ def build(report: Report, console: Any = None) -> Any:
 
 def print_report(report: Report, console: Any = None) -> None:
     _, Console, *_ = _rich()
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or logged (CI, make): rich would assume 80 columns
+            console = Console(width=160)
     console.print(build(report, console))
 
 

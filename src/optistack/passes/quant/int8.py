@@ -11,40 +11,18 @@ Both swap the Linear weights for torchao tensor subclasses in place (the module 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 import re
-import warnings
-from typing import Any, Iterator
+from typing import Any
 
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
+from ...core.quiet import quiet_import
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, need_packages
 
-# Loggers that print noise while torchao imports (missing optional CUDA libraries, pytree notices).
-_NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
-
-
-@contextlib.contextmanager
-def _quiet_import() -> Iterator[None]:
-    """Silence torchao's import-time log lines and warnings, restoring logger levels afterwards."""
-    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def _torchao() -> Any:
-    with _quiet_import():
+    with quiet_import():
         import torchao.quantization as tq
         import torchao.utils
     return tq, torchao.utils
@@ -122,7 +100,7 @@ class _Int8Pass(ConfiguredPass):
         def filter_fn(m: torch.nn.Module, fqn: str) -> bool:
             return fqn in chosen and linears[fqn] is m
 
-        with _quiet_import():
+        with quiet_import():
             tq.quantize_(model, self._ao_config(tq, ao_utils, device), filter_fn=filter_fn)
         return PassResult(model, modified=True, info=info)
 
