@@ -24,7 +24,8 @@ def test_int8_dynamic_then_compile_keeps_cosine_and_reports_every_figure(minilm)
     assert final.accuracy.extra["retrieval_top1"] >= 0.95
     assert final.speedup["ci95"][0] <= final.speedup["median"] <= final.speedup["ci95"][1]
     assert final.cumulative_speedup is not None and final.first_call_ms is not None
-    assert steps[0].model_bytes < result.report.baseline["model_bytes"] * 0.5  # int8 weights
+    # int8 Linear weights (the fp32 word embeddings, half of MiniLM, stay as they are): 90.9 MB -> ~59 MB
+    assert steps[0].model_bytes < result.report.baseline["model_bytes"] * 0.7
     out = minilm.run(result.model)  # the optimized model is usable like the original
     assert out.last_hidden_state.shape == (8, 128, 384)
 

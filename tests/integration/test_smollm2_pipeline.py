@@ -8,21 +8,23 @@ from optistack.cli import main
 pytestmark = pytest.mark.slow
 
 
-def test_cli_run_int8_weight_on_smollm2_writes_a_full_report(tmp_path, capsys):
+def test_cli_run_bf16_on_smollm2_writes_a_full_report(tmp_path, capsys):
     out = tmp_path / "out.json"
-    code = main(["run", "--model", "smollm2", "--pipeline", "int8-weight", "--json", str(out), "--quick",
-                 "--max-accuracy-drop", "0.05"])
+    code = main(["run", "--model", "smollm2", "--pipeline", "cast{dtype=bf16}", "--json", str(out), "--quick",
+                 "--max-accuracy-drop", "0.05", "--markdown", str(tmp_path / "out.md")])
     assert code == 0
     report = json.loads(out.read_text())
-    assert report["schema"] == "optistack.report/1" and report["pipeline"] == "int8-weight"
+    assert report["schema"] == "optistack.report/1" and report["pipeline"] == "cast"  # bf16 is the default
     base_ppl = report["baseline"]["accuracy"]["perplexity"]
     assert 5 < base_ppl < 30
     step = report["steps"][0]
     assert step["status"] == "applied", step["reason"]
     assert step["accuracy"]["metric"] == "perplexity" and step["accuracy"]["higher_is_better"] is False
     assert step["accuracy"]["after"] < base_ppl * 1.05
-    assert step["model_bytes"] < report["baseline"]["model_bytes"] * 0.6
+    assert step["model_bytes"] == pytest.approx(report["baseline"]["model_bytes"] / 2, rel=0.01)
     for key in ("ttft_ms", "tpot_ms", "tokens_per_s", "p99_token_ms"):
         assert step["extra"][key] > 0
+    markdown = (tmp_path / "out.md").read_text()
+    assert "cast" in markdown and "perplexity" in markdown
     assert main(["report", str(out), "--format", "md"]) == 0
-    assert "int8-weight" in capsys.readouterr().out
+    assert "cast" in capsys.readouterr().out
