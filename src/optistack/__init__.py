@@ -30,6 +30,7 @@ _LAZY = {
     "RunResult": ("optistack.core.run", "RunResult"),
     "optimize": ("optistack.api", "optimize"),
     "list_passes": ("optistack.api", "list_passes"),
+    "load": ("optistack.core.persist", "load_model"),
     "OptistackError": ("optistack.core.errors", "OptistackError"),
     "PassConfigError": ("optistack.core.errors", "PassConfigError"),
     "PipelineParseError": ("optistack.core.errors", "PipelineParseError"),

@@ -72,6 +72,7 @@ class ConfiguredPass:
     takes: ClassVar[frozenset[str]] = frozenset({MODULE})
     gives: ClassVar[str | None] = None  # None: gives the form it was given
     lossy: ClassVar[bool] = False  # informational: may change outputs beyond float rounding
+    reapply_on_load: ClassVar[bool] = False  # its effect lives outside tensors (hooks): rerun it on load
 
     def __init__(self, config: PassConfig | None = None, **options: Any) -> None:
         if config is not None and options:

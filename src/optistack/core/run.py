@@ -26,6 +26,12 @@ class RunResult:
     def _repr_html_(self) -> str:
         return self.report._repr_html_()
 
+    def save(self, path: Any) -> Any:
+        """Write the optimized model (safetensors + manifest, no pickle); `optistack.load(path)` reads it."""
+        from .persist import save_model
+
+        return save_model(path, self.model, self.original, self.report.steps, self.report.workload)
+
     def __repr__(self) -> str:
         return f"<RunResult pipeline={str(self.pipeline)!r} final_speedup={self.report.final_speedup}>"
 

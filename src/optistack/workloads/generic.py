@@ -30,7 +30,10 @@ def normalize_inputs(example: Any) -> Inputs:
 
 
 def flatten_outputs(outputs: Any) -> torch.Tensor:
-    """Every tensor in a tensor/tuple/list/dict/ModelOutput, flattened and joined, as float32 on CPU."""
+    """Every tensor in a tensor/tuple/list/dict/ModelOutput, flattened and joined, as float32 on CPU.
+
+    Other objects inside outputs (an HF KV cache, say) are state rather than results and are left out.
+    """
     parts: list[torch.Tensor] = []
 
     def visit(obj: Any) -> None:
@@ -48,11 +51,12 @@ def flatten_outputs(outputs: Any) -> torch.Tensor:
             parts.append(torch.tensor([float(obj)]))
         elif hasattr(obj, "__array__"):  # numpy arrays from exported runtimes
             parts.append(torch.as_tensor(obj).reshape(-1).to(torch.float32))
-        else:
-            raise WorkloadError(f"generic: cannot compare model outputs of type {type(obj).__name__}")
+        # anything else (e.g. an HF KV cache object) is state, not a result: not scored
 
     visit(outputs)
-    return torch.cat(parts) if parts else torch.zeros(0)
+    if not parts:
+        raise WorkloadError(f"generic: the model's outputs ({type(outputs).__name__}) hold no tensors to compare")
+    return torch.cat(parts)
 
 
 class GenericWorkload:

@@ -164,6 +164,7 @@ class CastPass(ConfiguredPass):
     name = "cast"
     Config = CastConfig
     takes = frozenset({MODULE})
+    reapply_on_load = True  # its hooks are not tensors: they are registered again on load
     lossy = True
 
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
