@@ -31,6 +31,8 @@ def run(model, pipeline):
     "prune-magnitude{sparsity=0.5}",
     "prune-structured{sparsity=0.5},cast{dtype=bf16}",
     "cast{dtype=fp16},compile{backend=eager}",
+    "prune-wanda{sparsity=0.5},fp8",
+    "fp8{mode=dynamic}",
 ])
 def test_saved_and_loaded_model_gives_bit_identical_logits(tmp_path, pipeline):
     result, ids = run(tiny_llama(), pipeline)
