@@ -8,17 +8,13 @@ import optistack as ost
 from optistack.bench.timer import TimingConfig
 from optistack.core.errors import OptistackError
 from optistack.workloads.generic import GenericWorkload
+from tiny_models import tiny_llama as _tiny_llama
 
 FAST = TimingConfig(warmup=1, min_rounds=3, max_rounds=3)
 
 
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
+    return _tiny_llama(vocab_size=128, tie_word_embeddings=True)
 
 
 def run(model, pipeline):

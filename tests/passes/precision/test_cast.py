@@ -12,25 +12,9 @@ from optistack.core.errors import PassApplyError, PassConfigError
 from optistack.core.pass_protocol import PassContext
 from optistack.core.syntax import parse_pipeline_text
 from optistack.passes.precision.cast import CastPass
+from tiny_models import tiny_bert, tiny_llama
 
 CTX = PassContext()
-
-
-def tiny_bert():
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100)
-    return BertModel(cfg).eval()
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def rel_err(out, ref):

@@ -11,17 +11,9 @@ from optistack.core.errors import PassApplyError, PassConfigError
 from optistack.core.pass_protocol import PassContext
 from optistack.core.syntax import parse_pipeline_text
 from optistack.passes.prune.magnitude import MagnitudePrunePass
+from tiny_models import tiny_llama
 
 CTX = PassContext()
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def tiny_mlp():

@@ -14,17 +14,13 @@ from optistack.passes.calibration import input_channel_stats
 from optistack.passes.prune.magnitude import MagnitudePrunePass
 from optistack.passes.prune.wanda import WandaPrunePass, wanda_scores, zero_lowest_per_row
 from optistack.workloads.generic import GenericWorkload
+from tiny_models import tiny_llama as _tiny_llama
 
 VOCAB = 128
 
 
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=VOCAB)
-    return LlamaForCausalLM(cfg).eval()
+    return _tiny_llama(vocab_size=VOCAB)
 
 
 def llama_workload(model):

@@ -14,6 +14,7 @@ from optistack.core.errors import PassApplyError, PassConfigError
 from optistack.core.pass_protocol import PassContext
 from optistack.core.syntax import parse_pipeline_text
 from optistack.passes.quant.fp8 import E4M3, Fp8Linear, Fp8Pass
+from tiny_models import tiny_llama as _tiny_llama
 
 CTX = PassContext()
 # Floors measured on the random data below: weight-only ~32 dB, dynamic ~29 dB (e4m3 keeps 3 mantissa
@@ -21,18 +22,13 @@ CTX = PassContext()
 SQNR_FLOOR = {"weight-only": 28.0, "dynamic": 25.0}
 
 
+def tiny_llama():
+    return _tiny_llama(vocab_size=128)
+
+
 @torch.no_grad()
 def sqnr(ref, out):
     return float(20 * torch.log10(ref.norm() / (ref - out).norm()))
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def linear_and_input():
