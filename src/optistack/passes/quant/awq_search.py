@@ -1,0 +1,247 @@
+"""The AWQ math for one Llama decoder layer: scale groups, the alpha grid search, folding, clipping.
+
+A *scale group* is a set of Linear layers reading the same input, the module before them whose
+output channels can absorb a per-channel factor, and the module whose output judges a candidate:
+
+    input_layernorm          -> q_proj, k_proj, v_proj   judged at self_attn's output
+    v_proj (rows)            -> o_proj                   judged at o_proj (only when v_proj's outputs
+                                                         are o_proj's inputs one to one: no GQA)
+    post_attention_layernorm -> gate_proj, up_proj       judged at the MLP's output
+    up_proj (rows)           -> down_proj                judged at down_proj
+
+For s = mean|x|^alpha (normalized so max*min = 1) the group computes Q(W diag(s)) (x / s): input
+channels with large mean |x| get finer effective quantization steps. alpha runs over 0, 1/n, ...,
+(n-1)/n and the s whose group output is closest (MSE) to the float output is kept; 1/s is folded
+into the previous module (exact in real arithmetic).
+
+Clipping (`clip=True`): each (row, group) range [min, max] may shrink to [r_lo min, r_hi max]. The
+error of a candidate is the group's share of the layer output error over *all* calibration tokens,
+d^T C_g d with d = w_g - Q(w_g) and C_g the inputs' second-moment matrix for that group, so no
+forward pass is needed. During the alpha search each candidate weight is clipped with a coarse
+symmetric grid (so alpha is chosen for the weights that will really be stored); the kept weights get
+a finer search (symmetric, then min and max refined one at a time). q_proj/k_proj are not clipped:
+their error acts through the attention softmax, which the per-layer output error does not see.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..calibration import input_channel_stats
+from .int4 import fake_quantize, fake_quantize_groups, pad_to_groups, qparams
+
+NO_CLIP = ("q_proj", "k_proj")
+SEARCH_CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6)
+FINAL_CLIP_RATIOS = tuple(1 - i / 20 for i in range(10))
+Inputs = tuple[tuple, dict]  # (args, kwargs) a module was called with
+
+
+@dataclass
+class ScaleGroup:
+    label: str
+    prev: nn.Module
+    linears: dict[str, nn.Linear]  # names relative to the decoder layer
+    inspect: nn.Module
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    group_size: int
+    zero_point: bool
+    param_dtype: torch.dtype
+    clip: bool
+
+
+def llama_groups(layer: nn.Module) -> list[ScaleGroup]:
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = [ScaleGroup("qkv", layer.input_layernorm, {f"self_attn.{n}": getattr(attn, n) for n in
+                                                        ("q_proj", "k_proj", "v_proj")}, attn)]
+    if attn.v_proj.out_features == attn.o_proj.in_features:
+        groups.append(ScaleGroup("o", attn.v_proj, {"self_attn.o_proj": attn.o_proj}, attn.o_proj))
+    groups.append(ScaleGroup("gate_up", layer.post_attention_layernorm,
+                             {"mlp.gate_proj": mlp.gate_proj, "mlp.up_proj": mlp.up_proj}, mlp))
+    groups.append(ScaleGroup("down", mlp.up_proj, {"mlp.down_proj": mlp.down_proj}, mlp.down_proj))
+    return groups
+
+
+@torch.no_grad()
+def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
+    """prev's output channels / s, the linears' input columns * s: the function is unchanged."""
+    if isinstance(prev, nn.Linear):
+        prev.weight.div_(s[:, None].to(prev.weight.dtype))
+    else:  # an RMSNorm-like module: y = weight * normalized(x) (+ bias)
+        prev.weight.div_(s.to(prev.weight.dtype))
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.div_(s.to(prev.bias.dtype))
+    for lin in linears:
+        lin.weight.mul_(s[None, :].to(lin.weight.dtype))
+
+
+def output_of(module: nn.Module, inp: Inputs) -> torch.Tensor:
+    out = module(*inp[0], **inp[1])
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def first_tensor(inp: Inputs) -> torch.Tensor:
+    return inp[0][0] if inp[0] else inp[1]["hidden_states"]
+
+
+def first_rows(inp: Inputs, n: int) -> Inputs:
+    """The first `n` sequences of a batched call: tensors (also inside tuples) with a larger batch dim
+    are cut; broadcast ones (batch 1) and non-tensors pass as they are."""
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > n:
+            return v[:n]
+        return tuple(cut(e) for e in v) if isinstance(v, tuple) else v
+
+    return tuple(cut(a) for a in inp[0]), {k: cut(v) for k, v in inp[1].items()}
+
+
+def scales_for(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    s = x_mean.clamp(min=1e-6).pow(alpha).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def group_moments(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[G, g, g]: (1/T) sum_t x_t,g x_t,g^T per input group (zero columns for Int4Linear's padding)."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    pad = -x.shape[1] % group_size
+    if pad:
+        x = torch.cat([x, x.new_zeros(x.shape[0], pad)], dim=1)
+    xg = x.reshape(x.shape[0], -1, group_size).transpose(0, 1)  # [G, T, g]
+    return torch.bmm(xg.transpose(1, 2), xg) / x.shape[0]
+
+
+def scaled_moments(moments: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The moments of x / s, from those of x."""
+    g = moments.shape[-1]
+    sp = torch.cat([s, s.new_ones(-s.shape[0] % g)]).reshape(-1, g)
+    return moments / (sp[:, :, None] * sp[:, None, :])
+
+
+def _best_ranges(wg: torch.Tensor, moments: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, q: Quantizer,
+                 best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+    """(error, lo, hi) per (row, group): the best of `best` and the P candidates lo/hi [P, R, G]."""
+    p_all, r, g_count, g = lo.shape[0], *wg.shape[:2], wg.shape[2]
+    chunk = max(1, (1 << 24) // wg.numel())
+    for start in range(0, p_all, chunk):
+        lo_c, hi_c = lo[start:start + chunk], hi[start:start + chunk]
+        scale, zero = qparams(lo_c, hi_c, q.zero_point, q.param_dtype)
+        d = fake_quantize_groups(wg, scale, zero).sub_(wg)  # [P, R, G, g]
+        dd = d.permute(2, 0, 1, 3).reshape(g_count, -1, g)
+        err = (torch.bmm(dd, moments) * dd).sum(-1).reshape(g_count, -1, r).permute(1, 2, 0)  # [P, R, G]
+        err_min, idx = err.min(0)
+        pick = idx[None]
+        cand = (err_min, lo_c.gather(0, pick)[0], hi_c.gather(0, pick)[0])
+        if best is None:
+            best = cand
+        else:
+            better = cand[0] < best[0]
+            best = tuple(torch.where(better, c, b) for c, b in zip(cand, best))
+    return best
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, moments: torch.Tensor, q: Quantizer, ratios: tuple[float, ...],
+                refine: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (row, group) [lo, hi] minimizing d^T C_g d: the range shrunk by each of `ratios`; with
+    `refine`, then lo alone and hi alone over the same ratios."""
+    wg = pad_to_groups(w.detach().float(), q.group_size).reshape(w.shape[0], -1, q.group_size)
+    lo0, hi0 = torch.aminmax(wg, dim=-1)
+    r = torch.tensor(ratios, dtype=wg.dtype, device=wg.device)[:, None, None]
+    best = _best_ranges(wg, moments, lo0 * r, hi0 * r, q, None)
+    if refine:
+        best = _best_ranges(wg, moments, lo0 * r, best[2].expand_as(lo0 * r), q, best)
+        best = _best_ranges(wg, moments, best[1].expand_as(hi0 * r), hi0 * r, q, best)
+    return best[1], best[2]
+
+
+def quantize_for_search(name: str, w: torch.Tensor, moments: torch.Tensor | None, q: Quantizer) -> torch.Tensor:
+    if moments is None or not q.clip or name.endswith(NO_CLIP):
+        return fake_quantize(w, q.group_size, q.zero_point, q.param_dtype)
+    lo, hi = search_clip(w, moments, q, SEARCH_CLIP_RATIOS, refine=False)
+    return fake_quantize(w, q.group_size, q.zero_point, q.param_dtype, lo, hi)
+
+
+@torch.no_grad()
+def search_scale(group: ScaleGroup, x_mean: torch.Tensor, moments: torch.Tensor, inp: Inputs, n_grid: int,
+                 quantized: set[str], q: Quantizer) -> tuple[torch.Tensor, float, float, float]:
+    """(s, alpha, plain RTN error, best error): grid search of the group-output MSE on `inp`."""
+    ref = output_of(group.inspect, inp)
+    originals = {n: lin.weight.data for n, lin in group.linears.items()}
+
+    def error_with(s: torch.Tensor | None, clip_moments: torch.Tensor | None) -> float:
+        for n, lin in group.linears.items():
+            if n in quantized:
+                w = originals[n] if s is None else originals[n] * s[None, :]
+                wq = quantize_for_search(n, w, clip_moments, q)
+                lin.weight.data = (wq if s is None else wq / s[None, :]).to(originals[n].dtype)
+        return float((output_of(group.inspect, inp) - ref).float().pow(2).mean())
+
+    try:
+        rtn_err = error_with(None, None)
+        errors = []
+        for i in range(n_grid):
+            s = scales_for(x_mean, i / n_grid).to(ref.device)
+            errors.append((error_with(s, scaled_moments(moments, s)), i / n_grid, s))
+    finally:
+        for n, lin in group.linears.items():
+            lin.weight.data = originals[n]
+    err, alpha, s = min(errors, key=lambda e: e[0])
+    return s, alpha, rtn_err, err
+
+
+@dataclass
+class LayerReport:
+    alphas: dict[str, float]
+    rtn_mse: float  # group-output MSE of plain round-to-nearest, summed over groups
+    awq_mse: float  # the same with the kept scales (and search-time clipping)
+
+
+@torch.no_grad()
+def awq_layer(layer: nn.Module, inp: Inputs, quantized: set[str], q: Quantizer, n_grid: int, search_samples: int,
+              swap: Callable[[str, nn.Linear, Any, Any], None]) -> LayerReport:
+    """Search and fold scales for every group of `layer`, clip, then `swap(name, linear, wmin, wmax)`
+    each quantized linear (names relative to the layer). `inp` is what the layer is called with, on
+    every calibration sequence: statistics and clipping use all of them, the alpha search the first
+    `search_samples`."""
+    groups = llama_groups(layer)
+    captured: dict[int, Inputs] = {}
+
+    def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured[id(module)] = (args, kwargs)
+
+    firsts = {next(iter(g.linears)): next(iter(g.linears.values())) for g in groups}
+    handles = [g.inspect.register_forward_pre_hook(grab, with_kwargs=True) for g in groups]
+    try:
+        stats = input_channel_stats(layer, [inp], firsts, call=lambda m, b: m(*b[0], **b[1]))
+    finally:
+        for h in handles:
+            h.remove()
+
+    report = LayerReport({}, 0.0, 0.0)
+    final_moments: dict[str, torch.Tensor] = {}
+    for g in groups:
+        if not quantized & set(g.linears):
+            continue
+        g_inp = captured[id(g.inspect)]
+        x = first_tensor(g_inp)
+        x_mean = stats[next(iter(g.linears))].mean_abs.to(x.device)
+        moments = group_moments(x, q.group_size)
+        s, alpha, rtn_err, err = search_scale(g, x_mean, moments, first_rows(g_inp, search_samples), n_grid,
+                                              quantized, q)
+        fold_scale(g.prev, list(g.linears.values()), s)
+        report.alphas[g.label] = alpha
+        report.rtn_mse += rtn_err
+        report.awq_mse += err
+        final_moments.update({name: scaled_moments(moments, s) for name in g.linears})
+    for name in sorted(quantized):
+        lin = layer.get_submodule(name)
+        wmin = wmax = None
+        if q.clip and name in final_moments and not name.endswith(NO_CLIP):
+            wmin, wmax = search_clip(lin.weight, final_moments[name], q, FINAL_CLIP_RATIOS, refine=True)
+        swap(name, lin, wmin, wmax)
+    return report

@@ -1,0 +1,136 @@
+"""`rtn-int4`: round-to-nearest group-wise int4 weights on nn.Linear layers (weight-only, lossy).
+
+Every chosen Linear becomes an `Int4Linear` (see `int4.py`): 4-bit codes per group of `group_size`
+input channels, a scale and an offset per group, run by torch's int4 kernels (bf16 activations on
+CPU). No calibration data. `awq` reuses this module's config fields and layer swapping.
+
+in_features that `group_size` does not divide (SmolLM2's 576 with 128) are padded to the next
+multiple (counted in `layers_padded`); layers no kernel can take run dequantize-then-matmul
+(counted in `layers_fallback`, with the reason).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from ...core.config import PassConfig, check
+from ...core.errors import PassApplyError
+from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
+
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class Int4Config(PassConfig):
+    group_size: int = 64
+    zero_point: bool = True
+    skip: str = "lm_head"
+
+    def __post_init__(self) -> None:
+        check(self.group_size in GROUP_SIZES, f"option 'group_size' must be one of "
+              f"{', '.join(map(str, GROUP_SIZES))} (the group sizes torch's int4 kernels take); got {self.group_size}")
+        try:
+            re.compile(self.skip)
+        except re.error as exc:
+            check(False, f"option 'skip' must be a regular expression; {self.skip!r} is not ({exc})")
+
+
+def float_linears(model: Any, pass_name: str) -> dict[str, Any]:
+    """Every nn.Linear with a plain float weight, by module name; PassApplyError when there is none."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise PassApplyError(f"{pass_name}: expected a torch.nn.Module, got {type(model).__name__}")
+    found = {n: m for n, m in model.named_modules()
+             if type(m) is torch.nn.Linear and type(m.weight.data) is torch.Tensor and m.weight.is_floating_point()}
+    if not found:
+        raise PassApplyError(f"{pass_name}: expected nn.Linear layers with float weights; the model has none")
+    return found
+
+
+def split_skipped(linears: dict[str, Any], skip: str) -> tuple[list[str], list[str]]:
+    """(names to quantize, names left in float) for the `skip` regex (searched in module names)."""
+    pattern = re.compile(skip) if skip else None
+    chosen = [n for n in linears if not (pattern and pattern.search(n))]
+    return chosen, [n for n in linears if n not in chosen]
+
+
+def set_module(model: Any, name: str, new: Any) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+class Int4Tally:
+    """Counts what the swaps did, for `PassResult.info`."""
+
+    def __init__(self, group_size: int, zero_point: bool) -> None:
+        self.group_size, self.zero_point = group_size, zero_point
+        self.quantized = self.padded = self.weights = self.bytes = 0
+        self.kernels: dict[str, int] = {}
+        self.fallback_reasons: list[str] = []
+
+    def add(self, name: str, layer: Any, reason: str | None) -> None:
+        self.quantized += 1
+        self.padded += layer.padded_in_features != layer.in_features
+        self.kernels[layer.kernel] = self.kernels.get(layer.kernel, 0) + 1
+        if reason:
+            self.fallback_reasons.append(f"{name}: {reason}")
+        self.weights += layer.in_features * layer.out_features
+        self.bytes += sum(t.numel() * t.element_size() for n, t in layer.named_buffers() if n != "bias")
+
+    def info(self, skipped: int) -> dict[str, Any]:
+        from .int4 import DEQUANT
+
+        out: dict[str, Any] = {
+            "layers_quantized": self.quantized,
+            "layers_skipped": skipped,
+            "layers_padded": self.padded,
+            "layers_fallback": self.kernels.get(DEQUANT, 0),
+            "kernel": "+".join(sorted(self.kernels)) or "none",
+            "group_size": self.group_size,
+            "zero_point": self.zero_point,
+            "bits_per_weight": round(8 * self.bytes / self.weights, 3) if self.weights else 0.0,
+        }
+        if self.fallback_reasons:
+            out["fallback_reason"] = "; ".join(self.fallback_reasons[:3]) + (
+                f" (+{len(self.fallback_reasons) - 3} more)" if len(self.fallback_reasons) > 3 else "")
+        return out
+
+
+def swap_to_int4(model: Any, name: str, linear: Any, tally: Int4Tally,
+                 wmin: Any = None, wmax: Any = None, label: str | None = None) -> Any:
+    """Replace `model.<name>` (an nn.Linear) by an Int4Linear; `wmin`/`wmax` clip its groups' ranges.
+    `label` names the layer in reports (default `name`)."""
+    from .int4 import Int4Linear, choose_kernel, param_dtype_for, quantize
+
+    w = linear.weight.detach()
+    kernel, reason = choose_kernel(w.device, w.shape[0], w.shape[1], tally.group_size)
+    gq = quantize(w, tally.group_size, tally.zero_point, param_dtype_for(kernel), wmin, wmax)
+    layer = Int4Linear.from_quantized(gq, linear.bias, kernel, w.device)
+    set_module(model, name, layer)
+    tally.add(label or name, layer, reason)
+    return layer
+
+
+class RtnInt4Pass(ConfiguredPass):
+    """Round-to-nearest group-wise int4 weights on torch's int4 kernels."""
+
+    name = "rtn-int4"
+    Config = Int4Config
+    takes = frozenset({MODULE})
+    lossy = True
+
+    def apply(self, model: Any, ctx: PassContext) -> PassResult:
+        import torch
+
+        linears = float_linears(model, self.name)
+        chosen, skipped = split_skipped(linears, self.config.skip)
+        tally = Int4Tally(self.config.group_size, self.config.zero_point)
+        if not chosen:
+            return PassResult(model, modified=False, info=tally.info(len(skipped)))
+        with torch.no_grad():
+            for name in chosen:
+                swap_to_int4(model, name, linears[name], tally)
+        return PassResult(model, modified=True, info=tally.info(len(skipped)))

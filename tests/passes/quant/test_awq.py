@@ -1,0 +1,184 @@
+"""`awq`: activation-aware int4 (tiny random Llama with outlier channels; one slow test on SmolLM2)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from optistack.core.errors import PassApplyError, PassConfigError
+from optistack.core.pass_protocol import PassContext
+from optistack.core.pipeline import Pipeline
+from optistack.passes.quant.awq import AwqPass
+from optistack.passes.quant.awq_search import fold_scale, llama_groups
+from optistack.passes.quant.int4 import Int4Linear
+from optistack.passes.quant.rtn import RtnInt4Pass
+
+VOCAB = 128
+
+
+class CalibText:
+    """A workload stand-in: windows of token ids drawn from a fixed generator (like calibration text)."""
+
+    def __init__(self, seq_len: int = 32, seed: int = 1) -> None:
+        self.seq_len, self.seed = seq_len, seed
+
+    def calibration_inputs(self, n: int):
+        g = torch.Generator().manual_seed(self.seed)
+        return [((), {"input_ids": torch.randint(0, VOCAB, (1, self.seq_len), generator=g)}) for _ in range(n)]
+
+
+CTX = PassContext(CalibText())
+FAST = {"group_size": 32, "calib_samples": 8, "calib_seq_len": 32, "search_samples": 4}
+
+
+def tiny_llama(seed: int = 0, kv_heads: int = 2, outliers: bool = True):
+    """Tiny Llama; `outliers` makes a few input channels of every Linear after a norm ~8x larger than the
+    rest (as real LLM activations are), so that which channels matter is not uniform."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=kv_heads, vocab_size=VOCAB)
+    model = LlamaForCausalLM(config).eval()
+    if outliers:
+        g = torch.Generator().manual_seed(seed + 100)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                    norm.weight[torch.randperm(64, generator=g)[:4]] *= 8.0
+    return model
+
+
+def held_out_ids(n: int = 4, seq: int = 32) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(7))
+
+
+@torch.no_grad()
+def logits(model, ids):
+    return model(ids).logits
+
+
+def test_folding_scales_alone_keeps_the_float_function():
+    model = tiny_llama(kv_heads=4)  # MHA: the v_proj -> o_proj group exists too
+    ids = held_out_ids()
+    ref = logits(model, ids)
+    g = torch.Generator().manual_seed(3)
+    labels = []
+    for layer in model.model.layers:
+        for group in llama_groups(layer):
+            labels.append(group.label)
+            width = next(iter(group.linears.values())).in_features
+            s = torch.rand(width, generator=g) * 4 + 0.25
+            fold_scale(group.prev, list(group.linears.values()), s)
+    assert labels == ["qkv", "o", "gate_up", "down"] * 2
+    assert torch.allclose(logits(model, ids), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_gqa_has_no_o_proj_group():
+    assert [g.label for g in llama_groups(tiny_llama(kv_heads=2).model.layers[0])] == ["qkv", "gate_up", "down"]
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_awq_beats_rtn_on_outlier_channels(group_size):
+    model = tiny_llama()
+    ids = held_out_ids()
+    ref = logits(model, ids)
+    rtn = RtnInt4Pass(group_size=group_size).apply(copy.deepcopy(model), CTX).model
+    result = AwqPass(**{**FAST, "group_size": group_size}).apply(copy.deepcopy(model), CTX)
+    mse_rtn = float((logits(rtn, ids) - ref).pow(2).mean())
+    mse_awq = float((logits(result.model, ids) - ref).pow(2).mean())
+    assert mse_awq < 0.8 * mse_rtn, (mse_awq, mse_rtn)
+    assert result.info["block_mse_ratio"] < 1.0
+    assert 0.0 < result.info["alpha_gate_up"] < 1.0
+
+
+def test_info_and_modules():
+    result = AwqPass(**FAST).apply(tiny_llama(kv_heads=4), CTX)
+    info, model = result.info, result.model
+    assert result.modified
+    assert {k: info[k] for k in ("layers_quantized", "layers_skipped", "kernel", "calib_samples", "calib_seq_len",
+                                 "search_samples", "n_grid", "clip")} == {
+        "layers_quantized": 14, "layers_skipped": 1, "kernel": "cpu-int4pack", "calib_samples": 8,
+        "calib_seq_len": 32, "search_samples": 4, "n_grid": 20, "clip": True}
+    assert {"alpha_qkv", "alpha_o", "alpha_gate_up", "alpha_down"} <= set(info)
+    assert info["quantize_seconds"] > 0
+    assert type(model.lm_head) is nn.Linear
+    assert all(isinstance(model.model.layers[0].get_submodule(n), Int4Linear)
+               for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"))
+
+
+def test_calibration_windows_are_recut_to_calib_seq_len():
+    result = AwqPass(**{**FAST, "calib_samples": 3, "calib_seq_len": 80}).apply(tiny_llama(), CTX)
+    assert (result.info["calib_samples"], result.info["calib_seq_len"]) == (3, 80)  # 3 x 80 from 32-token windows
+
+
+def test_skipped_block_linears_stay_float_and_exact_in_function():
+    model = tiny_llama()
+    ids = held_out_ids()
+    ref = logits(model, ids)
+    result = AwqPass(**FAST, skip="lm_head|q_proj|down_proj").apply(copy.deepcopy(model), CTX)
+    layer = result.model.model.layers[0]
+    assert type(layer.self_attn.q_proj) is nn.Linear and type(layer.mlp.down_proj) is nn.Linear
+    assert isinstance(layer.self_attn.k_proj, Int4Linear)
+    assert result.info["layers_quantized"] == 10 and "alpha_down" not in result.info
+    assert float((logits(result.model, ids) - ref).pow(2).mean()) < float(ref.pow(2).mean()) * 0.05
+
+
+def test_clip_off_and_symmetric_still_work():
+    result = AwqPass(**FAST, clip=False, zero_point=False).apply(tiny_llama(), CTX)
+    assert result.info["clip"] is False and result.info["zero_point"] is False
+    assert torch.isfinite(logits(result.model, held_out_ids())).all()
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"bits": 5}, "awq: option 'bits' must be 4"),
+    ({"bits": 3}, "awq: option 'bits' must be 4"),
+    ({"group_size": 48}, "awq: option 'group_size' must be one of 32, 64, 128, 256"),
+    ({"n_grid": 0}, "awq: option 'n_grid'"),
+    ({"calib_samples": 0}, "awq: option 'calib_samples'"),
+])
+def test_bad_options_name_the_pass(options, match):
+    with pytest.raises(PassConfigError, match=match):
+        AwqPass(**options)
+    text = ",".join(f"{k}={v}" for k, v in options.items())
+    with pytest.raises(PassConfigError, match=match):
+        Pipeline.parse(f"awq{{{text}}}")
+
+
+def test_non_llama_model_is_refused_with_the_expected_structure():
+    mlp = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    with pytest.raises(PassApplyError, match="awq: expected a Llama-style causal LM.*model.model.layers"):
+        AwqPass().apply(mlp, CTX)
+    broken = tiny_llama()
+    broken.model.layers[1].mlp.up_proj = nn.Identity()
+    with pytest.raises(PassApplyError, match=r"layers\[1\] has no mlp.up_proj|layers\[1\].mlp.up_proj is a Identity"):
+        AwqPass().apply(broken, CTX)
+
+
+def test_no_calibration_data_is_refused():
+    with pytest.raises(PassApplyError, match="awq: needs calibration text"):
+        AwqPass(**FAST).apply(tiny_llama(), PassContext())
+
+
+def test_text_form_round_trips():
+    p = AwqPass(group_size=128, clip=False)
+    assert str(p) == "awq{group_size=128,clip=false}"
+    assert Pipeline.parse(str(p)).passes == [p]
+    assert str(Pipeline.parse("awq{clip=false,group_size=128,n_grid=20}")) == str(p)
+
+
+@pytest.mark.slow
+def test_smollm2_awq_beats_rtn_at_group_64():
+    from optistack.workloads.smollm2 import SmolLM2Workload
+
+    wl = SmolLM2Workload(ppl_chunks=2)
+    ctx = PassContext(wl)
+    rtn = RtnInt4Pass(group_size=64).apply(copy.deepcopy(wl.model), ctx).model
+    ppl_rtn = wl.evaluate(rtn)["perplexity"]
+    del rtn
+    awq = AwqPass(group_size=64).apply(copy.deepcopy(wl.model), ctx)
+    ppl_awq = wl.evaluate(awq.model)["perplexity"]
+    assert ppl_awq < ppl_rtn, (ppl_awq, ppl_rtn)
+    assert awq.info["layers_quantized"] == 210 and awq.info["layers_fallback"] == 0
