@@ -29,6 +29,8 @@ def run(model, pipeline):
     "cast{dtype=fp16},compile{backend=eager}",
     "prune-wanda{sparsity=0.5},fp8",
     "fp8{mode=dynamic}",
+    "rtn-int4{group_size=32}",
+    "awq{group_size=32,calib_samples=2,calib_seq_len=16,n_grid=4}",
 ])
 def test_saved_and_loaded_model_gives_bit_identical_logits(tmp_path, pipeline):
     result, ids = run(tiny_llama(), pipeline)

@@ -56,7 +56,7 @@ class SmolLM2Workload:
         self,
         seq_len: int = 128,
         ppl_chunk: int = 512,
-        gen_tokens: int = 32,
+        gen_tokens: int = 128,
         prompt_tokens: int = 128,
         ppl_chunks: int = 8,
         cache_dir: str | None = None,
