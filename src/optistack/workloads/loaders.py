@@ -73,8 +73,9 @@ def cache_root() -> Path:
 
 
 def _source_stamp(gguf: Path) -> dict[str, Any]:
-    stat = gguf.stat()
-    return {"gguf": gguf.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    # Name and size, not mtime: every venv that installs the same package gets a new mtime, and
+    # several venvs (make's, CI's, a user's) share one cache.
+    return {"gguf": gguf.name, "size": gguf.stat().st_size}
 
 
 def _cache_is_valid(folder: Path, stamp: dict[str, Any]) -> bool:
@@ -95,8 +96,12 @@ def smollm2_dir(cache_dir: str | Path | None = None) -> Path:
     stamp = _source_stamp(gguf)
     if _cache_is_valid(target, stamp):
         return target
-    with quiet_import():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    with quiet_import(hf_progress=True):
+        return _convert(gguf, root, target, stamp)
+
+
+def _convert(gguf: Path, root: Path, target: Path, stamp: dict[str, Any]) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterator
 from ...core.config import check
 from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
-from .rtn import Int4Config, Int4Tally, float_linears, split_skipped, swap_to_int4
+from ..linears import choose_linears, float_linears
+from .rtn import Int4Config, Int4Tally, swap_to_int4
 
 _LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -181,7 +182,7 @@ class AwqPass(ConfiguredPass):
         cfg = self.config
         linears = float_linears(model, self.name)
         blocks = llama_blocks(model, self.name)
-        chosen, skipped = split_skipped(linears, cfg.skip)
+        chosen, skipped = choose_linears(linears, cfg.skip)
         tally = Int4Tally(cfg.group_size, cfg.zero_point)
         if not chosen:
             return PassResult(model, modified=False, info=tally.info(len(skipped)))

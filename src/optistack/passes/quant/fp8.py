@@ -28,9 +28,9 @@ import re
 from typing import Any, Literal
 
 from ...core.config import PassConfig, check
-from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import need_cuda
+from ..linears import choose_linears, float_linears
 
 import torch
 import torch.nn.functional as F
@@ -173,16 +173,6 @@ class Fp8Linear(torch.nn.Module):
                 f"bias={self.bias is not None}, mode={self.mode}, kernel={self.kernel}")
 
 
-def _is_plain_linear(m: Any) -> bool:
-    """An nn.Linear with a plain float weight (not MHA's out_proj, which attention reads directly)."""
-    return (
-        isinstance(m, torch.nn.Linear)
-        and not isinstance(m, torch.nn.modules.linear.NonDynamicallyQuantizableLinear)
-        and type(m.weight.data) is torch.Tensor
-        and m.weight.is_floating_point()
-    )
-
-
 def _shared_weights(model: torch.nn.Module) -> set[int]:
     """ids of parameters reachable under more than one name (tied weights)."""
     count: dict[int, int] = {}
@@ -222,17 +212,10 @@ class Fp8Pass(ConfiguredPass):
         return "scaled_mm", None
 
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
-        if not isinstance(model, torch.nn.Module):
-            raise PassApplyError(f"{self.name}: expected a torch.nn.Module, got {type(model).__name__}")
-        linears = {n: m for n, m in model.named_modules() if _is_plain_linear(m)}
-        if not linears:
-            raise PassApplyError(f"{self.name}: expected nn.Linear layers with float weights; the model has none")
-        skip = re.compile(self.config.skip) if self.config.skip else None
-        shared = _shared_weights(model)
-        small = self.config.min_features
-        chosen = [n for n, m in linears.items()
-                  if not (skip is not None and skip.search(n))
-                  and min(m.in_features, m.out_features) >= small and id(m.weight) not in shared]
+        linears = float_linears(model, self.name)
+        shared = _shared_weights(model)  # tied weights (embeddings) stay in float
+        chosen = [n for n in choose_linears(linears, self.config.skip, self.config.min_features)[0]
+                  if id(linears[n].weight) not in shared]
         info: dict[str, Any] = {"mode": self.config.mode, "scale": self.config.scale,
                                 "linears_quantized": len(chosen), "linears_skipped": len(linears) - len(chosen)}
         if not chosen:

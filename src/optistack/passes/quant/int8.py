@@ -16,10 +16,10 @@ import re
 from typing import Any
 
 from ...core.config import PassConfig, check
-from ...core.errors import PassApplyError
 from ...core.quiet import quiet_import
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, need_packages
+from ..linears import choose_linears, float_linears
 
 def _torchao() -> Any:
     with quiet_import():
@@ -39,19 +39,6 @@ class Int8Config(PassConfig):
         except re.error as exc:
             check(False, f"option 'skip' must be a regular expression; {self.skip!r} is not ({exc})")
         check(self.min_features >= 1, f"option 'min_features' must be >= 1; got {self.min_features}")
-
-
-def _is_plain_linear(m: Any) -> bool:
-    """An nn.Linear with a plain float weight (not already quantized; not MHA's out_proj, which
-    `F.multi_head_attention_forward` reads directly and which torchao skips too)."""
-    import torch
-
-    return (
-        isinstance(m, torch.nn.Linear)
-        and not isinstance(m, torch.nn.modules.linear.NonDynamicallyQuantizableLinear)
-        and type(m.weight.data) is torch.Tensor
-        and m.weight.is_floating_point()
-    )
 
 
 def _tune_inductor(device: Any) -> bool:
@@ -77,20 +64,9 @@ class _Int8Pass(ConfiguredPass):
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
         import torch
 
-        if not isinstance(model, torch.nn.Module):
-            raise PassApplyError(f"{self.name}: expected a torch.nn.Module, got {type(model).__name__}")
-        linears = {n: m for n, m in model.named_modules() if _is_plain_linear(m)}
-        if not linears:
-            raise PassApplyError(f"{self.name}: expected nn.Linear layers with float weights; the model has none")
-        skip = re.compile(self.config.skip) if self.config.skip else None
-        small = self.config.min_features
-
-        def keep(name: str, m: torch.nn.Module) -> bool:
-            if skip is not None and skip.search(name):
-                return False
-            return min(m.in_features, m.out_features) >= small
-
-        chosen = {n for n, m in linears.items() if keep(n, m)}
+        linears = float_linears(model, self.name)
+        chosen_names, _ = choose_linears(linears, self.config.skip, self.config.min_features)
+        chosen = set(chosen_names)
         info: dict[str, Any] = {"linears_quantized": len(chosen), "linears_skipped": len(linears) - len(chosen)}
         if not chosen:
             return PassResult(model, modified=False, info=info)

@@ -15,8 +15,8 @@ import re
 from typing import Any
 
 from ...core.config import PassConfig, check
-from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
+from ..linears import choose_linears, float_linears, set_module
 
 GROUP_SIZES = (32, 64, 128, 256)
 
@@ -34,32 +34,6 @@ class Int4Config(PassConfig):
             re.compile(self.skip)
         except re.error as exc:
             check(False, f"option 'skip' must be a regular expression; {self.skip!r} is not ({exc})")
-
-
-def float_linears(model: Any, pass_name: str) -> dict[str, Any]:
-    """Every nn.Linear with a plain float weight, by module name; PassApplyError when there is none."""
-    import torch
-
-    if not isinstance(model, torch.nn.Module):
-        raise PassApplyError(f"{pass_name}: expected a torch.nn.Module, got {type(model).__name__}")
-    found = {n: m for n, m in model.named_modules()
-             if type(m) is torch.nn.Linear and type(m.weight.data) is torch.Tensor and m.weight.is_floating_point()}
-    if not found:
-        raise PassApplyError(f"{pass_name}: expected nn.Linear layers with float weights; the model has none")
-    return found
-
-
-def split_skipped(linears: dict[str, Any], skip: str) -> tuple[list[str], list[str]]:
-    """(names to quantize, names left in float) for the `skip` regex (searched in module names)."""
-    pattern = re.compile(skip) if skip else None
-    chosen = [n for n in linears if not (pattern and pattern.search(n))]
-    return chosen, [n for n in linears if n not in chosen]
-
-
-def set_module(model: Any, name: str, new: Any) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
 
 
 class Int4Tally:
@@ -126,7 +100,7 @@ class RtnInt4Pass(ConfiguredPass):
         import torch
 
         linears = float_linears(model, self.name)
-        chosen, skipped = split_skipped(linears, self.config.skip)
+        chosen, skipped = choose_linears(linears, self.config.skip)
         tally = Int4Tally(self.config.group_size, self.config.zero_point)
         if not chosen:
             return PassResult(model, modified=False, info=tally.info(len(skipped)))
