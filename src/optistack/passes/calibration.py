@@ -63,3 +63,39 @@ def input_channel_stats(model: torch.nn.Module, batches: Iterable[Any], layers: 
         for h in handles:
             h.remove()
     return stats
+
+
+# Block-by-block calibration (Wanda, AWQ) replays decoder blocks on captured inputs; a KV cache the
+# model passed in would grow with every replay, so it is dropped from the captured kwargs.
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+class _Captured(Exception):
+    pass
+
+
+def capture_block_inputs(model: torch.nn.Module, block: torch.nn.Module, batches: Iterable[Any]) -> list[Any]:
+    """The (args, kwargs) `block` is called with for each batch; the model stops at the block."""
+    seen: list[Any] = []
+
+    def hook(_m: Any, args: tuple, kwargs: dict) -> None:
+        seen.append((args, {k: (None if k in CACHE_KWARGS else v) for k, v in kwargs.items()}))
+        raise _Captured
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for args, kwargs in batches:
+                try:
+                    model(*args, **kwargs)
+                except _Captured:
+                    pass
+    finally:
+        handle.remove()
+    return seen
+
+
+def with_hidden(inp: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """The captured block call with its hidden states replaced (the next block's input)."""
+    args, kwargs = inp
+    return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})

@@ -26,11 +26,10 @@ import torch
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
-from ..calibration import input_channel_stats
+from ..calibration import capture_block_inputs, input_channel_stats, with_hidden
 
 # prune(name, linear, l2) edits linear.weight in place; l2 is None when the layer saw no tokens.
 PruneFn = Callable[[str, torch.nn.Linear, "torch.Tensor | None"], None]
-_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 def check_skip(pass_name: str, skip: str) -> None:
@@ -112,36 +111,10 @@ def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:
     return None
 
 
-class _Captured(Exception):
-    pass
-
-
 def _block_inputs(model: torch.nn.Module, block: torch.nn.Module, batches: list) -> list | None:
     """(args, kwargs) that `block` is called with for each batch; None if it is not called once per batch."""
-    seen: list = []
-
-    def hook(_m: Any, args: tuple, kwargs: dict) -> None:
-        kwargs = {k: (None if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}
-        seen.append((args, kwargs))
-        raise _Captured
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            for args, kwargs in batches:
-                try:
-                    model(*args, **kwargs)
-                except _Captured:
-                    pass
-    finally:
-        handle.remove()
+    seen = capture_block_inputs(model, block, batches)
     return seen if len(seen) == len(batches) else None
-
-
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
 
 
 def _run_block(block: torch.nn.Module, inp: tuple[tuple, dict]) -> Any:
@@ -174,7 +147,7 @@ def prune_with_stats(model: torch.nn.Module, batches: list, layers: dict[str, to
                 prune_all(group, input_channel_stats(block, inputs, group, call=_run_block))
             with torch.inference_mode():  # the next block's inputs, from this block as pruned
                 outs = [_run_block(block, inp) for inp in inputs]
-            inputs = [_with_hidden(*inp, o[0] if isinstance(o, (tuple, list)) else o) for inp, o in zip(inputs, outs)]
+            inputs = [with_hidden(inp, o[0] if isinstance(o, (tuple, list)) else o) for inp, o in zip(inputs, outs)]
         del inputs
     rest = {n: m for n, m in layers.items() if n not in done}
     if rest:

@@ -29,13 +29,13 @@ from typing import Any, Callable, Iterator
 from ...core.config import check
 from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
+from ..calibration import capture_block_inputs, with_hidden
 from ..linears import choose_linears, float_linears
 from .rtn import Int4Config, Int4Tally, swap_to_int4
 
 _LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _NORMS = ("input_layernorm", "post_attention_layernorm")
-_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +55,6 @@ class AwqConfig(Int4Config):
         check(self.calib_seq_len >= 2, f"option 'calib_seq_len' must be >= 2; got {self.calib_seq_len}")
         check(self.search_samples >= 1, f"option 'search_samples' must be >= 1; got {self.search_samples}")
         check(1 <= self.n_grid <= 1000, f"option 'n_grid' must be between 1 and 1000; got {self.n_grid}")
-
-
-class _Stop(Exception):
-    pass
 
 
 def llama_blocks(model: Any, pass_name: str) -> Any:
@@ -123,30 +119,10 @@ def calibration_ids(ctx: PassContext, samples: int, seq_len: int, pass_name: str
 
 def first_block_inputs(model: Any, block: Any, ids: Any) -> tuple[tuple, dict]:
     """(args, kwargs) the first decoder block is called with for `ids` (the model stops there)."""
-    import torch
-
-    seen: list = []
-
-    def hook(_m: Any, args: tuple, kwargs: dict) -> None:
-        seen.append((args, {k: (None if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}))
-        raise _Stop
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
+    seen = capture_block_inputs(model, block, [((), {"input_ids": ids, "use_cache": False})])
     if not seen:
         raise PassApplyError("awq: the model never called its first decoder block")
     return seen[0]
-
-
-def with_hidden(inp: tuple[tuple, dict], hidden: Any) -> tuple[tuple, dict]:
-    args, kwargs = inp
-    return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
 
 
 @contextlib.contextmanager
