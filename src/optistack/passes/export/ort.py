@@ -159,6 +159,7 @@ class OrtQuantizePass(ConfiguredPass):
         excluded = [n.name for n in graph.node if cfg.exclude and re.search(cfg.exclude, n.name)]
         # quantize_dynamic rewrites a Gemm into a MatMul named "<gemm>_MatMul" before quantizing (even
         # with op_types=MatMul), so an excluded Gemm needs that name excluded too.
+        n_excluded = len(excluded)
         gemms = {n.name for n in graph.node if n.op_type == "Gemm"}
         excluded += [f"{name}_MatMul" for name in excluded if name in gemms]
         quantizable = set(op_types) | ({"Gemm"} if "MatMul" in op_types else set())
@@ -167,6 +168,9 @@ class OrtQuantizePass(ConfiguredPass):
             quantize_dynamic(in_path, out_path, op_types_to_quantize=op_types, per_channel=cfg.per_channel,
                              reduce_range=cfg.reduce_range, weight_type=QuantType.QInt8,
                              nodes_to_exclude=excluded,
+                             # fused com.microsoft ops (ort-optimize) defeat ONNX shape inference;
+                             # their outputs are fp32, which is what the quantizer needs to know
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
                              use_external_data_format=os.path.getsize(src.path) > 1_500_000_000)
             new = OrtModel(out_path, intra_op_threads=src.intra_op_threads,
                            graph_optimization=src.graph_optimization, keepalive=tmp)
@@ -175,7 +179,7 @@ class OrtQuantizePass(ConfiguredPass):
             raise PassApplyError(f"ort-quantize: quantize_dynamic failed: {type(exc).__name__}: {_first_lines(str(exc))}") from exc
         qgraph = onnx.load(out_path, load_external_data=False).graph
         qops = ("MatMulInteger", "DynamicQuantizeMatMul", "QGemm", "ConvInteger", "DynamicQuantizeLinear", "QAttention")
-        info: dict[str, Any] = {"op_types": cfg.op_types, "candidates": candidates, "excluded": len(excluded) - len([e for e in excluded if e.endswith("_MatMul") and e[:-7] in gemms])}
+        info: dict[str, Any] = {"op_types": cfg.op_types, "candidates": candidates, "excluded": n_excluded}
         for op in qops:
             count = sum(1 for n in qgraph.node if n.op_type == op)
             if count:
