@@ -20,3 +20,12 @@ def tiny_bert(vocab_size: int = 100, seed: int = 0, **overrides):
     cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                vocab_size=vocab_size)
     return BertModel(BertConfig(**(cfg | overrides))).eval()
+
+
+def tiny_llama_workload(model, vocab_size: int = 128, seq: int = 24, n: int = 4):
+    """A generic workload over random token ids: example input + eval inputs, also the calibration set."""
+    from optistack.workloads.generic import GenericWorkload
+
+    g = torch.Generator().manual_seed(1)
+    ids = [{"input_ids": torch.randint(0, vocab_size, (1, seq), generator=g), "use_cache": False} for _ in range(n)]
+    return GenericWorkload(model, ids[0], eval_inputs=ids[1:])

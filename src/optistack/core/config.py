@@ -125,6 +125,21 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def check_regex(pass_name: str, option: str, pattern: str) -> None:
+    """A `skip`-style option must compile as a regular expression; the error says why it does not.
+
+    `pass_name` may be "" for a config shared by several passes: `build_config` then prefixes the name.
+    """
+    import re
+
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        prefix = f"{pass_name}: " if pass_name else ""
+        raise PassConfigError(f"{prefix}option '{option}' must be a regular expression; "
+                              f"{pattern!r} is not ({exc})") from None
+
+
 def check(condition: bool, message: str) -> None:
     """`raise PassConfigError(message)` unless `condition`: validation that survives `python -O`."""
     if not condition:

@@ -13,8 +13,8 @@ from optistack.core.syntax import parse_pipeline_text
 from optistack.passes.calibration import input_channel_stats
 from optistack.passes.prune.semi_structured import CPU_SPEED_PATH, SemiStructuredPrunePass
 from optistack.passes.prune.wanda import wanda_scores
-from optistack.workloads.generic import GenericWorkload
 from tiny_models import tiny_llama as _tiny_llama
+from tiny_models import tiny_llama_workload
 
 VOCAB = 128
 
@@ -24,9 +24,7 @@ def tiny_llama():
 
 
 def llama_workload(model):
-    g = torch.Generator().manual_seed(1)
-    ids = [{"input_ids": torch.randint(0, VOCAB, (1, 24), generator=g), "use_cache": False} for _ in range(4)]
-    return GenericWorkload(model, ids[0], eval_inputs=ids[1:])
+    return tiny_llama_workload(model, vocab_size=VOCAB)
 
 
 def groups(w):

@@ -15,6 +15,7 @@ from optistack.passes.prune.magnitude import MagnitudePrunePass
 from optistack.passes.prune.wanda import WandaPrunePass, wanda_scores, zero_lowest_per_row
 from optistack.workloads.generic import GenericWorkload
 from tiny_models import tiny_llama as _tiny_llama
+from tiny_models import tiny_llama_workload
 
 VOCAB = 128
 
@@ -24,9 +25,7 @@ def tiny_llama():
 
 
 def llama_workload(model):
-    g = torch.Generator().manual_seed(1)
-    ids = [{"input_ids": torch.randint(0, VOCAB, (1, 24), generator=g), "use_cache": False} for _ in range(4)]
-    return GenericWorkload(model, ids[0], eval_inputs=ids[1:])
+    return tiny_llama_workload(model, vocab_size=VOCAB)
 
 
 def outlier_mlp_workload():

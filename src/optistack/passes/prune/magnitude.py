@@ -16,7 +16,7 @@ import dataclasses
 import re
 from typing import Any, Literal
 
-from ...core.config import PassConfig, check
+from ...core.config import PassConfig, check, check_regex
 from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 
@@ -33,10 +33,7 @@ class MagnitudePruneConfig(PassConfig):
             f"prune-magnitude: option 'sparsity' must be between 0 and 1 (exclusive), the fraction of "
             f"weights set to zero; got {self.sparsity}",
         )
-        try:
-            re.compile(self.skip)
-        except re.error as exc:
-            check(False, f"prune-magnitude: option 'skip' must be a regular expression; {self.skip!r} is not ({exc})")
+        check_regex("prune-magnitude", "skip", self.skip)
 
 
 def _eligible(model: Any, skip: str) -> list[tuple[str, Any]]:

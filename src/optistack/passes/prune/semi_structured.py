@@ -20,11 +20,11 @@ from typing import Any, Literal
 
 import torch
 
-from ...core.config import PassConfig, check
+from ...core.config import PassConfig, check, check_regex
 from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import need_cuda
-from .wanda import calibration_batches, check_skip, eligible_linears, prune_with_stats, wanda_scores
+from .wanda import calibration_batches, eligible_linears, prune_with_stats, wanda_scores
 
 CPU_SPEED_PATH = "none on CPU: dense kernels, accuracy only"
 
@@ -37,7 +37,7 @@ class SemiStructuredConfig(PassConfig):
 
     def __post_init__(self) -> None:
         check(self.calib_samples >= 1, f"prune-2:4: option 'calib_samples' must be >= 1; got {self.calib_samples}")
-        check_skip("prune-2:4", self.skip)
+        check_regex("prune-2:4", "skip", self.skip)
 
 
 def zero_two_of_four(weight: torch.Tensor, score: torch.Tensor) -> None:

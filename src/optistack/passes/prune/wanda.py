@@ -23,20 +23,13 @@ from typing import Any, Callable
 
 import torch
 
-from ...core.config import PassConfig, check
+from ...core.config import PassConfig, check, check_regex
 from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ..calibration import capture_block_inputs, input_channel_stats, with_hidden
 
 # prune(name, linear, l2) edits linear.weight in place; l2 is None when the layer saw no tokens.
 PruneFn = Callable[[str, torch.nn.Linear, "torch.Tensor | None"], None]
-
-
-def check_skip(pass_name: str, skip: str) -> None:
-    try:
-        re.compile(skip)
-    except re.error as exc:
-        check(False, f"{pass_name}: option 'skip' must be a regular expression; {skip!r} is not ({exc})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +42,7 @@ class WandaConfig(PassConfig):
         check(0.0 < self.sparsity < 1.0, f"prune-wanda: option 'sparsity' must be between 0 and 1 (exclusive), "
                                          f"the fraction of each row's weights set to zero; got {self.sparsity}")
         check(self.calib_samples >= 1, f"prune-wanda: option 'calib_samples' must be >= 1; got {self.calib_samples}")
-        check_skip("prune-wanda", self.skip)
+        check_regex("prune-wanda", "skip", self.skip)
 
 
 def eligible_linears(model: torch.nn.Module, skip: str) -> dict[str, torch.nn.Linear]:

@@ -24,10 +24,9 @@ private fp8 copy would add memory instead of saving it.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Literal
 
-from ...core.config import PassConfig, check
+from ...core.config import PassConfig, check, check_regex
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import need_cuda
 from ..linears import choose_linears, float_linears
@@ -49,10 +48,7 @@ class Fp8Config(PassConfig):
     scale: Literal["mse", "amax"] = "mse"
 
     def __post_init__(self) -> None:
-        try:
-            re.compile(self.skip)
-        except re.error as exc:
-            check(False, f"fp8: option 'skip' must be a regular expression; {self.skip!r} is not ({exc})")
+        check_regex("fp8", "skip", self.skip)
         check(self.min_features >= 1, f"fp8: option 'min_features' must be >= 1; got {self.min_features}")
 
 

@@ -12,10 +12,9 @@ Both swap the Linear weights for torchao tensor subclasses in place (the module 
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
-from ...core.config import PassConfig, check
+from ...core.config import PassConfig, check, check_regex
 from ...core.quiet import quiet_import
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, need_packages
@@ -34,10 +33,7 @@ class Int8Config(PassConfig):
     min_features: int = 16
 
     def __post_init__(self) -> None:
-        try:
-            re.compile(self.skip)
-        except re.error as exc:
-            check(False, f"option 'skip' must be a regular expression; {self.skip!r} is not ({exc})")
+        check_regex("", "skip", self.skip)  # shared by int8-dynamic and int8-weight
         check(self.min_features >= 1, f"option 'min_features' must be >= 1; got {self.min_features}")
 
 

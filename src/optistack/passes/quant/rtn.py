@@ -11,10 +11,9 @@ multiple (counted in `layers_padded`); layers no kernel can take run dequantize-
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
-from ...core.config import PassConfig, check
+from ...core.config import PassConfig, check, check_regex
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ..linears import choose_linears, float_linears, set_module
 
@@ -30,10 +29,7 @@ class Int4Config(PassConfig):
     def __post_init__(self) -> None:
         check(self.group_size in GROUP_SIZES, f"option 'group_size' must be one of "
               f"{', '.join(map(str, GROUP_SIZES))} (the group sizes torch's int4 kernels take); got {self.group_size}")
-        try:
-            re.compile(self.skip)
-        except re.error as exc:
-            check(False, f"option 'skip' must be a regular expression; {self.skip!r} is not ({exc})")
+        check_regex("", "skip", self.skip)  # shared by rtn-int4 and awq
 
 
 class Int4Tally:
