@@ -5,6 +5,11 @@ caller supplies a fresh instance at load time), the applied steps, and every sub
 replaced. Replacements are rebuilt only from an allowlist: optistack modules that implement
 `optistack_spec()` / `from_optistack_spec(spec)`, and plain `torch.nn.Linear` (shrunk by pruning).
 Passes whose effect lives outside tensors (hooks, compilation) set `reapply_on_load` and run again.
+
+A model that is no longer a torch module (an ONNX Runtime session, a TensorRT engine) saves itself:
+its class implements `save_to(folder) -> file name`, `session_options()` and the classmethod
+`load_from(folder, file, options)`; the manifest names that class (optistack classes only) and
+the file, and loading rebuilds the same runtime object with the same options.
 """
 from __future__ import annotations
 
@@ -71,15 +76,35 @@ def _plain_state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
     return tensors, aliases
 
 
+def _save_runtime(out: Path, model: Any, applied: list[Any], workload: dict[str, Any]) -> Path:
+    """An exported model (ONNX / engine): its file(s) plus a manifest naming the class that reloads it."""
+    cls = type(model)
+    if not cls.__module__.startswith("optistack."):
+        raise OptistackError(f"cannot save a {cls.__name__}: only optistack runtime models save themselves")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "format": FORMAT,
+        "pipeline": ",".join(s.text for s in applied),
+        "steps": [{"pass": s.pass_name, "config": s.config, "info": s.info} for s in applied],
+        "runtime": {"class": f"{cls.__module__}:{cls.__qualname__}", "file": model.save_to(str(out)),
+                    "options": model.session_options()},
+        "workload": workload,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return out
+
+
 def save_model(path: str | Path, model: Any, original: Any, steps: list[Any], workload: dict[str, Any]) -> Path:
     from safetensors.torch import save_file
 
-    final, base = _module(model), _module(original)
     applied = [s for s in steps if s.status == "applied"]
     for s in applied:
         why = getattr(get_pass_class(s.pass_name), "unsavable_reason", lambda info: None)(s.info)
         if why:
             raise OptistackError(f"cannot save: step '{s.text}' {why}")
+    if hasattr(model, "save_to") and hasattr(model, "session_options"):
+        return _save_runtime(Path(path), model, applied, workload)
+    final, base = _module(model), _module(original)
     tensors, aliases = _plain_state(final)
     config = getattr(base, "config", None)
     manifest = {
@@ -134,6 +159,13 @@ def load_model(path: str | Path, model: torch.nn.Module | None = None) -> Any:
         raise OptistackError(f"{folder} holds no {MANIFEST}: not a model saved by optistack") from None
     if manifest.get("format") != FORMAT:
         raise OptistackError(f"{folder}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if "runtime" in manifest:
+        runtime = manifest["runtime"]
+        module_name, _, qualname = runtime["class"].partition(":")
+        if not module_name.startswith("optistack."):
+            raise OptistackError(f"refusing to load {runtime['class']}: only optistack runtime models load")
+        cls = getattr(importlib.import_module(module_name), qualname)
+        return cls.load_from(str(folder), runtime["file"], runtime["options"])
     module = model if model is not None else _base_model(manifest["base"])
     for name, entry in manifest["replaced"].items():
         module.set_submodule(name, _build_replacement(entry))

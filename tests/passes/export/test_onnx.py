@@ -14,7 +14,8 @@ from optistack.core import registry  # noqa: E402
 from optistack.core.errors import PassApplyError, PassConfigError, PipelineParseError  # noqa: E402
 from optistack.core.pass_protocol import MODULE, ONNX, PassContext  # noqa: E402
 from optistack.passes.export.onnx import OnnxExportPass  # noqa: E402
-from optistack.passes.export.ort import OrtOptimizePass, OrtQuantizePass  # noqa: E402
+from optistack.passes.export.ort import OrtOptimizePass  # noqa: E402
+from optistack.passes.export.ort_quantize import OrtQuantizePass  # noqa: E402
 from optistack.passes.export.session import OrtModel  # noqa: E402
 from optistack.workloads.generic import GenericWorkload  # noqa: E402
 from tiny_models import tiny_bert  # noqa: E402
@@ -96,12 +97,12 @@ def test_legacy_exporter_and_session_wrapper(bert_workload):
     assert torch.equal(ref, before)  # exporting leaves the module as it was (eval mode, same weights)
     got = model(kwargs["input_ids"], kwargs["attention_mask"])  # positional works too
     assert torch.allclose(got[0], ref, atol=1e-4)
-    opt = OrtOptimizePass(fusions=False, level="basic").apply(model, ctx)
-    assert opt.info["fusions"] is False and opt.info["max_abs_diff"] <= 1e-4
+    opt = OrtOptimizePass(fusions="none", level="basic").apply(model, ctx)
+    assert "fuser" not in opt.info and opt.info["max_abs_diff"] <= 1e-4
     # the legacy graph fuses into com.microsoft ops that ONNX shape inference cannot type; quantizing
     # after them must still work
-    fused = OrtOptimizePass().apply(model, ctx)
-    assert fused.info["fusions"] is True and fused.info.get("fused_SkipLayerNormalization", 0) > 0
+    fused = OrtOptimizePass(fusions="ort").apply(model, ctx)
+    assert fused.info["fuser"] == "ort" and fused.info.get("fused_SkipLayerNormalization", 0) > 0
     quant = OrtQuantizePass().apply(fused.model, ctx)
     assert quant.info["nodes_MatMulInteger"] > 0
 

@@ -29,6 +29,7 @@ class OnnxExportConfig(PassConfig):
     dynamic: bool = True
     atol: float = 1e-4
     intra_op_threads: int = 0
+    provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
 
     def __post_init__(self) -> None:
         check(7 <= self.opset <= 25, f"onnx-export: option 'opset' must be in 7..25, got {self.opset}")
@@ -45,6 +46,26 @@ def example_inputs(ctx: PassContext, who: str) -> tuple[tuple, dict]:
         raise PassApplyError(f"{who}: needs example inputs; the workload gives no calibration_inputs")
     args, kwargs = normalize_inputs(found[0])
     return tuple(args), {k: v for k, v in kwargs.items() if v is not None}
+
+
+def source_facts(model: Any) -> dict[str, Any]:
+    """model_type / num_heads / hidden_size of a transformers model (the BERT fusions need them)."""
+    config = getattr(model, "config", None)
+    facts = {"model_type": getattr(config, "model_type", None),
+             "num_heads": getattr(config, "num_attention_heads", None),
+             "hidden_size": getattr(config, "hidden_size", None)}
+    return {k: v for k, v in facts.items() if v is not None}
+
+
+def hf_export_kwargs(model: Any, kwargs: dict) -> dict:
+    """A transformers causal LM would also return its KV cache: export logits only (use_cache=False)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if "use_cache" in params and "use_cache" not in kwargs:
+        return {**kwargs, "use_cache": False}
+    return kwargs
 
 
 def compare_outputs(ref: Any, got: Any) -> tuple[float, float]:
@@ -118,7 +139,9 @@ class OnnxExportPass(ConfiguredPass):
     gives = ONNX
 
     def requirements(self) -> Availability:
-        checks = [need_packages("onnx", "onnxruntime", extra="onnx")]
+        from .session import one_onnxruntime
+
+        checks = [need_packages("onnx", "onnxruntime", extra="onnx"), one_onnxruntime()]
         if self.config.exporter == "dynamo":
             checks.append(need_packages("onnxscript", extra="onnx"))
         return all_of(*checks)
@@ -136,11 +159,13 @@ class OnnxExportPass(ConfiguredPass):
                                      external_data=False, **common)
             prog.save(path, external_data=_too_big(model))
         else:
-            names = list(arg_names) + list(kwargs)
-            dyn = {k: v for k, v in spec.items() if v} if cfg.dynamic else None
+            tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+            constants = {k: v for k, v in kwargs.items() if k not in tensors}  # e.g. use_cache=False
+            names = list(arg_names) + list(tensors)
+            dyn = {k: v for k, v in spec.items() if v and k in names} if cfg.dynamic else None
             # The TorchScript exporter mishandles keyword inputs: feed them positionally through an adapter.
-            full = tuple(args) + tuple(kwargs.values())
-            adapter = _Positional(model, len(args), list(kwargs))
+            full = tuple(args) + tuple(tensors.values())
+            adapter = _Positional(model, len(args), list(tensors), constants)
             torch.onnx.export(adapter, full, path, input_names=names, dynamic_axes=dyn, **common)
 
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
@@ -155,6 +180,7 @@ class OnnxExportPass(ConfiguredPass):
         cfg = self.config
         model = model.eval()
         args, kwargs = example_inputs(ctx, self.name)
+        kwargs = hf_export_kwargs(model, kwargs)
         with torch.inference_mode():
             reference = model(*args, **kwargs)
         tmp = tempfile.TemporaryDirectory(prefix="optistack-onnx-")
@@ -182,7 +208,8 @@ class OnnxExportPass(ConfiguredPass):
         if len(errors) and info["exporter"] != cfg.exporter:
             info["fallback"] = f"{cfg.exporter} exporter failed, used {info['exporter']}: {errors[0][:300]}"
         try:
-            ort_model = OrtModel(path, intra_op_threads=cfg.intra_op_threads, keepalive=tmp)
+            ort_model = OrtModel(path, intra_op_threads=cfg.intra_op_threads, keepalive=tmp,
+                                 provider=cfg.provider, meta=source_facts(model))
             got = ort_model(*args, **kwargs)
         except Exception as exc:
             tmp.cleanup()
@@ -193,7 +220,7 @@ class OnnxExportPass(ConfiguredPass):
 
 
 class _Positional:  # built lazily below so importing this module does not import torch
-    def __new__(cls, model: Any, n_args: int, kw_names: list[str]):
+    def __new__(cls, model: Any, n_args: int, kw_names: list[str], constants: dict | None = None):
         import torch
 
         class Positional(torch.nn.Module):
@@ -202,7 +229,7 @@ class _Positional:  # built lazily below so importing this module does not impor
                 self.inner = model
 
             def forward(self, *inputs: Any) -> Any:
-                return self.inner(*inputs[:n_args], **dict(zip(kw_names, inputs[n_args:])))
+                return self.inner(*inputs[:n_args], **dict(zip(kw_names, inputs[n_args:])), **(constants or {}))
 
         # eval(): the exporter restores the wrapper's train/eval mode afterwards, recursively, so a
         # wrapper left in training mode would switch the wrapped model's dropout on.

@@ -5,10 +5,16 @@ arrays or scalars), feeds them to the graph by input name (keyword arguments the
 for, e.g. an unused `token_type_ids`, are dropped), and returns torch tensors: one tensor when the
 graph has one output, else a tuple in graph output order. `model_bytes()` is the size of the .onnx
 file plus any external-data files beside it, for `bench/memory.py`.
+
+Execution providers: `provider="auto"` takes TensorRT's, then CUDA's when onnxruntime-gpu offers them
+and a GPU is visible, else the CPU one; `provider` names the one the session really uses.
+`meta` carries facts about the source model (model_type, num_heads, hidden_size) for the fusions of
+`ort-optimize`; `save_to(dir)` copies the graph and its external data for `optistack.load`.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -25,9 +31,11 @@ class OrtModel:
 
     device = torch.device("cpu")  # inputs are handed over on CPU (bench and workloads read this)
 
-    def __init__(self, path: str, *, intra_op_threads: int = 0, graph_optimization: str = "all",
+    def __init__(self, path: str, *, intra_op_threads: int = 0, inter_op_threads: int = 0,
+                 execution_mode: str = "sequential", graph_optimization: str = "all",
                  providers: list[str] | None = None, keepalive: Any = None,
-                 optimized_model_path: str | None = None) -> None:
+                 optimized_model_path: str | None = None, provider: str = "auto",
+                 meta: dict[str, Any] | None = None) -> None:
         import onnxruntime as ort
 
         self.path = str(path)
@@ -35,8 +43,13 @@ class OrtModel:
         self.intra_op_threads = int(intra_op_threads)
         self.graph_optimization = graph_optimization
         opts = ort.SessionOptions()
+        self.inter_op_threads, self.execution_mode = int(inter_op_threads), execution_mode
         if self.intra_op_threads > 0:
             opts.intra_op_num_threads = self.intra_op_threads
+        if self.inter_op_threads > 0:
+            opts.inter_op_num_threads = self.inter_op_threads
+        opts.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if execution_mode == "parallel"
+                               else ort.ExecutionMode.ORT_SEQUENTIAL)
         opts.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -45,14 +58,56 @@ class OrtModel:
         }[graph_optimization]
         if optimized_model_path:
             opts.optimized_model_filepath = str(optimized_model_path)
+        self.requested_provider = provider
+        self.meta = dict(meta or {})
         if providers is None:
-            providers = [p for p in ("CPUExecutionProvider",) if p in ort.get_available_providers()] or None
+            providers = choose_providers(provider)
         self.session = ort.InferenceSession(self.path, sess_options=opts, providers=providers)
         self.providers = list(self.session.get_providers())
         self.provider = self.providers[0] if self.providers else "unknown"
         self._inputs = [(i.name, i.type) for i in self.session.get_inputs()]
         self.input_names = [n for n, _ in self._inputs]
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def feed_arrays(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The numpy arrays this graph would be fed for `model(*args, **kwargs)`, by input name."""
+        return self._feed(args, kwargs)
+
+    def dynamic_axes(self, name: str) -> tuple[bool, ...]:
+        """Per axis of input `name`: True where the graph leaves the size open (symbolic or unknown)."""
+        shape = next(i.shape for i in self.session.get_inputs() if i.name == name)
+        return tuple(not isinstance(d, int) for d in shape)
+
+    def session_options(self) -> dict[str, Any]:
+        """What a reloaded copy needs to behave the same (threads, optimization level, provider)."""
+        return {"intra_op_threads": self.intra_op_threads, "inter_op_threads": self.inter_op_threads,
+                "execution_mode": self.execution_mode, "graph_optimization": self.graph_optimization,
+                "provider": self.requested_provider, "meta": self.meta}
+
+    @classmethod
+    def load_from(cls, folder: str, file: str, options: dict[str, Any]) -> "OrtModel":
+        """The model `save_to` wrote, with the saved session options (`optistack.load`)."""
+        return cls(os.path.join(folder, file), **options)
+
+    def save_to(self, folder: str) -> str:
+        """Copy the graph and every external-data file it references into `folder`; returns the file name."""
+        os.makedirs(folder, exist_ok=True)
+        name = os.path.basename(self.path)
+        shutil.copy2(self.path, os.path.join(folder, name))
+        for extra in self._external_files():
+            shutil.copy2(os.path.join(os.path.dirname(self.path), extra), os.path.join(folder, extra))
+        return name
+
+    def _external_files(self) -> list[str]:
+        import onnx
+
+        proto = onnx.load(self.path, load_external_data=False)
+        found: list[str] = []
+        for init in proto.graph.initializer:
+            for entry in init.external_data:
+                if entry.key == "location" and entry.value not in found:
+                    found.append(entry.value)
+        return found
 
     def _feed(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         import numpy as np
@@ -85,21 +140,60 @@ class OrtModel:
         """Bytes of the .onnx file and its external-data files (every file the graph references)."""
         total = os.path.getsize(self.path)
         try:
-            import onnx
-
-            proto = onnx.load(self.path, load_external_data=False)
             base = os.path.dirname(self.path)
-            seen: set[str] = set()
-            for init in proto.graph.initializer:
-                for entry in init.external_data:
-                    if entry.key == "location" and entry.value not in seen:
-                        seen.add(entry.value)
-                        loc = os.path.join(base, entry.value)
-                        if os.path.exists(loc):
-                            total += os.path.getsize(loc)
+            total += sum(os.path.getsize(os.path.join(base, f)) for f in self._external_files()
+                         if os.path.exists(os.path.join(base, f)))
         except Exception:
             pass
         return total
 
     def __repr__(self) -> str:
         return f"<OrtModel {os.path.basename(self.path)} on {self.provider}>"
+
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def choose_providers(provider: str) -> list[str]:
+    """ORT provider list for `provider` (auto|cpu|cuda|tensorrt); a named one that is missing is an error."""
+    import importlib.util
+
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    if provider != "auto":
+        want = PROVIDERS.get(provider)
+        if want is None:
+            raise ValueError(f"unknown ONNX Runtime provider {provider!r}; expected auto, {', '.join(PROVIDERS)}")
+        if want not in have:
+            hint = "pip install 'optistack[gpu]' (onnxruntime-gpu, never beside onnxruntime)" if provider != "cpu" else ""
+            raise ValueError(f"ONNX Runtime here has no {want} (available: {', '.join(have)}); {hint}".rstrip("; "))
+        return [want] + (["CPUExecutionProvider"] if want != "CPUExecutionProvider" else [])
+    gpu = torch.cuda.is_available()
+    chosen = []
+    if gpu and "TensorrtExecutionProvider" in have and importlib.util.find_spec("tensorrt") is not None:
+        chosen.append("TensorrtExecutionProvider")
+    if gpu and "CUDAExecutionProvider" in have:
+        chosen.append("CUDAExecutionProvider")
+    return chosen + ["CPUExecutionProvider"]
+
+
+def one_onnxruntime() -> "Any":
+    """Not ok when onnxruntime and onnxruntime-gpu are both installed: they share the package
+    directory, so whichever was installed last half-overwrote the other."""
+    import importlib.metadata
+
+    from ...core.requirements import Availability
+
+    found = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            importlib.metadata.distribution(dist)
+            found.append(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if len(found) == 2:
+        return Availability.no("onnxruntime and onnxruntime-gpu are both installed and overwrite each other; "
+                               "pip uninstall -y onnxruntime onnxruntime-gpu, then install one: "
+                               "'optistack[onnx]' (CPU) or 'optistack[gpu]'")
+    return Availability.yes()

@@ -1,0 +1,62 @@
+"""`tensorrt`: listed with its reason where it cannot run, form rules, config; a real build on a GPU."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import optistack as ost
+from optistack.core.errors import PassConfigError, PipelineParseError
+from optistack.core.pass_protocol import ENGINE, ONNX
+from optistack.passes.export.tensorrt import TensorRTConfig, TensorRTPass, engine_key, profile_shapes
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+
+
+def test_unavailable_here_says_why():
+    avail = TensorRTPass().requirements()
+    if HAS_TRT:
+        assert avail.ok
+    else:
+        assert not avail.ok and ("tensorrt" in avail.reason or "CUDA" in avail.reason)
+        listed = {row["name"]: row for row in ost.list_passes()}
+        assert listed["tensorrt"]["available"] is False and listed["tensorrt"]["reason"] == avail.reason
+
+
+def test_forms_onnx_to_engine():
+    assert TensorRTPass.takes == frozenset({ONNX}) and TensorRTPass.gives == ENGINE
+    ost.Pipeline.parse("onnx-export,ort-optimize,tensorrt{precision=fp16}")  # parses
+    with pytest.raises(PipelineParseError, match="tensorrt"):
+        ost.Pipeline.parse("tensorrt")  # needs an ONNX model first
+    with pytest.raises(PipelineParseError):
+        ost.Pipeline.parse("onnx-export,tensorrt,ort-quantize")  # an engine is not an ONNX graph
+
+
+def test_config_validation_and_profiles():
+    with pytest.raises(PassConfigError, match="batch"):
+        TensorRTPass(batch="8:1:32")
+    with pytest.raises(PassConfigError, match="precision"):
+        TensorRTPass(precision="int4")
+    assert profile_shapes((8, 128), (True, True), "", "1:64:512") == ((1, 1), (8, 64), (8, 512))
+    assert profile_shapes((8, 128), (False, True), "1:8:32", "") == ((8, 1), (8, 128), (8, 128))
+    cfg = TensorRTConfig()
+    shapes = {"input_ids": ((1, 1), (8, 128), (8, 128))}
+    assert engine_key(b"g", cfg, shapes, "11.4", "H200") != engine_key(b"g", TensorRTConfig(precision="fp32"), shapes, "11.4", "H200")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TRT, reason="needs TensorRT and a CUDA GPU")
+def test_engine_matches_onnx_on_gpu(tmp_path):
+    from optistack.bench.timer import TimingConfig
+    from optistack.workloads.generic import GenericWorkload
+    from tiny_models import tiny_bert
+
+    ids = torch.randint(0, 100, (2, 16))
+    wl = GenericWorkload(tiny_bert(), ((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
+    text = f"onnx-export,tensorrt{{precision=fp16,cache_dir=\"{tmp_path}\"}}"
+    result = ost.Pipeline.parse(text).run(wl, verbose=False, timing=TimingConfig(warmup=1, min_rounds=3, max_rounds=3))
+    step = result.report.steps[-1]
+    assert step.status == "applied", step.reason
+    again = ost.Pipeline.parse(text).run(wl, verbose=False, timing=TimingConfig(warmup=1, min_rounds=3, max_rounds=3))
+    assert again.report.steps[-1].info["engine_cached"] is True
