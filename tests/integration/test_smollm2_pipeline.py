@@ -28,3 +28,16 @@ def test_cli_run_bf16_on_smollm2_writes_a_full_report(tmp_path, capsys):
     assert "cast" in markdown and "perplexity" in markdown
     assert main(["report", str(out), "--format", "md"]) == 0
     assert "cast" in capsys.readouterr().out
+
+
+def test_smollm2_exports_to_onnx_with_matching_logits_and_perplexity(tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "onnx.json"
+    code = main(["run", "--model", "smollm2", "--pipeline", "onnx-export", "--json", str(out), "--quick"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    step = report["steps"][0]
+    assert step["status"] == "applied", step["reason"]
+    assert step["info"]["max_rel_diff"] <= 1e-3  # ONNX logits vs torch, on a 1 x 512 calibration window
+    base_ppl = report["baseline"]["accuracy"]["perplexity"]
+    assert step["accuracy"]["after"] == pytest.approx(base_ppl, rel=1e-3)  # perplexity of the ONNX model

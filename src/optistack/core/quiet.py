@@ -7,7 +7,7 @@ import warnings
 from typing import Iterator
 
 # Loggers that print noise while torchao imports (missing optional CUDA libraries, pytree notices).
-_NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+_NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "torch.onnx", "onnxscript", "")  # "" = root (ORT quantization)
 
 
 @contextlib.contextmanager

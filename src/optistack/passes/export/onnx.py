@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
+from ...core.quiet import quiet_import
 from ...core.pass_protocol import MODULE, ONNX, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, all_of, need_packages
 
@@ -91,7 +92,7 @@ def check_against(who: str, ref: Any, got: Any, atol: float) -> dict[str, float]
             f"{who}: ONNX Runtime output differs from torch by max abs {diff:.3g} > {bound:.3g} "
             f"(atol={atol:g} x max(1, max|output|={scale:.3g}))"
         )
-    return {"max_abs_diff": float(diff)}
+    return {"max_abs_diff": float(diff), "max_rel_diff": float(diff / scale) if scale > 0 else float(diff)}
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -191,7 +192,8 @@ class OnnxExportPass(ConfiguredPass):
         ops: list[str] = []
         for exporter in order:
             try:
-                self._export(model, args, kwargs, path, exporter)
+                with quiet_import():  # the exporters' registration chatter and deprecation warnings
+                    self._export(model, args, kwargs, path, exporter)
                 info["exporter"] = exporter
                 break
             except Exception as exc:  # exporter errors come in many types

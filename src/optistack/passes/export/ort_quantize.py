@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from ...core.config import PassConfig, check, check_regex
 from ...core.errors import PassApplyError
+from ...core.quiet import quiet_import
 from ...core.pass_protocol import ONNX, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, all_of, need_packages
 from .onnx import _first_lines
@@ -115,13 +116,15 @@ class OrtQuantizePass(ConfiguredPass):
                       extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
                       use_external_data_format=os.path.getsize(src) > _BIG)
         if cfg.mode == "dynamic":
-            quantize_dynamic(src, dst, **common)
+            with quiet_import():  # "consider pre-processing" on the root logger, every call
+                quantize_dynamic(src, dst, **common)
         else:
             reader.rewind()
             method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                       "percentile": CalibrationMethod.Percentile}[cfg.calibration]
-            quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                            calibrate_method=method, **common)
+            with quiet_import():
+                quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                                calibrate_method=method, **common)
 
     def _sensitivity(self, src_model: Any, path: str, candidates: list[str], excluded: list[str], reader: Any,
                      feeds: list[dict], folder: str) -> list[tuple[str, float]]:
