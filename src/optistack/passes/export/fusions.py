@@ -34,8 +34,14 @@ def _with_onnxscript(src: str, dst: str) -> None:
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
+    from onnxscript.optimizer import fold_constants
+
     model = ir.load(src)
     optimize_for_ort(model)
+    # The fused Attention takes its packed QKV weight from a Concat of the three projections; fold it
+    # into one initializer (past the folder's size limit: a Concat never grows data), or the
+    # quantizer cannot see a constant weight and leaves attention in fp32.
+    fold_constants(model, should_fold=lambda node: True if node.op_type == "Concat" else None)
     big = os.path.getsize(src) > _BIG or any(os.path.exists(os.path.join(os.path.dirname(src), f))
                                              for f in os.listdir(os.path.dirname(src)) if f.endswith(".data"))
     ir.save(model, dst, external_data=os.path.basename(dst) + ".data" if big else None)
@@ -89,3 +95,46 @@ def fuse_transformer(src: str, dst: str, mode: str, meta: dict[str, Any]) -> tup
     if not any(k.startswith("fused_") for k in facts):
         facts["fusions"] = "no transformer pattern recognized"
     return True, facts
+
+
+def unpack_attention(proto: Any) -> int:
+    """Rewrite fused `Attention` nodes as MatMul (the QKV projection) + Split + `MultiHeadAttention`.
+
+    Numerically the same graph, but the projection, most of an Attention node's time, becomes a
+    MatMul the int8 quantizer can take. ORT's quantizer turns Attention into QAttention only without
+    `qkv_hidden_sizes` and without an additive attention bias (QAttention has no such input and would
+    drop the padding mask), which is exactly what the dynamo graph's fused attention carries.
+    Only nodes with a constant weight, no past state and no mask_index are rewritten; returns how many.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    graph = proto.graph
+    weights = {init.name: init for init in graph.initializer}
+    new_nodes, count = [], 0
+    for node in graph.node:
+        ins = list(node.input) + [""] * (6 - len(node.input))
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        sizes = attrs.get("qkv_hidden_sizes")
+        if (node.op_type != "Attention" or node.domain != "com.microsoft" or ins[1] not in weights
+                or ins[3] or ins[4] or len(node.output) > 1 or attrs.get("unidirectional", 0)
+                or (sizes is not None and len(set(sizes)) != 1)):
+            new_nodes.append(node)
+            continue
+        width = weights[ins[1]].dims[1] // 3
+        base = node.name or f"attention_{count}"
+        qkv, q, k, v, split = (f"{base}/{s}" for s in ("qkv", "q", "k", "v", "split_sizes"))
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array([width] * 3, dtype=np.int64), split))
+        new_nodes.append(helper.make_node("MatMul", [ins[0], ins[1]], [qkv], name=f"{base}/MatMul"))
+        new_nodes.append(helper.make_node("Split", [qkv, split], [q, k, v], name=f"{base}/Split", axis=-1))
+        mha_attrs = {"num_heads": attrs["num_heads"]}
+        if "scale" in attrs:
+            mha_attrs["scale"] = attrs["scale"]
+        new_nodes.append(helper.make_node("MultiHeadAttention", [q, k, v, ins[2], "", ins[5]], list(node.output),
+                                          name=f"{base}/MultiHeadAttention", domain="com.microsoft", **mha_attrs))
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+    return count
