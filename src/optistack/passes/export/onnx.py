@@ -31,6 +31,7 @@ class OnnxExportConfig(PassConfig):
     atol: float = 1e-4
     intra_op_threads: int = 0
     provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
+    attn_implementation: Literal["", "eager", "sdpa"] = ""  # transformers models: the attention code exported
 
     def __post_init__(self) -> None:
         check(7 <= self.opset <= 25, f"onnx-export: option 'opset' must be in 7..25, got {self.opset}")
@@ -56,6 +57,18 @@ def source_facts(model: Any) -> dict[str, Any]:
              "num_heads": getattr(config, "num_attention_heads", None),
              "hidden_size": getattr(config, "hidden_size", None)}
     return {k: v for k, v in facts.items() if v is not None}
+
+
+def use_attention(model: Any, impl: str) -> None:
+    """Switch a transformers model's attention code (the runner handed us a private copy).
+
+    `eager` writes attention as plain MatMul/Softmax ops: with `exporter=legacy` that is the pattern
+    ONNX Runtime's BERT fuser turns into Attention with a mask index, which its int8 quantizer can
+    then make QAttention (see docs/export.md)."""
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is None:
+        raise PassApplyError(f"onnx-export: option 'attn_implementation' needs a transformers model; got {type(model).__name__}")
+    setter(impl)
 
 
 def hf_export_kwargs(model: Any, kwargs: dict) -> dict:
@@ -180,6 +193,8 @@ class OnnxExportPass(ConfiguredPass):
             raise PassApplyError(f"onnx-export: expected a torch.nn.Module, got {type(model).__name__}")
         cfg = self.config
         model = model.eval()
+        if cfg.attn_implementation:
+            use_attention(model, cfg.attn_implementation)
         args, kwargs = example_inputs(ctx, self.name)
         kwargs = hf_export_kwargs(model, kwargs)
         with torch.inference_mode():

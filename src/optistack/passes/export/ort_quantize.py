@@ -39,7 +39,7 @@ class OrtQuantizeConfig(PassConfig):
     mode: Literal["dynamic", "static"] = "dynamic"
     per_channel: bool = True
     reduce_range: bool = False
-    op_types: str = "MatMul"
+    op_types: str = "MatMul|Attention"
     exclude: str = ""
     keep_fp32: int = 0
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
