@@ -48,7 +48,7 @@ def test_noise_raises_perplexity_and_bf16_logits_are_upcast(wl, small):
 
 def test_generation_metrics_and_decode_matches_generate(wl):
     metrics = wl.extra_measurements(wl.model)
-    assert set(metrics) == {"ttft_ms", "tpot_ms", "tokens_per_s", "p99_token_ms", "gen_tokens"}
+    assert set(metrics) == {"ttft_ms", "tpot_ms", "tokens_per_s", "p99_token_ms", "gen_tokens", "kv_bytes_per_token"}
     assert metrics["gen_tokens"] == wl.gen_tokens and all(v > 0 for v in metrics.values())
     prompt = wl._gen_prompt
     gen = greedy_decode(wl.model, prompt, 8)

@@ -2,7 +2,25 @@
 
 We do not use `model.generate`: the loop calls `model(...)` directly, so whatever callable an
 optimization pass produced (a torch.compile'd module, a wrapper) is what gets timed. Speculative
-decoding can reuse `greedy_decode` as its reference output.
+decoding reuses `greedy_decode` as its reference output.
+
+Decode protocol (how a pass changes decoding without owning the workload). A pass sets attributes on
+the model; attribute reads pass through torch.compile wrappers, so they survive a later `compile`:
+
+- `model.optistack_cache` -- a cache factory: `factory(model, max_len) -> transformers Cache` (the
+  cache for a prompt plus new tokens of `max_len` in all), optionally with `bytes_per_token(model)`.
+  `new_cache` asks it, so the plain loop and every decode strategy use the pass's cache (static,
+  quantized). Without one the cache is a `DynamicCache`. A factory with `eager_prefill = True` has
+  the prefill run by the module under a torch.compile wrapper (`_orig_mod`): only the fixed-shape
+  decode step is compiled, and prompts of new lengths do not recompile.
+- `model.optistack_decode` -- a decode strategy: `strategy(model, input_ids, max_new_tokens) ->
+  Generation`, called by `greedy_decode` with the very callable it was given (the compiled wrapper,
+  if any) in place of the one-token loop. It must return the same greedy tokens (speculative decoding).
+
+A `Generation` records one wall time per model call: `step_ms[0]` is the prefill, which yields the
+first token (time to first token). A call may yield several tokens (speculation accepts several draft
+tokens at once); `tokens_per_step` then says how many, and `metrics()` switches to throughput: see
+`Generation.metrics`.
 """
 from __future__ import annotations
 
@@ -23,24 +41,52 @@ class CacheUnsupportedError(WorkloadError):
 
 @dataclass
 class Generation:
-    """Generated ids (batch, n) and per-call wall times; step_ms[0] is the prefill (time to first token)."""
+    """Generated ids (batch, n) and per-call wall times; step_ms[0] is the prefill (time to first token).
+
+    `tokens_per_step[i]`: tokens call i yielded (None: one each). `kv_bytes_per_token`: bytes the KV
+    cache holds per cached token (keys + values of every layer, plus quantization scales), or None.
+    """
 
     tokens: torch.Tensor
     step_ms: list[float] = field(default_factory=list)
+    tokens_per_step: list[int] | None = None
+    kv_bytes_per_token: float | None = None
 
-    def metrics(self) -> dict[str, float]:
-        """TTFT, median time per output token after the first, tokens/s, p99 per-token latency."""
+    def metrics(self, include_memory: bool = False) -> dict[str, float]:
+        """TTFT, time per output token after the first, tokens/s, p99 per-token latency.
+
+        One token per call (plain decoding): time per token is the median call after the prefill and
+        tokens/s is its inverse. Several tokens per call (speculative decoding): a call's time is
+        spread evenly over the tokens it yielded, time per token is total decode time / tokens after
+        the first, tokens/s its inverse, p99 is taken over the spread per-token times, and
+        `tokens_per_step` (mean tokens per decode call) is added. `include_memory` adds
+        `kv_bytes_per_token` when known.
+        """
         decode = self.step_ms[1:]
         if not decode:
             raise WorkloadError("generation metrics need at least 2 generated tokens")
-        tpot = statistics.median(decode)
-        return {
+        counts = self.tokens_per_step[1:] if self.tokens_per_step is not None else None
+        if counts is None or all(c == 1 for c in counts):
+            tpot = statistics.median(decode)
+            per_token = decode
+            extra: dict[str, float] = {}
+        else:
+            if len(counts) != len(decode) or min(counts) < 1:
+                raise WorkloadError("generation: tokens_per_step must give >= 1 token for every step")
+            tpot = sum(decode) / sum(counts)
+            per_token = [ms / n for ms, n in zip(decode, counts) for _ in range(n)]
+            extra = {"tokens_per_step": sum(counts) / len(counts)}
+        out = {
             "ttft_ms": self.step_ms[0],
             "tpot_ms": tpot,
             "tokens_per_s": 1000.0 / tpot if tpot > 0 else float("inf"),
-            "p99_token_ms": _percentile(decode, 99.0),
+            "p99_token_ms": _percentile(per_token, 99.0),
             "gen_tokens": float(self.tokens.shape[-1]),
+            **extra,
         }
+        if include_memory and self.kv_bytes_per_token is not None:
+            out["kv_bytes_per_token"] = float(self.kv_bytes_per_token)
+        return out
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -73,12 +119,43 @@ def logits_of(outputs: Any, last_only: bool = False) -> torch.Tensor:
     return (outputs[:, -1:] if last_only else outputs).float()
 
 
-def new_cache(model: Any) -> Any:
-    """An empty transformers DynamicCache, shaped by the model's config when it has one."""
+CACHE_ATTR = "optistack_cache"  # a cache factory set by a pass (see the module docstring)
+DECODE_ATTR = "optistack_decode"  # a decode strategy set by a pass (see the module docstring)
+
+
+def new_cache(model: Any, max_len: int | None = None) -> Any:
+    """The model's pass-provided cache (`optistack_cache`) for `max_len` tokens, else an empty
+    transformers DynamicCache, shaped by the model's config when it has one."""
     from transformers import DynamicCache, PreTrainedConfig
 
+    factory = getattr(model, CACHE_ATTR, None)
+    if factory is not None:
+        if max_len is None:
+            raise WorkloadError(f"{type(factory).__name__} builds caches of a fixed size: give max_len")
+        return factory(model, max_len)
     config = getattr(model, "config", None)
     return DynamicCache(config=config) if isinstance(config, PreTrainedConfig) else DynamicCache()
+
+
+def cache_bytes_per_token(cache: Any) -> float | None:
+    """Bytes a cache spends per token slot: each layer's own `bytes_per_token()` when it has one (a
+    quantized layer counts codes + scales), else its tensors' bytes / capacity (static) or / cached
+    tokens (dynamic). None when nothing is cached."""
+    total, layers = 0.0, getattr(cache, "layers", None)
+    if not layers:
+        return None
+    for layer in layers:
+        own = getattr(layer, "bytes_per_token", None)
+        if callable(own):
+            total += float(own())
+            continue
+        capacity = layer.get_max_length() if hasattr(layer, "get_max_length") else -1
+        capacity = capacity if capacity > 0 else int(layer.get_seq_length())
+        tensors = [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor)]
+        if capacity <= 0 or not tensors:
+            continue
+        total += sum(t.numel() * t.element_size() for t in tensors) / capacity
+    return total or None
 
 
 def cache_kwarg(model: Any) -> str:
@@ -92,16 +169,25 @@ def cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def greedy_decode(model: Any, input_ids: torch.Tensor, max_new_tokens: int, cache: Any = None) -> Generation:
+def greedy_decode(model: Any, input_ids: torch.Tensor, max_new_tokens: int, cache: Any = None,
+                  use_strategy: bool = True) -> Generation:
     """Prefill `input_ids`, then feed back one argmax token per call until `max_new_tokens` exist.
 
+    When the model carries a decode strategy (`optistack_decode`, set by a pass such as
+    `speculative`) and no `cache` is given, the strategy decodes instead; `use_strategy=False` forces
+    the plain one-token loop (the reference a strategy is checked against).
     Never stops early (no EOS check), so timings always cover the same number of tokens.
     Raises CacheUnsupportedError when the model rejects the cache argument or does not fill the cache.
     """
     if max_new_tokens < 1:
         raise WorkloadError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    cache = new_cache(model) if cache is None else cache
+    strategy = getattr(model, DECODE_ATTR, None) if use_strategy and cache is None else None
+    if strategy is not None:
+        return strategy(model, input_ids, max_new_tokens)
+    cache = new_cache(model, input_ids.shape[-1] + max_new_tokens) if cache is None else cache
     cache_arg = {cache_kwarg(model): cache}
+    eager_prefill = getattr(getattr(model, CACHE_ATTR, None), "eager_prefill", False)
+    prefill = getattr(model, "_orig_mod", model) if eager_prefill else model
     sync = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
     tokens: list[torch.Tensor] = []
     step_ms: list[float] = []
@@ -111,7 +197,7 @@ def greedy_decode(model: Any, input_ids: torch.Tensor, max_new_tokens: int, cach
             sync()
             start = time.perf_counter()
             try:
-                out = model(input_ids=ids, use_cache=True, **cache_arg)
+                out = (prefill if step == 0 else model)(input_ids=ids, use_cache=True, **cache_arg)
             except Exception as exc:
                 if step == 0:
                     raise CacheUnsupportedError(f"model cannot be called with a KV cache: {type(exc).__name__}: {exc}") from exc
@@ -122,7 +208,7 @@ def greedy_decode(model: Any, input_ids: torch.Tensor, max_new_tokens: int, cach
             if step == 0 and _cached_length(cache) != input_ids.shape[-1]:
                 raise CacheUnsupportedError(f"model ignored the {next(iter(cache_arg))} argument (the cache is empty after prefill)")
             tokens.append(ids)
-    return Generation(torch.cat(tokens, dim=-1), step_ms)
+    return Generation(torch.cat(tokens, dim=-1), step_ms, kv_bytes_per_token=cache_bytes_per_token(cache))
 
 
 def _cached_length(cache: Any) -> int:

@@ -136,7 +136,7 @@ class SmolLM2Workload:
         prompt = to_device(self._gen_prompt, model_device(model))
         try:
             greedy_decode(model, prompt, 2)  # warm-up: first-call allocations, lazy init
-            return greedy_decode(model, prompt, self.gen_tokens).metrics()
+            return greedy_decode(model, prompt, self.gen_tokens).metrics(include_memory=True)
         except CacheUnsupportedError as exc:
             warnings.warn(f"smollm2: no generation metrics: {exc}", stacklevel=2)
             return {}

@@ -35,7 +35,7 @@ class OrtModel:
                  execution_mode: str = "sequential", graph_optimization: str = "all",
                  providers: list[str] | None = None, keepalive: Any = None,
                  optimized_model_path: str | None = None, provider: str = "auto",
-                 meta: dict[str, Any] | None = None) -> None:
+                 meta: dict[str, Any] | None = None, spin: bool = False) -> None:
         import onnxruntime as ort
 
         self.path = str(path)
@@ -48,6 +48,12 @@ class OrtModel:
             opts.intra_op_num_threads = self.intra_op_threads
         if self.inter_op_threads > 0:
             opts.inter_op_num_threads = self.inter_op_threads
+        # Spinning worker threads keep cores busy after a call returns: measured here, an idle
+        # spinning session slowed the next torch call by 20% and other ORT sessions by 30%+, which
+        # is exactly the interleaved A/B timing the benchmark does. Off unless asked for.
+        self.spin = bool(spin)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "1" if self.spin else "0")
         opts.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if execution_mode == "parallel"
                                else ort.ExecutionMode.ORT_SEQUENTIAL)
         opts.graph_optimization_level = {
@@ -82,6 +88,7 @@ class OrtModel:
         """What a reloaded copy needs to behave the same (threads, optimization level, provider)."""
         return {"intra_op_threads": self.intra_op_threads, "inter_op_threads": self.inter_op_threads,
                 "execution_mode": self.execution_mode, "graph_optimization": self.graph_optimization,
+                "spin": self.spin,
                 "provider": self.requested_provider, "meta": self.meta}
 
     @classmethod

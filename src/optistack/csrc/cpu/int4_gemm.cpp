@@ -1,0 +1,367 @@
+// Weight-only int4 matmul (y = x @ w.T, w = (q - 8) * scale + zero per group of input channels).
+//
+// Layout (made by int4_prepack in optistack/passes/kernels/cpu.py): each output row is K/2 bytes,
+// cut into blocks of 128 input channels (64 bytes) plus at most one 64-channel tail block (32 bytes).
+// Rows are interleaved in groups of 4 (block b of rows 4i..4i+3 side by side, then block b+1, ...;
+// the rows after the last full group stay plain), so the 4-row kernel reads one sequential stream
+// (short per-row streams keep the hardware prefetcher from reaching full memory bandwidth).
+// Inside a block of B bytes with W = B/2 (32 or 16): byte b = 16*lane + 8*half + j holds
+// k = half*W + 8*lane + j in its low nibble and k + 2W in its high nibble. That is exactly the order in
+// which _mm512_unpack{lo,hi}_epi8 spread the nibbles into 16-bit words, so decoding a block is an AND,
+// a shift and four unpacks, and the words come out in natural k order (x needs no shuffling).
+//
+// Unpacking each nibble next to the byte 0x43 makes the bfloat16 number 128 + q, so the AVX512_BF16
+// dot product (vdpbf16ps) multiplies codes by bf16 activations exactly, accumulating in float32:
+//   y = sum_g s_g * sum_k (128 + q_k) x_k + (z_g - 136 s_g) * sum_k x_k
+// with the per-group sums of x computed once per call. float32 activations are split into
+// x = hi + lo (two bfloat16s, 16 significant bits) and both halves are multiplied.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "simd.h"
+
+namespace optistack_cpu {
+
+// Natural k (within a block of `bytes` bytes) of the low nibble of byte b; the high nibble is +bytes.
+static inline int64_t block_k_lo(int64_t b, int64_t bytes) {
+  int64_t w = bytes / 2, lane = b / 16, within = b % 16;
+  return (within / 8) * w + lane * 8 + within % 8;
+}
+
+// Where row n lives: base pointer of its 4-row group (or of itself), interleave il and slot j.
+// Its block starting at input channel k is at base + (k / 2) * il + j * (block bytes).
+struct RowRef {
+  const uint8_t* base;
+  int il, j;
+};
+static inline RowRef row_ref(const uint8_t* qw, int64_t n, int64_t N, int64_t K) {
+  if (n < N / 4 * 4) return {qw + (n / 4) * 4 * (K / 2), 4, int(n % 4)};
+  return {qw + n * (K / 2), 1, 0};
+}
+
+// Codes of one row in natural order (the portable path, without AVX-512 BF16).
+static void decode_row(RowRef row, int64_t K, uint8_t* codes) {
+  for (int64_t k0 = 0; k0 < K; k0 += 128) {
+    int64_t bytes = (K - k0 >= 128) ? 64 : 32;
+    const uint8_t* q = row.base + (k0 / 2) * row.il + row.j * bytes;
+    for (int64_t b = 0; b < bytes; ++b) {
+      int64_t k = k0 + block_k_lo(b, bytes);
+      codes[k] = q[b] & 0x0F;
+      codes[k + bytes] = q[b] >> 4;
+    }
+  }
+}
+
+template <typename S> static inline float sval(const S* p, int64_t i) { return to_f32(p[i]); }
+
+// One call's activations: bf16 words (hi and, for float32 x, lo) and per-group sums of what is used.
+struct XPrep {
+  const uint16_t* hi = nullptr;
+  const uint16_t* lo = nullptr;  // null: x was bf16, no low half
+  std::vector<float> gsum;
+  std::vector<uint16_t> hbuf, lbuf;
+};
+
+static void prep_x(const at::Tensor& x, int64_t m, int64_t K, int64_t group, XPrep& p) {
+  const int64_t G = K / group;
+  p.gsum.assign(G, 0.f);
+  if (x.scalar_type() == at::kBFloat16) {
+    const bf16* xr = x.data_ptr<bf16>() + m * K;
+    p.hi = reinterpret_cast<const uint16_t*>(xr);
+    p.lo = nullptr;
+    for (int64_t k = 0; k < K; ++k) p.gsum[k / group] += to_f32(xr[k]);
+    return;
+  }
+  const float* xr = x.data_ptr<float>() + m * K;
+  p.hbuf.resize(K);
+  p.lbuf.resize(K);
+  for (int64_t k = 0; k < K; ++k) {
+    bf16 h = bf16(xr[k]);
+    bf16 l = bf16(xr[k] - float(h));
+    std::memcpy(&p.hbuf[k], &h, 2);
+    std::memcpy(&p.lbuf[k], &l, 2);
+    p.gsum[k / group] += float(h) + float(l);  // the sum of what the dot products see, so 128*sum cancels
+  }
+  p.hi = p.hbuf.data();
+  p.lo = p.lbuf.data();
+}
+
+// sum_g (z_g - 136 s_g) * gsum_g: the zero points and the 128 + q offset, per output row.
+#ifdef OPTISTACK_AVX512
+// The same as 16 partial sums (added to a row's accumulator before its one horizontal sum).
+template <typename S>
+static inline __m512 group_correction16(const S* s, const S* z, const float* gsum, int64_t G) {
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 c136 = _mm512_set1_ps(136.f);
+  for (int64_t g = 0; g < G; g += 16) {
+    __mmask16 m = tail_mask(G - g);
+    __m512 b = _mm512_fnmadd_ps(c136, load16(s + g, m), load16(z + g, m));
+    acc = _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(m, gsum + g), acc);
+  }
+  return acc;
+}
+#endif
+
+template <typename S>
+static inline float group_correction(const S* s, const S* z, const float* gsum, int64_t G) {
+#ifdef OPTISTACK_AVX512
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 c136 = _mm512_set1_ps(136.f);
+  for (int64_t g = 0; g < G; g += 16) {
+    __mmask16 m = tail_mask(G - g);
+    __m512 b = _mm512_fnmadd_ps(c136, load16(s + g, m), load16(z + g, m));
+    acc = _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(m, gsum + g), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+#else
+  float corr = 0.f;
+  for (int64_t g = 0; g < G; ++g) corr += (to_f32(z[g]) - 136.f * to_f32(s[g])) * gsum[g];
+  return corr;
+#endif
+}
+
+#if defined(OPTISTACK_AVX512) && defined(OPTISTACK_AVX512BF16)
+static inline __m512 dp(__m512 acc, __m512i w, const uint16_t* x) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)_mm512_loadu_si512(x));
+}
+static inline __m256 dp(__m256 acc, __m256i w, const uint16_t* x) {
+  return _mm256_dpbf16_ps(acc, (__m256bh)w, (__m256bh)_mm256_loadu_si256((const __m256i*)x));
+}
+
+// Broadcast of one scale (float32, or bfloat16 widened by a shift) to 16 lanes.
+static inline __m512 bcast(const float* p) { return _mm512_set1_ps(*p); }
+static inline __m512 bcast(const bf16* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_set1_epi16(short(bits)), 16));
+}
+
+// R weight rows times MB activation rows at once: each decoded block feeds R*MB dot products and
+// each activation load R of them. GS (the group size) is a constant so the loops unroll into
+// straight-line code with the accumulators in registers. out[mb * R + r].
+template <int R, int MB, bool SPLIT, int GS, typename S>
+static inline void dot_rows(const uint8_t* q, int il, int j0, const S* sc, const S* zr, int64_t G, int64_t K,
+                            const XPrep* xps, float* out) {
+  constexpr int A = R * MB;
+  // bf16 scales widened once per row into a stack buffer: a broadcast from float memory is a plain
+  // load, where broadcasting a bf16 costs a shuffle and a shift per group in the hot loop.
+  constexpr int64_t kMaxGroups = 1024;
+  float sbuf[std::is_same_v<S, float> ? 1 : R * kMaxGroups];
+  const float* sf[R];
+  for (int r = 0; r < R; ++r) {
+    if constexpr (std::is_same_v<S, float>) {
+      sf[r] = sc + r * G;
+    } else {
+      for (int64_t g = 0; g < G; g += 16) store16(sbuf + r * kMaxGroups + g, load16(sc + r * G + g, tail_mask(G - g)), tail_mask(G - g));
+      sf[r] = sbuf + r * kMaxGroups;
+    }
+  }
+  const __m512i nib = _mm512_set1_epi8(0x0F), magic = _mm512_set1_epi8(0x43);
+  __m512 acc[A], g0[A], g1[A];
+  for (int i = 0; i < A; ++i) acc[i] = g0[i] = g1[i] = _mm512_setzero_ps();
+  const int64_t K128 = K / 128 * 128;
+  for (int64_t k = 0; k < K128; k += 128) {
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* qb = q + (k / 2) * il + (j0 + r) * 64;
+      _mm_prefetch((const char*)(qb + 1024), _MM_HINT_T0);
+      __m512i b = _mm512_loadu_si512(qb);
+      __m512i lo = _mm512_and_si512(b, nib), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
+      __m512i v0 = _mm512_unpacklo_epi8(lo, magic), v1 = _mm512_unpackhi_epi8(lo, magic);
+      __m512i v2 = _mm512_unpacklo_epi8(hi, magic), v3 = _mm512_unpackhi_epi8(hi, magic);
+      const float* s = sf[r];
+      for (int mb = 0; mb < MB; ++mb) {
+        const int i = mb * R + r;
+        const uint16_t* xh = xps[mb].hi + k;
+        const uint16_t* xl = SPLIT ? xps[mb].lo + k : nullptr;
+        if constexpr (GS == 32) {
+          __m512 d0 = dp(_mm512_setzero_ps(), v0, xh), d1 = dp(_mm512_setzero_ps(), v1, xh + 32);
+          __m512 d2 = dp(_mm512_setzero_ps(), v2, xh + 64), d3 = dp(_mm512_setzero_ps(), v3, xh + 96);
+          if constexpr (SPLIT) {
+            d0 = dp(d0, v0, xl); d1 = dp(d1, v1, xl + 32); d2 = dp(d2, v2, xl + 64); d3 = dp(d3, v3, xl + 96);
+          }
+          acc[i] = _mm512_fmadd_ps(d0, bcast(s + k / 32), acc[i]);
+          g0[i] = _mm512_fmadd_ps(d1, bcast(s + k / 32 + 1), g0[i]);
+          acc[i] = _mm512_fmadd_ps(d2, bcast(s + k / 32 + 2), acc[i]);
+          g0[i] = _mm512_fmadd_ps(d3, bcast(s + k / 32 + 3), g0[i]);
+        } else if constexpr (GS == 64) {
+          __m512 d0 = dp(dp(_mm512_setzero_ps(), v0, xh), v1, xh + 32);
+          __m512 d1 = dp(dp(_mm512_setzero_ps(), v2, xh + 64), v3, xh + 96);
+          if constexpr (SPLIT) {
+            d0 = dp(dp(d0, v0, xl), v1, xl + 32);
+            d1 = dp(dp(d1, v2, xl + 64), v3, xl + 96);
+          }
+          acc[i] = _mm512_fmadd_ps(d0, bcast(s + k / 64), acc[i]);
+          g0[i] = _mm512_fmadd_ps(d1, bcast(s + k / 64 + 1), g0[i]);
+        } else {  // 128 or 256: two chains, scaled when the group ends
+          g0[i] = dp(dp(g0[i], v0, xh), v2, xh + 64);
+          g1[i] = dp(dp(g1[i], v1, xh + 32), v3, xh + 96);
+          if constexpr (SPLIT) {
+            g0[i] = dp(dp(g0[i], v0, xl), v2, xl + 64);
+            g1[i] = dp(dp(g1[i], v1, xl + 32), v3, xl + 96);
+          }
+          if ((k + 128) % GS == 0) {
+            acc[i] = _mm512_fmadd_ps(_mm512_add_ps(g0[i], g1[i]), bcast(s + k / GS), acc[i]);
+            g0[i] = g1[i] = _mm512_setzero_ps();
+          }
+        }
+      }
+    }
+  }
+  if constexpr (GS <= 64) {
+    if (K128 < K) {  // one 64-channel tail block
+      const __m256i nib8 = _mm256_set1_epi8(0x0F), magic8 = _mm256_set1_epi8(0x43);
+      const int64_t k = K128;
+      for (int r = 0; r < R; ++r) {
+        __m256i b = _mm256_loadu_si256((const __m256i*)(q + (k / 2) * il + (j0 + r) * 32));
+        __m256i lo = _mm256_and_si256(b, nib8), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib8);
+        __m256i v0 = _mm256_unpacklo_epi8(lo, magic8), v1 = _mm256_unpackhi_epi8(lo, magic8);
+        __m256i v2 = _mm256_unpacklo_epi8(hi, magic8), v3 = _mm256_unpackhi_epi8(hi, magic8);
+        const float* s = sf[r];
+        for (int mb = 0; mb < MB; ++mb) {
+          const uint16_t* xh = xps[mb].hi + k;
+          const uint16_t* xl = SPLIT ? xps[mb].lo + k : nullptr;
+          __m256 d0 = dp(dp(_mm256_setzero_ps(), v0, xh), v1, xh + 16);
+          __m256 d1 = dp(dp(_mm256_setzero_ps(), v2, xh + 32), v3, xh + 48);
+          if constexpr (SPLIT) {
+            d0 = dp(dp(d0, v0, xl), v1, xl + 16);
+            d1 = dp(dp(d1, v2, xl + 32), v3, xl + 48);
+          }
+          __m256 t = GS == 32 ? _mm256_fmadd_ps(d1, _mm512_castps512_ps256(bcast(s + k / 32 + 1)),
+                                                _mm256_mul_ps(d0, _mm512_castps512_ps256(bcast(s + k / 32))))
+                              : _mm256_mul_ps(_mm256_add_ps(d0, d1), _mm512_castps512_ps256(bcast(s + k / 64)));
+          acc[mb * R + r] = _mm512_add_ps(acc[mb * R + r], _mm512_zextps256_ps512(t));
+        }
+      }
+    }
+  }
+  for (int mb = 0; mb < MB; ++mb)
+    for (int r = 0; r < R; ++r) {
+      const int i = mb * R + r;
+      __m512 corr = group_correction16(sc + r * G, zr + r * G, xps[mb].gsum.data(), G);
+      out[i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[i], corr), _mm512_add_ps(g0[i], g1[i])));
+    }
+}
+
+template <int R, int MB, typename S>
+static inline void dot_rows_any(const uint8_t* q, int il, int j0, const S* sc, const S* zr, int64_t G, int64_t group, int64_t K,
+                                const XPrep* xps, float* out) {
+  const bool split = xps[0].lo != nullptr;
+#define OPTISTACK_DOT(GS)                                                          \
+  if (group == GS) {                                                               \
+    if (split) dot_rows<R, MB, true, GS, S>(q, il, j0, sc, zr, G, K, xps, out);    \
+    else dot_rows<R, MB, false, GS, S>(q, il, j0, sc, zr, G, K, xps, out);         \
+    return;                                                                        \
+  }
+  OPTISTACK_DOT(32)
+  OPTISTACK_DOT(64)
+  OPTISTACK_DOT(128)
+  OPTISTACK_DOT(256)
+#undef OPTISTACK_DOT
+}
+#define OPTISTACK_INT4_SIMD 1
+#endif
+
+// Rows [n0, n1) of y for MB activation rows (y row stride N): dot products plus the zero correction.
+template <int MB, typename S, typename T>
+static void gemv_rows(const uint8_t* qw, const S* sc, const S* zr, int64_t K, int64_t group, const XPrep* xps,
+                      int64_t n0, int64_t n1, T* y, int64_t N) {
+  const int64_t G = K / group;
+  auto finish = [&](int64_t n, int mb, float dot) { y[mb * N + n] = from_f32<T>(dot); };  // SIMD: corrected
+#ifdef OPTISTACK_INT4_SIMD
+  constexpr int R = MB == 1 ? 4 : 1;
+  int64_t n = n0;
+  float d[4 * MB];
+  for (; n + R <= n1; n += R) {
+    RowRef ref = row_ref(qw, n, N, K);
+    dot_rows_any<R, MB, S>(ref.base, ref.il, ref.j, sc + n * G, zr + n * G, G, group, K, xps, d);
+    for (int mb = 0; mb < MB; ++mb)
+      for (int r = 0; r < R; ++r) finish(n + r, mb, d[mb * R + r]);
+  }
+  for (; n < n1; ++n) {
+    RowRef ref = row_ref(qw, n, N, K);
+    dot_rows_any<1, MB, S>(ref.base, ref.il, ref.j, sc + n * G, zr + n * G, G, group, K, xps, d);
+    for (int mb = 0; mb < MB; ++mb) finish(n, mb, d[mb]);
+  }
+#else
+  std::vector<uint8_t> codes(K);
+  std::vector<float> xf(K);
+  for (int mb = 0; mb < MB; ++mb) {
+    const XPrep& xp = xps[mb];
+    for (int64_t k = 0; k < K; ++k) {
+      uint16_t h = xp.hi[k], l = xp.lo ? xp.lo[k] : 0;
+      bf16 hb, lb;
+      std::memcpy(&hb, &h, 2);
+      std::memcpy(&lb, &l, 2);
+      xf[k] = float(hb) + float(lb);
+    }
+    for (int64_t n = n0; n < n1; ++n) {
+      decode_row(row_ref(qw, n, N, K), K, codes.data());
+      float dot = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0.f;
+        for (int64_t k = g * group; k < (g + 1) * group; ++k) s += (128.f + codes[k]) * xf[k];
+        dot += s * sval(sc + n * G, g);
+      }
+      finish(n, mb, dot + group_correction(sc + n * G, zr + n * G, xp.gsum.data(), G));
+    }
+  }
+#endif
+}
+
+constexpr int64_t kParallelWork = 1 << 17;  // weight bytes x activation rows below which one thread is faster
+
+at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scale,
+                       const at::Tensor& zero, int64_t group) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
+              "optistack_cpu.int4_matmul: x must be float32 or bfloat16, got ", x_in.scalar_type());
+  TORCH_CHECK(group == 32 || group == 64 || group == 128 || group == 256,
+              "optistack_cpu.int4_matmul: group_size must be 32, 64, 128 or 256, got ", group);
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
+              "optistack_cpu.int4_matmul: qweight must be contiguous uint8 [N, K/2] from int4_prepack");
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2, G = K / group;
+  TORCH_CHECK(K % group == 0 && K % 64 == 0, "optistack_cpu.int4_matmul: K=", K, " must be a multiple of 64 and of group_size");
+  TORCH_CHECK(G <= 1024, "optistack_cpu.int4_matmul: at most 1024 groups per row (K / group_size), got ", G);
+  TORCH_CHECK(x_in.size(-1) == K, "optistack_cpu.int4_matmul: x has ", x_in.size(-1), " input features, weight ", K);
+  TORCH_CHECK(scale.sizes() == zero.sizes() && scale.size(0) == N && scale.size(1) == G &&
+                  scale.scalar_type() == zero.scalar_type() && scale.is_contiguous() && zero.is_contiguous() &&
+                  (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kBFloat16),
+              "optistack_cpu.int4_matmul: scale/zero must be contiguous float32 or bfloat16 [N, K/group]");
+  at::Tensor x = x_in.reshape({-1, K}).contiguous();
+  const int64_t M = x.size(0);
+  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+  out_shape.back() = N;
+  const uint8_t* qw = qweight.data_ptr<uint8_t>();
+
+  // One parallel region per call: each thread takes blocks of 16 output rows and runs every
+  // activation row over them, four at a time (the block stays in cache while it is reused).
+  at::Tensor y = at::empty({M, N}, x.options());
+  std::vector<XPrep> xps(M);
+  for (int64_t m = 0; m < M; ++m) prep_x(x, m, K, group, xps[m]);
+  auto run = [&](auto s, auto t) {
+    using S = decltype(s);
+    using T = decltype(t);
+    const S* sc = scale.data_ptr<S>();
+    const S* zr = zero.data_ptr<S>();
+    T* yp = y.data_ptr<T>();
+    auto body = [&](int64_t b, int64_t e) {
+      const int64_t n0 = b * 16, n1 = std::min(N, e * 16);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) gemv_rows<4, S, T>(qw, sc, zr, K, group, &xps[m], n0, n1, yp + m * N, N);
+      for (; m < M; ++m) gemv_rows<1, S, T>(qw, sc, zr, K, group, &xps[m], n0, n1, yp + m * N, N);
+    };
+    const int64_t blocks = (N + 15) / 16;
+    if (N * K / 2 * M < kParallelWork) body(0, blocks);
+    else at::parallel_for(0, blocks, 1, body);
+  };
+  bool sb = scale.scalar_type() == at::kBFloat16, xb = x.scalar_type() == at::kBFloat16;
+  if (sb && xb) run(bf16{}, bf16{});
+  else if (sb) run(bf16{}, float{});
+  else if (xb) run(float{}, bf16{});
+  else run(float{}, float{});
+  return y.reshape(out_shape);
+}
+
+}  // namespace optistack_cpu

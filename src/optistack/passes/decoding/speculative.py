@@ -1,0 +1,198 @@
+"""`speculative`: speculative greedy decoding, token-identical to plain greedy decoding.
+
+Each decode step proposes up to `num_draft_tokens` next tokens cheaply, then the target model scores
+the last accepted token plus all proposals in ONE forward pass with the KV cache. The longest prefix of
+proposals equal to the target's own argmax is accepted, plus the target's next token; the cache entries
+of rejected proposals are dropped (`Cache.crop`). A step therefore yields 1..k+1 tokens for the price of
+one target forward over k+1 positions, which on a memory-bound decode costs little more than one token.
+
+- `method=prompt-lookup` (default): proposals come from the latest earlier occurrence of the last
+  n-gram (`max_ngram` down to `min_ngram` tokens) in the prompt + generated text. No draft model;
+  pays off when answers copy spans of the context (long-context QA, summarization, code edits).
+- `method=draft`: a smaller model with the same vocabulary proposes greedily: a local Hugging Face
+  folder (`draft=/path`), or, without one, a layer-skipping draft built from the target's first
+  `draft_layers` layers and its own head (weights shared, no extra memory).
+
+The pass sets the decode strategy (`optistack_decode`, see `workloads/generation.py`), then checks
+that strategy against plain greedy decoding on `check_prompts` prompts of `check_tokens` new tokens
+and refuses (the step fails, the model before it is kept) on the first differing token. Batch size 1
+only: larger batches decode plainly.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Any, Literal, Optional
+
+import torch
+
+from ...core.config import PassConfig, check
+from ...core.errors import PassApplyError
+from ...core.pass_protocol import COMPILED, MODULE, ConfiguredPass, PassContext, PassResult
+from ...workloads.generation import (CACHE_ATTR, DECODE_ATTR, Generation, cache_bytes_per_token, cache_kwarg,
+                                     greedy_decode, logits_of, new_cache)
+from .common import check_prompts, require_causal_lm, verify_identical
+from .lookup import DraftModel, PromptLookup
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeConfig(PassConfig):
+    method: Literal["prompt-lookup", "draft"] = "prompt-lookup"
+    num_draft_tokens: int = 8
+    max_ngram: int = 3
+    min_ngram: int = 1
+    draft: Optional[str] = None
+    draft_layers: int = 0
+    check_prompts: int = 2
+    check_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        check(1 <= self.num_draft_tokens <= 64, f"speculative: option 'num_draft_tokens' must be 1..64; got {self.num_draft_tokens}")
+        check(1 <= self.min_ngram <= self.max_ngram,
+              f"speculative: options need 1 <= min_ngram <= max_ngram; got min_ngram={self.min_ngram}, max_ngram={self.max_ngram}")
+        check(self.draft_layers >= 0, f"speculative: option 'draft_layers' must be >= 0 (0: a third of the target's); got {self.draft_layers}")
+        check(self.method == "draft" or (self.draft is None and self.draft_layers == 0),
+              "speculative: options 'draft' and 'draft_layers' need method=draft")
+        check(self.check_prompts >= 1, f"speculative: option 'check_prompts' must be >= 1 (output identity is always checked); got {self.check_prompts}")
+        check(self.check_tokens >= 2, f"speculative: option 'check_tokens' must be >= 2; got {self.check_tokens}")
+
+
+class SpeculativeDecoder:
+    """The decode strategy: `decoder(model, input_ids, max_new_tokens) -> Generation`."""
+
+    def __init__(self, proposer: Any, num_draft_tokens: int) -> None:
+        self.proposer, self.k = proposer, num_draft_tokens
+
+    def __call__(self, model: Any, input_ids: torch.Tensor, max_new_tokens: int) -> Generation:
+        if input_ids.shape[0] != 1:
+            return greedy_decode(model, input_ids, max_new_tokens, use_strategy=False)
+        cache = new_cache(model, input_ids.shape[-1] + max_new_tokens + self.k)
+        arg = cache_kwarg(model)
+        eager_prefill = getattr(getattr(model, CACHE_ATTR, None), "eager_prefill", False)
+        prefill = getattr(model, "_orig_mod", model) if eager_prefill else model
+        sync = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
+        seq = input_ids[0]
+        step_ms: list[float] = []
+        counts: list[int] = []
+        made = 0
+        with torch.inference_mode():
+            self.proposer.reset(model, input_ids)
+            feed = input_ids
+            drafts: list[int] = []
+            while made < max_new_tokens:
+                sync()
+                start = time.perf_counter()
+                if step_ms:  # the prefill has no proposals; every later step may
+                    drafts = self.proposer.propose(seq, min(self.k, max_new_tokens - made - 1))
+                    feed = torch.tensor([[int(seq[-1])] + drafts], dtype=seq.dtype, device=seq.device)
+                out = (model if step_ms else prefill)(input_ids=feed, use_cache=True, **{arg: cache})
+                logits = logits_of(out, last_only=not drafts)  # the prefill needs its last position only
+                best = logits[0, -len(drafts) - 1 :].argmax(dim=-1)  # target's choice after each fed token
+                n = _matching_prefix(drafts, best)
+                new = best[: n + 1]
+                if len(drafts) > n:
+                    cache.crop(-(len(drafts) - n))
+                seq = torch.cat([seq, new.to(seq.dtype)])
+                sync()
+                step_ms.append((time.perf_counter() - start) * 1000.0)
+                counts.append(n + 1)
+                made += n + 1
+                self.proposer.accepted(seq.numel())
+        tokens = seq[input_ids.shape[-1] :].view(1, -1)
+        return Generation(tokens, step_ms, tokens_per_step=counts, kv_bytes_per_token=cache_bytes_per_token(cache))
+
+    def __deepcopy__(self, memo: dict) -> "SpeculativeDecoder":
+        new = SpeculativeDecoder(copy.deepcopy(self.proposer, memo), self.k)
+        if isinstance(new.proposer, DraftModel):
+            new.proposer.cache = None
+        return new
+
+
+def _matching_prefix(drafts: list[int], best: torch.Tensor) -> int:
+    """How many leading proposals equal the target's argmax at the same position."""
+    n = 0
+    for i, token in enumerate(drafts):
+        if int(best[i]) != token:
+            break
+        n += 1
+    return n
+
+
+def layer_skip_draft(model: Any, layers: int) -> Any:
+    """The target's first `layers` decoder layers, final norm and head, sharing the target's weights."""
+    inner = getattr(model, "model", None)
+    blocks = getattr(inner, "layers", None)
+    if not isinstance(blocks, torch.nn.ModuleList):
+        raise PassApplyError(f"speculative: draft_layers needs a model with `.model.layers` (Llama-style); "
+                             f"{type(model).__name__} has none; give a draft path instead")
+    if not 1 <= layers < len(blocks):
+        raise PassApplyError(f"speculative: option 'draft_layers' must be 1..{len(blocks) - 1} for this "
+                             f"{len(blocks)}-layer model; got {layers}")
+    draft, draft_inner = copy.copy(model), copy.copy(inner)
+    for attr in (DECODE_ATTR, CACHE_ATTR):
+        draft.__dict__.pop(attr, None)
+    draft._modules = dict(model._modules)
+    draft_inner._modules = dict(inner._modules)
+    draft_inner.layers = torch.nn.ModuleList(list(blocks)[:layers])
+    draft.model = draft_inner
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types)[:layers]
+    draft.config = draft_inner.config = config
+    return draft
+
+
+def load_draft(path: str, model: Any) -> Any:
+    """A local Hugging Face causal LM whose vocabulary matches the target's, on the target's device/dtype."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        draft = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise PassApplyError(f"speculative: cannot load the draft model from {path!r} (a local Hugging Face "
+                             f"folder is expected): {type(exc).__name__}: {exc}") from exc
+    want, got = model.config.get_text_config().vocab_size, draft.config.get_text_config().vocab_size
+    if want != got:
+        raise PassApplyError(f"speculative: the draft's vocabulary ({got} tokens) differs from the target's "
+                             f"({want}); draft and target must share a tokenizer")
+    param = next(model.parameters())
+    return draft.to(device=param.device, dtype=param.dtype).eval()
+
+
+class SpeculativePass(ConfiguredPass):
+    """Sets a speculative decode strategy on the model after checking it is token-identical."""
+
+    name = "speculative"
+    Config = SpeculativeConfig
+    takes = frozenset({MODULE, COMPILED})
+    reapply_on_load = True  # the strategy is an attribute, not a tensor
+
+    def apply(self, model: Any, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        require_causal_lm(self.name, ctx, model)
+        if getattr(model, DECODE_ATTR, None) is not None:
+            raise PassApplyError(f"speculative: the model already has a decode strategy "
+                                 f"({type(getattr(model, DECODE_ATTR)).__name__}); use one decoding strategy pass")
+        info: dict[str, Any] = {"method": cfg.method, "num_draft_tokens": cfg.num_draft_tokens}
+        if cfg.method == "prompt-lookup":
+            proposer: Any = PromptLookup(cfg.max_ngram, cfg.min_ngram)
+        else:
+            target = getattr(model, "_orig_mod", model)
+            if cfg.draft is not None:
+                draft = load_draft(cfg.draft, target)
+            else:
+                layers = cfg.draft_layers or max(1, target.config.num_hidden_layers // 3)
+                draft = layer_skip_draft(target, layers)
+            info["draft_layers"] = int(draft.config.num_hidden_layers)
+            info["draft_params"] = sum(p.numel() for p in draft.parameters())
+            proposer = DraftModel(draft)
+        object.__setattr__(model, DECODE_ATTR, SpeculativeDecoder(proposer, cfg.num_draft_tokens))
+        try:
+            prompts = check_prompts(ctx, cfg.check_prompts, model.config.get_text_config().vocab_size)
+            info["checked_tokens"] = verify_identical(self.name, model, prompts, cfg.check_tokens)
+        except Exception:
+            object.__delattr__(model, DECODE_ATTR)
+            raise
+        return PassResult(model, modified=True, info=info)

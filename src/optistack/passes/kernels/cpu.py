@@ -1,0 +1,194 @@
+"""Backend "cpu-cpp": vectorized C++ kernels (AVX-512 / AVX2) built on first use, ops in `torch.ops.optistack_cpu`.
+
+Same functions as `reference.py`. Sources are in optistack/csrc/cpu/; `ensure_built()` compiles them
+once per source/flags/torch version into the persistent cache (see build.py) and registers fake
+implementations so the ops trace under torch.compile. Inputs the kernels do not take (other dtypes,
+other devices) go to the reference implementation, so every function here always answers.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ...core.requirements import Availability
+from . import build, reference
+
+BACKEND = "cpu-cpp"
+SOURCES = ["ops.cpp", "bindings.cpp", "norm_act.cpp", "int4_gemm.cpp"]
+HEADERS = ["simd.h"]
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+GROUP_SIZES = (32, 64, 128, 256)
+# float32 activations run as two bf16 halves (exact to 16 bits), twice the dot products of bf16 ones.
+# Above this many rows (prefill) FusedInt4Linear rounds them to bf16 instead, as Int4Linear does for
+# torch's kernel: prefill as fast as torch's int4 path, decode keeps the exact float32 product.
+PREFILL_BF16_ROWS = 4
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ok": True and "lib": the module, or "error": first line of the build error
+
+
+def _paths(names: list[str]) -> list[Path]:
+    return [build.CSRC / "cpu" / n for n in names]
+
+
+def _flags() -> tuple[str, list[str]]:
+    level, isa = build.x86_isa_flags()
+    return level, ["-O3", "-fno-math-errno", *isa]
+
+
+def available() -> Availability:
+    """Cheap: never builds. Not ok without a C++ compiler, off x86, or after a failed build."""
+    if "error" in _state:
+        return Availability.no(f"the C++ CPU kernels failed to build: {_state['error']}")
+    if not build.is_x86():
+        return Availability.no(f"the C++ CPU kernels target x86 (AVX2/AVX-512); this CPU is {build.platform.machine()}")
+    if build.find_cxx() is None:
+        return Availability.no("no C++ compiler found (install g++ or set $CXX) to build the C++ CPU kernels")
+    if not all(p.exists() for p in _paths(SOURCES + HEADERS)):
+        return Availability.no("the C++ CPU kernel sources are missing from this installation")
+    return Availability.yes()
+
+
+def ensure_built() -> None:
+    """Build (or load from the cache) and register the ops; raises RuntimeError saying why not."""
+    if _state.get("ok"):
+        return
+    with _lock:
+        if _state.get("ok"):
+            return
+        avail = available()
+        if not avail:
+            raise RuntimeError(avail.reason)
+        _, flags = _flags()
+        try:
+            lib = build.build_and_load(BACKEND, "optistack_cpu", _paths(SOURCES), flags, _paths(HEADERS))
+        except Exception as exc:  # compiler errors arrive as long multi-line text
+            lines = [ln.strip() for ln in str(exc).splitlines() if "error" in ln.lower()] or str(exc).splitlines() or [""]
+            _state["error"] = lines[0][:300]
+            raise RuntimeError(f"the C++ CPU kernels failed to build: {_state['error']}") from exc
+        _register_fakes()
+        _state["lib"] = lib
+        _state["ok"] = True
+
+
+def lib():
+    """The built extension module: direct (pybind) entry points for eager calls, ~3 us cheaper per call
+    than torch.ops.optistack_cpu.*, which the fused modules use only under torch.compile."""
+    ensure_built()
+    return _state["lib"]
+
+
+def isa() -> str:
+    """The instruction set the loaded build uses ("avx512-bf16", "avx512", "avx2" or "portable")."""
+    ensure_built()
+    return torch.ops.optistack_cpu.isa()
+
+
+def _register_fakes() -> None:
+    def same(x, *args):
+        return torch.empty_like(x)
+
+    torch.library.register_fake("optistack_cpu::rms_norm")(same)
+    torch.library.register_fake("optistack_cpu::swiglu")(same)
+    torch.library.register_fake("optistack_cpu::add_rms_norm")(lambda x, r, w, eps: (torch.empty_like(x), torch.empty_like(x)))
+    torch.library.register_fake("optistack_cpu::int4_matmul")(
+        lambda x, q, s, z, g: x.new_empty((*x.shape[:-1], q.shape[0])))
+
+
+def ops():
+    """Kernel entry points: the direct bindings in eager mode, torch.ops.optistack_cpu while tracing."""
+    ensure_built()
+    return torch.ops.optistack_cpu if torch.compiler.is_compiling() else _state["lib"]
+
+
+def _takes(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype in KERNEL_DTYPES for t in tensors)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    if not _takes(x, weight) or x.shape[-1] == 0:
+        return reference.rms_norm(x, weight, eps, residual)
+    if residual is None:
+        return ops().rms_norm(x, weight, float(eps))
+    return ops().add_rms_norm(x, residual.to(x.dtype), weight, float(eps))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if not _takes(gate, up) or gate.dtype != up.dtype or gate.shape != up.shape:
+        return reference.swiglu(gate, up)
+    return ops().swiglu(gate, up)
+
+
+def int4_supports(group_size: int) -> bool:
+    return group_size in GROUP_SIZES
+
+
+def _block_order(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each packed byte of a row: the k of its low and of its high nibble (see int4_gemm.cpp)."""
+    lo = []
+    for k0 in range(0, k, 128):
+        nbytes = 64 if k - k0 >= 128 else 32
+        b = torch.arange(nbytes)
+        lo.append(k0 + (b % 16 // 8) * (nbytes // 2) + b // 16 * 8 + b % 8)
+    lo_t = torch.cat(lo)
+    hi_t = torch.cat([t + (64 if len(t) == 64 else 32) for t in lo])
+    return lo_t, hi_t
+
+
+def _interleave_rows(rows: torch.Tensor) -> torch.Tensor:
+    """[N, Kp/2] per-row blocks -> the same shape with rows interleaved in groups of 4, block by block
+    (64-byte blocks, then the 32-byte tail block), so 4 rows stream as one sequence; the last N % 4
+    rows stay plain (see int4_gemm.cpp)."""
+    n, half = rows.shape
+    n4, main = n // 4 * 4, half // 64 * 64
+    if n4 == 0:
+        return rows
+    grp = rows[:n4].reshape(n4 // 4, 4, half)
+    body = grp[..., :main].reshape(n4 // 4, 4, main // 64, 64).transpose(1, 2).reshape(n4 // 4, -1)
+    tail = grp[..., main:].reshape(n4 // 4, -1)
+    return torch.cat([torch.cat([body, tail], dim=1).reshape(n4, half), rows[n4:]]).contiguous()
+
+
+def int4_prepack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """codes uint8 [N, K] (0..15), scale/zero [N, K/g] -> {"qweight" [N, Kp/2], "scale", "zero" [N, Kp/g]}.
+    Kp is K rounded up to 64 (extra groups get scale 0 and zero 0). Scales stay bfloat16 when they are
+    exactly bfloat16 values (half the bytes to stream), else float32."""
+    n, k = codes.shape
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"cpu-cpp int4: group_size must be one of {GROUP_SIZES}, got {group_size}")
+    if k % group_size:
+        raise ValueError(f"cpu-cpp int4: K={k} is not a multiple of group_size={group_size}")
+    kp = -(-k // 64) * 64
+    if kp // group_size > 1024:
+        raise ValueError(f"cpu-cpp int4: at most 1024 groups per row; K={k} with group_size={group_size} has more")
+    codes = codes.to(torch.uint8).cpu()
+    scale, zero = scale.float().cpu(), zero.float().cpu()
+    if kp != k:
+        extra = (kp - k) // group_size
+        codes = F.pad(codes, (0, kp - k), value=8)
+        scale, zero = F.pad(scale, (0, extra)), F.pad(zero, (0, extra))
+    lo, hi = _block_order(kp)
+    packed = _interleave_rows((codes[:, lo] | (codes[:, hi] << 4)).contiguous())
+    as_bf16 = torch.equal(scale.bfloat16().float(), scale) and torch.equal(zero.bfloat16().float(), zero)
+    sdt = torch.bfloat16 if as_bf16 else torch.float32
+    return {"qweight": packed, "scale": scale.to(sdt).contiguous(), "zero": zero.to(sdt).contiguous()}
+
+
+def int4_matmul_packed(x: torch.Tensor, packed: dict, group_size: int, n: int, k: int) -> torch.Tensor:
+    kp = packed["qweight"].shape[1] * 2
+    if x.device.type != "cpu":
+        raise ValueError(f"cpu-cpp int4: x is on {x.device}; this backend runs on the CPU")
+    if x.dtype not in KERNEL_DTYPES:  # e.g. float16: compute in float32
+        return int4_matmul_packed(x.float(), packed, group_size, n, k).to(x.dtype)
+    if kp != k:
+        x = F.pad(x, (0, kp - k))
+    return ops().int4_matmul(x, packed["qweight"], packed["scale"], packed["zero"], group_size)
+
+
+def int4_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    """One-shot form (packs every call: for tests; modules keep the packed dict)."""
+    n, k = codes.shape
+    return int4_matmul_packed(x, int4_prepack(codes, scale, zero, group_size), group_size, n, k)

@@ -1,0 +1,154 @@
+"""Modules the `fuse-kernels` pass swaps in: each calls one backend's kernels (see reference.py).
+
+`backend` names a module with the reference.py API: "cpu-cpp" (cpu.py), "triton" (triton/),
+"cuda" (cuda.py) or "torch" (reference.py). All three modules save and load through optistack's
+persist (`optistack_spec` / `from_optistack_spec`); the int4 layout is the backend's own, so the
+spec records the buffers' shapes and dtypes and a load rebuilds them empty before the state dict.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BACKEND_MODULES = {"cpu-cpp": ".cpu", "triton": ".triton", "cuda": ".cuda", "torch": ".reference"}
+_loaded: dict[str, Any] = {}
+
+
+def backend_module(name: str) -> Any:
+    """The backend's Python module (imported once; ImportError if it is not installed)."""
+    mod = _loaded.get(name)
+    if mod is None:
+        if name not in BACKEND_MODULES:
+            raise ValueError(f"unknown kernel backend {name!r}; expected one of {', '.join(BACKEND_MODULES)}")
+        mod = _loaded[name] = importlib.import_module(BACKEND_MODULES[name], __package__)
+    return mod
+
+
+class FusedRMSNorm(nn.Module):
+    """RMSNorm (Llama semantics) in one kernel: x * rsqrt(mean(x^2) + eps) * weight."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, backend: str = "torch", dtype: Any = None,
+                 device: Any = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
+        self.variance_epsilon, self.backend = float(eps), backend
+        backend_module(backend)  # fail early on an unknown name; looked up per call (deepcopy-safe)
+
+    @classmethod
+    def from_module(cls, norm: nn.Module, backend: str) -> "FusedRMSNorm":
+        new = cls(norm.weight.shape[0], norm.variance_epsilon, backend, device="meta")
+        new.weight = nn.Parameter(norm.weight.detach(), requires_grad=norm.weight.requires_grad)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return backend_module(self.backend).rms_norm(x, self.weight, self.variance_epsilon)
+
+    def optistack_spec(self) -> dict:
+        return {"hidden_size": self.weight.shape[0], "eps": self.variance_epsilon, "backend": self.backend,
+                "dtype": str(self.weight.dtype).removeprefix("torch.")}
+
+    @classmethod
+    def from_optistack_spec(cls, spec: dict) -> "FusedRMSNorm":
+        return cls(spec["hidden_size"], spec["eps"], spec["backend"], dtype=getattr(torch, spec["dtype"]))
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.variance_epsilon}, backend={self.backend}"
+
+
+class FusedInt4Linear(nn.Module):
+    """y = x W^T + b with W in a backend's own packed int4 layout (`int4_prepack`), stored as buffers
+    `packed_<key>`. `in_features` is the real input width; the packed one may be padded (zeros)."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, packed_k: int, backend: str,
+                 buffers: dict[str, tuple[list[int], str]], bias: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.packed_k, self.backend = group_size, packed_k, backend
+        backend_module(backend)  # fail early on an unknown name; looked up per call (deepcopy-safe)
+        self._keys = sorted(buffers)
+        for key, (shape, dtype) in buffers.items():
+            self.register_buffer(f"packed_{key}", torch.empty(shape, dtype=getattr(torch, dtype)))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_parts(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                   in_features: int, bias: torch.Tensor | None, backend: str) -> "FusedInt4Linear":
+        """codes uint8 [N, Kp] (Kp >= in_features, a multiple of group_size), scale/zero [N, Kp/g]."""
+        packed = backend_module(backend).int4_prepack(codes, scale, zero, group_size)
+        spec = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in packed.items()}
+        new = cls(in_features, codes.shape[0], group_size, codes.shape[1], backend, spec, bias is not None)
+        for key, value in packed.items():
+            setattr(new, f"packed_{key}", value)
+        if bias is not None:
+            new.bias = bias.detach().clone()
+        return new
+
+    def packed(self) -> dict[str, torch.Tensor]:
+        buffers = self._buffers  # direct: nn.Module.__getattr__ costs ~0.3 us a name, per decode step
+        return {k: buffers[f"packed_{k}"] for k in self._keys}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_k != self.in_features:
+            x = F.pad(x, (0, self.packed_k - self.in_features))
+        kernels = backend_module(self.backend)
+        bf16_rows = getattr(kernels, "PREFILL_BF16_ROWS", None)  # see cpu.py
+        if bf16_rows is not None and x.dtype == torch.float32 and x.numel() > bf16_rows * x.shape[-1]:
+            y = kernels.int4_matmul_packed(x.bfloat16(), self.packed(), self.group_size, self.out_features,
+                                           self.packed_k).float()
+        else:
+            y = kernels.int4_matmul_packed(x, self.packed(), self.group_size, self.out_features, self.packed_k)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def optistack_spec(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features, "group_size": self.group_size,
+                "packed_k": self.packed_k, "backend": self.backend, "bias": self.bias is not None,
+                "buffers": {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in self.packed().items()}}
+
+    @classmethod
+    def from_optistack_spec(cls, spec: dict) -> "FusedInt4Linear":
+        return cls(spec["in_features"], spec["out_features"], spec["group_size"], spec["packed_k"], spec["backend"],
+                   {k: tuple(v) for k, v in spec["buffers"].items()}, spec["bias"])
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"backend={self.backend}")
+
+
+class FusedGatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up as one projection (`gate_up`, gate rows first):
+    one matmul instead of two, then the fused SwiGLU kernel on the two halves (strided views)."""
+
+    def __init__(self, gate_up: nn.Module, down: nn.Module, backend: str) -> None:
+        super().__init__()
+        self.gate_up, self.down_proj, self.backend = gate_up, down, backend
+        backend_module(backend)  # fail early on an unknown name; looked up per call (deepcopy-safe)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gate_up(x)
+        inter = h.shape[-1] // 2
+        return self.down_proj(backend_module(self.backend).swiglu(h[..., :inter], h[..., inter:]))
+
+    def optistack_spec(self) -> dict:
+        return {"backend": self.backend, "gate_up": _linear_spec(self.gate_up), "down": _linear_spec(self.down_proj)}
+
+    @classmethod
+    def from_optistack_spec(cls, spec: dict) -> "FusedGatedMLP":
+        return cls(_linear_from_spec(spec["gate_up"]), _linear_from_spec(spec["down"]), spec["backend"])
+
+
+def _linear_spec(m: nn.Module) -> dict:
+    if isinstance(m, FusedInt4Linear):
+        return {"kind": "int4", **m.optistack_spec()}
+    return {"kind": "linear", "in_features": m.in_features, "out_features": m.out_features,
+            "bias": m.bias is not None, "dtype": str(m.weight.dtype).removeprefix("torch.")}
+
+
+def _linear_from_spec(spec: dict) -> nn.Module:
+    spec = dict(spec)
+    if spec.pop("kind") == "int4":
+        return FusedInt4Linear.from_optistack_spec(spec)
+    return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], dtype=getattr(torch, spec["dtype"]))
