@@ -29,6 +29,7 @@ import torch
 
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
+from ...core.quiet import quiet_import
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability
 from ...workloads.generation import cache_kwarg
@@ -95,7 +96,7 @@ class LinguaCompressor:
 
     def __init__(self, config: PromptCompressConfig, model_dir: str) -> None:
         self.config = config
-        with offline_llmlingua() as pc:
+        with offline_llmlingua() as pc, quiet_import(hf_progress=True):
             self._impl = pc.PromptCompressor(model_name=model_dir, device_map="cpu",
                                              model_config={"trust_remote_code": False},
                                              use_llmlingua2=config.method == "llmlingua2")
