@@ -108,11 +108,24 @@ class LinguaCompressor:
         stay as they are) the whole prompt is `rate` times as long: llmlingua's meaning of rate."""
         cfg = self.config
         if cfg.target_tokens:
-            target = {"target_token": cfg.target_tokens}
-        else:
-            kept = self._impl.get_token_length(rest) if rest else 0
-            whole = self._impl.get_token_length(context) + kept
-            target = {"target_token": max(cfg.rate * whole - kept, 1.0)}
+            return self._compress_to(context, question, float(cfg.target_tokens))
+        # `rate` is a ceiling: the sentence filter keeps the sentence that crosses the budget, so a
+        # result over it is compressed again with the budget scaled down by the overshoot (twice at most).
+        kept = self._impl.get_token_length(rest) if rest else 0
+        whole = self._impl.get_token_length(context) + kept
+        goal = max(cfg.rate * whole - kept, 1.0)
+        budget, out = goal, context
+        for _ in range(3):
+            out = self._compress_to(context, question, budget)
+            got = self._impl.get_token_length(out)
+            if got <= goal:
+                break
+            budget = max(budget * goal / got, 1.0)
+        return out
+
+    def _compress_to(self, context: str, question: str, target_tokens: float) -> str:
+        cfg = self.config
+        target = {"target_token": target_tokens}
         with offline_llmlingua(), torch.inference_mode():
             if cfg.method == "llmlingua2":
                 out = self._impl.compress_prompt_llmlingua2([context], force_reserve_digit=cfg.keep_digits,
