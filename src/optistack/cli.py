@@ -52,15 +52,17 @@ def cmd_passes(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="optistack passes")
     for col in ("pass", "available here", "takes -> gives", "what it does"):
         table.add_column(col)
     for r in rows:
-        avail = "[green]yes[/]" if r["available"] else f"[yellow]no[/]: {r['reason']}"
+        # escape: reasons hold "pip install 'optistack[onnx]'", which rich would read as a style tag
+        avail = "[green]yes[/]" if r["available"] else f"[yellow]no[/]: {escape(r['reason'] or '')}"
         forms = f"{'/'.join(r['takes'])} -> {r['gives'] or 'same'}"
-        table.add_row(r["name"], avail, forms, r["summary"])
+        table.add_row(r["name"], avail, forms, escape(r["summary"] or ""))
     Console().print(table)
     return 0
 
