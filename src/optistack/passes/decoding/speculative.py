@@ -39,9 +39,11 @@ from .lookup import DraftModel, PromptLookup
 @dataclasses.dataclass(frozen=True)
 class SpeculativeConfig(PassConfig):
     method: Literal["prompt-lookup", "draft"] = "prompt-lookup"
-    num_draft_tokens: int = 8
+    # 16 / 2 measured best on smollm2-qa (1.41x tokens/s vs 1.26x with 8 / 1): answers copied from the
+    # context accept long drafts, and one-token matches mostly propose wrong continuations
+    num_draft_tokens: int = 16
     max_ngram: int = 3
-    min_ngram: int = 1
+    min_ngram: int = 2
     draft: Optional[str] = None
     draft_layers: int = 0
     check_prompts: int = 2
