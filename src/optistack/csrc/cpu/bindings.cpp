@@ -3,14 +3,7 @@
 // torch.library ops (ops.cpp) stay the path under torch.compile.
 #include <torch/extension.h>
 
-namespace optistack_cpu {
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
-std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& res, const at::Tensor& w,
-                                                 double eps);
-at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up);
-at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                       const at::Tensor& zero, int64_t group);
-}  // namespace optistack_cpu
+#include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &optistack_cpu::rms_norm);

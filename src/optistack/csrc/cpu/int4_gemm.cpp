@@ -108,14 +108,7 @@ static inline __m512 group_correction16(const S* s, const S* z, const float* gsu
 template <typename S>
 static inline float group_correction(const S* s, const S* z, const float* gsum, int64_t G) {
 #ifdef OPTISTACK_AVX512
-  __m512 acc = _mm512_setzero_ps();
-  const __m512 c136 = _mm512_set1_ps(136.f);
-  for (int64_t g = 0; g < G; g += 16) {
-    __mmask16 m = tail_mask(G - g);
-    __m512 b = _mm512_fnmadd_ps(c136, load16(s + g, m), load16(z + g, m));
-    acc = _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(m, gsum + g), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
+  return _mm512_reduce_add_ps(group_correction16(s, z, gsum, G));
 #else
   float corr = 0.f;
   for (int64_t g = 0; g < G; ++g) corr += (to_f32(z[g]) - 136.f * to_f32(s[g])) * gsum[g];

@@ -4,15 +4,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "kernels.h"
 #include "simd.h"
 
 namespace optistack_cpu {
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
-std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& res, const at::Tensor& w,
-                                                 double eps);
-at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up);
-at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                       const at::Tensor& zero, int64_t group);
 
 // Which code paths this build took, for reports: "avx512-bf16" (all intrinsics paths), "avx512"
 // (RMSNorm/SwiGLU intrinsics, int4 in portable loops), "avx2" / "portable" (compiler-vectorized loops).

@@ -18,7 +18,7 @@ from . import build, reference
 
 BACKEND = "cpu-cpp"
 SOURCES = ["ops.cpp", "bindings.cpp", "norm_act.cpp", "int4_gemm.cpp"]
-HEADERS = ["simd.h"]
+HEADERS = ["simd.h", "kernels.h"]
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 GROUP_SIZES = (32, 64, 128, 256)
 # float32 activations run as two bf16 halves (exact to 16 bits), twice the dot products of bf16 ones.

@@ -1,0 +1,14 @@
+// The CPU kernels' entry points, shared by ops.cpp (torch.library) and bindings.cpp (pybind11).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace optistack_cpu {
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& res, const at::Tensor& w,
+                                                 double eps);
+at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up);
+at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                       const at::Tensor& zero, int64_t group);
+}  // namespace optistack_cpu
