@@ -96,6 +96,26 @@ def test_int4_matmul(dtype, m, n, k, group):
     assert rel_err(got, want) < (1e-3 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("n,k,group", [(1536, 576, 64), (37, 512, 256), (100, 224, 32), (8, 64, 32), (96, 384, 128)])
+def test_int4_dequant_is_the_bf16_rounded_reference_weight(n, k, group):
+    """Prefill multiplies by this weight (int4_dequant.cpp), so it must be exactly bf16(reference)."""
+    codes, scale, zero = int4_case(n, k, group, n + k, bf16_params=(n % 2 == 0))
+    packed = cpu.int4_prepack(codes, scale, zero, group)
+    want = (codes.float() - 8) * scale.repeat_interleave(group, 1) + zero.repeat_interleave(group, 1)
+    got = cpu.int4_dequant_packed(packed, group, n, k)
+    assert got.shape == (n, k) and got.dtype == torch.bfloat16
+    assert torch.equal(got, want.bfloat16())
+
+
+@pytest.mark.parametrize("m", [11, 12, 128])
+def test_int4_prefill_rows_take_the_dequantized_gemm_and_match(m):
+    codes, scale, zero = int4_case(1536, 576, 64, m, bf16_params=True)
+    x = torch.randn(2, m, 576, dtype=torch.bfloat16)
+    got = cpu.int4_matmul(x, codes, scale, zero, 64)
+    assert got.shape == (2, m, 1536)
+    assert rel_err(got, ref.int4_matmul(x.float(), codes, scale, zero, 64)) < 1e-2
+
+
 def test_int4_llama8b_decode_shape():
     codes, scale, zero = int4_case(14336, 4096, 128, 0, bf16_params=True)
     packed = cpu.int4_prepack(codes, scale, zero, 128)
@@ -149,6 +169,9 @@ s, z = torch.rand(37, 9) * 0.02 + 1e-3, torch.randn(37, 9) * 0.01
 for m in (1, 5, 20):
     xq = torch.randn(m, 576)
     torch.testing.assert_close(cpu.int4_matmul(xq, codes, s, z, 64), ref.int4_matmul(xq, codes, s, z, 64), rtol=1e-3, atol=1e-3)
+    got = cpu.int4_matmul(xq.bfloat16(), codes, s, z, 64).float()  # 20 rows: the dequantized bf16 GEMM
+    want = ref.int4_matmul(xq.bfloat16().float(), codes, s, z, 64)
+    assert (got - want).norm() / want.norm() < 1e-2
 print("ok")
 """
     env = {**os.environ, "OPTISTACK_CPU_ISA": "avx2"}

@@ -10,4 +10,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &optistack_cpu::add_rms_norm);
   m.def("swiglu", &optistack_cpu::swiglu);
   m.def("int4_matmul", &optistack_cpu::int4_matmul);
+  m.def("int4_dequant", &optistack_cpu::int4_dequant);
 }

@@ -21,39 +21,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "int4_layout.h"
+#include "kernels.h"
 #include "simd.h"
 
 namespace optistack_cpu {
-
-// Natural k (within a block of `bytes` bytes) of the low nibble of byte b; the high nibble is +bytes.
-static inline int64_t block_k_lo(int64_t b, int64_t bytes) {
-  int64_t w = bytes / 2, lane = b / 16, within = b % 16;
-  return (within / 8) * w + lane * 8 + within % 8;
-}
-
-// Where row n lives: base pointer of its 4-row group (or of itself), interleave il and slot j.
-// Its block starting at input channel k is at base + (k / 2) * il + j * (block bytes).
-struct RowRef {
-  const uint8_t* base;
-  int il, j;
-};
-static inline RowRef row_ref(const uint8_t* qw, int64_t n, int64_t N, int64_t K) {
-  if (n < N / 4 * 4) return {qw + (n / 4) * 4 * (K / 2), 4, int(n % 4)};
-  return {qw + n * (K / 2), 1, 0};
-}
-
-// Codes of one row in natural order (the portable path, without AVX-512 BF16).
-static void decode_row(RowRef row, int64_t K, uint8_t* codes) {
-  for (int64_t k0 = 0; k0 < K; k0 += 128) {
-    int64_t bytes = (K - k0 >= 128) ? 64 : 32;
-    const uint8_t* q = row.base + (k0 / 2) * row.il + row.j * bytes;
-    for (int64_t b = 0; b < bytes; ++b) {
-      int64_t k = k0 + block_k_lo(b, bytes);
-      codes[k] = q[b] & 0x0F;
-      codes[k + bytes] = q[b] >> 4;
-    }
-  }
-}
 
 template <typename S> static inline float sval(const S* p, int64_t i) { return to_f32(p[i]); }
 
@@ -305,6 +277,9 @@ static void gemv_rows(const uint8_t* qw, const S* sc, const S* zr, int64_t K, in
 }
 
 constexpr int64_t kParallelWork = 1 << 17;  // weight bytes x activation rows below which one thread is faster
+// bfloat16 activations with at least this many rows (prefill) go through int4_dequant and a bf16
+// GEMM instead (see int4_dequant.cpp; the crossover was measured on AVX512_BF16, 2 cores).
+constexpr int64_t kDequantRows = 12;
 
 at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scale,
                        const at::Tensor& zero, int64_t group) {
@@ -326,6 +301,8 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& qweight, const 
   const int64_t M = x.size(0);
   std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
   out_shape.back() = N;
+  if (x.scalar_type() == at::kBFloat16 && M >= kDequantRows)
+    return at::linear(x, int4_dequant(qweight, scale, zero, group)).reshape(out_shape);
   const uint8_t* qw = qweight.data_ptr<uint8_t>();
 
   // One parallel region per call: each thread takes blocks of 16 output rows and runs every

