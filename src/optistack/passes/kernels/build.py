@@ -88,13 +88,14 @@ def build_lock(directory: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def build_and_load(backend: str, name: str, sources: list[Path], cflags: list[str], headers: list[Path] = ()):
+def build_and_load(backend: str, name: str, sources: list[Path], cflags: list[str], headers: list[Path] = (),
+                   ldflags: list[str] = ()):
     """Compile (once per source/flags/torch version) and import the extension module (its
     TORCH_LIBRARY ops register as it loads)."""
     from torch.utils import cpp_extension
 
-    key = build_key([*sources, *headers], cflags)
+    key = build_key([*sources, *headers], [*cflags, *ldflags])
     directory = cache_root() / f"{backend}-{key}"
     with build_lock(directory):
         return cpp_extension.load(name=f"{name}_{key}", sources=[str(s) for s in sources], extra_cflags=cflags,
-                                  build_directory=str(directory), is_python_module=True, verbose=False)
+                                  extra_ldflags=list(ldflags), build_directory=str(directory), is_python_module=True, verbose=False)

@@ -36,7 +36,9 @@ def _paths(names: list[str]) -> list[Path]:
 
 def _flags() -> tuple[str, list[str]]:
     level, isa = build.x86_isa_flags()
-    return level, ["-O3", "-fno-math-errno", *isa]
+    # -fopenmp: at::parallel_for is an inline OpenMP region, compiled serial without it. The extension
+    # then links libgomp.so.1, which resolves to the copy torch already loaded (one thread pool).
+    return level, ["-O3", "-fno-math-errno", "-fopenmp", *isa]
 
 
 def available() -> Availability:
@@ -64,7 +66,7 @@ def ensure_built() -> None:
             raise RuntimeError(avail.reason)
         _, flags = _flags()
         try:
-            lib = build.build_and_load(BACKEND, "optistack_cpu", _paths(SOURCES), flags, _paths(HEADERS))
+            lib = build.build_and_load(BACKEND, "optistack_cpu", _paths(SOURCES), flags, _paths(HEADERS), ["-fopenmp"])
         except Exception as exc:  # compiler errors arrive as long multi-line text
             lines = [ln.strip() for ln in str(exc).splitlines() if "error" in ln.lower()] or str(exc).splitlines() or [""]
             _state["error"] = lines[0][:300]
