@@ -90,3 +90,24 @@ def test_aot_eager_keeps_hf_attributes():
     compiled = CompilePass(backend="aot_eager").apply(model, CTX).model
     assert compiled.config.hidden_size == 64  # attribute access passes through
     torch.testing.assert_close(compiled(ids).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_freezing_needs_inductor():
+    with pytest.raises(PassConfigError, match=r"^compile: option 'freezing=true' is an Inductor setting"):
+        CompilePass(freezing=True, backend="aot_eager")
+    assert str(CompilePass(freezing=True)) == "compile{freezing=true}"
+
+
+@pytest.mark.slow
+def test_freezing_matches_eager_under_inference_mode():
+    """Freezing folds weights into the graph as constants; outputs must not change."""
+    if not CompilePass().requirements():
+        pytest.skip(CompilePass().requirements().reason)
+    model = tiny_mlp()
+    x = torch.randn(4, 16)
+    with torch.inference_mode():
+        ref = model(x)
+        result = CompilePass(freezing=True, mode="max-autotune-no-cudagraphs").apply(model, CTX)
+        assert result.info["freezing"] is True
+        torch.testing.assert_close(result.model(x), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result.model(x), ref, rtol=1e-5, atol=1e-5)
