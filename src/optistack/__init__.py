@@ -36,8 +36,10 @@ _LAZY = {
     "PipelineParseError": ("optistack.core.errors", "PipelineParseError"),
     "UnknownPassError": ("optistack.core.errors", "UnknownPassError"),
     "WorkloadError": ("optistack.core.errors", "WorkloadError"),
+    "SearchResult": ("optistack.search.result", "SearchResult"),
 }
-_SUBMODULES = {"workloads", "passes", "bench", "core"}
+# `search` is a package whose module object is callable: `optistack.search(...)` runs a search.
+_SUBMODULES = {"workloads", "passes", "bench", "core", "search"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES) + ["__version__"]
 

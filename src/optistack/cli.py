@@ -1,4 +1,4 @@
-"""`optistack` command line: demo, run, passes, workloads, report."""
+"""`optistack` command line: demo, run, passes, workloads, report, search."""
 from __future__ import annotations
 
 import argparse
@@ -51,9 +51,15 @@ def cmd_passes(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
+    try:
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
+    except ImportError:  # a bare install (no `report` extra): plain text, one pass a line
+        for r in rows:
+            avail = "available" if r["available"] else f"unavailable: {r['reason'] or ''}"
+            print(f"{r['name']:<18} {'/'.join(r['takes'])} -> {r['gives'] or 'same'}  {avail}")
+        return 0
 
     table = Table(title="optistack passes")
     for col in ("pass", "available here", "takes -> gives", "what it does"):
@@ -94,6 +100,44 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from .search.driver import search, search_timing
+
+    result = search(args.model, candidates=args.candidates, max_accuracy_drop=args.max_accuracy_drop,
+                    objective=args.objective, budget=args.budget, store=args.store, sampler=args.sampler,
+                    max_length=args.max_length, workers=args.workers, address=args.address, seed=args.seed,
+                    timing=_timing(True) if args.quick else search_timing())
+    result.print()
+    if args.markdown:
+        Path(args.markdown).write_text(result.to_markdown())
+    if args.plot:
+        print(f"plot: {result.plot(args.plot)}", file=sys.stderr)
+    if result.best_pipeline is not None:
+        print(f"best pipeline: {result.best_pipeline}")
+        print(f"reproduce: optistack run --model {args.model} --pipeline '{result.best_pipeline}' "
+              f"--max-accuracy-drop {args.max_accuracy_drop:g}", file=sys.stderr)
+    return 0
+
+
+def add_search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="minilm", help="workload name (see `optistack workloads`)")
+    p.add_argument("--candidates", action="append", required=True,
+                   help='passes to combine, e.g. "int8-dynamic,compile,ort-quantize{per_channel=true|false}" '
+                        "(repeatable; a|b or * in an option lists choices)")
+    p.add_argument("--max-accuracy-drop", type=float, default=DEMO_BUDGET, help="accuracy budget (0.01 = 1%%)")
+    p.add_argument("--objective", choices=("latency", "throughput", "size", "ttft"), default="latency")
+    p.add_argument("--budget", default="20", help='trials (e.g. 20) or wall time ("90s", "10m", "1h")')
+    p.add_argument("--store", default="optistack-search.db", help="SQLite file of trials; rerun to resume")
+    p.add_argument("--sampler", choices=("tpe", "grid", "random", "greedy"), default="tpe")
+    p.add_argument("--max-length", type=int, default=3, help="most passes in one pipeline")
+    p.add_argument("--workers", type=int, default=1, help="trials in parallel on Ray (> 1 starts a local Ray)")
+    p.add_argument("--address", default=None, help="an existing Ray cluster, e.g. auto or ray://host:10001")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--markdown", help="write the result (summary + Pareto table) as markdown here")
+    p.add_argument("--plot", help="write the Pareto PNG here")
+    p.add_argument("--quick", action="store_true", help="fewer timing rounds per trial (wider CIs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optistack", description="Optimize PyTorch models, measured after every pass.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--format", choices=("text", "md", "html", "json", "png"), default="text")
     p.add_argument("--output", "-o", help="file to write (default: stdout; png: next to the JSON)")
+    add_search_args(sub.add_parser("search", help="search pass combinations for the fastest within an accuracy budget"))
     return parser
 
 
@@ -125,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "demo": cmd_demo, "passes": cmd_passes, "workloads": cmd_workloads,
-               "report": cmd_report}[args.command]
+               "report": cmd_report, "search": cmd_search}[args.command]
     try:
         return handler(args)
     except (OptistackError, FileNotFoundError, ValueError) as exc:

@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from ...core.config import PassConfig, check
+from ...core.requirements import Availability, need_packages
 from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...workloads.generation import CACHE_ATTR
@@ -127,6 +128,9 @@ class KvCachePass(ConfiguredPass):
     Config = KvCacheConfig
     takes = frozenset({MODULE})
     reapply_on_load = True  # the factory is an attribute, not a tensor
+
+    def requirements(self) -> Availability:
+        return need_packages("transformers", extra="hf")  # its caches and decode loop are transformers'
 
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
         cfg = self.config

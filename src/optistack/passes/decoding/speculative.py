@@ -28,6 +28,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from ...core.config import PassConfig, check
+from ...core.requirements import Availability, need_packages
 from ...core.errors import PassApplyError
 from ...core.pass_protocol import COMPILED, MODULE, ConfiguredPass, PassContext, PassResult
 from ...workloads.generation import (CACHE_ATTR, DECODE_ATTR, Generation, cache_bytes_per_token, cache_kwarg,
@@ -170,6 +171,9 @@ class SpeculativePass(ConfiguredPass):
     Config = SpeculativeConfig
     takes = frozenset({MODULE, COMPILED})
     reapply_on_load = True  # the strategy is an attribute, not a tensor
+
+    def requirements(self) -> Availability:
+        return need_packages("transformers", extra="hf")  # its caches and decode loop are transformers'
 
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
         cfg = self.config

@@ -20,7 +20,7 @@ import torch
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
-from ...core.requirements import Availability, need_cuda
+from ...core.requirements import Availability, need_cuda, need_packages
 
 _CUDA_ONLY_BACKENDS = ("efficient", "cudnn")
 
@@ -83,6 +83,9 @@ class AttentionPass(ConfiguredPass):
 
     def requirements(self) -> Availability:
         cfg = self.config
+        has_hf = need_packages("transformers", extra="hf")
+        if not has_hf:
+            return has_hf
         if cfg.impl == "flash_attention_2":
             if importlib.util.find_spec("flash_attn") is None:
                 return Availability.no("impl=flash_attention_2 needs the flash-attn package (CUDA only, built from "
