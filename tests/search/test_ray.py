@@ -1,0 +1,66 @@
+"""Trials on Ray with 2 workers: the same number of trials lands in the store; timings are exclusive."""
+import asyncio
+import sqlite3
+
+import pytest
+
+import optistack
+from optistack.search.ray_executor import GateActor
+from search_helpers import CANDIDATES, FAST
+
+ray = pytest.importorskip("ray")
+BUDGET = 6
+
+
+def count(db):
+    with sqlite3.connect(db) as con:
+        return con.execute("SELECT COUNT(*), COUNT(DISTINCT pipeline) FROM trials").fetchone()
+
+
+@pytest.fixture
+def local_ray():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def test_ray_search_with_two_workers_stores_the_same_trials(tiny_workload, tmp_path, local_ray):
+    kw = dict(candidates=CANDIDATES, max_accuracy_drop=0.05, budget=BUDGET, timing=FAST, verbose=False)
+    local = optistack.search(tiny_workload, store=tmp_path / "local.db", **kw)
+    remote = optistack.search(tiny_workload, store=tmp_path / "ray.db", workers=2, **kw)
+    assert count(tmp_path / "local.db") == count(tmp_path / "ray.db") == (BUDGET, BUDGET)
+    assert len(remote.records) == len(local.records) == BUDGET
+    assert {r.worker for r in remote.records} <= {"ray-0", "ray-1"} and len({r.worker for r in remote.records}) == 2
+    assert "serialized" in remote.summary and remote.best_pipeline is not None
+    assert all(r.status in ("ok", "rejected", "failed", "skipped") and r.report for r in remote.records)
+
+
+def test_gate_lets_readers_share_and_a_writer_run_alone():
+    async def scenario():
+        gate, log = GateActor(), []
+
+        async def reader(name):
+            await gate.acquire_shared()
+            log.append(f"{name}+")
+            await asyncio.sleep(0.01)
+            log.append(f"{name}-")
+            await gate.release_shared()
+
+        async def writer():
+            await asyncio.sleep(0.001)
+            await gate.acquire_exclusive()
+            log.append("W+")
+            await asyncio.sleep(0.01)
+            log.append("W-")
+            await gate.release_exclusive()
+
+        await asyncio.gather(reader("a"), reader("b"), writer())
+        return log
+
+    log = asyncio.run(scenario())
+    assert log[:2] == ["a+", "b+"]  # readers overlap
+    w = log.index("W+")
+    assert log[w + 1] == "W-" and {"a-", "b-"} <= set(log[:w])  # the writer waits for both, then runs alone
