@@ -35,6 +35,6 @@ def test_cli_search_bad_budget_is_one_clear_error(capsys):
 def test_cli_search_says_when_nothing_beat_the_original(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("optistack.search.result.beats_original", lambda record, objective: False)
     code = cli.main(["search", "--model", "tiny-mlp", "--candidates", "identity", "--budget", "1",
-                     "--max-accuracy-drop", "0.05", "--quick"])
+                     "--max-accuracy-drop", "0.05", "--quick", "--store", str(tmp_path / "s.db")])
     out = capsys.readouterr().out
     assert code == 0 and "beat the original model" in out and "best pipeline:" not in out

@@ -12,7 +12,8 @@ while the accuracy drop stays within a budget.
     result                          # Jupyter: HTML summary + Pareto table
     result.pareto                   # the Pareto front (speed vs accuracy drop vs size): a table
     result.plot("pareto.png")       # PNG of every trial, front highlighted
-    result.best_pipeline            # text `optistack run --pipeline` accepts unchanged (None if no trial met the budget)
+    result.best_pipeline            # text `optistack run --pipeline` accepts unchanged (None if no trial within
+                                    # the budget beat the original model)
 
 Command line: `optistack search --model minilm --candidates "int8-dynamic,compile" --budget 20 --store search.db`.
 

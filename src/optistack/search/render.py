@@ -126,7 +126,7 @@ def pareto_figure(result: Any) -> Any:
         key.append(f"{i:>2}  {label}  ({cells[1]}, accuracy drop {cells[2]}, {cells[3]} MB)")
     if result.best is not None:
         ax.scatter([result.speed(result.best)], [y(result.best)], marker="*", s=300, color="#d29922", zorder=5,
-                   label="best within budget")
+                   label="best pipeline (within budget, beats the original)")
     ax.axhline(result.max_accuracy_drop, color="#cf222e", linestyle="--", linewidth=1,
                label=f"max_accuracy_drop={result.max_accuracy_drop:g}")
     ax.axvline(1.0, color="#333333", linewidth=0.8)
