@@ -50,3 +50,14 @@ def test_refusals():
         assert "flash" in avail.reason
     if not torch.cuda.is_available():
         assert "CUDA" in AttentionPass(backend="efficient").requirements().reason
+
+
+def test_refuses_a_workload_that_is_not_a_causal_lm_unless_told():
+    from types import SimpleNamespace
+
+    ctx = PassContext(workload=SimpleNamespace(kind="encoder", name="minilm"))
+    with pytest.raises(PassApplyError, match=r"attention: a serving pass for causal LMs; workload 'minilm' is "
+                                             r"'encoder'.*attention\{causal_lm_only=false\}"):
+        AttentionPass().apply(tiny_llama(vocab_size=128), ctx)
+    result = AttentionPass(causal_lm_only=False, impl="eager").apply(tiny_llama(vocab_size=128), ctx)
+    assert result.info["impl"] == "eager"

@@ -85,3 +85,12 @@ def _quick():
     from optistack.bench.timer import TimingConfig
 
     return TimingConfig(warmup=1, min_rounds=3, max_rounds=3)
+
+
+def test_refuses_a_workload_that_is_not_a_causal_lm_unless_told():
+    from types import SimpleNamespace
+
+    ctx = PassContext(workload=SimpleNamespace(kind="encoder", name="minilm"))
+    with pytest.raises(PassApplyError, match=r"lora-merge: a serving pass for causal LMs.*causal_lm_only=false"):
+        LoraMergePass().apply(copy.deepcopy(lora_model()), ctx)
+    assert LoraMergePass(causal_lm_only=False).apply(copy.deepcopy(lora_model()), ctx).modified

@@ -19,6 +19,7 @@ import torch
 
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
+from .causal import refuse_unless_causal_lm
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, need_cuda, need_packages
 
@@ -29,6 +30,7 @@ _CUDA_ONLY_BACKENDS = ("efficient", "cudnn")
 class AttentionConfig(PassConfig):
     impl: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     backend: Literal["auto", "math", "flash", "efficient", "cudnn"] = "auto"
+    causal_lm_only: bool = True  # a serving pass: refuse other workloads unless told (false: any HF model)
 
     def __post_init__(self) -> None:
         check(self.backend == "auto" or self.impl == "sdpa",
@@ -98,6 +100,7 @@ class AttentionPass(ConfiguredPass):
         return Availability.yes()
 
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
+        refuse_unless_causal_lm(self.name, ctx, self.config.causal_lm_only, model)
         if not _is_hf_model(model):
             raise PassApplyError(f"attention: sets a transformers model's attn_implementation; got "
                                  f"{type(model).__name__}, which is not a transformers PreTrainedModel")

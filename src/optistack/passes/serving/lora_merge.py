@@ -14,6 +14,7 @@ import torch
 
 from ...core.config import PassConfig
 from ...core.errors import PassApplyError
+from .causal import refuse_unless_causal_lm
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, need_packages
 
@@ -22,6 +23,7 @@ from ...core.requirements import Availability, need_packages
 class LoraMergeConfig(PassConfig):
     adapter: str = ""  # "" = the active adapter(s); otherwise the one adapter to merge (others are dropped)
     safe: bool = True  # check the merged weights are finite before keeping them (peft's safe_merge)
+    causal_lm_only: bool = True  # a serving pass: refuse other workloads unless told (false: any PeftModel)
 
 
 def _lora_layers(model: torch.nn.Module) -> list[Any]:
@@ -43,6 +45,7 @@ class LoraMergePass(ConfiguredPass):
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
         from peft import PeftModel
 
+        refuse_unless_causal_lm(self.name, ctx, self.config.causal_lm_only, model)
         if not isinstance(model, PeftModel):
             raise PassApplyError(f"lora-merge: needs a peft PeftModel with LoRA adapters, got {type(model).__name__}; "
                                  "load the adapter with peft.PeftModel.from_pretrained(base, adapter_dir) first")
