@@ -169,6 +169,16 @@ def cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def takes_cache_position(model: Any) -> bool:
+    """Whether the forward takes `cache_position` (transformers LMs do): passing it keeps a compiled
+    decode step free of the cache-length lookup it would otherwise trace (a graph break per step)."""
+    target = getattr(model, "_orig_mod", model)
+    try:
+        return "cache_position" in inspect.signature(getattr(target, "forward", target)).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def greedy_decode(model: Any, input_ids: torch.Tensor, max_new_tokens: int, cache: Any = None,
                   use_strategy: bool = True) -> Generation:
     """Prefill `input_ids`, then feed back one argmax token per call until `max_new_tokens` exist.
@@ -189,6 +199,7 @@ def greedy_decode(model: Any, input_ids: torch.Tensor, max_new_tokens: int, cach
     eager_prefill = getattr(getattr(model, CACHE_ATTR, None), "eager_prefill", False)
     prefill = getattr(model, "_orig_mod", model) if eager_prefill else model
     sync = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
+    with_position = takes_cache_position(model)
     tokens: list[torch.Tensor] = []
     step_ms: list[float] = []
     ids = input_ids
@@ -196,6 +207,9 @@ def greedy_decode(model: Any, input_ids: torch.Tensor, max_new_tokens: int, cach
         for step in range(max_new_tokens):
             sync()
             start = time.perf_counter()
+            if with_position:
+                done = 0 if step == 0 else input_ids.shape[-1] + step - 1
+                cache_arg["cache_position"] = torch.arange(done, done + ids.shape[-1], device=ids.device)
             try:
                 out = (prefill if step == 0 else model)(input_ids=ids, use_cache=True, **cache_arg)
             except Exception as exc:
