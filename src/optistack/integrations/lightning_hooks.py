@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.pipeline import Pipeline
-from .trained_model import TrainedModelOptimizer
+from .trained_model import RunnerResults, TrainedModelOptimizer
 
 
-class OptistackHooks:
+class OptistackHooks(RunnerResults):
     """Runs an optistack pipeline on a copy of the trained LightningModule at train end (or after each
     validation) and sends the figures to every logger of the trainer with `log_metrics`.
 
@@ -27,21 +27,6 @@ class OptistackHooks:
             pipeline, example_inputs=example_inputs, workload=workload, when=when,
             max_accuracy_drop=max_accuracy_drop, timing=timing, save_report=save_report, prefix=prefix,
             verbose=verbose)
-
-    @property
-    def report(self) -> Any:
-        """The latest optistack Report (None before the first run)."""
-        return self.runner.report
-
-    @property
-    def result(self) -> Any:
-        """The latest RunResult: `.model` is the optimized copy, `.report` its report."""
-        return self.runner.result
-
-    @property
-    def history(self) -> list[tuple[int, Any]]:
-        """(global step, Report) for every run, oldest first."""
-        return self.runner.history
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.runner.when == "train_end":

@@ -145,3 +145,24 @@ def report_metrics(report: Any, prefix: str = "optistack") -> dict[str, float]:
         if step.accuracy is not None:
             put(f"{key}/accuracy_delta", step.accuracy.delta)
     return out
+
+
+class RunnerResults:
+    """What both framework callbacks expose from their `runner` (a TrainedModelOptimizer)."""
+
+    runner: TrainedModelOptimizer
+
+    @property
+    def report(self) -> Any:
+        """The latest optistack Report (None before the first run)."""
+        return self.runner.report
+
+    @property
+    def result(self) -> Any:
+        """The latest RunResult: `.model` is the optimized copy, `.report` its report."""
+        return self.runner.result
+
+    @property
+    def history(self) -> list[tuple[int, Any]]:
+        """(global step, Report) for every run, oldest first."""
+        return self.runner.history

@@ -18,10 +18,10 @@ from typing import Any, Callable
 from transformers import TrainerCallback
 
 from ..core.pipeline import Pipeline
-from .trained_model import TrainedModelOptimizer
+from .trained_model import RunnerResults, TrainedModelOptimizer
 
 
-class OptistackCallback(TrainerCallback):
+class OptistackCallback(RunnerResults, TrainerCallback):
     """Runs an optistack pipeline on a copy of the trained model at train end (or each evaluation).
 
     Give `example_inputs` (a batch the model takes, e.g. a tokenizer's output) or `workload`, a
@@ -41,21 +41,6 @@ class OptistackCallback(TrainerCallback):
             max_accuracy_drop=max_accuracy_drop, timing=timing, save_report=save_report, prefix=prefix,
             verbose=verbose)
         self.trainer = trainer
-
-    @property
-    def report(self) -> Any:
-        """The latest optistack Report (None before the first run)."""
-        return self.runner.report
-
-    @property
-    def result(self) -> Any:
-        """The latest RunResult: `.model` is the optimized copy, `.report` its report."""
-        return self.runner.result
-
-    @property
-    def history(self) -> list[tuple[int, Any]]:
-        """(global step, Report) for every run, oldest first."""
-        return self.runner.history
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if self.runner.when == "train_end":
