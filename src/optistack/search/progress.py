@@ -46,7 +46,9 @@ def _num(value: Any, fmt: str) -> str:
 def trial_line(record: Any, done: int, best: str) -> str:
     """One finished trial: pipeline, status, speedup, accuracy drop, and the best so far."""
     status = record.status if record.status == "ok" or not record.reason else f"{record.status} ({record.reason[:80]})"
-    return (f"[optistack search] trial {done}: {record.pipeline}: {status}; speedup {_num(record.speedup, '.2f')}x, "
+    speedup = _num(record.speedup, '.2f')
+    speedup = speedup if speedup == "n/a" else f"{speedup}x"
+    return (f"[optistack search] trial {done}: {record.pipeline}: {status}; speedup {speedup}, "
             f"accuracy drop {_num(record.accuracy_drop, '.4g')}; {best}")
 
 
