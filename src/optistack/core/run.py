@@ -36,7 +36,7 @@ class RunResult:
         return f"<RunResult pipeline={str(self.pipeline)!r} final_speedup={self.report.final_speedup}>"
 
 
-def _device_of(model: Any) -> str:
+def device_of(model: Any) -> str:
     try:
         return str(next(model.parameters()).device.type)
     except (AttributeError, StopIteration, TypeError):
@@ -51,6 +51,38 @@ def private_copy(model: Any, form: str) -> Any:
         return copy.deepcopy(model)
     except Exception as exc:
         raise OptistackError(f"cannot copy the model to protect it from the pass: {exc}") from exc
+
+
+def run_step(p: Any, step: Any, state: RunState, instruments: Sequence[Any]) -> bool:
+    """One step of a run: skip it (unavailable, or the model's form is not one it takes), or apply it to
+    a private copy and let the instruments measure and gate it. True when applied: `state` then holds
+    the new model and form. Any failure is recorded against the pass; the run goes on."""
+    available = p.requirements()
+    if not available:
+        step.status, step.reason = "skipped", available.reason
+    elif state.form not in p.takes:
+        step.status = "skipped"
+        step.reason = f"takes {' or '.join(sorted(p.takes))}, but the model is {state.form} (an earlier step did not apply)"
+    if step.status == "skipped":
+        notify(instruments, "pass_not_run", p, step, state)
+        return False
+    notify(instruments, "before_pass", p, step, state)
+    try:
+        model_in = private_copy(state.current, state.form)
+        started = time.perf_counter()
+        result = p.apply(model_in, state.ctx)
+        step.apply_seconds = time.perf_counter() - started
+        step.modified, step.info = result.modified, dict(result.info)
+        notify(instruments, "after_pass", p, step, result.model, state)
+    except Exception as exc:  # any failure is recorded against the pass; the run goes on
+        step.status = "failed"
+        step.reason = f"{type(exc).__name__}: {exc}".strip()
+        notify(instruments, "pass_not_run", p, step, state)
+        return False
+    if step.status != "applied":
+        return False
+    state.current, state.form = result.model, form_after(p, state.form)
+    return True
 
 
 def run_pipeline(pipeline: Any, workload: Any, *, max_accuracy_drop: float | None = None,
@@ -77,36 +109,13 @@ def run_pipeline(pipeline: Any, workload: Any, *, max_accuracy_drop: float | Non
         max_accuracy_drop=max_accuracy_drop, git_commit=git_commit(),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-    ctx = PassContext(workload=workload, device=_device_of(workload.model))
+    ctx = PassContext(workload=workload, device=device_of(workload.model))
     state = RunState(workload=workload, original=workload.model, current=workload.model,
                      form=getattr(pipeline, "start_form", MODULE), ctx=ctx, report=report)
     notify(instruments, "before_pipeline", state)
     for p in pipeline.passes:
         step = Step(pass_name=p.name, config=config_of(p), text=pass_text(p))
         report.steps.append(step)
-        available = p.requirements()
-        if not available:
-            step.status, step.reason = "skipped", available.reason
-        elif state.form not in p.takes:
-            step.status = "skipped"
-            step.reason = f"takes {' or '.join(sorted(p.takes))}, but the model is {state.form} (an earlier step did not apply)"
-        if step.status == "skipped":
-            notify(instruments, "pass_not_run", p, step, state)
-            continue
-        notify(instruments, "before_pass", p, step, state)
-        try:
-            model_in = private_copy(state.current, state.form)
-            started = time.perf_counter()
-            result = p.apply(model_in, ctx)
-            step.apply_seconds = time.perf_counter() - started
-            step.modified, step.info = result.modified, dict(result.info)
-            notify(instruments, "after_pass", p, step, result.model, state)
-        except Exception as exc:  # any failure is recorded against the pass; the run goes on
-            step.status = "failed"
-            step.reason = f"{type(exc).__name__}: {exc}".strip()
-            notify(instruments, "pass_not_run", p, step, state)
-            continue
-        if step.status == "applied":
-            state.current, state.form = result.model, form_after(p, state.form)
+        run_step(p, step, state, instruments)
     notify(instruments, "after_pipeline", state)
     return RunResult(model=state.current, report=report, original=state.original, pipeline=pipeline)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any, ContextManager
 
 from ..bench.instrument import BenchmarkInstrument
-from ..core.instrument import RunState, notify
-from ..core.pass_protocol import MODULE, PassContext, config_of, form_after, pass_text
-from ..core.run import private_copy
+from ..core.instrument import RunState
+from ..core.pass_protocol import MODULE, PassContext, config_of, pass_text
+from ..core.run import device_of, run_step
 from .store import TrialRecord
 
 _ACCURACY_KEYS = ("metric", "higher_is_better", "scale")
@@ -122,7 +122,7 @@ class TrialRunner:
         report = Report(workload=wl.describe() | {"name": wl.name, "kind": wl.kind}, pipeline="",
                         machine=machine_info(), versions=package_versions(), baseline={}, git_commit=git_commit())
         state = RunState(workload=wl, original=wl.model, current=wl.model, form=MODULE,
-                         ctx=PassContext(workload=wl, device=_device_of(wl.model)), report=report)
+                         ctx=PassContext(workload=wl, device=device_of(wl.model)), report=report)
         GatedBenchmark(self.gate, self.timing).before_pipeline(state)
         accuracy = {k: v for k, v in report.baseline["accuracy"].items() if k not in _ACCURACY_KEYS}
         fields = {"workload": report.workload, "machine": report.machine, "versions": report.versions,
@@ -160,12 +160,12 @@ class TrialRunner:
         accuracy = prefix.accuracy if prefix else base.accuracy
         state = RunState(workload=wl, original=wl.model, current=prefix.model if prefix else wl.model,
                          form=prefix.form if prefix else MODULE,
-                         ctx=PassContext(workload=wl, device=_device_of(wl.model)), report=report)
+                         ctx=PassContext(workload=wl, device=device_of(wl.model)), report=report)
         bench = GatedBenchmark(self.gate, self.timing, (base.accuracy, accuracy))
         for i in range(done, len(passes)):
             step = Step(pass_name=passes[i].name, config=config_of(passes[i]), text=texts[i])
             report.steps.append(step)
-            if not _apply_step(passes[i], step, state, [bench]):
+            if not run_step(passes[i], step, state, [bench]):
                 for p, t in zip(passes[i + 1:], texts[i + 1:]):
                     report.steps.append(Step(pass_name=p.name, config=config_of(p), text=t, status="skipped",
                                              reason=f"not run: step '{texts[i]}' was {step.status}"))
@@ -173,36 +173,3 @@ class TrialRunner:
             accuracy = {step.accuracy.metric: step.accuracy.after, **step.accuracy.extra}
             self._remember(",".join(texts[: i + 1]), state, accuracy)
         return TrialRecord.from_report(text, report.to_dict(), reused_prefix=",".join(texts[:done]))
-
-
-def _apply_step(p: Any, step: Any, state: RunState, instruments: list[Any]) -> bool:
-    """One step as `core.run.run_pipeline` does it; True when applied (state then holds the new model)."""
-    available = p.requirements()
-    if not available:
-        step.status, step.reason = "skipped", available.reason
-    elif state.form not in p.takes:
-        step.status, step.reason = "skipped", f"takes {' or '.join(sorted(p.takes))}, but the model is {state.form}"
-    if step.status == "skipped":
-        return False
-    notify(instruments, "before_pass", p, step, state)
-    try:
-        model_in = private_copy(state.current, state.form)
-        started = time.perf_counter()
-        result = p.apply(model_in, state.ctx)
-        step.apply_seconds = time.perf_counter() - started
-        step.modified, step.info = result.modified, dict(result.info)
-        notify(instruments, "after_pass", p, step, result.model, state)
-    except Exception as exc:  # recorded against the pass, as in a normal run
-        step.status, step.reason = "failed", f"{type(exc).__name__}: {exc}".strip()
-        return False
-    if step.status != "applied":
-        return False
-    state.current, state.form = result.model, form_after(p, state.form)
-    return True
-
-
-def _device_of(model: Any) -> str:
-    try:
-        return str(next(model.parameters()).device.type)
-    except (AttributeError, StopIteration, TypeError):
-        return "cpu"

@@ -80,7 +80,7 @@ class Generation:
             "ttft_ms": self.step_ms[0],
             "tpot_ms": tpot,
             "tokens_per_s": 1000.0 / tpot if tpot > 0 else float("inf"),
-            "p99_token_ms": _percentile(per_token, 99.0),
+            "p99_token_ms": percentile(per_token, 99.0),
             "gen_tokens": float(self.tokens.shape[-1]),
             **extra,
         }
@@ -89,7 +89,7 @@ class Generation:
         return out
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated percentile (numpy's default), without needing numpy here."""
     ordered = sorted(values)
     pos = (len(ordered) - 1) * q / 100.0

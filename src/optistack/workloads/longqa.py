@@ -30,7 +30,7 @@ import torch
 
 from ..core.errors import WorkloadError
 from .base import Inputs, Metric
-from .generation import greedy_decode
+from .generation import greedy_decode, percentile
 from .loaders import SMOLLM2_ID, count_params, load_smollm2, model_device, to_device
 
 FACTS_FILE = Path(__file__).parent / "data" / "longqa_facts.txt"
@@ -113,14 +113,6 @@ def rouge_l(candidate: str, reference: str) -> float:
 
 def _words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 _RAPL = Path("/sys/class/powercap")
@@ -252,11 +244,11 @@ class LongQAWorkload:
         stats = {
             "prompt_tokens": statistics.mean(p.shape[-1] for p in prompts),
             "ttft_ms": statistics.median(ttft),
-            "ttft_p99_ms": _percentile(ttft, 99.0),
+            "ttft_p99_ms": percentile(ttft, 99.0),
             "tpot_ms": statistics.median(tpot),
             "tokens_per_s": 1000.0 / statistics.median(tpot),
             "e2e_latency_ms": statistics.median(e2e),
-            "e2e_p99_ms": _percentile(e2e, 99.0),
+            "e2e_p99_ms": percentile(e2e, 99.0),
         }
         if energy.joules is not None:
             stats["energy_j_per_1k_tokens"] = energy.joules * 1000.0 / generated

@@ -24,7 +24,7 @@ GROUP_SIZES = (32, 64, 128, 256)
 # float32 activations run as two bf16 halves (exact to 16 bits), twice the dot products of bf16 ones.
 # Above this many rows (prefill) FusedInt4Linear rounds them to bf16 instead, as Int4Linear does for
 # torch's kernel; from 12 bf16 rows on, int4_matmul dequantizes the weight to bf16 and runs a bf16 GEMM
-# (int4_dequant.cpp: 3.8x torch's int4 kernel at 128 rows). Decode keeps the exact float32 product.
+# (int4_dequant.cpp: 2-4x torch's int4 kernel at 128 rows). Decode keeps the exact float32 product.
 PREFILL_BF16_ROWS = 4
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": True and "lib": the module, or "error": first line of the build error
