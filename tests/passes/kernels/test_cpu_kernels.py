@@ -86,6 +86,8 @@ def int4_case(n, k, group, seed, bf16_params):
 @pytest.mark.parametrize("m,n,k,group", [
     (1, 1536, 576, 64), (1, 576, 1536, 64), (1, 64, 128, 32), (1, 100, 4096, 128), (2, 37, 512, 256),
     (5, 48, 576, 32), (4, 40, 192, 64), (33, 300, 576, 64), (1, 16, 96, 32),
+    # K past one 4096-channel chunk: whole chunks, a short last chunk with a 64-channel tail, odd N
+    (1, 37, 8384, 64), (4, 21, 8384, 32), (3, 18, 9216, 256), (1, 8, 4160, 32),
 ])
 def test_int4_matmul(dtype, m, n, k, group):
     codes, scale, zero = int4_case(n, k, group, m * n + k, bf16_params=(n % 2 == 0))
@@ -96,7 +98,8 @@ def test_int4_matmul(dtype, m, n, k, group):
     assert rel_err(got, want) < (1e-3 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("n,k,group", [(1536, 576, 64), (37, 512, 256), (100, 224, 32), (8, 64, 32), (96, 384, 128)])
+@pytest.mark.parametrize("n,k,group", [(1536, 576, 64), (37, 512, 256), (100, 224, 32), (8, 64, 32), (96, 384, 128),
+                                       (37, 8384, 64), (9, 9216, 256)])
 def test_int4_dequant_is_the_bf16_rounded_reference_weight(n, k, group):
     """Prefill multiplies by this weight (int4_dequant.cpp), so it must be exactly bf16(reference)."""
     codes, scale, zero = int4_case(n, k, group, n + k, bf16_params=(n % 2 == 0))
@@ -113,6 +116,22 @@ def test_int4_prefill_rows_take_the_dequantized_gemm_and_match(m):
     x = torch.randn(2, m, 576, dtype=torch.bfloat16)
     got = cpu.int4_matmul(x, codes, scale, zero, 64)
     assert got.shape == (2, m, 1536)
+    assert rel_err(got, ref.int4_matmul(x.float(), codes, scale, zero, 64)) < 1e-2
+
+
+def test_int4_long_rows_are_stored_in_chunks():
+    """K > CHUNK_K: chunk c is an [N, width/2] matrix of its own, after chunk c-1 (int4_layout.h)."""
+    codes, scale, zero = int4_case(8, cpu.CHUNK_K + 128, 64, 3, bf16_params=True)
+    packed = cpu.int4_prepack(codes, scale, zero, 64)["qweight"].reshape(-1)
+    first = cpu.int4_prepack(codes[:, :cpu.CHUNK_K], scale[:, :64], zero[:, :64], 64)["qweight"].reshape(-1)
+    second = cpu.int4_prepack(codes[:, cpu.CHUNK_K:], scale[:, 64:], zero[:, 64:], 64)["qweight"].reshape(-1)
+    assert torch.equal(packed, torch.cat([first, second]))
+
+
+def test_int4_llama8b_down_projection_shape():
+    codes, scale, zero = int4_case(4096, 14336, 64, 1, bf16_params=True)
+    x = torch.randn(1, 14336, dtype=torch.bfloat16)
+    got = cpu.int4_matmul(x, codes, scale, zero, 64)
     assert rel_err(got, ref.int4_matmul(x.float(), codes, scale, zero, 64)) < 1e-2
 
 

@@ -21,6 +21,7 @@ SOURCES = ["ops.cpp", "bindings.cpp", "norm_act.cpp", "int4_gemm.cpp", "int4_deq
 HEADERS = ["simd.h", "kernels.h", "int4_layout.h"]
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 GROUP_SIZES = (32, 64, 128, 256)
+CHUNK_K = 4096  # input channels per stored chunk of an int4 weight; must match kChunkK in int4_layout.h
 # float32 activations run as two bf16 halves (exact to 16 bits), twice the dot products of bf16 ones.
 # Above this many rows (prefill) FusedInt4Linear rounds them to bf16 instead, as Int4Linear does for
 # torch's kernel; from 12 bf16 rows on, int4_matmul dequantizes the weight to bf16 and runs a bf16 GEMM
@@ -142,6 +143,18 @@ def _block_order(k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return lo_t, hi_t
 
 
+def _pack_chunks(codes: torch.Tensor) -> torch.Tensor:
+    """codes [N, Kp] -> packed bytes [N, Kp/2]: K in chunks of CHUNK_K channels stored one after the
+    other, each chunk an [N, width/2] matrix of its own (see int4_layout.h)."""
+    n, kp = codes.shape
+    chunks = []
+    for c0 in range(0, kp, CHUNK_K):
+        part = codes[:, c0:c0 + CHUNK_K]
+        lo, hi = _block_order(part.shape[1])
+        chunks.append(_interleave_rows((part[:, lo] | (part[:, hi] << 4)).contiguous()).reshape(-1))
+    return torch.cat(chunks).reshape(n, kp // 2)
+
+
 def _interleave_rows(rows: torch.Tensor) -> torch.Tensor:
     """[N, Kp/2] per-row blocks -> the same shape with rows interleaved in groups of 4, block by block
     (64-byte blocks, then the 32-byte tail block), so 4 rows stream as one sequence; the last N % 4
@@ -166,16 +179,13 @@ def int4_prepack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g
     if k % group_size:
         raise ValueError(f"cpu-cpp int4: K={k} is not a multiple of group_size={group_size}")
     kp = -(-k // 64) * 64
-    if kp // group_size > 1024:
-        raise ValueError(f"cpu-cpp int4: at most 1024 groups per row; K={k} with group_size={group_size} has more")
     codes = codes.to(torch.uint8).cpu()
     scale, zero = scale.float().cpu(), zero.float().cpu()
     if kp != k:
         extra = (kp - k) // group_size
         codes = F.pad(codes, (0, kp - k), value=8)
         scale, zero = F.pad(scale, (0, extra)), F.pad(zero, (0, extra))
-    lo, hi = _block_order(kp)
-    packed = _interleave_rows((codes[:, lo] | (codes[:, hi] << 4)).contiguous())
+    packed = _pack_chunks(codes)
     as_bf16 = torch.equal(scale.bfloat16().float(), scale) and torch.equal(zero.bfloat16().float(), zero)
     sdt = torch.bfloat16 if as_bf16 else torch.float32
     return {"qweight": packed, "scale": scale.to(sdt).contiguous(), "zero": zero.to(sdt).contiguous()}
