@@ -363,6 +363,7 @@ static void gemv_rows(const uint8_t* qw, const S* sc, const S* zr, int64_t K, in
 #endif
 }
 
+constexpr int64_t kArenaValues = 1 << 16;  // activation values (M x K) a thread's reusable arena serves
 constexpr int64_t kParallelWork = 1 << 17;  // weight bytes x activation rows below which one thread is faster
 // bfloat16 activations with at least this many rows (prefill) go through int4_dequant and a bf16
 // GEMM instead (see int4_dequant.cpp; the crossover was measured on AVX512_BF16, 2 cores).
@@ -399,15 +400,19 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& qweight, const 
   // One parallel region per call: each thread takes blocks of 16 output rows and runs every
   // activation row over them, four at a time (the block stays in cache while it is reused).
   at::Tensor y = at::empty({M, N}, x.options());
+  // Decode-sized calls reuse the thread's arena; a large call gets its own buffers, so that one big
+  // float32 prefill does not pin its split activations in memory for the life of the thread.
   thread_local XArena arena;
+  XArena local;
   const bool split = x.scalar_type() == at::kFloat;
-  arena.preps.resize(M);
-  arena.gsum.resize(M * G);
-  if (split) arena.words.resize(M * K * 2);
-  XPrep* xps = arena.preps.data();
+  XArena& buf = M * K <= kArenaValues ? arena : local;
+  buf.preps.resize(M);
+  buf.gsum.resize(M * G);
+  if (split) buf.words.resize(M * K * 2);
+  XPrep* xps = buf.preps.data();
   for (int64_t m = 0; m < M; ++m) {
-    uint16_t* hb = split ? arena.words.data() + m * 2 * K : nullptr;
-    prep_x(x, m, K, group, arena.gsum.data() + m * G, hb, split ? hb + K : nullptr, xps[m]);
+    uint16_t* hb = split ? buf.words.data() + m * 2 * K : nullptr;
+    prep_x(x, m, K, group, buf.gsum.data() + m * G, hb, split ? hb + K : nullptr, xps[m]);
   }
   auto run = [&](auto s, auto t) {
     using S = decltype(s);
