@@ -105,6 +105,18 @@ def test_save_and_load_roundtrip(tmp_path):
     torch.testing.assert_close(loaded(ids()).logits, fused(ids()).logits, rtol=0, atol=0)
 
 
+def test_int4_spec_refuses_a_layout_this_version_would_misread():
+    """cpu-cpp stores K > 4096 in chunks; a save from before that (no layout recorded) is whole rows."""
+    codes = torch.randint(0, 16, (8, 8192), dtype=torch.uint8)
+    scale, zero = torch.full((8, 128), 0.01), torch.zeros(8, 128)
+    lin = FusedInt4Linear.from_parts(codes, scale, zero, 64, 8192, None, "torch")
+    spec = {**lin.optistack_spec(), "backend": "cpu-cpp", "layout": None}
+    with pytest.raises(ValueError, match="re-pack"):
+        FusedInt4Linear.from_optistack_spec(spec)
+    narrow = {**spec, "packed_k": 4096, "in_features": 4096}  # one chunk: the old bytes are the same
+    assert FusedInt4Linear.from_optistack_spec(narrow).packed_k == 4096
+
+
 def test_cpu_model_left_unchanged_with_the_reason_when_no_compiler(monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     model = tiny_llama()

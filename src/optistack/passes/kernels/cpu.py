@@ -22,6 +22,13 @@ HEADERS = ["simd.h", "kernels.h", "int4_layout.h"]
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 GROUP_SIZES = (32, 64, 128, 256)
 CHUNK_K = 4096  # input channels per stored chunk of an int4 weight; must match kChunkK in int4_layout.h
+INT4_LAYOUT = "rows4-blocks128-chunks4096"  # recorded when a fused model is saved
+
+
+def int4_layout_readable(saved: str | None, packed_k: int) -> bool:
+    """Whether a weight saved in layout `saved` reads right here. Saves from before the layout had a
+    name (None) stored whole rows, which is the same bytes as one chunk: readable up to CHUNK_K wide."""
+    return saved == INT4_LAYOUT or (saved is None and packed_k <= CHUNK_K)
 # float32 activations run as two bf16 halves (exact to 16 bits), twice the dot products of bf16 ones.
 # Above this many rows (prefill) FusedInt4Linear rounds them to bf16 instead, as Int4Linear does for
 # torch's kernel; from 12 bf16 rows on, int4_matmul dequantizes the weight to bf16 and runs a bf16 GEMM

@@ -106,10 +106,16 @@ class FusedInt4Linear(nn.Module):
     def optistack_spec(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features, "group_size": self.group_size,
                 "packed_k": self.packed_k, "backend": self.backend, "bias": self.bias is not None,
+                "layout": getattr(backend_module(self.backend), "INT4_LAYOUT", None),
                 "buffers": {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in self.packed().items()}}
 
     @classmethod
     def from_optistack_spec(cls, spec: dict) -> "FusedInt4Linear":
+        """Refuses a weight packed in a layout this version's kernels would misread (see cpu.INT4_LAYOUT)."""
+        readable = getattr(backend_module(spec["backend"]), "int4_layout_readable", None)
+        if readable is not None and not readable(spec.get("layout"), spec["packed_k"]):
+            raise ValueError(f"FusedInt4Linear: the {spec['backend']} int4 weight was saved in layout "
+                             f"{spec.get('layout')!r}, which this version does not read; re-run the pipeline to re-pack it")
         return cls(spec["in_features"], spec["out_features"], spec["group_size"], spec["packed_k"], spec["backend"],
                    {k: tuple(v) for k, v in spec["buffers"].items()}, spec["bias"])
 
