@@ -65,17 +65,23 @@ static void dequant_row(const uint8_t* qw, int64_t n, int64_t N, const S* s, con
 #endif
 }
 
-at::Tensor int4_dequant(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero, int64_t group) {
+void check_int4_packed(const char* op, const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero,
+                       int64_t group) {
   TORCH_CHECK(group == 32 || group == 64 || group == 128 || group == 256,
-              "optistack_cpu.int4_dequant: group_size must be 32, 64, 128 or 256, got ", group);
+              "optistack_cpu.", op, ": group_size must be 32, 64, 128 or 256, got ", group);
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
-              "optistack_cpu.int4_dequant: qweight must be contiguous uint8 [N, K/2] from int4_prepack");
+              "optistack_cpu.", op, ": qweight must be contiguous uint8 [N, K/2] from int4_prepack");
   const int64_t N = qweight.size(0), K = qweight.size(1) * 2, G = K / group;
-  TORCH_CHECK(K % group == 0 && K % 64 == 0, "optistack_cpu.int4_dequant: K=", K, " must be a multiple of 64 and of group_size");
+  TORCH_CHECK(K % group == 0 && K % 64 == 0, "optistack_cpu.", op, ": K=", K, " must be a multiple of 64 and of group_size");
   TORCH_CHECK(scale.sizes() == zero.sizes() && scale.size(0) == N && scale.size(1) == G &&
                   scale.scalar_type() == zero.scalar_type() && scale.is_contiguous() && zero.is_contiguous() &&
                   (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kBFloat16),
-              "optistack_cpu.int4_dequant: scale/zero must be contiguous float32 or bfloat16 [N, K/group]");
+              "optistack_cpu.", op, ": scale/zero must be contiguous float32 or bfloat16 [N, K/group]");
+}
+
+at::Tensor int4_dequant(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero, int64_t group) {
+  check_int4_packed("int4_dequant", qweight, scale, zero, group);
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2, G = K / group;
   at::Tensor w = at::empty({N, K}, qweight.options().dtype(at::kBFloat16));
   const uint8_t* qw = qweight.data_ptr<uint8_t>();
   bf16* wp = w.data_ptr<bf16>();

@@ -373,17 +373,9 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& qweight, const 
                        const at::Tensor& zero, int64_t group) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
               "optistack_cpu.int4_matmul: x must be float32 or bfloat16, got ", x_in.scalar_type());
-  TORCH_CHECK(group == 32 || group == 64 || group == 128 || group == 256,
-              "optistack_cpu.int4_matmul: group_size must be 32, 64, 128 or 256, got ", group);
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
-              "optistack_cpu.int4_matmul: qweight must be contiguous uint8 [N, K/2] from int4_prepack");
+  check_int4_packed("int4_matmul", qweight, scale, zero, group);
   const int64_t N = qweight.size(0), K = qweight.size(1) * 2, G = K / group;
-  TORCH_CHECK(K % group == 0 && K % 64 == 0, "optistack_cpu.int4_matmul: K=", K, " must be a multiple of 64 and of group_size");
   TORCH_CHECK(x_in.size(-1) == K, "optistack_cpu.int4_matmul: x has ", x_in.size(-1), " input features, weight ", K);
-  TORCH_CHECK(scale.sizes() == zero.sizes() && scale.size(0) == N && scale.size(1) == G &&
-                  scale.scalar_type() == zero.scalar_type() && scale.is_contiguous() && zero.is_contiguous() &&
-                  (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kBFloat16),
-              "optistack_cpu.int4_matmul: scale/zero must be contiguous float32 or bfloat16 [N, K/group]");
   // Decode calls pass [1, K] or [1, 1, K]: reshape only when needed (each view costs ~0.2 us here).
   const bool flat = x_in.dim() == 2;
   at::Tensor x = flat ? x_in.contiguous() : x_in.reshape({-1, K}).contiguous();

@@ -11,5 +11,8 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
 at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up);
 at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                        const at::Tensor& zero, int64_t group);
+// Raises (naming `op`) unless qweight/scale/zero are an int4_prepack result for this group size.
+void check_int4_packed(const char* op, const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero,
+                       int64_t group);
 at::Tensor int4_dequant(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero, int64_t group);
 }  // namespace optistack_cpu
