@@ -158,10 +158,10 @@ static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
 // R weight rows times MB activation rows over one chunk of Kc input channels starting at channel c0:
 // each decoded block feeds R*MB dot products and each activation load R of them. GS (the group size) is
 // a constant so the loops unroll into straight-line code with the accumulators in registers.
-// q/il/j0: the rows' RowRef in the chunk; sc/zr: row 0's scales and zeros (row stride G, whole row).
+// q/il/j0: the rows' RowRef in the chunk; sc: row 0's scales (row stride G, whole row).
 // out[mb * R + r] gets the chunk's partial dot product (the zero-point correction is separate).
 template <int R, int MB, bool SPLIT, int GS, typename S>
-static inline void dot_rows(const uint8_t* q, int il, int j0, const S* sc, const S* zr, int64_t G, int64_t c0,
+static inline void dot_rows(const uint8_t* q, int il, int j0, const S* sc, int64_t G, int64_t c0,
                             int64_t Kc, const XPrep* xps, float* out) {
   static_assert(R <= 4, "R rows come from one 4-row group");
   constexpr int A = R * MB;
@@ -270,13 +270,13 @@ static inline void dot_rows(const uint8_t* q, int il, int j0, const S* sc, const
 }
 
 template <int R, int MB, typename S>
-static inline void dot_rows_any(RowRef ref, const S* sc, const S* zr, int64_t G, int64_t group, int64_t c0,
+static inline void dot_rows_any(RowRef ref, const S* sc, int64_t G, int64_t group, int64_t c0,
                                 int64_t Kc, const XPrep* xps, float* out) {
   const bool split = xps[0].lo != nullptr;
 #define OPTISTACK_DOT(GS)                                                                                   \
   if (group == GS) {                                                                                        \
-    if (split) dot_rows<R, MB, true, GS, S>(ref.base, ref.il, ref.j, sc, zr, G, c0, Kc, xps, out);          \
-    else dot_rows<R, MB, false, GS, S>(ref.base, ref.il, ref.j, sc, zr, G, c0, Kc, xps, out);               \
+    if (split) dot_rows<R, MB, true, GS, S>(ref.base, ref.il, ref.j, sc, G, c0, Kc, xps, out);          \
+    else dot_rows<R, MB, false, GS, S>(ref.base, ref.il, ref.j, sc, G, c0, Kc, xps, out);               \
     return;                                                                                                 \
   }
   OPTISTACK_DOT(32)
@@ -293,7 +293,7 @@ template <int MB, typename S, typename T>
 static void gemv_rows(const uint8_t* qw, const S* sc, const S* zr, int64_t K, int64_t group, const XPrep* xps,
                       int64_t n0, int64_t n1, T* y, int64_t N) {
   const int64_t G = K / group;
-  auto finish = [&](int64_t n, int mb, float dot) { y[mb * N + n] = from_f32<T>(dot); };  // SIMD: corrected
+  auto finish = [&](int64_t n, int mb, float dot) { y[mb * N + n] = from_f32<T>(dot); };  // dot: corrected
 #ifdef OPTISTACK_INT4_SIMD
   // Rows in tiles of kTile. In a tile: first every row's zero-point correction, in a loop of its own
   // (at the end of each row's dot product, or between rows, it cost 20% of a K=576 GEMV); then chunk by
@@ -327,12 +327,12 @@ static void gemv_rows(const uint8_t* qw, const S* sc, const S* zr, int64_t K, in
       };
       int64_t n = t0;
       for (; n + R <= t1; n += R) {
-        dot_rows_any<R, MB, S>(row_ref(chunk, n, N, Kc), sc + n * G, zr + n * G, G, group, c0, Kc, xps, d);
+        dot_rows_any<R, MB, S>(row_ref(chunk, n, N, Kc), sc + n * G, G, group, c0, Kc, xps, d);
         for (int mb = 0; mb < MB; ++mb)
           for (int r = 0; r < R; ++r) put(n + r, mb, d[mb * R + r]);
       }
       for (; n < t1; ++n) {
-        dot_rows_any<1, MB, S>(row_ref(chunk, n, N, Kc), sc + n * G, zr + n * G, G, group, c0, Kc, xps, d);
+        dot_rows_any<1, MB, S>(row_ref(chunk, n, N, Kc), sc + n * G, G, group, c0, Kc, xps, d);
         for (int mb = 0; mb < MB; ++mb) put(n, mb, d[mb]);
       }
     }
