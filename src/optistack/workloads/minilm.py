@@ -4,10 +4,15 @@ still picks the same sentences).
 
 Every call, timed or scored, uses exactly (batch_size, seq_len) inputs, so a static-shape compiled or
 exported model never recompiles between benchmarking and scoring.
+
+Timing batches are never eval sentences: each row is a calibration sentence with its words shuffled
+(seeded by batch index and row), so rows of real length and vocabulary, none of them repeated, and
+no batch is the same as another.
 """
 from __future__ import annotations
 
 import math
+import random
 from importlib import resources
 from typing import Any, Iterable
 
@@ -69,13 +74,20 @@ class MiniLMWorkload:
             raise WorkloadError(f"minilm: seq_len must be <= 512 (the model's position limit), got {seq_len}")
         self.batch_size = batch_size
         self.seq_len = seq_len
-        self.model, self.tokenizer = load_minilm()
-        self.sentences = read_sentences("minilm_eval.txt")
-        self.calib_sentences = read_sentences("minilm_calib.txt")
+        self.model, self.tokenizer = self._load()
+        self.sentences, self.calib_sentences = self._sentences()
         self._eval_batches = self._batches(self.sentences)
         self._bench = self._tokenize([self.sentences[i % len(self.sentences)] for i in range(batch_size)])
         self._bench_on: dict[str, dict[str, torch.Tensor]] = {}
         self._reference: torch.Tensor | None = None
+
+    def _load(self) -> tuple[Any, Any]:
+        """(model, tokenizer); a subclass for another encoder overrides this and `_sentences`."""
+        return load_minilm()
+
+    def _sentences(self) -> tuple[list[str], list[str]]:
+        """(evaluation sentences, calibration sentences), disjoint."""
+        return read_sentences("minilm_eval.txt"), read_sentences("minilm_calib.txt")
 
     def _tokenize(self, sentences: list[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(
@@ -94,9 +106,25 @@ class MiniLMWorkload:
             out.append((self._tokenize(chunk), real))
         return out
 
-    def run(self, model: Any) -> Any:
-        """One forward on the benchmark batch; inputs are moved to the model's device once and kept."""
+    def timing_batch(self, index: int) -> Inputs:
+        """The index-th timing batch: shuffled-word calibration sentences (see the module docstring)."""
+        rng = random.Random(0x4D494E49 + 7919 * int(index))
+        rows = []
+        for _ in range(self.batch_size):
+            words = self.calib_sentences[rng.randrange(len(self.calib_sentences))].split()
+            rng.shuffle(words)
+            rows.append(" ".join(words))
+        return (), self._tokenize(rows)
+
+    def run(self, model: Any, batch: Inputs | None = None) -> Any:
+        """One forward on `batch` (a timing batch), or on the default batch of eval sentences when None.
+
+        The default batch is moved to the model's device once and kept."""
         device = model_device(model)
+        if batch is not None:
+            args, inputs = to_device(batch, device)
+            with torch.inference_mode():
+                return model(*args, **inputs)
         inputs = self._bench_on.get(str(device))
         if inputs is None:
             inputs = self._bench_on[str(device)] = to_device(self._bench, device)
@@ -143,6 +171,7 @@ class MiniLMWorkload:
             "model_id": MINILM_ID,
             "params": count_params(self.model),
             "batch_shape": [self.batch_size, self.seq_len],
+            "timing": "a fresh batch per round: calibration sentences with shuffled words (never eval sentences)",
             "eval_sentences": len(self.sentences),
             "calibration_sentences": len(self.calib_sentences),
             "pooling": "mean over attention mask, L2-normalized",

@@ -5,11 +5,14 @@ Text comes from the standard library's `pydoc_data.topics` (Python's reference p
 installed, no download). Evaluation takes topics from the start of the sorted keys, calibration from
 the end, and the two key sets never meet. All evaluation chunks have the same length, so a
 static-shape compiled model does not recompile while being scored.
+
+Timing batches are 1 x seq_len windows of the calibration text at seeded offsets, never eval text.
 """
 from __future__ import annotations
 
 import math
 import platform
+import random
 import warnings
 from typing import Any, Iterable
 
@@ -71,15 +74,14 @@ class SmolLM2Workload:
             raise WorkloadError(f"smollm2: ppl_chunk must be >= 2 (a chunk predicts ppl_chunk - 1 tokens), got {ppl_chunk}")
         self.seq_len, self.ppl_chunk, self.ppl_chunks = seq_len, ppl_chunk, ppl_chunks
         self.gen_tokens, self.prompt_tokens = gen_tokens, prompt_tokens
-        self.model, self.tokenizer = load_smollm2(cache_dir)
+        self.model, self.tokenizer = self._load(cache_dir)
         limit = getattr(self.model.config, "max_position_embeddings", None)
         longest = max(seq_len, ppl_chunk, prompt_tokens + gen_tokens)
         if limit is not None and longest > limit:
             raise WorkloadError(f"smollm2: sequences of {longest} tokens exceed the model's limit of {limit}")
 
         needed = ppl_chunk * ppl_chunks
-        self.eval_keys, self.calib_keys = split_topic_keys(needed, self._count)
-        eval_ids = self._encode(self.eval_keys)
+        eval_ids = self._eval_ids(needed)
         if eval_ids.numel() < needed:
             raise WorkloadError(f"smollm2: eval text has {eval_ids.numel()} tokens, fewer than the {needed} needed")
         self._chunks = eval_ids[:needed].view(ppl_chunks, 1, ppl_chunk)
@@ -87,6 +89,18 @@ class SmolLM2Workload:
         self._gen_prompt = eval_ids[:prompt_tokens].view(1, prompt_tokens)
         self._prompt_on: dict[str, torch.Tensor] = {}
         self._calib_ids: torch.Tensor | None = None
+
+    def _load(self, cache_dir: str | None) -> tuple[Any, Any]:
+        """(model, tokenizer); a subclass for another causal LM overrides this and the two below."""
+        return load_smollm2(cache_dir)
+
+    def _eval_ids(self, needed: int) -> torch.Tensor:
+        """At least `needed` evaluation token ids (1-D); never overlapping `_calibration_ids`."""
+        self.eval_keys, self.calib_keys = split_topic_keys(needed, self._count)
+        return self._encode(self.eval_keys)
+
+    def _calibration_ids(self) -> torch.Tensor:
+        return self._encode(self.calib_keys)
 
     def _count(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -100,12 +114,26 @@ class SmolLM2Workload:
         """Tokens whose probability is scored: each chunk predicts all but its first token."""
         return self.ppl_chunks * (self.ppl_chunk - 1)
 
-    def run(self, model: Any) -> Any:
-        """One prefill of the 1 x seq_len prompt, no KV cache; returns the model's outputs."""
+    def _calibration_ids(self) -> torch.Tensor:
+        if self._calib_ids is None:
+            self._calib_ids = self._encode(self.calib_keys)
+        return self._calib_ids
+
+    def timing_batch(self, index: int) -> Inputs:
+        """The index-th timing batch: a 1 x seq_len window of calibration text at a seeded offset."""
+        ids = self._calibration_ids()
+        offset = random.Random(0x534D4F4C + 7919 * int(index)).randrange(ids.numel() - self.seq_len + 1)
+        return (), {"input_ids": ids[offset : offset + self.seq_len].view(1, -1).clone()}
+
+    def run(self, model: Any, batch: Inputs | None = None) -> Any:
+        """One prefill without KV cache of `batch` (a timing batch), or of the eval prompt when None."""
         device = model_device(model)
-        ids = self._prompt_on.get(str(device))
-        if ids is None:
-            ids = self._prompt_on[str(device)] = to_device(self._prompt, device)
+        if batch is not None:
+            ids = to_device(batch[1]["input_ids"], device)
+        else:
+            ids = self._prompt_on.get(str(device))
+            if ids is None:
+                ids = self._prompt_on[str(device)] = to_device(self._prompt, device)
         with torch.inference_mode():
             return model(input_ids=ids, use_cache=False)
 
@@ -126,7 +154,7 @@ class SmolLM2Workload:
     def calibration_inputs(self, n: int) -> Iterable[Inputs]:
         """Up to `n` 1 x seq_len windows of the calibration topics (disjoint from the eval topics)."""
         if self._calib_ids is None:
-            self._calib_ids = self._encode(self.calib_keys)
+            self._calib_ids = self._calibration_ids()
         count = min(max(n, 0), self._calib_ids.numel() // self.seq_len)
         return [((), {"input_ids": self._calib_ids[i * self.seq_len : (i + 1) * self.seq_len].view(1, -1)}) for i in range(count)]
 
@@ -146,6 +174,7 @@ class SmolLM2Workload:
             "model_id": f"{SMOLLM2_ID} (Q4_1 GGUF, dequantized to fp32)",
             "params": count_params(self.model),
             "batch_shape": [1, self.seq_len],
+            "timing": "a fresh 1 x seq_len window of calibration text per round (never eval text)",
             "eval_tokens": self.eval_tokens,
             "eval_chunk": [self.ppl_chunks, self.ppl_chunk],
             "eval_text": f"pydoc_data.topics (Python {platform.python_version()}): {', '.join(self.eval_keys)}",
