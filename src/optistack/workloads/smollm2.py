@@ -114,14 +114,11 @@ class SmolLM2Workload:
         """Tokens whose probability is scored: each chunk predicts all but its first token."""
         return self.ppl_chunks * (self.ppl_chunk - 1)
 
-    def _calibration_ids(self) -> torch.Tensor:
-        if self._calib_ids is None:
-            self._calib_ids = self._encode(self.calib_keys)
-        return self._calib_ids
-
     def timing_batch(self, index: int) -> Inputs:
         """The index-th timing batch: a 1 x seq_len window of calibration text at a seeded offset."""
-        ids = self._calibration_ids()
+        if self._calib_ids is None:
+            self._calib_ids = self._calibration_ids()
+        ids = self._calib_ids
         offset = random.Random(0x534D4F4C + 7919 * int(index)).randrange(ids.numel() - self.seq_len + 1)
         return (), {"input_ids": ids[offset : offset + self.seq_len].view(1, -1).clone()}
 
