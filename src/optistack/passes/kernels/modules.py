@@ -91,6 +91,20 @@ class FusedInt4Linear(nn.Module):
         buffers = self._buffers  # direct: nn.Module.__getattr__ costs ~0.3 us a name, per decode step
         return {k: buffers[f"packed_{k}"] for k in self._keys}
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """Read-only: the dequantized [out, in] weight (the bias dtype, else float32) on the layer's device,
+        for model code that reads `layer.weight`; each read dequantizes (the forward never reads it)."""
+        kernels, packed = backend_module(self.backend), self.packed()
+        if "weight" in packed:  # the torch reference keeps the dequantized weight
+            w = packed["weight"]
+        elif hasattr(kernels, "int4_dequant_packed"):
+            w = kernels.int4_dequant_packed(packed, self.group_size, self.out_features, self.packed_k)
+        else:  # the kernel applied to the identity is the weight it multiplies by
+            eye = torch.eye(self.packed_k, dtype=torch.float32, device=next(iter(packed.values())).device)
+            w = kernels.int4_matmul_packed(eye, packed, self.group_size, self.out_features, self.packed_k).t()
+        return w[:, : self.in_features].to(self.bias.dtype if self.bias is not None else torch.float32)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_k != self.in_features:
             x = F.pad(x, (0, self.packed_k - self.in_features))

@@ -1,4 +1,4 @@
-"""`fp8`: E4M3 (`torch.float8_e4m3fn`) quantization of nn.Linear layers, in core torch.
+"""`fp8`: E4M3 (`torch.float8_e4m3fn`) quantization of linear layers, in core torch.
 
 - `mode=weight-only`: weights stored as fp8 with one float32 scale per output channel,
   dequantized to the input dtype in every forward, then `F.linear`. Quarters Linear weight memory;
@@ -17,9 +17,10 @@ The emulated path exists so the accuracy cost of fp8 can be measured on any mach
 **slower than fp32 on CPU**: every call dequantizes the weights (and, in dynamic mode, quantizes
 and dequantizes the activations) before an ordinary float matmul. Only weight memory shrinks.
 
-Each chosen Linear is replaced by an `Fp8Linear` holding `weight_fp8`, `weight_scale` and `bias`
-as buffers. Weights shared with another module (tied embeddings) are left in float, since a
-private fp8 copy would add memory instead of saving it.
+Each chosen layer (nn.Linear or transformers Conv1D, picked by `passes/linears.py`) is replaced by
+an `Fp8Linear` holding `weight_fp8`, `weight_scale` and `bias` as buffers; its read-only `.weight`
+dequantizes on access. Weights shared with another module (tied embeddings) are left in float, since
+a private fp8 copy would add memory instead of saving it.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from typing import Any, Literal
 from ...core.config import PassConfig, check, check_regex
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import need_cuda
-from ..linears import choose_linears, float_linears
+from ..linears import as_linear, plan_linears, replace_layers
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,7 @@ class Fp8Linear(torch.nn.Module):
             raise ValueError("Fp8Linear: kernel 'scaled_mm' quantizes activations; it needs mode='dynamic'")
         self.in_features, self.out_features = in_features, out_features
         self.mode, self.kernel = mode, kernel
+        self.weight_dtype = torch.float32  # the dtype `.weight` reads back in (the replaced layer's)
         self.register_buffer("weight_fp8", torch.zeros(out_features, in_features, dtype=E4M3, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
@@ -113,7 +115,15 @@ class Fp8Linear(torch.nn.Module):
         new.weight_scale.copy_(s)
         if linear.bias is not None:
             new.bias = linear.bias.detach().clone()
+        new.weight_dtype = w.dtype
         return new
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Read-only: the dequantized [out, in] weight (dtype of the replaced layer, or of the bias,
+        which follows casts), for model code that reads `layer.weight`; each read dequantizes."""
+        dtype = self.bias.dtype if self.bias is not None and self.bias.is_floating_point() else self.weight_dtype
+        return self.dequantized_weight(dtype)
 
     def optistack_spec(self) -> dict[str, Any]:
         """JSON constructor arguments, so `optistack.load` rebuilds this layer without pickle."""
@@ -169,19 +179,6 @@ class Fp8Linear(torch.nn.Module):
                 f"bias={self.bias is not None}, mode={self.mode}, kernel={self.kernel}")
 
 
-def _shared_weights(model: torch.nn.Module) -> set[int]:
-    """ids of parameters reachable under more than one name (tied weights)."""
-    count: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        count[id(p)] = count.get(id(p), 0) + 1
-    return {k for k, n in count.items() if n > 1}
-
-
-def _set_submodule(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def _bytes(tensors: list[torch.Tensor | None]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -208,29 +205,31 @@ class Fp8Pass(ConfiguredPass):
         return "scaled_mm", None
 
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
-        linears = float_linears(model, self.name)
-        shared = _shared_weights(model)  # tied weights (embeddings) stay in float
-        chosen = [n for n in choose_linears(linears, self.config.skip, self.config.min_features)[0]
-                  if id(linears[n].weight) not in shared]
+        plan = plan_linears(model, self.name, self.config.skip, self.config.min_features)
+        done = len(plan.chosen) + len(plan.aliases)
         info: dict[str, Any] = {"mode": self.config.mode, "scale": self.config.scale,
-                                "linears_quantized": len(chosen), "linears_skipped": len(linears) - len(chosen)}
-        if not chosen:
-            return PassResult(model, modified=False, info=info)
-        kernel, why_emulated = self._kernel(linears[chosen[0]].weight.device)
+                                "linears_quantized": done, "linears_skipped": len(plan.layers) - done}
+        if not plan.chosen:
+            return plan.unchanged(model, info)
+        info.update(plan.info())
+        kernel, why_emulated = self._kernel(plan.layers[plan.chosen[0]].weight.device)
         info["kernel"] = kernel
         if why_emulated:
             info["kernel_reason"] = why_emulated
         before = after = emulated = 0
+
+        def build(name: str, layer: Any) -> Fp8Linear:
+            nonlocal before, after, emulated
+            lin, k = as_linear(layer), kernel
+            if k == "scaled_mm" and (lin.in_features % _SCALED_MM_ALIGN or lin.out_features % _SCALED_MM_ALIGN):
+                k, emulated = "emulated", emulated + 1
+            new = Fp8Linear.from_linear(lin, mode=self.config.mode, kernel=k, scale=self.config.scale)
+            before += _bytes([lin.weight, lin.bias])
+            after += _bytes([new.weight_fp8, new.weight_scale, new.bias])
+            return new
+
         with torch.no_grad():
-            for name in chosen:
-                lin = linears[name]
-                k = kernel
-                if k == "scaled_mm" and (lin.in_features % _SCALED_MM_ALIGN or lin.out_features % _SCALED_MM_ALIGN):
-                    k, emulated = "emulated", emulated + 1
-                new = Fp8Linear.from_linear(lin, mode=self.config.mode, kernel=k, scale=self.config.scale)
-                before += _bytes([lin.weight, lin.bias])
-                after += _bytes([new.weight_fp8, new.weight_scale, new.bias])
-                _set_submodule(model, name, new)
+            replace_layers(model, plan, build)
         if kernel == "scaled_mm":
             info["linears_emulated"] = emulated  # dims not multiples of 16: scaled_mm cannot take them
         info.update(quantized_bytes_before=before, quantized_bytes_after=after)

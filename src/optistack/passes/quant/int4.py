@@ -195,6 +195,7 @@ class Int4Linear(nn.Module):
         self.padded_in_features = kp = padded_size(in_features, group_size)
         self.kernel = kernel
         self.act_dtype = None if kernel == DEQUANT else torch.bfloat16
+        self.weight_dtype = torch.float32  # the dtype `.weight` reads back in (the quantized layer's)
         if kernel == CUDA_KERNEL:
             tiles = _inner_k_tiles(kp) or 2
             packed = torch.empty(out_features // 8, kp // (tiles * 16), 32, tiles // 2, dtype=torch.int32, device=device)
@@ -226,6 +227,8 @@ class Int4Linear(nn.Module):
         sz = torch.stack([gq.scale, gq.zero], dim=-1).transpose(0, 1)  # [groups, N, 2], the kernels' layout
         layer.scales_and_zeros = sz.to(device=device, dtype=param_dtype_for(kernel)).contiguous()
         layer.bias = None if bias is None else bias.detach().to(device).clone()
+        if bias is not None and bias.is_floating_point():
+            layer.weight_dtype = bias.dtype
         return layer
 
     def optistack_spec(self) -> dict:
@@ -244,7 +247,17 @@ class Int4Linear(nn.Module):
         if kernel is None:
             kernel, _ = choose_kernel(w.device, w.shape[0], w.shape[1], group_size)
         gq = quantize(w, group_size, zero_point, param_dtype_for(kernel))
-        return cls.from_quantized(gq, linear.bias, kernel, w.device)
+        layer = cls.from_quantized(gq, linear.bias, kernel, w.device)
+        layer.weight_dtype = w.dtype
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Read-only: the dequantized [out, in] weight on the layer's device, in the dtype of the layer it
+        replaced (or of the bias, which follows casts). For model code that reads `layer.weight`
+        (T5 checks `wo.weight.dtype`); each read costs a dequantization, the forward never reads it."""
+        dtype = self.bias.dtype if self.bias is not None and self.bias.is_floating_point() else self.weight_dtype
+        return self.dequantized_weight(dtype)
 
     def codes(self) -> torch.Tensor:
         """The uint8 codes [N, K padded], unpacked from the stored layout."""

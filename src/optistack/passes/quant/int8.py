@@ -1,4 +1,4 @@
-"""`int8-dynamic` and `int8-weight`: torchao int8 quantization of nn.Linear layers.
+"""`int8-dynamic` and `int8-weight`: torchao int8 quantization of linear layers.
 
 - `int8-dynamic` (`Int8DynamicActivationInt8WeightConfig`): weights int8 per output channel,
   activations quantized to int8 per token at run time; the matmul runs in int8. On CPU this is only
@@ -6,8 +6,11 @@
 - `int8-weight` (`Int8WeightOnlyConfig`): weights stored int8 per output channel and dequantized in
   the matmul; activations stay float. Quarters Linear weight memory; small speedup on CPU (~1.07x).
 
-Both swap the Linear weights for torchao tensor subclasses in place (the module tree is unchanged).
-`skip` (a regex searched in module names) and `min_features` leave layers in float.
+Both swap the Linear weights for torchao tensor subclasses in place (the module tree is unchanged,
+except that transformers Conv1D layers, GPT-2's, first become the equivalent nn.Linear). Layers are
+picked by `passes/linears.py`: `skip` (a regex searched in module names) and `min_features` leave
+layers in float, and so does a weight tied to a module the pass does not rewrite (GPT-2's lm_head and
+its embedding): quantizing one user of it would store a second copy and grow the model.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from ...core.config import PassConfig, check, check_regex
 from ...core.quiet import quiet_import
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, need_packages
-from ..linears import choose_linears, float_linears
+from ..linears import as_linear, is_conv1d, plan_linears, set_module
 
 def _torchao() -> Any:
     with quiet_import():
@@ -60,17 +63,27 @@ class _Int8Pass(ConfiguredPass):
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
         import torch
 
-        linears = float_linears(model, self.name)
-        chosen_names, _ = choose_linears(linears, self.config.skip, self.config.min_features)
-        chosen = set(chosen_names)
-        info: dict[str, Any] = {"linears_quantized": len(chosen), "linears_skipped": len(linears) - len(chosen)}
-        if not chosen:
-            return PassResult(model, modified=False, info=info)
-        device = next(iter(linears.values())).weight.device
+        plan = plan_linears(model, self.name, self.config.skip, self.config.min_features)
+        done = len(plan.chosen) + len(plan.aliases)
+        info: dict[str, Any] = {"linears_quantized": done, "linears_skipped": len(plan.layers) - done}
+        if not plan.chosen:
+            return plan.unchanged(model, info)
+        info.update(plan.info())
         tq, ao_utils = _torchao()
+        modules = {}
+        for name in plan.chosen:  # Conv1D -> nn.Linear (torchao quantizes nn.Linear weights)
+            m = plan.layers[name]
+            if is_conv1d(m):
+                m = as_linear(m)
+                set_module(model, name, m)
+            modules[name] = m
+        for alias, primary in plan.aliases.items():  # one module, so one quantized weight, for all users
+            set_module(model, alias, modules[primary])
+        device = modules[plan.chosen[0]].weight.device
+        chosen = {id(m) for m in modules.values()}
 
         def filter_fn(m: torch.nn.Module, fqn: str) -> bool:
-            return fqn in chosen and linears[fqn] is m
+            return id(m) in chosen
 
         with quiet_import():
             tq.quantize_(model, self._ao_config(tq, ao_utils, device), filter_fn=filter_fn)

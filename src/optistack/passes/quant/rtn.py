@@ -1,4 +1,4 @@
-"""`rtn-int4`: round-to-nearest group-wise int4 weights on nn.Linear layers (weight-only, lossy).
+"""`rtn-int4`: round-to-nearest group-wise int4 weights on linear layers (weight-only, lossy).
 
 Every chosen Linear becomes an `Int4Linear` (see `int4.py`): 4-bit codes per group of `group_size`
 input channels, a scale and an offset per group, run by torch's int4 kernels (bf16 activations on
@@ -6,7 +6,8 @@ CPU). No calibration data. `awq` reuses this module's config fields and layer sw
 
 in_features that `group_size` does not divide (SmolLM2's 576 with 128) are padded to the next
 multiple (counted in `layers_padded`); layers no kernel can take run dequantize-then-matmul
-(counted in `layers_fallback`, with the reason).
+(counted in `layers_fallback`, with the reason). Layers are picked by `passes/linears.py`: nn.Linear
+and transformers Conv1D (GPT-2), tied weights left as they are with the reason.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from ...core.config import PassConfig, check, check_regex
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
-from ..linears import choose_linears, float_linears, set_module
+from ..linears import plan_linears, set_module, weight_rows
 
 GROUP_SIZES = (32, 64, 128, 256)
 
@@ -71,14 +72,15 @@ class Int4Tally:
 
 def swap_to_int4(model: Any, name: str, linear: Any, tally: Int4Tally,
                  wmin: Any = None, wmax: Any = None, label: str | None = None) -> Any:
-    """Replace `model.<name>` (an nn.Linear) by an Int4Linear; `wmin`/`wmax` clip its groups' ranges.
-    `label` names the layer in reports (default `name`)."""
+    """Replace `model.<name>` (an nn.Linear or Conv1D) by an Int4Linear; `wmin`/`wmax` clip its groups'
+    ranges. `label` names the layer in reports (default `name`)."""
     from .int4 import Int4Linear, choose_kernel, param_dtype_for, quantize
 
-    w = linear.weight.detach()
+    w = weight_rows(linear).detach()
     kernel, reason = choose_kernel(w.device, w.shape[0], w.shape[1], tally.group_size)
     gq = quantize(w, tally.group_size, tally.zero_point, param_dtype_for(kernel), wmin, wmax)
     layer = Int4Linear.from_quantized(gq, linear.bias, kernel, w.device)
+    layer.weight_dtype = w.dtype
     set_module(model, name, layer)
     tally.add(label or name, layer, reason)
     return layer
@@ -95,12 +97,13 @@ class RtnInt4Pass(ConfiguredPass):
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
         import torch
 
-        linears = float_linears(model, self.name)
-        chosen, skipped = choose_linears(linears, self.config.skip)
+        plan = plan_linears(model, self.name, self.config.skip)
         tally = Int4Tally(self.config.group_size, self.config.zero_point)
-        if not chosen:
-            return PassResult(model, modified=False, info=tally.info(len(skipped)))
+        if not plan.chosen:
+            return plan.unchanged(model, tally.info(len(plan.skipped)))
         with torch.no_grad():
-            for name in chosen:
-                swap_to_int4(model, name, linears[name], tally)
-        return PassResult(model, modified=True, info=tally.info(len(skipped)))
+            for name in plan.chosen:
+                layer = swap_to_int4(model, name, plan.layers[name], tally)
+                for alias in (a for a, p in plan.aliases.items() if p == name):
+                    set_module(model, alias, layer)
+        return PassResult(model, modified=True, info={**tally.info(len(plan.skipped)), **plan.info()})
