@@ -32,3 +32,23 @@ def test_bad_inputs_raise():
         paired_speedup([1, 2], [1])
     with pytest.raises(ValueError):
         summarize([])
+
+
+def test_noise_floor_is_how_far_an_aa_ratio_strays_from_one():
+    from optistack.bench.stats import Speedup, noise_floor
+
+    assert noise_floor(Speedup(1.0, 1.0, 1.0)) == 0.0
+    assert noise_floor(Speedup(0.986, 0.974, 0.997)) == pytest.approx(1 / 0.974 - 1)
+    assert noise_floor(Speedup(1.01, 0.99, 1.03)) == pytest.approx(0.03)
+    assert noise_floor(Speedup(float("nan"), 1.0, 1.0)) == float("inf")
+
+
+def test_a_change_inside_the_noise_floor_is_no_measurable_change():
+    from optistack.bench.stats import NO_CHANGE, Speedup, verdict
+
+    slight = Speedup(0.986, 0.974, 0.997)  # excludes 1.0, but by less than the run's own A/A spread
+    assert verdict(slight, floor=0.0) == "slower"
+    assert verdict(slight, floor=0.027) == NO_CHANGE
+    assert verdict(Speedup(1.5, 1.4, 1.6), floor=0.027) == "faster"
+    assert verdict(Speedup(0.5, 0.45, 0.55), floor=0.027) == "slower"
+    assert verdict(Speedup(1.05, 0.98, 1.12), floor=0.0) == NO_CHANGE  # CI holds 1.0

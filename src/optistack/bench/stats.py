@@ -2,6 +2,8 @@
 
 Speedup is the ratio of medians. Its CI resamples *pairs* of interleaved runs (the same indices for
 baseline and candidate), so slow drift of the machine, which hits both members of a pair, cancels.
+A change that does not clear the run's own noise floor (an A/A comparison of the original against a
+copy of itself) reads "no measurable change", not a significant 1% slowdown.
 """
 from __future__ import annotations
 
@@ -77,3 +79,25 @@ def paired_speedup(baseline_ms: Sequence[float], candidate_ms: Sequence[float], 
     ratios = np.median(b[idx], axis=1) / np.median(c[idx], axis=1)
     low, high = np.percentile(ratios, [2.5, 97.5])
     return Speedup(point, float(low), float(high))
+
+
+NO_CHANGE = "no measurable change"
+
+
+def noise_floor(aa: Speedup) -> float:
+    """The run's noise floor from an A/A comparison (a model against a copy of itself): how far from
+    1.0 the A/A ratio or its CI strayed, in either direction, as a fraction (0.027 means ±2.7%)."""
+    edges = [aa.median, aa.low, aa.high]
+    if not all(np.isfinite(edges)) or min(edges) <= 0:
+        return float("inf")
+    return max(max(e, 1.0 / e) for e in edges) - 1.0
+
+
+def verdict(sp: Speedup, floor: float = 0.0) -> str:
+    """"faster" / "slower" when the CI excludes 1.0 and the estimate lies outside the noise floor
+    (±floor around 1.0, in ratio terms); otherwise "no measurable change"."""
+    if sp.low > 1.0 and sp.median > 1.0 + floor:
+        return "faster"
+    if sp.high < 1.0 and sp.median < 1.0 / (1.0 + floor):
+        return "slower"
+    return NO_CHANGE

@@ -1,13 +1,28 @@
-"""Interleaved timing of several callables: A, B, C, then B, C, A, ... so drift hits all of them alike.
+"""Interleaved timing of several callables, so drift of the machine hits all of them alike.
 
-Sampling is adaptive: after `min_rounds`, it stops once the speedup CI of the last callable against
-the first is tighter than `target_half_width`, or when `max_rounds` / `max_seconds` is reached.
+Rounds follow a balanced, shuffled order: every block of rounds runs each permutation of the callables
+once (AB/BA for two, all six orders for three), so no callable always runs first, last, or right after
+the same neighbour (whose cache footprint or frequency state it would inherit). Warm-up is interleaved
+the same way, so every callable is warmed alike.
+
+With `batches`, every round gets a fresh input batch (made before the round, never timed) and every
+callable in the round is called with it: a model that caches outputs for repeated inputs gains nothing.
+
+Sampling follows the noise: after `min_rounds`, it stops once the speedup CI of the compared pair is
+tighter than `target_half_width` *and* the rounds are enough for the pair's measured spread (noisier
+pairs need more rounds), or when `max_rounds` / `max_seconds` is reached.
 """
 from __future__ import annotations
 
+import gc
+import itertools
+import math
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
+
+import numpy as np
 
 from .stats import paired_speedup
 
@@ -19,6 +34,7 @@ class TimingConfig:
     max_rounds: int = 60
     max_seconds: float = 30.0
     target_half_width: float = 0.02
+    noise_floor: bool = True  # A/A of the original against a copy before the pipeline (see instrument)
 
     def __post_init__(self) -> None:
         if self.warmup < 0 or self.min_rounds < 3 or self.max_rounds < self.min_rounds or self.max_seconds <= 0:
@@ -26,6 +42,8 @@ class TimingConfig:
                 "TimingConfig needs warmup >= 0, min_rounds >= 3, max_rounds >= min_rounds, max_seconds > 0; "
                 f"got {self}"
             )
+        if not self.target_half_width > 0:
+            raise ValueError(f"TimingConfig needs target_half_width > 0 (e.g. 0.02 for ±2%); got {self.target_half_width!r}")
 
 
 def _sync(device: str) -> None:
@@ -44,28 +62,77 @@ def time_call(fn: Callable[[], Any], device: str = "cpu") -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], cfg: TimingConfig, device: str = "cpu",
-                compare: tuple[str, str] | None = None) -> dict[str, list[float]]:
-    """Time every callable round-robin with a rotating start; returns samples in ms per name.
+def round_orders(names: list[str], seed: int = 0):
+    """Endless orders of `names`: shuffled blocks of all permutations (random ones beyond four names)."""
+    rng = random.Random(seed)
+    if len(names) > 4:
+        while True:
+            yield rng.sample(names, len(names))
+    perms = [list(p) for p in itertools.permutations(names)]
+    while True:
+        block = perms[:]
+        rng.shuffle(block)
+        yield from block
 
-    `compare=(baseline, candidate)` names the pair whose CI decides early stopping.
+
+def rounds_for_noise(baseline_ms: list[float], candidate_ms: list[float], target_half_width: float) -> int:
+    """Rounds a ratio-of-medians CI needs to reach ±target given the pairs' spread so far.
+
+    The spread is the robust standard deviation (1.4826 x MAD) of the per-round log ratios; a median
+    is ~1.25x less efficient than a mean, hence 1.96 x 1.25.
+    """
+    d = np.log(np.asarray(baseline_ms, dtype=np.float64) / np.asarray(candidate_ms, dtype=np.float64))
+    if d.size < 3:
+        return 3
+    spread = 1.4826 * float(np.median(np.abs(d - np.median(d))))
+    return math.ceil((1.96 * 1.25 * spread / target_half_width) ** 2)
+
+
+def interleaved(fns: dict[str, Callable[..., Any]], cfg: TimingConfig, device: str = "cpu",
+                compare: tuple[str, str] | None = None,
+                batches: Callable[[], Any] | None = None, seed: int = 0) -> dict[str, list[float]]:
+    """Time every callable once per round in a balanced order; returns samples in ms per name.
+
+    `compare=(baseline, candidate)` names the pair whose CI decides early stopping. With `batches`
+    (a function returning a fresh batch per call), each callable is called as `fn(batch)` with the
+    round's batch; without it, as `fn()`.
     """
     names = list(fns)
-    for name in names:  # warm-up: caches, lazy init, and any compilation left
-        for _ in range(cfg.warmup):
-            fns[name]()
+    orders = round_orders(names, seed)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    started = time.perf_counter()
-    for r in range(cfg.max_rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+
+    def one_round(record: bool) -> None:
+        order = next(orders)
+        if batches is None:
+            calls = {n: fns[n] for n in order}
+        else:
+            batch = batches()  # made before the round: not timed
+            calls = {n: (lambda f=fns[n]: f(batch)) for n in order}
         for name in order:
-            samples[name].append(time_call(fns[name], device))
-        done = r + 1
-        if done >= cfg.min_rounds:
+            ms = time_call(calls[name], device)
+            if record:
+                samples[name].append(ms)
+        gc.collect(0)  # the youngest generation only: cheap, and outside every timed call
+
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection inside one timed call is noise that belongs to no callable
+    try:
+        for _ in range(cfg.warmup):  # caches, lazy init, compilation left: all callables alike
+            one_round(record=False)
+        started = time.perf_counter()
+        for r in range(cfg.max_rounds):
+            one_round(record=True)
+            done = r + 1
+            if done < cfg.min_rounds:
+                continue
             if time.perf_counter() - started > cfg.max_seconds:
                 break
             if compare is not None:
-                sp = paired_speedup(samples[compare[0]], samples[compare[1]], n_boot=500)
-                if sp.half_width <= cfg.target_half_width:
+                base, cand = samples[compare[0]], samples[compare[1]]
+                sp = paired_speedup(base, cand, n_boot=500)
+                if sp.half_width <= cfg.target_half_width and done >= rounds_for_noise(base, cand, cfg.target_half_width):
                     break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     return samples

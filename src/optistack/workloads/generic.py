@@ -2,6 +2,13 @@
 
 Scored either by the user's `eval_fn` (whose direction must be stated: we never guess whether higher
 is better) or, by default, by relative output error against the original model's outputs.
+
+Timed on batches derived from the example inputs by `base.vary_inputs` (rows permuted, 1% noise on
+float tensors, token-id-like integer tensors partly resampled from their own values), never on the
+example or eval inputs themselves, which are what gets scored. The first derived batch is tried on the
+model when the workload is built: if resampled integers break it (sorted offsets, say), integers are
+kept as they are; if no derived batch works or differs, timing falls back to the example inputs and
+`describe()["timing"]` says so.
 """
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..core.errors import WorkloadError
-from .base import Inputs, Metric
+from .base import Inputs, Metric, batch_digest, vary_inputs
 from .loaders import model_device, to_device
 
 
@@ -98,6 +105,33 @@ class GenericWorkload:
         # Run the original once now: this checks the inputs fit the model, and the outputs are the
         # reference, taken before any pass can change the model in place.
         self._reference = [self._call(self.model, inp, check=True) for inp in self._all_inputs()]
+        self._scored = {batch_digest(inp) for inp in self._all_inputs()}
+        self.timing_rule = self._choose_timing_rule()
+
+    def _choose_timing_rule(self) -> str:
+        """"resample" (ints partly resampled), "keep-ints", or "example" (no derived batch works)."""
+        ref = self._reference[0]
+        for rule in ("resample", "keep-ints"):
+            batch = vary_inputs(self.inputs, 0, resample_ints=rule == "resample")
+            if batch_digest(batch) in self._scored:
+                continue  # nothing to vary under this rule (a single row of masks, say)
+            try:
+                out = self._call(self.model, batch)
+            except Exception:
+                continue
+            if out.shape == ref.shape and (bool(torch.isfinite(out).all()) or not bool(torch.isfinite(ref).all())):
+                return rule
+        return "example"
+
+    def timing_batch(self, index: int) -> Inputs | None:
+        """The index-th derived batch (never one that is scored); None when timing uses the example."""
+        if self.timing_rule == "example":
+            return None
+        for attempt in range(8):
+            batch = vary_inputs(self.inputs, index + attempt * 1_000_003, resample_ints=self.timing_rule == "resample")
+            if batch_digest(batch) not in self._scored:
+                return batch
+        return None
 
     def _all_inputs(self) -> list[Inputs]:
         return [self.inputs, *self.eval_inputs]
@@ -115,13 +149,16 @@ class GenericWorkload:
             ) from exc
         return flatten_outputs(out)
 
-    def run(self, model: Any) -> Any:
-        """model(*args, **kwargs) on the example inputs (moved to the model's device once), without grad."""
+    def run(self, model: Any, batch: Inputs | None = None) -> Any:
+        """model(*args, **kwargs) on `batch` (a timing batch), or on the example inputs when None; no grad."""
         device = model_device(model)
-        inputs = self._inputs_on.get(str(device))
-        if inputs is None:
-            inputs = self._inputs_on[str(device)] = to_device(self.inputs, device)
-        args, kwargs = inputs
+        if batch is not None:
+            args, kwargs = to_device(batch, device)
+        else:
+            inputs = self._inputs_on.get(str(device))
+            if inputs is None:
+                inputs = self._inputs_on[str(device)] = to_device(self.inputs, device)
+            args, kwargs = inputs
         with torch.inference_mode():
             return model(*args, **kwargs)
 
@@ -156,6 +193,9 @@ class GenericWorkload:
             "input_shapes": _shapes(self.inputs),
             "eval_inputs": len(self._all_inputs()),
             "metric": self.metric.name,
+            "timing": {"resample": "batches derived from the example inputs (ints resampled)",
+                       "keep-ints": "batches derived from the example inputs (ints kept)",
+                       "example": "the example inputs only (no distinct batch could be derived)"}[self.timing_rule],
         }
 
 

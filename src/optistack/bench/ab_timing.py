@@ -1,0 +1,109 @@
+"""What the benchmark's A/B timing stands on: fresh batches, a reference copy, and the run's noise floor.
+
+- `BatchStream`: every timed round gets a batch the run has never timed before, from the workload's
+  timing stream (`timing_batch(i)`), moved to the device before the round. A model that caches outputs
+  for repeated inputs therefore gains nothing; scoring uses the workload's evaluation data, which the
+  stream never serves.
+- `reference_copy`: speedups are measured against a deep copy of the original, not the original
+  itself. Every candidate is built from a copy too, so both sides of an A/B pair had their weights
+  allocated the same way (a model loaded from disk may sit in file-backed or differently aligned pages
+  that a fresh copy does not share).
+- `measure_noise_floor`: an A/A comparison of the original against that copy, before any pass; a step
+  whose speedup stays inside this floor reads "no measurable change".
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Callable
+
+from .stats import Speedup, noise_floor, paired_speedup, summarize
+from .timer import TimingConfig, interleaved
+
+
+class BatchStream:
+    """Fresh timing batches for one run: index i of the workload's stream, never a batch seen before."""
+
+    def __init__(self, workload: Any, device: str = "cpu") -> None:
+        from ..workloads.base import timing_batch
+
+        self.workload, self.device = workload, device
+        self._make = lambda i: timing_batch(workload, i)
+        self.available = self._make(0) is not None
+        self.served = 0
+        self._next = 0
+        self._seen: set[str] = set()
+
+    def __call__(self) -> Any:
+        """The next fresh batch on the device, or None when the workload has no timing stream."""
+        if not self.available:
+            return None
+        from ..workloads.base import batch_digest
+        from ..workloads.loaders import to_device
+
+        for _ in range(16):  # a workload whose stream repeats itself: skip the repeats
+            batch = self._make(self._next)
+            self._next += 1
+            digest = batch_digest(batch)
+            if digest not in self._seen:
+                self._seen.add(digest)
+                self.served += 1
+                return to_device(batch, self.device)
+        raise RuntimeError(f"workload {getattr(self.workload, 'name', '?')!r}: its timing stream keeps repeating "
+                           "batches (timing_batch(i) must differ for different i)")
+
+    def describe(self) -> str:
+        if self.available:
+            return "a fresh batch per round from the workload's timing stream (never scored data, never repeated)"
+        return "one repeated batch: the workload has no timing stream (timing_batch), so caching is not excluded"
+
+
+def caller(workload: Any, model: Any) -> Callable[[Any], Any]:
+    """fn(batch) -> outputs: `workload.run(model, batch)`, or `workload.run(model)` for a None batch."""
+    from ..workloads.base import run_on
+
+    return lambda batch: run_on(workload, model, batch)
+
+
+def _free_bytes(device: str) -> int | None:
+    try:
+        if device.startswith("cuda"):
+            import torch
+
+            return int(torch.cuda.mem_get_info()[0])
+        try:
+            import psutil
+
+            return int(psutil.virtual_memory().available)
+        except ImportError:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except Exception:
+        return None
+
+
+def reference_copy(model: Any, size_bytes: int, device: str = "cpu") -> tuple[Any, str]:
+    """(a deep copy of `model`, how it was made), or (`model` itself, why not) when a copy cannot be made
+    or would take more than half the free memory."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        return model, f"the original itself (a {type(model).__name__} is not copied)"
+    free = _free_bytes(device)
+    if free is not None and size_bytes > free // 2:
+        return model, "the original itself (a copy would take more than half the free memory)"
+    try:
+        return copy.deepcopy(model), "a deep copy of the original"
+    except Exception as exc:
+        return model, f"the original itself (it cannot be copied: {type(exc).__name__})"
+
+
+def measure_noise_floor(run_original: Callable[[Any], Any], run_reference: Callable[[Any], Any],
+                        cfg: TimingConfig, device: str, batches: BatchStream) -> tuple[dict[str, Any], list[float]]:
+    """A/A timing of the original against its reference copy: (report entry, the reference's samples)."""
+    samples = interleaved({"original": run_original, "reference": run_reference}, cfg, device,
+                          compare=("original", "reference"), batches=batches)
+    aa: Speedup = paired_speedup(samples["original"], samples["reference"])
+    floor = noise_floor(aa)
+    entry = {"aa_speedup": aa.to_dict(), "floor": floor, "rounds": len(samples["reference"]),
+             "cv": summarize(samples["reference"]).cv}
+    return entry, samples["reference"]
