@@ -1,4 +1,4 @@
-"""`optistack` command line: demo, run, passes, workloads, report, search."""
+"""`optistack` command line: demo, run, passes, presets, workloads, report, search."""
 from __future__ import annotations
 
 import argparse
@@ -73,6 +73,22 @@ def cmd_passes(args) -> int:
     return 0
 
 
+def cmd_presets(args) -> int:
+    from .presets import describe_presets, machine_features
+
+    rows = describe_presets()
+    if args.json:
+        print(json.dumps({"features": sorted(machine_features()), "presets": rows}, indent=2))
+        return 0
+    print(f"this machine: {', '.join(sorted(machine_features())) or 'no listed features'}")
+    for r in rows:
+        print(f"\n{r['name']}: {r['summary']}\n  here ({r['chosen_for']}): {r['expansion']}\n    {r['why']}")
+        for v in r["variants"]:
+            when = "any machine" if v["when"] == "*" else v["when"]
+            print(f"  {'>' if v['when'] == r['chosen_for'] else ' '} {when:<12} {v['pipeline']}")
+    return 0
+
+
 def cmd_workloads(args) -> int:
     from .core.registry import workload_names
 
@@ -144,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_run_args(p, pipeline_required: bool) -> None:
         p.add_argument("--model", default="minilm", help="workload name (see `optistack workloads`)")
-        p.add_argument("--pipeline", required=pipeline_required, default=None, help='e.g. "int8-dynamic,compile"')
+        p.add_argument("--pipeline", required=pipeline_required, default=None,
+                       help='e.g. "int8-dynamic,compile" or a preset, "@llm-decode" (see `optistack presets`)')
         p.add_argument("--max-accuracy-drop", type=float, default=DEMO_BUDGET if not pipeline_required else None,
                        help="reject passes whose accuracy drop from the original exceeds this (0.01 = 1%%)")
         p.add_argument("--json", help="write the report JSON here")
@@ -155,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(sub.add_parser("run", help="run a pipeline on a workload and print the report"), True)
     add_run_args(sub.add_parser("demo", help="optimize a bundled real model and print the report"), False)
     p = sub.add_parser("passes", help="list every pass, available or not, with the reason")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("presets", help="list the named pipelines (@name) and what they expand to here")
     p.add_argument("--json", action="store_true")
     sub.add_parser("workloads", help="list workload names")
     p = sub.add_parser("report", help="re-render a saved report")
@@ -169,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     from .core.errors import OptistackError
 
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "demo": cmd_demo, "passes": cmd_passes, "workloads": cmd_workloads,
+    handler = {"run": cmd_run, "demo": cmd_demo, "passes": cmd_passes, "presets": cmd_presets, "workloads": cmd_workloads,
                "report": cmd_report, "search": cmd_search}[args.command]
     try:
         return handler(args)

@@ -48,8 +48,10 @@ def test_noise_raises_perplexity_and_bf16_logits_are_upcast(wl, small):
 
 def test_generation_metrics_and_decode_matches_generate(wl):
     metrics = wl.extra_measurements(wl.model)
+    samples = metrics.pop("samples")  # raw times the report's decode/TTFT CIs come from
     assert set(metrics) == {"ttft_ms", "tpot_ms", "tokens_per_s", "p99_token_ms", "gen_tokens", "kv_bytes_per_token"}
     assert metrics["gen_tokens"] == wl.gen_tokens and all(v > 0 for v in metrics.values())
+    assert len(samples["decode_token_ms"]) == wl.gen_tokens - 1 and len(samples["ttft_ms"]) >= 3
     prompt = wl._gen_prompt
     gen = greedy_decode(wl.model, prompt, 8)
     assert gen.tokens.shape == (1, 8) and len(gen.step_ms) == 8

@@ -51,8 +51,9 @@ class Step:
     model_bytes: int | None = None
     apply_seconds: float | None = None
     first_call_ms: float | None = None  # includes compilation for lazily compiled forms
-    extra: dict[str, float] = field(default_factory=dict)  # workload extras: TTFT, tokens/s, ...
+    extra: dict[str, Any] = field(default_factory=dict)  # workload extras: TTFT, tokens/s, ... (+ raw "samples")
     info: dict[str, Any] = field(default_factory=dict)  # what the pass said it did
+    traceback: str | None = None  # a failed step's exception type, message and traceback
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -89,6 +90,7 @@ class Report:
     git_commit: str | None = None
     created: str | None = None
     timing: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None  # the pipeline text as written when it named a preset; `pipeline` is its expansion
     schema: str = SCHEMA
 
     @property
@@ -96,9 +98,18 @@ class Report:
         applied = [s for s in self.steps if s.status == "applied" and s.cumulative_speedup is not None]
         return applied[-1].cumulative_speedup if applied else 1.0
 
+    @property
+    def headline(self) -> dict[str, Any]:
+        """The numbers to quote, vs the original: latency speedup, and for causal LMs decode tokens/s and
+        TTFT ratios with CIs (`bench.headline`). Derived, so JSON carries it but loading ignores it."""
+        from .headline import headline
+
+        return headline(self)
+
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "steps"}
         d["steps"] = [s.to_dict() for s in self.steps]
+        d["headline"] = self.headline
         return _finite(d)
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -146,10 +157,12 @@ class Report:
 
         print_report(self, console=console)
 
-    def plot(self, path: str | Path) -> Path:
+    def plot(self, path: str | Path, axis: str | None = None) -> Path:
+        """PNG of speed against accuracy lost; `axis` is "latency", "decode" (tokens/s) or "ttft"
+        (default: decode for a causal LM that measured it, else latency)."""
         from .render.plot import plot_report
 
-        return plot_report(self, path)
+        return plot_report(self, path, axis=axis)
 
     def __str__(self) -> str:
         from .render.terminal import render_text

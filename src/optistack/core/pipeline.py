@@ -26,15 +26,28 @@ class Pipeline:
         self.passes = list(passes)
         self.start_form = start_form
         self.config = None
+        self.preset: str | None = None  # the text as written when it named a preset (`@llm-decode`)
         check_forms(self.passes, start_form)
 
     @classmethod
     def parse(cls, text: str, start_form: str = MODULE) -> "Pipeline":
+        """Build from pipeline text; `@name` presets expand for this machine (`optistack.presets`, the
+        one module above core that core reaches, lazily), and `str()` then prints the expansion."""
+        used: list[str] = []
+
+        def expand(preset: str) -> str:
+            from ..presets import expand_preset
+
+            used.append(preset)
+            return expand_preset(preset)
+
         passes = []
-        for name, options in parse_pipeline_text(text):
+        for name, options in parse_pipeline_text(text, expand=expand):
             pass_cls = get_pass_class(name)
             passes.append(pass_cls(**options))
-        return cls(passes, start_form)
+        pipeline = cls(passes, start_form)
+        pipeline.preset = " ".join(text.split()) if used else None
+        return pipeline
 
     @property
     def takes(self) -> frozenset[str]:
@@ -65,8 +78,11 @@ class Pipeline:
         """Apply every pass to `workload`'s model, measured by the benchmark instrument; see `core.run`."""
         from .run import run_pipeline
 
-        return run_pipeline(self, workload, max_accuracy_drop=max_accuracy_drop, timing=timing,
-                            instruments=instruments, verbose=verbose)
+        result = run_pipeline(self, workload, max_accuracy_drop=max_accuracy_drop, timing=timing,
+                              instruments=instruments, verbose=verbose)
+        if self.preset is not None and getattr(result.report, "preset", None) is None:
+            result.report.preset = self.preset  # the report keeps the `@name` beside its expansion
+        return result
 
     def __str__(self) -> str:
         return ",".join(pass_text(p) for p in self.passes)

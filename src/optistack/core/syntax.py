@@ -1,11 +1,14 @@
 """Pipeline text: `name{key=value,...}` items joined by commas (MLIR `--pass-pipeline` style).
 
 Values are bare words or double-quoted strings (with `\\"` and `\\\\` escapes) when they hold
-`, { } = "` or spaces. Parsing gives `[(name, {key: raw_text})]`; typing happens in `core.config`.
+`, { } = "` or spaces. Parsing gives `[(name, {key: raw_text})]`; typing happens in `core.config`. An item `@name` is a
+preset (see `optistack.presets`): the caller's `expand` turns it into pass text, parsed in its place.
 """
 from __future__ import annotations
 
 import re
+
+from typing import Callable
 
 from .errors import PipelineParseError
 
@@ -69,8 +72,11 @@ class _Reader:
         return raw
 
 
-def parse_pipeline_text(text: str) -> list[tuple[str, dict[str, str]]]:
-    """Split pipeline text into (pass name, raw options). Empty text is an empty pipeline."""
+def parse_pipeline_text(text: str, expand: Callable[[str], str] | None = None) -> list[tuple[str, dict[str, str]]]:
+    """Split pipeline text into (pass name, raw options). Empty text is an empty pipeline.
+
+    `@name` items are replaced by the items of `expand("@name")` (presets never nest); without
+    `expand` they are refused."""
     if not isinstance(text, str):
         raise PipelineParseError(f"pipeline text must be a string, got {type(text).__name__}")
     reader = _Reader(text)
@@ -78,6 +84,22 @@ def parse_pipeline_text(text: str) -> list[tuple[str, dict[str, str]]]:
     if reader.peek() == "":
         return items
     while True:
+        if reader.peek() == "@":
+            reader.pos += 1
+            preset = "@" + reader.match(_NAME, "a preset name after '@' (see `optistack presets`)")
+            if reader.peek() == "{":
+                raise reader.error(f"preset {preset} takes no options; write out its expansion "
+                                   "(`optistack presets`) and change the options there")
+            if expand is None:
+                raise reader.error(f"presets ({preset}) are not accepted here")
+            items.extend(parse_pipeline_text(expand(preset)))
+            nxt = reader.peek()
+            if nxt == "":
+                return items
+            if nxt != ",":
+                raise reader.error(f"expected ',' between passes, found {nxt!r}")
+            reader.pos += 1
+            continue
         name = reader.match(_NAME, "a pass name (lowercase letters, digits, '-')")
         options: dict[str, str] = {}
         if reader.peek() == "{":

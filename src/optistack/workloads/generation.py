@@ -230,3 +230,23 @@ def _cached_length(cache: Any) -> int:
         return int(cache.get_seq_length())
     except Exception:
         return -1
+
+
+TTFT_REPEATS = 5  # prefills timed per measurement: the TTFT ratio's CI resamples them
+
+
+def generation_measurements(model: Any, prompt: torch.Tensor, gen_tokens: int,
+                            ttft_repeats: int = TTFT_REPEATS) -> dict[str, Any]:
+    """A causal-LM workload's extras: one warm-up, one timed greedy decode of `gen_tokens`, then
+    `ttft_repeats - 1` more prefills. Returns `Generation.metrics` (with `ttft_ms` the median of every
+    timed prefill) plus `samples`: the per-token decode times and the prefill times, from which the
+    report bootstraps CIs for its decode tokens/s and TTFT ratios."""
+    greedy_decode(model, prompt, 2)  # warm-up: first-call allocations, lazy init
+    gen = greedy_decode(model, prompt, gen_tokens)
+    out: dict[str, Any] = gen.metrics(include_memory=True)
+    ttft = [gen.step_ms[0]] + [greedy_decode(model, prompt, 1).step_ms[0] for _ in range(ttft_repeats - 1)]
+    out["ttft_ms"] = statistics.median(ttft)
+    decode, counts = gen.step_ms[1:], (gen.tokens_per_step or [])[1:]
+    per_token = [ms / n for ms, n in zip(decode, counts) for _ in range(n)] if counts else decode
+    out["samples"] = {"decode_token_ms": [round(v, 4) for v in per_token], "ttft_ms": [round(v, 4) for v in ttft]}
+    return out

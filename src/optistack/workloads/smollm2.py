@@ -20,7 +20,7 @@ import torch
 
 from ..core.errors import WorkloadError
 from .base import Inputs, Metric
-from .generation import CacheUnsupportedError, greedy_decode, logits_of
+from .generation import CacheUnsupportedError, generation_measurements, logits_of
 from .loaders import SMOLLM2_ID, count_params, load_smollm2, model_device, to_device
 
 _SEP = "\n\n"
@@ -156,12 +156,12 @@ class SmolLM2Workload:
         return [((), {"input_ids": self._calib_ids[i * self.seq_len : (i + 1) * self.seq_len].view(1, -1)}) for i in range(count)]
 
     def extra_measurements(self, model: Any) -> dict[str, float]:
-        """TTFT / time per output token / tokens/s / p99 from a greedy decode after one warm-up;
-        {} (with a warning) when the model cannot be called with a KV cache."""
+        """TTFT / time per output token / tokens/s / p99 from a greedy decode after one warm-up, with the
+        raw samples (`generation_measurements`); {} (with a warning) when the model cannot be called
+        with a KV cache."""
         prompt = to_device(self._gen_prompt, model_device(model))
         try:
-            greedy_decode(model, prompt, 2)  # warm-up: first-call allocations, lazy init
-            return greedy_decode(model, prompt, self.gen_tokens).metrics(include_memory=True)
+            return generation_measurements(model, prompt, self.gen_tokens)
         except CacheUnsupportedError as exc:
             warnings.warn(f"smollm2: no generation metrics: {exc}", stacklevel=2)
             return {}

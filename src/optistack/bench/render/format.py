@@ -159,7 +159,9 @@ def header_fields(report: Report) -> list[tuple[str, str]]:
     """(label, value) pairs shown under the title."""
     gate = (f"max drop {fmt_sig3(report.max_accuracy_drop)} in {metric_name(report)}"
             if finite(report.max_accuracy_drop) else "none")
-    return [("pipeline", report.pipeline or DASH), ("machine", machine_text(report)), ("accuracy gate", gate)]
+    preset = getattr(report, "preset", None)
+    named = [("preset", f"{preset} (the pipeline above is its expansion on this machine)")] if preset else []
+    return [("pipeline", report.pipeline or DASH), *named, ("machine", machine_text(report)), ("accuracy gate", gate)]
 
 
 def latency_text(lat: dict[str, Any] | None) -> str:
@@ -254,7 +256,11 @@ def noisy_line(report: Report) -> str | None:
 
 
 def extras_table(report: Report) -> tuple[list[str], list[list[str]]] | None:
-    """Workload extras (TTFT, tokens/s, ...): baseline row then one row per step that has any."""
+    """Workload extras (TTFT, tokens/s, ...): baseline row then one row per step that has any. Numbers
+    only (raw `samples` stay in the JSON); where tokens/s or TTFT were measured, a column each for the
+    step's decode and TTFT speedup vs the original, with a 95% CI when samples were recorded."""
+    from ..headline import generation_ratio
+
     step_rows = [(f"#{i} {s.text or s.pass_name}", s.extra) for i, s in enumerate(report.steps, 1) if s.extra]
     if not step_rows:
         return None
@@ -262,15 +268,41 @@ def extras_table(report: Report) -> tuple[list[str], list[list[str]]] | None:
     all_rows = ([("baseline", base)] if base else []) + step_rows
     keys: list[str] = []
     for _, extra in all_rows:
-        keys += [k for k in extra if k not in keys]
-    header = ["step"] + [EXTRA_LABELS.get(k, k) for k in keys]
-    return header, [[label] + [fmt_sig3(extra.get(k)) for k in keys] for label, extra in all_rows]
+        keys += [k for k, v in extra.items() if k not in keys and isinstance(v, (int, float))]
+    ratio_axes = [axis for axis in ("decode", "ttft") if any(generation_ratio(base, x, axis) for _, x in step_rows)]
+    header = ["step"] + [EXTRA_LABELS.get(k, k) for k in keys] + [RATIO_LABELS[a] for a in ratio_axes]
+    out = []
+    for label, extra in all_rows:
+        ratios = [generation_ratio(base, extra, a) if extra is not base else None for a in ratio_axes]
+        out.append([label] + [fmt_sig3(extra.get(k)) for k in keys]
+                   + [fmt_speedup(r["speedup"], r["ci95"]) if r else DASH for r in ratios])
+    return header, out
+
+
+RATIO_LABELS = {"decode": "decode vs original", "ttft": "TTFT vs original"}
+
+
+def _generation_headline(report: Report) -> list[str]:
+    """'decode 1.60x [1.52, 1.68] (28.3 → 45.3 tokens/s)', 'TTFT 1.40x [...] (175 → 125 ms)' for causal LMs."""
+    head = report.headline
+    parts = []
+    for axis, label, unit in (("decode", "decode", "tokens/s"), ("ttft", "TTFT", "ms")):
+        h = head.get(axis)
+        if h:
+            parts.append(f"{label} {fmt_speedup(h['speedup'], h['ci95'])} "
+                         f"({fmt_sig3(h['before'])} → {fmt_sig3(h['after'])} {unit})")
+    return parts
 
 
 def final_line(report: Report) -> str:
+    """The headline: speed vs the original (for causal LMs decode and TTFT first, then the timed
+    prefill), the final accuracy, and how many passes applied."""
     applied = [s for s in report.steps if s.status == "applied"]
     last = next((s for s in reversed(applied) if s.cumulative_speedup is not None), None)
     speed = fmt_speedup(last.cumulative_speedup, last.cumulative_ci95) if last else "1.00x"
+    generation = _generation_headline(report)
+    if generation:
+        speed = " · ".join(generation) + f" · prefill latency {speed}"
     name, base = metric_name(report), baseline_accuracy(report)
     last_acc = next((s.accuracy for s in reversed(applied) if s.accuracy is not None), None)
     final = last_acc.after if last_acc is not None else base

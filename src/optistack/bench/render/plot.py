@@ -1,5 +1,8 @@
 """PNG plot of a report: speed (x) against accuracy lost (y), one point per measured step.
 
+The speed axis is the timed call's latency speedup, or for causal LMs decode tokens/s or TTFT
+speedup (`axis`; by default decode when the report has it: `bench.headline.default_axis`).
+
 Uses `matplotlib.figure.Figure` with the Agg canvas directly, so the user's pyplot backend and
 global state are never touched.
 """
@@ -9,6 +12,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from ..headline import AXES, default_axis, step_speedup
 from ..report import Report, Step
 from . import format as f
 
@@ -29,17 +33,20 @@ def _label(i: int, step: Step, width: int = 38) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _points(report: Report) -> tuple[list[dict[str, Any]], list[str]]:
+_XLABEL = {"latency": "cumulative speedup vs the original (x, 95% CI) → faster",
+           "decode": "decode tokens/s vs the original (x, 95% CI) → faster",
+           "ttft": "time-to-first-token speedup vs the original (x, 95% CI) → faster"}
+
+
+def _points(report: Report, axis: str = "latency") -> tuple[list[dict[str, Any]], list[str]]:
     """Plottable steps (x, xerr, y or None, status, label) and the labels of the steps left out."""
     points, left_out, current = [], [], 1.0
     for i, s in enumerate(report.steps, 1):
-        x = s.cumulative_speedup
-        if not f.finite(x) and s.status == "rejected" and f.finite((s.speedup or {}).get("median")):
-            x = current * s.speedup["median"]  # the candidate vs the original, from its step speedup
+        x, ci = step_speedup(report, s, axis, current)  # a rejected step without a cumulative: from its own
         if s.status not in ("applied", "rejected") or not f.finite(x):
-            left_out.append(f"{_label(i, s, 30)} ({s.status})")
+            why = s.status if s.status not in ("applied", "rejected") else f"no {axis} measurement"
+            left_out.append(f"{_label(i, s, 30)} ({why})")
             continue
-        ci = s.cumulative_ci95 if s.cumulative_speedup is not None else None
         xerr = None
         if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(f.finite(c) for c in ci):
             xerr = (max(x - ci[0], 0.0), max(ci[1] - x, 0.0))
@@ -93,7 +100,11 @@ def _place_labels(fig: Any, ax: Any, anns: list[Any], fixed: list[Any]) -> None:
         taken.append(ann.get_window_extent(renderer))
 
 
-def plot_report(report: Report, path: str | Path) -> Path:
+def plot_report(report: Report, path: str | Path, axis: str | None = None) -> Path:
+    """Write the PNG; `axis`: "latency", "decode" or "ttft" (None: `default_axis`)."""
+    axis = default_axis(report) if axis is None else axis
+    if axis not in AXES:
+        raise ValueError(f"unknown plot axis {axis!r}; choose one of {', '.join(AXES)}")
     Figure, FigureCanvasAgg = _figure_types()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +114,7 @@ def plot_report(report: Report, path: str | Path) -> Path:
     ax = fig.add_subplot()
     metric, direction = f.metric_name(report), f.direction(report)
     budget = report.max_accuracy_drop if f.finite(report.max_accuracy_drop) else None
-    points, left_out = _points(report)
+    points, left_out = _points(report, axis)
 
     finite_ys = [p["y"] for p in points if p["y"] is not None]
     lo, hi = _y_range(finite_ys, budget)
@@ -163,7 +174,7 @@ def plot_report(report: Report, path: str | Path) -> Path:
     anns = [ax.annotate(p["text"], (p["x"], p["y"]), xytext=(7, 5), textcoords="offset points", fontsize=8,
                         color=p["color"]) for p in points]
 
-    ax.set_xlabel("cumulative speedup vs the original (x, 95% CI) → faster")
+    ax.set_xlabel(_XLABEL[axis])
     ax.set_ylabel(f"accuracy drop from the original ({metric})\n(0 = unchanged, up = worse"
                   + (f"; {metric}: {direction})" if direction else ")"))
     ax.grid(True, color="#eeeeee", lw=0.6)
