@@ -26,6 +26,7 @@ _LAZY = {
     "pass_names": ("optistack.core.registry", "pass_names"),
     "get_pass_class": ("optistack.core.registry", "get_pass_class"),
     "Report": ("optistack.bench.report", "Report"),
+    "GateInstrument": ("optistack.bench.gate", "GateInstrument"),
     "TimingConfig": ("optistack.bench.timer", "TimingConfig"),
     "RunResult": ("optistack.core.run", "RunResult"),
     "optimize": ("optistack.api", "optimize"),
@@ -44,6 +45,13 @@ _SUBMODULES = {"workloads", "passes", "bench", "core", "search"}
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES) + ["__version__"]
 
 
+def _run_with_default_wiring(*args: Any, **kwargs: Any) -> Any:
+    """Core's runner knows no workloads or instruments: the API layer's wiring supplies them."""
+    from .wiring import run_pipeline
+
+    return run_pipeline(*args, **kwargs)
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         module, attr = _LAZY[name]
@@ -57,3 +65,8 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
+
+
+from .core.run import set_default_wiring as _set_default_wiring  # noqa: E402  (lean: core imports no torch)
+
+_set_default_wiring(_run_with_default_wiring)

@@ -5,7 +5,7 @@ import sqlite3
 import pytest
 
 import optistack
-from optistack.search.ray_executor import GateActor
+from optistack.search.ray_executor import TimingLockActor
 from search_helpers import CANDIDATES, FAST
 
 ray = pytest.importorskip("ray")
@@ -39,24 +39,24 @@ def test_ray_search_with_two_workers_stores_the_same_trials(tiny_workload, tmp_p
     assert all(r.status in ("ok", "rejected", "failed", "skipped") and r.report for r in remote.records)
 
 
-def test_gate_lets_readers_share_and_a_writer_run_alone():
+def test_timing_lock_lets_readers_share_and_a_writer_run_alone():
     async def scenario():
-        gate, log = GateActor(), []
+        lock, log = TimingLockActor(), []
 
         async def reader(name):
-            await gate.acquire_shared()
+            await lock.acquire_shared()
             log.append(f"{name}+")
             await asyncio.sleep(0.01)
             log.append(f"{name}-")
-            await gate.release_shared()
+            await lock.release_shared()
 
         async def writer():
             await asyncio.sleep(0.001)
-            await gate.acquire_exclusive()
+            await lock.acquire_exclusive()
             log.append("W+")
             await asyncio.sleep(0.01)
             log.append("W-")
-            await gate.release_exclusive()
+            await lock.release_exclusive()
 
         await asyncio.gather(reader("a"), reader("b"), writer())
         return log

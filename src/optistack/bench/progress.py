@@ -4,8 +4,6 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from ..core.instrument import RunState
-
 
 class ProgressInstrument:
     def __init__(self, stream: Any = None) -> None:
@@ -14,18 +12,16 @@ class ProgressInstrument:
     def _say(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
 
-    def before_pipeline(self, state: RunState) -> None:
+    def before_pipeline(self, state: Any) -> None:
         self._say(f"[optistack] {state.workload.name}: pipeline '{state.report.pipeline}'")
 
-    def before_pass(self, p: Any, step: Any, state: RunState) -> None:
+    def before_pass(self, p: Any, step: Any, state: Any) -> None:
         self._say(f"[optistack]   {step.text} ...")
 
-    def after_pass(self, p: Any, step: Any, candidate: Any, state: RunState) -> None:
+    def after_step(self, p: Any, step: Any, state: Any) -> None:
+        """The runner's verdict, whatever it was (applied, rejected, skipped, failed)."""
         speed = f" {step.speedup['median']:.2f}x" if step.speedup else ""
         acc = step.accuracy
         score = f", {acc.metric} {acc.after:.4g}" if acc is not None else ""
         why = f" ({step.reason})" if step.reason else ""
         self._say(f"[optistack]   {step.text}: {step.status}{speed}{score}{why}")
-
-    def pass_not_run(self, p: Any, step: Any, state: RunState) -> None:
-        self._say(f"[optistack]   {step.text}: {step.status} ({step.reason})")

@@ -35,7 +35,19 @@ class PassApplyError(OptistackError, RuntimeError):
     """A pass raised while transforming a model; the message names the pass."""
 
 
+class LoadError(OptistackError):
+    """`optistack.load` refused a saved folder: one line saying what is wrong and where (file / manifest key)."""
+
+
 def closest(name: str, valid: Iterable[str]) -> str:
     """' (did you mean X?)' when a valid name is close to `name`, else ''."""
     match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+class PreconditionError(OptistackError):
+    """A pass cannot apply to this workload or model (wrong kind, no layers it handles): the runner ends
+    the step `skipped` with this message as the reason, not `failed`."""
+
+
+NotApplicable = PreconditionError  # the same thing under the name a pass author may look for

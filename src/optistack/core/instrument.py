@@ -1,8 +1,9 @@
 """Instruments watch every pass from outside (MLIR PassInstrumentation, TVM PassContext instruments).
 
-Every hook is optional. `after_pass` may set `step.status = "rejected"` (with `step.reason`): the
-pipeline then keeps the model it had before the pass. Benchmarking and progress output are instruments;
-passes hold no timing code.
+Every hook is optional. `after_pass` measures a candidate and may refuse it by raising
+`core.outcome.Reject(reason)`; it never writes the step's status: the runner decides (the pipeline then
+keeps the model it had before the pass) and announces the verdict with `after_step`, for every step.
+Benchmarking, gating and progress output are instruments; passes hold no timing code.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class RunState:
     current: Any
     form: str
     ctx: PassContext
-    report: Any  # bench.report.Report, filled as the run goes
+    report: Any  # the run's record (bench.report.Report from the default wiring), filled as the run goes
     scratch: dict[str, Any] = field(default_factory=dict)  # instrument-private state, keyed by instrument
 
 
@@ -30,9 +31,14 @@ class Instrument(Protocol):
 
     def before_pass(self, p: Any, step: Any, state: RunState) -> None: ...
 
-    def after_pass(self, p: Any, step: Any, candidate: Any, state: RunState) -> None: ...
+    def after_pass(self, p: Any, step: Any, candidate: Any, state: RunState) -> None:
+        """Measure `candidate`; raise `Reject(reason)` to refuse it."""
 
-    def pass_not_run(self, p: Any, step: Any, state: RunState) -> None: ...
+    def pass_not_run(self, p: Any, step: Any, state: RunState) -> None:
+        """The step was skipped or failed (kept for instruments written before `after_step`)."""
+
+    def after_step(self, p: Any, step: Any, state: RunState) -> None:
+        """The runner's verdict is on `step` (status, reason): applied, rejected, skipped or failed."""
 
     def after_pipeline(self, state: RunState) -> None: ...
 

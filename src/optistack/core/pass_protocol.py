@@ -25,7 +25,9 @@ FORMS = (MODULE, COMPILED, ONNX, ENGINE)
 class PassResult:
     """What `apply` returns: the model and an honest flag saying whether anything changed.
 
-    `info` carries facts for the report (e.g. how many weights were pruned); JSON scalars only.
+    `info` carries facts for the report (e.g. how many weights were pruned); JSON scalars only. With
+    `modified=False` the runner ends the step `skipped`, giving `info["reason"]` (or "nothing to
+    change") as the reason, and the step does not count as applied.
     """
 
     model: Any
@@ -73,6 +75,9 @@ class ConfiguredPass:
     gives: ClassVar[str | None] = None  # None: gives the form it was given
     lossy: ClassVar[bool] = False  # informational: may change outputs beyond float rounding
     reapply_on_load: ClassVar[bool] = False  # its effect lives outside tensors (hooks): rerun it on load
+    # A control that exists to be measured although it changes nothing (identity checks the benchmark);
+    # any other pass returning `modified=False` ends its step skipped ("nothing to change").
+    measure_unmodified: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig | None = None, **options: Any) -> None:
         if config is not None and options:

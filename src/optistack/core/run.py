@@ -1,19 +1,23 @@
-"""Running a pipeline on a workload: each pass gets a private copy, instruments measure and gate it.
+"""The one run loop: each pass gets a private copy, instruments measure it, the runner decides.
 
 The caller's model is never handed to a pass, so whatever a pass does (or however it fails), the
-original stays intact; a rejected or failed step leaves the pipeline on the last good model.
+original stays intact; a rejected, skipped or failed step leaves the run on the last good model.
+Instruments talk back only by raising `outcome.Reject` from `after_pass`; the runner alone writes a
+step's status (see `core.outcome`). Core imports nothing above it: which workload a name means, which
+instruments run by default and what the report holds are wired in by the API layer
+(`optistack.wiring`), injected here with `set_default_wiring`.
 """
 from __future__ import annotations
 
 import copy
-import datetime
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from .errors import OptistackError
+from .errors import OptistackError, PreconditionError
 from .instrument import RunState, notify
-from .pass_protocol import MODULE, PassContext, config_of, form_after, pass_text
+from .outcome import APPLIED, NOTHING_TO_CHANGE, SKIPPED, Outcome, Reject
+from .pass_protocol import COMPILED, MODULE, config_of, form_after, pass_text
 
 
 @dataclass
@@ -44,78 +48,122 @@ def device_of(model: Any) -> str:
 
 
 def private_copy(model: Any, form: str) -> Any:
-    """A copy the pass may edit in place; compiled/exported forms are not edited, so they are shared."""
-    if form != MODULE:
+    """A copy the pass may edit in place. Eager and compiled models are deep-copied (a compiled copy
+    shares Dynamo's code cache, so it does not recompile); ONNX sessions and engines hold no editable
+    weights and are shared."""
+    if form not in (MODULE, COMPILED):
         return model
     try:
         return copy.deepcopy(model)
     except Exception as exc:
-        raise OptistackError(f"cannot copy the model to protect it from the pass: {exc}") from exc
+        raise OptistackError(f"cannot copy the {form} model to protect it from the pass: {exc}") from exc
 
 
-def run_step(p: Any, step: Any, state: RunState, instruments: Sequence[Any]) -> bool:
-    """One step of a run: skip it (unavailable, or the model's form is not one it takes), or apply it to
-    a private copy and let the instruments measure and gate it. True when applied: `state` then holds
-    the new model and form. Any failure is recorded against the pass; the run goes on."""
+def _not_run(p: Any, state: RunState) -> Outcome | None:
     available = p.requirements()
     if not available:
-        step.status, step.reason = "skipped", available.reason
-    elif state.form not in p.takes:
-        step.status = "skipped"
-        step.reason = f"takes {' or '.join(sorted(p.takes))}, but the model is {state.form} (an earlier step did not apply)"
-    if step.status == "skipped":
-        notify(instruments, "pass_not_run", p, step, state)
-        return False
-    notify(instruments, "before_pass", p, step, state)
+        return Outcome(SKIPPED, available.reason)
+    if state.form not in p.takes:
+        return Outcome(SKIPPED, f"takes {' or '.join(sorted(p.takes))}, but the model is {state.form} "
+                                "(an earlier step did not apply)")
+    return None
+
+
+def _attempt(p: Any, step: Any, state: RunState, instruments: Sequence[Any]) -> tuple[Outcome, Any]:
+    """Apply `p` to a private copy and let the instruments measure it: (outcome, candidate)."""
     try:
+        notify(instruments, "before_pass", p, step, state)
         model_in = private_copy(state.current, state.form)
         started = time.perf_counter()
         result = p.apply(model_in, state.ctx)
         step.apply_seconds = time.perf_counter() - started
         step.modified, step.info = result.modified, dict(result.info)
-        notify(instruments, "after_pass", p, step, result.model, state)
-    except Exception as exc:  # any failure is recorded against the pass; the run goes on
-        step.status = "failed"
-        step.reason = f"{type(exc).__name__}: {exc}".strip()
+        if not result.modified and not getattr(p, "measure_unmodified", False):
+            return Outcome(SKIPPED, str(result.info.get("reason") or NOTHING_TO_CHANGE)), None
+        for inst in instruments:
+            hook = getattr(inst, "after_pass", None)
+            if hook is not None:
+                hook(p, step, result.model, state)
+    except Reject as verdict:
+        return Outcome("rejected", verdict.reason), None
+    except PreconditionError as exc:  # the pass does not apply to this workload: a skip, not a failure
+        return Outcome(SKIPPED, str(exc)), None
+    except Exception as exc:  # any failure is recorded against the pass, with its traceback; the run goes on
+        return Outcome.failure(exc), None
+    return Outcome(APPLIED), result.model
+
+
+def run_step(p: Any, step: Any, state: RunState, instruments: Sequence[Any]) -> bool:
+    """One step: skip it (unavailable, or the model's form is not one it takes), or apply it to a
+    private copy and let the instruments measure it; the runner then writes the verdict on `step`.
+    True when applied: `state` then holds the new model and form."""
+    outcome = _not_run(p, state)
+    candidate = None
+    if outcome is None:
+        outcome, candidate = _attempt(p, step, state, instruments)
+    outcome.write_to(step)
+    if outcome.applied:
+        state.current, state.form = candidate, form_after(p, state.form)
+    elif outcome.status in (SKIPPED, "failed"):
         notify(instruments, "pass_not_run", p, step, state)
-        return False
-    if step.status != "applied":
-        return False
-    state.current, state.form = result.model, form_after(p, state.form)
-    return True
+    notify(instruments, "after_step", p, step, state)
+    return outcome.applied
 
 
-def run_pipeline(pipeline: Any, workload: Any, *, max_accuracy_drop: float | None = None,
-                 timing: Any = None, instruments: Sequence[Any] | None = None, verbose: bool = True) -> RunResult:
-    from ..bench.environment import git_commit, machine_info, package_versions
-    from ..bench.instrument import BenchmarkInstrument
-    from ..bench.progress import ProgressInstrument
-    from ..bench.report import Report, Step
-    from ..workloads import load
+class Runner:
+    """Runs passes in order on a `RunState`: the only run loop (`Pipeline.run`, `optimize`, the search).
 
-    if isinstance(workload, str):
-        workload = load(workload)
-    if max_accuracy_drop is not None and not max_accuracy_drop >= 0:
-        raise OptistackError(f"max_accuracy_drop must be >= 0 (e.g. 0.01 for 1%); got {max_accuracy_drop!r}")
-    if instruments is None:
-        instruments = [BenchmarkInstrument(max_accuracy_drop=max_accuracy_drop, timing=timing)]
-        if verbose:
-            instruments.append(ProgressInstrument())
-    instruments = list(instruments)
+    `make_step(pass_name=, config=, text=)` makes the report's record of one step. With
+    `stop_after_unapplied`, the passes after a step that did not apply are recorded as skipped (a
+    search trial measures exactly the pipeline it names). `run` may resume a state whose report already
+    holds earlier steps (a search's cached prefix): pass only the passes still to run.
+    """
 
-    report = Report(
-        workload=workload.describe() | {"name": workload.name, "kind": workload.kind},
-        pipeline=str(pipeline), machine=machine_info(), versions=package_versions(), baseline={},
-        max_accuracy_drop=max_accuracy_drop, git_commit=git_commit(),
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
-    ctx = PassContext(workload=workload, device=device_of(workload.model))
-    state = RunState(workload=workload, original=workload.model, current=workload.model,
-                     form=getattr(pipeline, "start_form", MODULE), ctx=ctx, report=report)
-    notify(instruments, "before_pipeline", state)
-    for p in pipeline.passes:
-        step = Step(pass_name=p.name, config=config_of(p), text=pass_text(p))
-        report.steps.append(step)
-        run_step(p, step, state, instruments)
-    notify(instruments, "after_pipeline", state)
-    return RunResult(model=state.current, report=report, original=state.original, pipeline=pipeline)
+    def __init__(self, instruments: Sequence[Any], make_step: Callable[..., Any], *,
+                 stop_after_unapplied: bool = False) -> None:
+        self.instruments = list(instruments)
+        self.make_step = make_step
+        self.stop_after_unapplied = stop_after_unapplied
+
+    def start(self, state: RunState) -> None:
+        notify(self.instruments, "before_pipeline", state)
+
+    def finish(self, state: RunState) -> None:
+        notify(self.instruments, "after_pipeline", state)
+
+    def _new_step(self, p: Any) -> Any:
+        return self.make_step(pass_name=p.name, config=config_of(p), text=pass_text(p))
+
+    def run(self, passes: Sequence[Any], state: RunState) -> None:
+        passes = list(passes)
+        for i, p in enumerate(passes):
+            step = self._new_step(p)
+            state.report.steps.append(step)
+            if run_step(p, step, state, self.instruments) or not self.stop_after_unapplied:
+                continue
+            for rest in passes[i + 1:]:
+                skipped = self._new_step(rest)
+                Outcome(SKIPPED, f"not run: step '{step.text}' was {step.status}").write_to(skipped)
+                state.report.steps.append(skipped)
+            break
+
+    def run_all(self, passes: Sequence[Any], state: RunState) -> None:
+        self.start(state)
+        self.run(passes, state)
+        self.finish(state)
+
+
+_default_wiring: Callable[..., RunResult] | None = None
+
+
+def set_default_wiring(fn: Callable[..., RunResult]) -> None:
+    """Called by the API layer: how `Pipeline.run` finds workloads, default instruments and the report."""
+    global _default_wiring
+    _default_wiring = fn
+
+
+def run_pipeline(pipeline: Any, workload: Any, **options: Any) -> RunResult:
+    """`pipeline` on `workload` with the default wiring (`optistack.wiring.run_pipeline`)."""
+    if _default_wiring is None:
+        raise OptistackError("no run wiring installed: import optistack (the package sets it up)")
+    return _default_wiring(pipeline, workload, **options)

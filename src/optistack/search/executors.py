@@ -8,14 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 from .store import TrialRecord
-from .trial import NoGate, TrialRunner
+from .trial import NoLock, TrialRunner
 
 
 class LocalExecutor:
     """Trials in this process, one at a time; the prefix cache lives as long as the search."""
 
     capacity = 1
-    timing_policy = NoGate.policy
+    timing_policy = NoLock.policy
 
     def __init__(self, workload: Any, timing: Any, cache_size: int = 8) -> None:
         self.runner = TrialRunner(workload, timing, cache_size=cache_size)

@@ -1,6 +1,6 @@
 """Trials on Ray: one actor per worker, each with its own workload copy and prefix cache.
 
-Timing policy: timings are serialized *and* exclusive. A named Ray actor (`optistack-timing-gate`)
+Timing policy: timings are serialized *and* exclusive. A named Ray actor (`optistack-timing-lock`)
 is a readers-writer lock: pass application, accuracy evaluation and first calls hold it shared (they
 run in parallel), every timing phase (baseline, interleaved A/B samples, workload extras such as
 TTFT) holds it exclusive, so while one trial is timed no other trial computes anything on the
@@ -16,8 +16,8 @@ from typing import Any, Iterator
 from ..core.errors import OptistackError
 from .store import TrialRecord
 
-GATE_NAME = "optistack-timing-gate"
-POLICY = ("serialized: a Ray named actor '" + GATE_NAME + "' is a readers-writer lock; pass application "
+LOCK_NAME = "optistack-timing-lock"
+POLICY = ("serialized: a Ray named actor '" + LOCK_NAME + "' is a readers-writer lock; pass application "
           "and accuracy evaluation run in parallel, each timing phase (baseline, A/B samples, workload "
           "extras) runs alone, while no other trial computes")
 
@@ -30,7 +30,7 @@ def import_ray() -> Any:
     return ray
 
 
-class GateActor:
+class TimingLockActor:
     """Readers-writer lock with writer preference (an async Ray actor: waiting costs no thread)."""
 
     def __init__(self) -> None:
@@ -62,8 +62,8 @@ class GateActor:
             self._cond.notify_all()
 
 
-class RayGate:
-    """A worker's view of the gate: `work()` shares it, `timing()` (even inside `work()`) owns it."""
+class RayTimingLock:
+    """A worker's view of the timing lock: `work()` shares it, `timing()` (even inside `work()`) owns it."""
 
     policy = POLICY
 
@@ -103,16 +103,19 @@ class RayGate:
                 self._shared = True
 
 
+GateActor, RayGate, GATE_NAME = TimingLockActor, RayTimingLock, LOCK_NAME  # names before the rename
+
+
 class TrialWorker:
     """A Ray actor holding one `TrialRunner`."""
 
-    def __init__(self, workload: Any, timing: Any, gate: Any, cache_size: int, name: str) -> None:
+    def __init__(self, workload: Any, timing: Any, lock: Any, cache_size: int, name: str) -> None:
         import torch
 
         from .trial import TrialRunner
 
         torch.set_num_threads(len(os.sched_getaffinity(0)))  # Ray sets 1 thread per CPU it reserved
-        self.runner = TrialRunner(workload, timing, gate=RayGate(gate), cache_size=cache_size, name=name)
+        self.runner = TrialRunner(workload, timing, lock=RayTimingLock(lock), cache_size=cache_size, name=name)
 
     def run(self, text: str, phase: str) -> TrialRecord:
         return self.runner.run(text, phase)
@@ -130,9 +133,9 @@ class RayExecutor:
             else:
                 ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
                 self._started_ray = True
-        gate = ray.remote(num_cpus=0)(GateActor).options(name=GATE_NAME, get_if_exists=True).remote()
+        lock = ray.remote(num_cpus=0)(TimingLockActor).options(name=LOCK_NAME, get_if_exists=True).remote()
         worker_cls = ray.remote(num_cpus=1)(TrialWorker)
-        self.actors = [worker_cls.remote(workload, timing, gate, cache_size, f"ray-{i}") for i in range(workers)]
+        self.actors = [worker_cls.remote(workload, timing, lock, cache_size, f"ray-{i}") for i in range(workers)]
         self.capacity = workers
         self._idle = list(range(workers))
         self._ran: dict[int, set[str]] = {i: set() for i in range(workers)}

@@ -9,6 +9,7 @@ from ...core.pass_protocol import COMPILED, ENGINE, MODULE, ONNX, ConfiguredPass
 class IdentityPass(ConfiguredPass):
     name = "identity"
     takes = frozenset({MODULE, COMPILED, ONNX, ENGINE})
+    measure_unmodified = True  # a control: measured (and applied) although it changes nothing
 
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
         return PassResult(model, modified=False)

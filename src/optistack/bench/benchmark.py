@@ -1,0 +1,105 @@
+"""The benchmark instrument: times each pass A/B against the model before it and scores its accuracy.
+
+Per step: first call (compile time included) -> accuracy vs the original's -> interleaved timing of
+original / previous / candidate -> peak memory, model bytes, workload extras. It measures and never
+judges: accepting or rejecting is the gate's (`bench.gate.GateInstrument`). A candidate whose outputs
+are not finite is not measured further (the gate refuses it). Every timing phase runs inside
+`lock()`, a context-manager factory the caller passes (a search serializes timings across trials).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Any, Callable, ContextManager
+
+from .gate import all_finite, score_keys
+from .memory import model_bytes, peak_memory
+from .report import Accuracy
+from .stats import paired_speedup, summarize
+from .timer import TimingConfig, interleaved, time_call
+
+
+class BenchmarkInstrument:
+    def __init__(self, max_accuracy_drop: float | None = None, timing: TimingConfig | None = None,
+                 measure_extras: bool = True, lock: Callable[[], ContextManager[Any]] | None = None) -> None:
+        if max_accuracy_drop is not None:
+            warnings.warn("BenchmarkInstrument(max_accuracy_drop=...) is deprecated: the budget belongs to the "
+                          "gate; pass max_accuracy_drop to run()/optimize() or GateInstrument",
+                          DeprecationWarning, stacklevel=2)
+        self.max_accuracy_drop = max_accuracy_drop  # read by the wiring for the gate; not used here
+        self.timing = timing or TimingConfig()
+        self.measure_extras = measure_extras
+        self.lock = lock or contextlib.nullcontext
+
+    def _run(self, state: Any, model: Any):
+        return lambda: state.workload.run(model)
+
+    @staticmethod
+    def _accuracies(state: Any) -> tuple[dict[str, float], dict[str, float]]:
+        """(original, current) scores, read from the report: the baseline, and the last applied step's."""
+        original = score_keys((state.report.baseline or {}).get("accuracy") or {})
+        for step in reversed(state.report.steps):
+            if step.status == "applied" and step.accuracy is not None:
+                return original, {step.accuracy.metric: step.accuracy.after, **step.accuracy.extra}
+        return original, original
+
+    def before_pipeline(self, state: Any) -> None:
+        with self.lock():
+            self._measure_baseline(state)
+
+    def _measure_baseline(self, state: Any) -> None:
+        wl, model, device = state.workload, state.original, state.ctx.device
+        first_ms = time_call(self._run(state, model), device)
+        accuracy = wl.evaluate(model)
+        samples = interleaved({"original": self._run(state, model)}, self.timing, device)["original"]
+        state.report.baseline = {
+            "latency_ms": summarize(samples).to_dict(),
+            "accuracy": {**accuracy, "metric": wl.metric.name, "higher_is_better": wl.metric.higher_is_better,
+                         "scale": wl.metric.scale},
+            "model_bytes": model_bytes(model),
+            "peak_memory_bytes": peak_memory(self._run(state, model), device),
+            "first_call_ms": first_ms,
+            "extra": wl.extra_measurements(model) if self.measure_extras else {},
+        }
+        state.report.timing = {"warmup": self.timing.warmup, "min_rounds": self.timing.min_rounds,
+                               "max_rounds": self.timing.max_rounds, "method": "interleaved A/B, paired bootstrap"}
+        state.scratch["samples"] = {"original": samples}
+
+    def after_pass(self, p: Any, step: Any, candidate: Any, state: Any) -> None:
+        wl, device, metric = state.workload, state.ctx.device, state.workload.metric
+        box: list[Any] = []
+        with self.lock():
+            step.first_call_ms = time_call(lambda: box.append(wl.run(candidate)), device)
+        if not all_finite(box[0]):
+            return  # nothing worth measuring; the gate refuses it
+        original, current = self._accuracies(state)
+        after = wl.evaluate(candidate)
+        before_value = current[metric.name]
+        after_value = float(after.get(metric.name, math.nan))
+        drop_orig = metric.drop(original[metric.name], after_value)
+        step.accuracy = Accuracy(
+            metric=metric.name, before=before_value, after=after_value, higher_is_better=metric.higher_is_better,
+            drop=metric.drop(before_value, after_value), drop_from_original=drop_orig,
+            extra={k: float(v) for k, v in after.items() if k != metric.name},
+        )
+        if not math.isfinite(after_value):
+            return  # the gate refuses it
+        with self.lock():
+            self._time(step, candidate, state)
+            step.model_bytes = model_bytes(candidate)
+            step.peak_memory_bytes = peak_memory(self._run(state, candidate), device)
+            if self.measure_extras:
+                step.extra = wl.extra_measurements(candidate)
+
+    def _time(self, step: Any, candidate: Any, state: Any) -> None:
+        fns = {"original": self._run(state, state.original)}
+        if state.current is not state.original:
+            fns["previous"] = self._run(state, state.current)
+        fns["candidate"] = self._run(state, candidate)
+        baseline = "previous" if "previous" in fns else "original"
+        samples = interleaved(fns, self.timing, state.ctx.device, compare=(baseline, "candidate"))
+        step.latency_ms = summarize(samples["candidate"]).to_dict()
+        step.speedup = paired_speedup(samples[baseline], samples["candidate"]).to_dict()
+        cumulative = paired_speedup(samples["original"], samples["candidate"])
+        step.cumulative_speedup, step.cumulative_ci95 = cumulative.median, [cumulative.low, cumulative.high]

@@ -1,0 +1,88 @@
+"""Default wiring of a run: what `Pipeline.run` and `optimize` mean by default, above core.
+
+Core's runner knows nothing of workloads, benchmarks or reports; this module resolves a workload
+name, picks the default instruments (benchmark, progress, and the gate, which is always on and always
+last), records environment facts in a `Report`, and hands all of it to `core.run.Runner`.
+`optistack/__init__.py` installs `run_pipeline` as core's default (`core.run.set_default_wiring`).
+"""
+from __future__ import annotations
+
+import datetime
+from typing import Any, Sequence
+
+from .core.errors import OptistackError
+from .core.instrument import RunState
+from .core.pass_protocol import MODULE, PassContext
+from .core.run import Runner, RunResult, device_of
+
+
+def resolve_workload(workload: Any) -> Any:
+    """A workload object from itself or its registered name."""
+    if isinstance(workload, str):
+        from .workloads import load
+
+        return load(workload)
+    return workload
+
+
+def with_gate(instruments: Sequence[Any], max_accuracy_drop: float | None) -> list[Any]:
+    """`instruments` with exactly one gate, placed last (it judges what the others measured).
+
+    A gate the caller passed is kept (moved last); otherwise one is added with `max_accuracy_drop`, or
+    with the budget a (deprecated) `BenchmarkInstrument(max_accuracy_drop=...)` carried.
+    """
+    from .bench.gate import GateInstrument
+
+    gates = [i for i in instruments if isinstance(i, GateInstrument)]
+    others = [i for i in instruments if not isinstance(i, GateInstrument)]
+    if len(gates) > 1:
+        raise OptistackError(f"pass at most one GateInstrument; got {len(gates)}")
+    if not gates:
+        if max_accuracy_drop is None:
+            carried = [getattr(i, "max_accuracy_drop", None) for i in others]
+            max_accuracy_drop = next((b for b in carried if b is not None), None)
+        gates = [GateInstrument(max_accuracy_drop)]
+    return others + gates
+
+
+def default_instruments(max_accuracy_drop: float | None, timing: Any, verbose: bool) -> list[Any]:
+    from .bench.benchmark import BenchmarkInstrument
+    from .bench.progress import ProgressInstrument
+
+    instruments: list[Any] = [BenchmarkInstrument(timing=timing)]
+    if verbose:
+        instruments.append(ProgressInstrument())
+    return with_gate(instruments, max_accuracy_drop)
+
+
+def new_report(workload: Any, pipeline_text: str, max_accuracy_drop: float | None) -> Any:
+    """An empty report carrying the workload's description and the environment's facts."""
+    from .bench.environment import git_commit, machine_info, package_versions
+    from .bench.report import Report
+
+    return Report(
+        workload=workload.describe() | {"name": workload.name, "kind": workload.kind},
+        pipeline=pipeline_text, machine=machine_info(), versions=package_versions(), baseline={},
+        max_accuracy_drop=max_accuracy_drop, git_commit=git_commit(),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def run_pipeline(pipeline: Any, workload: Any, *, max_accuracy_drop: float | None = None,
+                 timing: Any = None, instruments: Sequence[Any] | None = None, verbose: bool = True) -> RunResult:
+    """Run `pipeline` on `workload` (a name or a workload), measured and gated; see `Pipeline.run`."""
+    from .bench.report import Step
+
+    workload = resolve_workload(workload)
+    if max_accuracy_drop is not None and not max_accuracy_drop >= 0:
+        raise OptistackError(f"max_accuracy_drop must be >= 0 (e.g. 0.01 for 1%); got {max_accuracy_drop!r}")
+    if instruments is None:
+        instruments = default_instruments(max_accuracy_drop, timing, verbose)
+    else:
+        instruments = with_gate(list(instruments), max_accuracy_drop)
+    report = new_report(workload, str(pipeline), max_accuracy_drop)
+    ctx = PassContext(workload=workload, device=device_of(workload.model))
+    state = RunState(workload=workload, original=workload.model, current=workload.model,
+                     form=getattr(pipeline, "start_form", MODULE), ctx=ctx, report=report)
+    Runner(instruments, Step).run_all(pipeline.passes, state)
+    return RunResult(model=state.current, report=report, original=state.original, pipeline=pipeline)
