@@ -1,31 +1,36 @@
 """Save an optimized model once, load it many times: safetensors + a JSON manifest, never pickle.
 
-The manifest names the base architecture (a transformers class + its config, or "user" when the
-caller supplies a fresh instance at load time), the applied steps, and every submodule the pipeline
-replaced. Replacements are rebuilt only from an allowlist: optistack modules that implement
-`optistack_spec()` / `from_optistack_spec(spec)`, and plain `torch.nn.Linear` (shrunk by pruning).
-Passes whose effect lives outside tensors (hooks, compilation) set `reapply_on_load` and run again.
+The manifest names the base architecture (a transformers model class + its config, or "user" when
+the caller supplies a fresh instance at load time), the applied steps, every submodule the pipeline
+replaced, and a SHA-256 of every file and of itself. A model that is no longer a torch module (an
+ONNX Runtime session, a TensorRT engine) saves itself through `save_to` / `session_options` /
+`load_from`.
 
-A model that is no longer a torch module (an ONNX Runtime session, a TensorRT engine) saves itself:
-its class implements `save_to(folder) -> file name`, `session_options()` and the classmethod
-`load_from(folder, file, options)`; the manifest names that class (optistack classes only) and
-the file, and loading rebuilds the same runtime object with the same options.
+Loading trusts nothing in the folder (see docs/saving-and-loading.md): checksums first
+(checksums.py), then only classes, spec keys and options named in load_registry.py, tensors checked
+against the model on the meta device (load_tensors.py) before anything is allocated or filled. Every
+refusal is one `LoadError` naming the file or manifest key; nothing the folder says is imported,
+executed or written.
 """
 from __future__ import annotations
 
-import importlib
-import json
+import contextlib
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from .errors import OptistackError
+from .checksums import FORMAT, MANIFEST, listed, read_manifest, verify_files, write_manifest
+from .errors import LoadError, OptistackError
+from .load_registry import (MODULES, RUNTIMES, check_config, check_reapply, class_name, lookup, registered,
+                            spec_fields, transformers_class, transformers_model_names)
+from .load_schema import check_fields, list_of, short, text
+from .load_tensors import MAX_NON_PERSISTENT_BYTES, check_against, expected_state, non_persistent_bytes, read_header
 from .pass_protocol import COMPILED, MODULE, PassContext
 from .registry import get_pass_class
 
-FORMAT = "optistack.model/1"
-MANIFEST = "optistack.json"
+__all__ = ["FORMAT", "MANIFEST", "WEIGHTS", "save_model", "load_model"]
 WEIGHTS = "model.safetensors"
 
 
@@ -36,24 +41,45 @@ def _module(model: Any) -> torch.nn.Module:
     return module
 
 
+def _own_shapes(m: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    return [(n, tuple(t.shape)) for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]]
+
+
+def _shape_spec(mod: torch.nn.Module) -> dict[str, Any] | None:
+    """Spec of a plain layer the registry rebuilds at any shape (a pruned Linear / Conv1D), else None."""
+    name = class_name(mod)
+    if name == "torch.nn.Linear" and registered(MODULES, mod):
+        return {"class": name, "spec": {"in_features": mod.in_features, "out_features": mod.out_features,
+                                        "bias": mod.bias is not None}}
+    if name == "transformers.pytorch_utils:Conv1D" and registered(MODULES, mod):
+        nx, nf = mod.weight.shape
+        return {"class": name, "spec": {"nf": int(nf), "nx": int(nx)}}
+    return None
+
+
 def _replacements(original: torch.nn.Module, final: torch.nn.Module) -> dict[str, dict[str, Any]]:
     before = dict(original.named_modules())
     out: dict[str, dict[str, Any]] = {}
     for name, mod in final.named_modules():
         old = before.get(name)
-        same_type = old is not None and type(old) is type(mod)
-        if isinstance(mod, torch.nn.Linear) and type(mod) is torch.nn.Linear:
-            if same_type and old.weight.shape == mod.weight.shape:
-                continue
-            out[name] = {"class": "torch.nn.Linear", "spec": {
-                "in_features": mod.in_features, "out_features": mod.out_features, "bias": mod.bias is not None}}
-        elif not same_type:
-            spec = getattr(mod, "optistack_spec", None)
-            if spec is None:
+        if old is not None and type(old) is type(mod) and _own_shapes(old) == _own_shapes(mod):
+            continue
+        entry = _shape_spec(mod)
+        if entry is None and old is not None and type(old) is type(mod):
+            raise OptistackError(f"cannot save: module '{name}' ({type(mod).__name__}) changed the shape of its "
+                                 "weights and optistack.load cannot rebuild it at the new shape")
+        if entry is None:
+            key = registered(MODULES, mod)
+            if key is None or not hasattr(mod, "optistack_spec"):
                 raise OptistackError(
-                    f"cannot save: module '{name}' became {type(mod).__module__}.{type(mod).__qualname__}, which has "
-                    "no safe serialization (optistack modules implement optistack_spec())")
-            out[name] = {"class": f"{type(mod).__module__}:{type(mod).__qualname__}", "spec": spec()}
+                    f"cannot save: module '{name}' became {type(mod).__module__}.{type(mod).__qualname__}, which "
+                    "optistack.load cannot rebuild (loadable classes are listed in optistack/core/load_registry.py)")
+            entry = {"class": key, "spec": mod.optistack_spec()}
+        try:
+            spec_fields(MODULES[entry["class"]], entry["spec"], f"replaced[{name!r}].spec")
+        except LoadError as exc:
+            raise OptistackError(f"cannot save: {exc} (update the schema in core/load_registry.py)") from None
+        out[name] = entry
     return out
 
 
@@ -76,21 +102,37 @@ def _plain_state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
     return tensors, aliases
 
 
+def _base_entry(base: torch.nn.Module) -> dict[str, Any]:
+    """A transformers model class by its exact name when load can rebuild it from its config, else 'user'."""
+    cls, config = type(base), getattr(base, "config", None)
+    if cls.__module__.startswith("transformers.") and config is not None and hasattr(config, "to_dict"):
+        if cls.__name__ in transformers_model_names():
+            return {"library": "transformers", "class": cls.__name__, "config": config.to_dict()}
+    return {"library": "user", "class": f"{cls.__module__}:{cls.__qualname__}"}
+
+
+def _steps(applied: list[Any]) -> list[dict[str, Any]]:
+    return [{"pass": s.pass_name, "config": s.config, "info": s.info} for s in applied]
+
+
 def _save_runtime(out: Path, model: Any, applied: list[Any], workload: dict[str, Any]) -> Path:
     """An exported model (ONNX / engine): its file(s) plus a manifest naming the class that reloads it."""
-    cls = type(model)
-    if not cls.__module__.startswith("optistack."):
-        raise OptistackError(f"cannot save a {cls.__name__}: only optistack runtime models save themselves")
+    key = registered(RUNTIMES, model)
+    if key is None:
+        raise OptistackError(f"cannot save a {type(model).__name__}: only optistack's runtime models save themselves "
+                             f"({', '.join(sorted(RUNTIMES))})")
+    entry = RUNTIMES[key]
+    options = model.session_options()
+    try:
+        check_fields(options, entry.fields, entry.required, "runtime.options", entry.attr)
+    except LoadError as exc:
+        raise OptistackError(f"cannot save: {exc} (update the schema in core/load_registry.py)") from None
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {
-        "format": FORMAT,
-        "pipeline": ",".join(s.text for s in applied),
-        "steps": [{"pass": s.pass_name, "config": s.config, "info": s.info} for s in applied],
-        "runtime": {"class": f"{cls.__module__}:{cls.__qualname__}", "file": model.save_to(str(out)),
-                    "options": model.session_options()},
-        "workload": workload,
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    written = model.save_to(str(out))
+    files = [written] if isinstance(written, str) else list(written)
+    manifest = {"format": FORMAT, "pipeline": ",".join(s.text for s in applied), "steps": _steps(applied),
+                "runtime": {"class": key, "file": files[0], "options": options}, "workload": workload}
+    write_manifest(out, manifest, files)
     return out
 
 
@@ -106,79 +148,192 @@ def save_model(path: str | Path, model: Any, original: Any, steps: list[Any], wo
         return _save_runtime(Path(path), model, applied, workload)
     final, base = _module(model), _module(original)
     tensors, aliases = _plain_state(final)
-    config = getattr(base, "config", None)
-    manifest = {
-        "format": FORMAT,
-        "pipeline": ",".join(s.text for s in applied),
-        "steps": [{"pass": s.pass_name, "config": s.config, "info": s.info} for s in applied],
-        "base": ({"library": "transformers", "class": type(base).__name__, "config": config.to_dict()}
-                 if config is not None and hasattr(config, "to_dict") else
-                 {"library": "user", "class": f"{type(base).__module__}:{type(base).__qualname__}"}),
-        "replaced": _replacements(base, final),
-        "aliases": aliases,
-        "workload": workload,
-    }
+    manifest = {"format": FORMAT, "pipeline": ",".join(s.text for s in applied), "steps": _steps(applied),
+                "base": _base_entry(base), "replaced": _replacements(base, final), "aliases": aliases,
+                "workload": workload}
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    write_manifest(out, manifest, [WEIGHTS])
     return out
 
 
-def _base_model(base: dict[str, Any]) -> torch.nn.Module:
-    if base["library"] != "transformers":
-        raise OptistackError(f"this model was saved from a user module ({base['class']}); "
-                             "pass a freshly built instance: optistack.load(path, model=MyModel(...))")
-    import transformers
+# ---------------------------------------------------------------------------------------------- load
 
-    cls = getattr(transformers, base["class"], None)
-    if cls is None:
-        raise OptistackError(f"transformers has no class {base['class']}; upgrade transformers to load this model")
-    return cls(cls.config_class.from_dict(base["config"])).eval()
+def _one_line(exc: BaseException) -> str:
+    text_ = " ".join(str(exc).split())
+    return text_ if len(text_) <= 300 else text_[:297] + "..."
 
 
-def _build_replacement(entry: dict[str, Any]) -> torch.nn.Module:
-    if entry["class"] == "torch.nn.Linear":
-        s = entry["spec"]
-        return torch.nn.Linear(s["in_features"], s["out_features"], bias=s["bias"])
-    module_name, _, qualname = entry["class"].partition(":")
-    if not module_name.startswith("optistack."):
-        raise OptistackError(f"refusing to build {entry['class']}: only optistack modules and torch.nn.Linear load")
-    cls = getattr(importlib.import_module(module_name), qualname)
-    return cls.from_optistack_spec(entry["spec"])
+@contextlib.contextmanager
+def _guard(where: str) -> Iterator[None]:
+    """Any failure inside becomes one LoadError saying where it happened."""
+    try:
+        yield
+    except LoadError:
+        raise
+    except OptistackError as exc:
+        raise LoadError(f"{where}: {_one_line(exc)}") from exc
+    except Exception as exc:  # whatever a rebuild raises is reported, never let through raw
+        raise LoadError(f"{where}: {type(exc).__name__}: {_one_line(exc)}") from exc
+
+
+def _any(v: Any) -> str | None:
+    return None
+
+
+def _obj(v: Any) -> str | None:
+    return None if type(v) is dict else f"must be an object, got {short(v)}"
+
+
+def _module_name(v: Any) -> str | None:
+    ok = type(v) is str and 0 < len(v) <= 1000 and all(v.split("."))
+    return None if ok else f"must be a dotted submodule name, got {short(v)}"
+
+
+def _name_map(v: Any) -> str | None:
+    if type(v) is not dict or len(v) > 1 << 20:
+        return f"must be an object, got {short(v)}"
+    bad = next((k for k, x in v.items() if _module_name(k) or type(x) is not str), None)
+    return None if bad is None else f"entry {short(bad)} must map a tensor name to a tensor name"
+
+
+_STEP = {"pass": text(100), "config": _obj, "info": _any}
+_COMMON = {"format": _any, "pipeline": text(100_000), "steps": list_of(_obj, 1000), "workload": _obj, "integrity": _any}
+_MODULE_TOP = {**_COMMON, "base": _obj, "replaced": _obj, "aliases": _name_map}
+_RUNTIME_TOP = {**_COMMON, "runtime": _obj}
 
 
 def load_model(path: str | Path, model: torch.nn.Module | None = None) -> Any:
-    """Rebuild a model saved by `RunResult.save`; outputs are bit-identical to the saved model's."""
+    """Rebuild a model saved by `RunResult.save`; outputs are bit-identical to the saved model's.
+    Anything wrong with the folder is one `LoadError`; see docs/saving-and-loading.md for what is trusted."""
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise LoadError(f"model= must be a freshly built torch.nn.Module, got {type(model).__name__}")
+    try:
+        folder = Path(os.path.realpath(path))
+        manifest = read_manifest(folder)
+        files = verify_files(folder, manifest)
+        if "runtime" in manifest:
+            return _load_runtime(folder, manifest, files)
+        return _load_module(manifest, files, model)
+    except OptistackError as exc:
+        raise LoadError(f"cannot load {path}: {_one_line(exc)}") from None
+    except Exception as exc:  # the last net: nothing else escapes optistack.load
+        raise LoadError(f"cannot load {path}: {type(exc).__name__}: {_one_line(exc)}") from exc
+
+
+def _load_runtime(folder: Path, manifest: dict[str, Any], files: dict[str, Path]) -> Any:
+    import posixpath
+
+    check_fields(manifest, _RUNTIME_TOP, set(_RUNTIME_TOP) - {"workload"}, MANIFEST)
+    _check_steps(manifest["steps"], reapply=False)
+    runtime = check_fields(manifest["runtime"], {"class": text(200), "file": text(1024), "options": _obj},
+                           {"class", "file", "options"}, "runtime")
+    entry = lookup(RUNTIMES, runtime["class"], "runtime.class")
+    options = check_fields(runtime["options"], entry.fields, entry.required, "runtime.options", entry.attr)
+    main = listed(files, runtime["file"], "runtime.file")
+    if entry.references is not None:
+        with _guard(f"{runtime['file']}: reading the graph"):
+            refs = entry.references(main)
+        base = posixpath.dirname(runtime["file"])
+        for ref in refs:
+            listed(files, posixpath.join(base, ref) if base else ref, f"{runtime['file']}: external data")
+    with _guard(f"runtime.class {entry.attr}: rebuilding from {runtime['file']}"):
+        return entry.resolve().load_from(str(folder), runtime["file"], dict(options))
+
+
+def _check_steps(steps: list[dict[str, Any]], reapply: bool) -> list[tuple[type, dict[str, Any]]]:
+    """The steps to run again on load, each checked against REAPPLY; the others are only validated."""
+    out: list[tuple[type, dict[str, Any]]] = []
+    form = MODULE
+    for i, step in enumerate(steps):
+        where = f"steps[{i}]"
+        check_fields(step, _STEP, {"pass", "config"}, where)
+        with _guard(f"{where}.pass"):
+            cls = get_pass_class(step["pass"])
+        again = getattr(cls, "reapply_on_load", False) or (getattr(cls, "gives", None) == COMPILED and form == MODULE)
+        if reapply and again:
+            check_reapply(step["pass"], cls, step["config"], where)
+            with _guard(f"{where}.config"):
+                cls(**step["config"])  # options checked by the pass's own config now, not half-way through
+            out.append((cls, step["config"]))
+        form = getattr(cls, "gives", None) or form
+    return out
+
+
+def _load_module(manifest: dict[str, Any], files: dict[str, Path], model: torch.nn.Module | None) -> Any:
     from safetensors.torch import load_file
 
-    folder = Path(path)
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise OptistackError(f"{folder} holds no {MANIFEST}: not a model saved by optistack") from None
-    if manifest.get("format") != FORMAT:
-        raise OptistackError(f"{folder}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
-    if "runtime" in manifest:
-        runtime = manifest["runtime"]
-        module_name, _, qualname = runtime["class"].partition(":")
-        if not module_name.startswith("optistack."):
-            raise OptistackError(f"refusing to load {runtime['class']}: only optistack runtime models load")
-        cls = getattr(importlib.import_module(module_name), qualname)
-        return cls.load_from(str(folder), runtime["file"], runtime["options"])
-    module = model if model is not None else _base_model(manifest["base"])
-    for name, entry in manifest["replaced"].items():
-        module.set_submodule(name, _build_replacement(entry))
-    state = load_file(str(folder / WEIGHTS))
+    check_fields(manifest, _MODULE_TOP, set(_MODULE_TOP) - {"workload"}, MANIFEST)
+    reapply = _check_steps(manifest["steps"], reapply=True)
+    weights = listed(files, WEIGHTS, "integrity.files")
+    header = read_header(weights, WEIGHTS)
+    base = check_fields(manifest["base"], {"library": text(32), "class": text(300), "config": _obj},
+                        {"library", "class"}, "base")
+    build_base = None
+    if model is None:
+        if base["library"] != "transformers":
+            raise LoadError(f"this model was saved from a user module ({short(base['class'])}); "
+                            "pass a freshly built instance: optistack.load(path, model=MyModel(...))")
+        cls = transformers_class(base["class"], "base.class")
+        config = check_config(cls, base.get("config"), "base.config")
+
+        def build_base() -> torch.nn.Module:
+            with _guard(f"base: building {cls.__name__} from base.config"):
+                return cls(cls.config_class.from_dict(_copy(config)))
+
+        with torch.device("meta"):
+            skeleton = build_base()
+        extra = non_persistent_bytes(skeleton)
+        if extra > MAX_NON_PERSISTENT_BYTES:
+            raise LoadError(f"base.config: the model would hold {extra} bytes of buffers that {WEIGHTS} does not store")
+    else:
+        skeleton = model
+    entries = _replacement_entries(manifest["replaced"])
+    with torch.device("meta"):
+        on_meta = [(name, _build(entry, spec, name)) for name, entry, spec in entries]
+    check_against(expected_state(skeleton, on_meta), header, manifest["aliases"], WEIGHTS)
+    # Everything is consistent: allocate for real. The caller's model is changed only from here on.
+    real = [(name, _build(entry, spec, name)) for name, entry, spec in entries]
+    with _guard(f"{WEIGHTS}: reading tensors"):
+        state = load_file(str(weights))
+    module = build_base().eval() if build_base is not None else model
+    for name, replacement in real:
+        module.set_submodule(name, replacement)
     for alias, target in manifest["aliases"].items():
         state[alias] = state[target]
-    module.load_state_dict(state, strict=True, assign=True)
+    with _guard(f"{WEIGHTS}: filling the model"):
+        module.load_state_dict(state, strict=True, assign=True)
     module.eval()
     result: Any = module
-    form = MODULE
-    for step in manifest["steps"]:
-        p = get_pass_class(step["pass"])(**step["config"])
-        if getattr(p, "reapply_on_load", False) or (p.gives == COMPILED and form == MODULE):
-            result = p.apply(result, PassContext()).model
-        form = p.gives or form
+    for pass_cls, options in reapply:
+        with _guard(f"steps: re-applying '{pass_cls.name}'"):
+            result = pass_cls(**options).apply(result, PassContext()).model
     return result
+
+
+def _copy(config: dict[str, Any]) -> dict[str, Any]:
+    import copy
+
+    return copy.deepcopy(config)
+
+
+def _replacement_entries(replaced: dict[str, Any]) -> list[tuple[str, Any, dict[str, Any]]]:
+    out = []
+    for name, raw in replaced.items():
+        where = f"replaced[{short(name)}]"
+        why = _module_name(name)
+        if why:
+            raise LoadError(f"{where}: {why}")
+        item = check_fields(raw, {"class": text(300), "spec": _obj}, {"class", "spec"}, where)
+        entry = lookup(MODULES, item["class"], f"{where}.class")
+        out.append((name, entry, spec_fields(entry, item["spec"], f"{where}.spec")))
+    return out
+
+
+def _build(entry: Any, spec: dict[str, Any], name: str) -> torch.nn.Module:
+    with _guard(f"replaced[{name!r}]: building {entry.attr}"):
+        built = entry.build(entry.resolve(), dict(spec))
+    if not isinstance(built, torch.nn.Module):
+        raise LoadError(f"replaced[{name!r}]: {entry.attr} did not build a module")
+    return built

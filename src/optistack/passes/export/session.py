@@ -26,6 +26,11 @@ _NP_TYPES = {
 }
 
 
+# What `session_options` writes and `load_from` takes back (core/load_registry.py checks their values)
+_LOADED_OPTIONS = ("intra_op_threads", "inter_op_threads", "execution_mode", "graph_optimization", "spin", "provider",
+                   "meta")
+
+
 class OrtModel:
     """Callable wrapper of `onnxruntime.InferenceSession(path)`; keeps `keepalive` (e.g. a temp dir) alive."""
 
@@ -93,17 +98,32 @@ class OrtModel:
 
     @classmethod
     def load_from(cls, folder: str, file: str, options: dict[str, Any]) -> "OrtModel":
-        """The model `save_to` wrote, with the saved session options (`optistack.load`)."""
-        return cls(os.path.join(folder, file), **options)
+        """The model `save_to` wrote, with the saved session options (`optistack.load`). Only the keys
+        `session_options` writes are taken: never a path ONNX Runtime would write to, nor providers."""
+        unknown = sorted(set(options) - set(_LOADED_OPTIONS))
+        if unknown:
+            raise ValueError(f"OrtModel: option(s) {', '.join(map(repr, unknown))} are not loaded from a saved folder "
+                             f"(allowed: {', '.join(_LOADED_OPTIONS)})")
+        return cls(os.path.join(folder, file), **{k: options[k] for k in _LOADED_OPTIONS if k in options})
 
-    def save_to(self, folder: str) -> str:
-        """Copy the graph and every external-data file it references into `folder`; returns the file name."""
+    def save_to(self, folder: str) -> list[str]:
+        """Copy the graph and every external-data file it references into `folder`; returns their names,
+        the graph first. A reference that is not a plain relative name inside the graph's folder is refused."""
+        from ...core.checksums import safe_name
+
         os.makedirs(folder, exist_ok=True)
         name = os.path.basename(self.path)
         shutil.copy2(self.path, os.path.join(folder, name))
+        written = [name]
         for extra in self._external_files():
-            shutil.copy2(os.path.join(os.path.dirname(self.path), extra), os.path.join(folder, extra))
-        return name
+            why = safe_name(extra)
+            if why:
+                raise ValueError(f"OrtModel: cannot save {name}: its external data {why}")
+            target = os.path.join(folder, *extra.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy2(os.path.join(os.path.dirname(self.path), *extra.split("/")), target)
+            written.append(extra)
+        return written
 
     def _external_files(self) -> list[str]:
         import onnx

@@ -221,8 +221,12 @@ class EngineModel:
 
     @classmethod
     def load_from(cls, folder: str, file: str, options: dict[str, Any]) -> "EngineModel":
+        """The engine `save_to` wrote (`optistack.load`); `output_names` is the only option taken."""
+        names = options.get("output_names")
+        if set(options) != {"output_names"} or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"EngineModel: options must be exactly {{'output_names': [str, ...]}}, got keys {sorted(options)}")
         path = os.path.join(folder, file)
-        return cls(Path(path).read_bytes(), options["output_names"], path)
+        return cls(Path(path).read_bytes(), list(names), path)
 
     def model_bytes(self) -> int:
         return os.path.getsize(self.path) if self.path and os.path.exists(self.path) else 0
