@@ -49,3 +49,52 @@ def test_report_rerenders_a_saved_report_in_every_format(tmp_path, capsys):
     png = tmp_path / "r.png"
     assert main(["report", str(path), "--format", "png", "-o", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_empty_pipeline_is_exit_2_with_one_line_before_a_model_loads(capsys, monkeypatch):
+    import optistack.workloads
+
+    def never(*a, **k):
+        raise AssertionError("the model must not load for an empty pipeline")
+
+    monkeypatch.setattr(optistack.workloads, "load", never)
+    for text in ("", "   ", "\t"):
+        for command in ("run", "demo"):
+            assert main([command, "--pipeline", text]) == 2
+            err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("optistack: error")]
+            assert len(err) == 1 and "pipeline is empty" in err[0]
+
+
+def test_verbose_prints_the_traceback_of_a_failed_step(capsys, monkeypatch, tmp_path):
+    import optistack.cli
+    import optistack.workloads
+    from optistack.core.pass_protocol import ConfiguredPass
+    from optistack.core.registry import register_pass, unregister_pass
+    from optistack.workloads.generic import GenericWorkload
+
+    class Crash(ConfiguredPass):
+        name = "test-cli-crash"
+
+        def apply(self, model, ctx):
+            return _crash_inside_the_pass()
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()).eval()
+    monkeypatch.setattr(optistack.workloads, "load", lambda name, *a, **k: GenericWorkload(model, torch.randn(4, 16)))
+    monkeypatch.setattr(optistack.cli, "_timing", lambda quick: TimingConfig(warmup=1, min_rounds=3, max_rounds=3))
+    register_pass(Crash)
+    try:
+        out_json = tmp_path / "r.json"
+        assert main(["run", "--pipeline", "test-cli-crash,identity", "--json", str(out_json)]) == 0
+        assert "_crash_inside_the_pass" not in capsys.readouterr().err  # quiet without --verbose
+        assert main(["run", "--pipeline", "test-cli-crash,identity", "--verbose"]) == 0
+        err = capsys.readouterr().err
+        assert "#1 test-cli-crash failed: KeyError: 'no such layer'" in err
+        assert "Traceback (most recent call last)" in err and "_crash_inside_the_pass" in err
+        step = json.loads(out_json.read_text())["steps"][0]
+        assert step["status"] == "failed" and "_crash_inside_the_pass" in step["traceback"]
+    finally:
+        unregister_pass(Crash.name)
+
+
+def _crash_inside_the_pass():
+    raise KeyError("no such layer")

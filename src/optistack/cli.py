@@ -26,19 +26,32 @@ def _write_outputs(report, args) -> None:
 
 
 def cmd_run(args) -> int:
+    from .checks import check_pipeline, check_pipeline_text
     from .core.pipeline import Pipeline
     from .workloads import load
 
+    check_pipeline_text(args.pipeline)
     pipeline = Pipeline.parse(args.pipeline)  # parse first: a typo fails before a model loads
+    check_pipeline(pipeline)
     workload = load(args.model)
     result = pipeline.run(workload, max_accuracy_drop=args.max_accuracy_drop, timing=_timing(args.quick))
     result.report.print()
+    if getattr(args, "verbose", False):
+        _print_tracebacks(result.report)
     _write_outputs(result.report, args)
     return 0
 
 
+def _print_tracebacks(report) -> None:
+    """--verbose: the traceback of every failed step, after the report (the JSON keeps them too)."""
+    from .bench.render.format import traceback_blocks
+
+    for block in traceback_blocks(report):
+        print(block, file=sys.stderr)
+
+
 def cmd_demo(args) -> int:
-    args.pipeline = args.pipeline or DEMO_PIPELINE
+    args.pipeline = DEMO_PIPELINE if args.pipeline is None else args.pipeline
     print(f"optistack demo: optimizing the bundled {args.model} with '{args.pipeline}', "
           f"accuracy budget {args.max_accuracy_drop:g}", file=sys.stderr)
     return cmd_run(args)
@@ -168,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--markdown", help="write the report as markdown here")
         p.add_argument("--plot", help="write a speedup/accuracy PNG here")
         p.add_argument("--quick", action="store_true", help="fewer timing rounds (wider CIs)")
+        p.add_argument("--verbose", "-v", action="store_true",
+                       help="after the report, print the full traceback of every failed step")
 
     add_run_args(sub.add_parser("run", help="run a pipeline on a workload and print the report"), True)
     add_run_args(sub.add_parser("demo", help="optimize a bundled real model and print the report"), False)

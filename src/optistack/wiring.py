@@ -73,6 +73,9 @@ def run_pipeline(pipeline: Any, workload: Any, *, max_accuracy_drop: float | Non
     """Run `pipeline` on `workload` (a name or a workload), measured and gated; see `Pipeline.run`."""
     from .bench.report import Step
 
+    from .checks import check_pipeline
+
+    check_pipeline(pipeline)
     workload = resolve_workload(workload)
     if max_accuracy_drop is not None and not max_accuracy_drop >= 0:
         raise OptistackError(f"max_accuracy_drop must be >= 0 (e.g. 0.01 for 1%); got {max_accuracy_drop!r}")

@@ -311,3 +311,9 @@ def final_line(report: Report) -> str:
         acc += f" (original {fmt_acc(base)}, Δ {fmt_delta(final - base)})"
     return (f"final: {speed} vs the original · {acc} · "
             f"{len(applied)} of {len(report.steps)} passes applied")
+
+
+def traceback_blocks(report: Report) -> list[str]:
+    """One block per failed step that kept its traceback: a header line naming the step, then the trace."""
+    return [f"--- #{i} {s.text or s.pass_name} failed: {one_line(s.reason)}\n{s.traceback.rstrip()}"
+            for i, s in enumerate(report.steps, 1) if s.status == "failed" and getattr(s, "traceback", None)]

@@ -65,6 +65,10 @@ def render_markdown(report: Report) -> str:
         notes.append(f"- ⚠ {md_escape(noisy)}")
     if notes:
         out += notes + [""]
+    for block in f.traceback_blocks(report):  # a failed step's evidence, folded so the table stays first
+        head, _, trace = block.partition("\n")
+        out += [f"<details><summary>{md_escape(head.strip('- '))}</summary>", "", "```", trace, "```", "",
+                "</details>", ""]
 
     extras = f.extras_table(report)
     if extras:

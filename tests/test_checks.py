@@ -1,0 +1,101 @@
+"""optimize() checks its inputs before anything runs, and hands the caller's model back exactly as it was."""
+import hashlib
+
+import pytest
+import torch
+
+import optistack as ost
+from optistack.bench.timer import TimingConfig
+from optistack.core.errors import OptistackError, PipelineParseError
+
+FAST = TimingConfig(warmup=1, min_rounds=4, max_rounds=6, max_seconds=3)
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(16, 32)
+        self.drop = torch.nn.Dropout(0.1)
+        self.norm = torch.nn.BatchNorm1d(32)
+        self.b = torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.b(self.norm(self.drop(self.a(x))))
+
+
+def checksum(model):
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def optimize(model, x, pipeline="identity", **kw):
+    return ost.optimize(model, x, pipeline, timing=FAST, verbose=False, **kw)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t "])
+def test_an_empty_pipeline_is_one_clear_error(text):
+    with pytest.raises(PipelineParseError, match="pipeline is empty"):
+        optimize(Net().eval(), torch.randn(4, 16), text)
+
+
+def test_a_pipeline_object_with_no_passes_is_refused():
+    with pytest.raises(PipelineParseError, match="no passes"):
+        optimize(Net().eval(), torch.randn(4, 16), ost.Pipeline([]))
+
+
+def test_a_model_on_the_meta_device_is_one_clear_error():
+    with torch.device("meta"):
+        model = Net()
+    with pytest.raises(OptistackError, match="meta device.*'a.weight'"):
+        optimize(model, torch.randn(4, 16))
+
+
+@pytest.mark.parametrize("bad, what", [
+    (torch.empty(4, 16, device="meta"), "meta device"),
+    ((torch.empty(4, 16, device="meta"),), "meta device"),
+    ({"x": torch.empty(4, 16, device="meta")}, "meta device"),
+    (torch.randn(0, 16), "empty tensor"),
+    ((torch.randn(0, 16),), "empty tensor"),
+    (torch.randn(4, 0), "empty tensor"),
+    ((), "is empty"),
+    ([], "is empty"),
+    ({}, "is empty"),
+    (None, "is None"),
+])
+def test_bad_inputs_are_one_clear_error_and_the_model_is_untouched(bad, what):
+    model = Net().train()
+    before = checksum(model)
+    with pytest.raises(OptistackError, match=what):
+        optimize(model, bad)
+    assert checksum(model) == before and model.training
+
+
+def test_empty_eval_inputs_are_refused():
+    with pytest.raises(OptistackError, match=r"eval_inputs\[1\].*empty tensor"):
+        optimize(Net().eval(), torch.randn(4, 16), eval_inputs=[torch.randn(4, 16), torch.randn(0, 16)])
+
+
+def test_the_callers_model_comes_back_exactly_as_it_was():
+    model = Net().train()
+    model.norm.eval()  # a mix of modes, which .train()/.eval() on the root would flatten
+    model.a.weight.requires_grad_(False)
+    modes = {n: m.training for n, m in model.named_modules()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = checksum(model)
+    result = optimize(model, torch.randn(8, 16), "identity,prune-magnitude{sparsity=0.3}")
+    assert [s.status for s in result.report.steps] == ["applied", "applied"]
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert checksum(model) == before
+    assert not result.model.training  # the optimized copy is for inference
+
+
+def test_the_callers_mode_is_restored_when_the_run_raises():
+    model = Net().train()
+    with pytest.raises(ost.WorkloadError):  # eval_fn without a direction, refused while building the workload
+        optimize(model, torch.randn(4, 16), eval_fn=lambda m: 1.0)
+    assert model.training and all(m.training for m in model.modules())
