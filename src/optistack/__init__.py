@@ -67,6 +67,15 @@ def __dir__() -> list[str]:
     return __all__
 
 
-from .core.run import set_default_wiring as _set_default_wiring  # noqa: E402  (lean: core imports no torch)
+def _expand_preset(name: str) -> str:
+    from .presets import expand_preset
+
+    return expand_preset(name)
+
+
+# Core imports nothing above it: the layer above installs the defaults it calls (lean: no torch here).
+from .core.pipeline import set_preset_expander as _set_preset_expander  # noqa: E402
+from .core.run import set_default_wiring as _set_default_wiring  # noqa: E402
 
 _set_default_wiring(_run_with_default_wiring)
+_set_preset_expander(_expand_preset)

@@ -6,12 +6,21 @@ is refused with a message naming both, before anything runs.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from .errors import OptistackError, PipelineParseError
 from .pass_protocol import MODULE, PassContext, PassResult, form_after, pass_text
 from .registry import get_pass_class
 from .syntax import parse_pipeline_text
+
+_preset_expander: Callable[[str], str] | None = None  # set by the API layer: core imports nothing above it
+
+
+def set_preset_expander(fn: Callable[[str], str]) -> None:
+    """Called by `optistack/__init__.py`: how `@name` in pipeline text expands (`optistack.presets`)."""
+    global _preset_expander
+    _preset_expander = fn
+
 
 _FORM_WORDS = {"module": "an eager torch module", "compiled": "a torch.compile'd model",
                "onnx": "an ONNX Runtime model", "engine": "a TensorRT engine"}
@@ -31,15 +40,16 @@ class Pipeline:
 
     @classmethod
     def parse(cls, text: str, start_form: str = MODULE) -> "Pipeline":
-        """Build from pipeline text; `@name` presets expand for this machine (`optistack.presets`, the
-        one module above core that core reaches, lazily), and `str()` then prints the expansion."""
+        """Build from pipeline text; `@name` presets expand for this machine (`optistack.presets`,
+        installed from above with `set_preset_expander`), and `str()` then prints the expansion."""
         used: list[str] = []
 
         def expand(preset: str) -> str:
-            from ..presets import expand_preset
-
+            if _preset_expander is None:
+                raise PipelineParseError(f"'@{preset}' names a preset, but no presets are installed "
+                                         "(import optistack installs them)")
             used.append(preset)
-            return expand_preset(preset)
+            return _preset_expander(preset)
 
         passes = []
         for name, options in parse_pipeline_text(text, expand=expand):
@@ -75,7 +85,8 @@ class Pipeline:
 
     def run(self, workload: Any, *, max_accuracy_drop: float | None = None, timing: Any = None,
             instruments: Sequence[Any] | None = None, verbose: bool = True) -> Any:
-        """Apply every pass to `workload`'s model, measured by the benchmark instrument; see `core.run`."""
+        """Apply every pass to `workload` (a workload or its name), measured and gated by the default
+        instruments (benchmark, progress, gate; see `optistack.wiring`) through `core.run.Runner`."""
         from .run import run_pipeline
 
         result = run_pipeline(self, workload, max_accuracy_drop=max_accuracy_drop, timing=timing,
