@@ -30,16 +30,20 @@ class ChannelStats:
 
 
 def linear_layers(model: torch.nn.Module, skip: str = "") -> dict[str, torch.nn.Linear]:
+    """Linear layers by the one rule of `passes/linears.py` (nn.Linear and Conv1D) not matching `skip`."""
+    from .linears import is_linear
+
     pattern = re.compile(skip) if skip else None
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and not (pattern and pattern.search(name))}
+    return {name: m for name, m in model.named_modules() if is_linear(m) and not (pattern and pattern.search(name))}
 
 
 def input_channel_stats(model: torch.nn.Module, batches: Iterable[Any], layers: dict[str, torch.nn.Linear],
                         call: Callable[[torch.nn.Module, Any], Any] | None = None) -> dict[str, ChannelStats]:
     """Run `batches` through `model` (inputs as `(args, kwargs)`), summing |x| and x^2 per input channel."""
-    stats = {name: ChannelStats(torch.zeros(m.in_features, dtype=torch.float64),
-                                torch.zeros(m.in_features, dtype=torch.float64)) for name, m in layers.items()}
+    from .linears import features
+
+    stats = {name: ChannelStats(torch.zeros(features(m)[0], dtype=torch.float64),
+                                torch.zeros(features(m)[0], dtype=torch.float64)) for name, m in layers.items()}
 
     def hook_for(name: str):
         def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:

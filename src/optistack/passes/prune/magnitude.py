@@ -1,4 +1,7 @@
-"""`prune-magnitude`: zero the smallest-magnitude weights of nn.Linear layers (unstructured sparsity).
+"""`prune-magnitude`: zero the smallest-magnitude weights of linear layers (unstructured sparsity).
+
+Layers are picked by `passes/linears.py` (nn.Linear and transformers Conv1D); a weight tied to
+several modules is pruned once, for all of them.
 
 `scope=layer` zeroes the `sparsity` fraction of each layer's weights; `scope=global` ranks all
 eligible weights together, so layers with many small weights lose more. The zeros are written into
@@ -19,6 +22,7 @@ from typing import Any, Literal
 from ...core.config import PassConfig, check, check_regex
 from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
+from ..linears import is_linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,15 +42,11 @@ class MagnitudePruneConfig(PassConfig):
 
 def _eligible(model: Any, skip: str) -> list[tuple[str, Any]]:
     """Linear layers not matching `skip`, one per weight tensor (tied weights are pruned once)."""
-    import torch
-
     pattern = re.compile(skip) if skip else None
     seen: set[int] = set()
     out = []
     for name, m in model.named_modules():
-        if not isinstance(m, torch.nn.Linear) or not m.weight.is_floating_point():
-            continue
-        if type(m.weight.data) is not torch.Tensor:  # quantized / tensor-subclass weights
+        if not is_linear(m):  # also leaves out quantized / tensor-subclass weights
             continue
         if pattern is not None and pattern.search(name):
             continue
@@ -106,10 +106,9 @@ class MagnitudePrunePass(ConfiguredPass):
             raise PassApplyError(f"{self.name}: expected a torch.nn.Module, got {type(model).__name__}")
         layers = _eligible(model, self.config.skip)
         if not layers:
-            raise PassApplyError(
-                f"{self.name}: expected nn.Linear layers with float weights not matching "
-                f"skip={self.config.skip!r}; found none"
-            )
+            return PassResult(model, modified=False, info={"linears_pruned": 0, "reason": (
+                f"nothing to change: no nn.Linear or Conv1D layer with float weights outside "
+                f"skip={self.config.skip!r}")})
         s = self.config.sparsity
         with torch.no_grad():
             if self.config.scope == "layer":

@@ -24,6 +24,7 @@ from ...core.config import PassConfig, check, check_regex
 from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import need_cuda
+from ..linears import features, is_conv1d, weight_rows
 from .wanda import calibration_batches, eligible_linears, prune_with_stats, wanda_scores
 
 CPU_SPEED_PATH = "none on CPU: dense kernels, accuracy only"
@@ -84,10 +85,11 @@ class SemiStructuredPrunePass(ConfiguredPass):
         if not isinstance(model, torch.nn.Module):
             raise PassApplyError(f"{self.name}: expected a torch.nn.Module, got {type(model).__name__}")
         found = eligible_linears(model, self.config.skip)
-        layers = {n: m for n, m in found.items() if m.in_features % 4 == 0}
+        layers = {n: m for n, m in found.items() if features(m)[0] % 4 == 0}
         if not layers:
-            raise PassApplyError(f"{self.name}: expected nn.Linear layers with float weights, in_features a "
-                                 f"multiple of 4, not matching skip={self.config.skip!r}; found none")
+            return PassResult(model, modified=False, info={"linears_pruned": 0, "reason": (
+                f"nothing to change: no nn.Linear or Conv1D layer with float weights and in_features a multiple "
+                f"of 4 outside skip={self.config.skip!r} ({len(found)} layers with other widths)")})
         info: dict[str, Any] = {"score": self.config.score, "linears_pruned": len(layers),
                                 "linears_skipped_shape": len(found) - len(layers)}
         if self.config.score == "wanda":
@@ -95,13 +97,15 @@ class SemiStructuredPrunePass(ConfiguredPass):
                                           hint="; use score=magnitude to prune without data")
 
             def prune(_name: str, m: torch.nn.Linear, l2: torch.Tensor | None) -> None:
-                zero_two_of_four(m.weight, wanda_scores(m.weight, l2))
+                w = weight_rows(m)  # [out, in]; a view of a Conv1D's weight
+                zero_two_of_four(w, wanda_scores(w, l2))
 
             info.update(prune_with_stats(model, batches, layers, prune), calib_samples=len(batches))
         else:
             with torch.no_grad():
                 for m in layers.values():
-                    zero_two_of_four(m.weight, m.weight.detach().abs().float())
+                    w = weight_rows(m)
+                    zero_two_of_four(w, w.detach().abs().float())
         zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
         total = sum(m.weight.numel() for m in layers.values())
         info.update(sparsity=round(zeros / total, 6), weights_zeroed=zeros, weights_total=total)
@@ -118,6 +122,9 @@ class SemiStructuredPrunePass(ConfiguredPass):
         converted, backends, why = 0, set(), ""
         with torch.no_grad():
             for m in layers.values():
+                if is_conv1d(m):  # its forward is addmm with a [in, out] weight: no sparse kernel there
+                    why = why or "Conv1D layers stay dense"
+                    continue
                 sparse, backend = _to_sparse_kernel(m.weight)
                 if sparse is None:
                     why = why or backend

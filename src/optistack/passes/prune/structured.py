@@ -10,6 +10,10 @@ Recognized structures:
   the self-attention module's `num_attention_heads` and `all_head_size`.
 - Llama-style MLPs: `gate_proj`, `up_proj` -> `down_proj` (Llama, Mistral, Qwen2, SmolLM2, ...).
   Head pruning is not supported for these (grouped-query attention); `heads > 0` is refused.
+- MLP modules holding only the two (or three) projections and elementwise activations/dropout:
+  GPT-2 `c_fc -> c_proj` (transformers Conv1D), GPT-NeoX `dense_h_to_4h -> dense_4h_to_h`,
+  T5 `wi -> wo` and `wi_0, wi_1 -> wo`, `fc1 -> fc2` (CLIP/Phi-style MLPs, and OPT's decoder layer),
+  Phi-3's fused `gate_up_proj -> down_proj` (neuron j is rows j and j + width of gate_up_proj).
 - `nn.Sequential(..., Linear, <elementwise activation/dropout>..., Linear, ...)`.
 
 Importance of hidden neuron j = prod_i ||row j of first linear i|| * ||column j of the second linear||
@@ -17,7 +21,8 @@ Importance of hidden neuron j = prod_i ||row j of first linear i|| * ||column j 
 the output projection||. The least important `sparsity` fraction of neurons (`heads` fraction of
 heads) is removed in every block; at least one neuron and one head always remain.
 
-`model.config.intermediate_size` is updated when every pruned MLP ends at the same width, so
+`model.config.intermediate_size` (or `d_ff`, `n_inner`, `ffn_dim`) is updated when every pruned MLP
+ends at the same width, so
 `save_pretrained`/`from_pretrained` round-trips. A head-pruned BERT cannot be described by a
 BertConfig (head size is hidden_size / num_attention_heads), so its config is left unchanged and
 `info["config_reloadable"]` is false: reload it from a pickled module, not `from_pretrained`.
@@ -30,6 +35,14 @@ from typing import Any, Literal
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
+from ..linears import features, is_conv1d, is_linear, weight_rows
+
+# (first projections, second projection, kind) held by one MLP module; see the module docstring
+_PAIRS = ((("c_fc",), "c_proj", "gpt2"), (("dense_h_to_4h",), "dense_4h_to_h", "neox"),
+          (("wi",), "wo", "t5"), (("wi_0", "wi_1"), "wo", "t5"), (("fc1",), "fc2", "fc"),
+          (("gate_up_proj",), "down_proj", "fused"))
+_LAYERS_WITH_FC = ("OPTDecoderLayer",)  # decoder layers whose fc1 -> fc2 sit beside attention
+_CONFIG_WIDTH = ("intermediate_size", "d_ff", "n_inner", "ffn_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +67,7 @@ class StructuredPruneConfig(PassConfig):
 @dataclasses.dataclass
 class _Mlp:
     name: str
-    kind: str  # "bert" | "llama" | "sequential"
+    kind: str  # "bert" | "llama" | "sequential" | a `_PAIRS` kind ("fused": one first, gate rows then up rows)
     firsts: list[Any]  # linears producing the hidden neurons (rows are neurons)
     second: Any  # linear consuming them (columns are neurons)
 
@@ -83,6 +96,28 @@ def _plain_linear(m: Any) -> bool:
     return isinstance(m, torch.nn.Linear) and type(m.weight.data) is torch.Tensor
 
 
+def _elementwise(m: Any) -> bool:
+    """An activation or dropout acting on each neuron alone (transformers' activations included)."""
+    return isinstance(m, _elementwise_types()) or type(m).__name__.endswith("Activation")
+
+
+def _pair(name: str, m: Any) -> _Mlp | None:
+    """The `_PAIRS` MLP `m` holds, when nothing but elementwise modules sits beside its projections."""
+    for firsts, second, kind in _PAIRS:
+        mods = [getattr(m, a, None) for a in (*firsts, second)]
+        if not all(is_linear(x) for x in mods):
+            continue
+        others = [c for n, c in m.named_children() if n not in (*firsts, second)]
+        if type(m).__name__ in _LAYERS_WITH_FC and kind == "fc" or all(_elementwise(c) for c in others):
+            return _Mlp(name, kind, mods[:-1], mods[-1])
+    return None
+
+
+def _width(g: _Mlp) -> int:
+    """Hidden neurons of an MLP: the second projection's inputs."""
+    return features(g.second)[0]
+
+
 def _find_mlps(model: Any) -> list[_Mlp]:
     import torch
 
@@ -91,8 +126,11 @@ def _find_mlps(model: Any) -> list[_Mlp]:
     found: list[_Mlp] = []
     for name, m in mods.items():
         gate, up, down = (getattr(m, a, None) for a in ("gate_proj", "up_proj", "down_proj"))
+        pair = None if isinstance(m, torch.nn.Sequential) else _pair(name, m)
         if all(_plain_linear(x) for x in (gate, up, down)):
             found.append(_Mlp(name, "llama", [gate, up], down))
+        elif pair is not None:
+            found.append(pair)
         elif name.split(".")[-1] == "intermediate":
             prefix = name[: -len("intermediate")]
             first = getattr(m, "dense", None)
@@ -107,7 +145,11 @@ def _find_mlps(model: Any) -> list[_Mlp]:
                     j += 1
                 if j > i + 1 and j < len(children) and _plain_linear(first) and _plain_linear(children[j]):
                     found.append(_Mlp(f"{name}.{i}" if name else str(i), "sequential", [first], children[j]))
-    return [g for g in found if all(f.out_features == g.second.in_features for f in g.firsts)]
+    def fits(g: _Mlp) -> bool:
+        outs = [features(f)[1] for f in g.firsts]
+        return all(o == (2 if g.kind == "fused" else 1) * _width(g) for o in outs)
+
+    return [g for g in found if fits(g)]
 
 
 def _find_attention(model: Any) -> list[_Attention]:
@@ -132,16 +174,22 @@ def _norms(w: Any, dim: int, kind: str) -> Any:
 
 
 def _keep(lin: Any, idx: Any, dim: int) -> None:
-    """Keep only rows (dim=0: outputs) or columns (dim=1: inputs) `idx` of a Linear, in place."""
+    """Keep only outputs (dim=0) or inputs (dim=1) `idx` of a Linear or Conv1D, in place."""
     import torch
 
-    w = lin.weight
-    lin.weight = torch.nn.Parameter(w.data.index_select(dim, idx).contiguous(), requires_grad=w.requires_grad)
+    w, conv = lin.weight, is_conv1d(lin)
+    wdim = 1 - dim if conv else dim  # Conv1D stores [in, out]
+    lin.weight = torch.nn.Parameter(w.data.index_select(wdim, idx).contiguous(), requires_grad=w.requires_grad)
     if dim == 0:
         if lin.bias is not None:
             b = lin.bias
             lin.bias = torch.nn.Parameter(b.data.index_select(0, idx).contiguous(), requires_grad=b.requires_grad)
-        lin.out_features = idx.numel()
+        if conv:
+            lin.nf = idx.numel()
+        else:
+            lin.out_features = idx.numel()
+    elif conv:
+        lin.nx = idx.numel()
     else:
         lin.in_features = idx.numel()
 
@@ -157,16 +205,20 @@ def _top(scores: Any, k: int) -> Any:
 
 
 def _prune_mlp(g: _Mlp, fraction: float, kind: str) -> int:
-    n = g.second.in_features
+    import torch
+
+    n = _width(g)
     drop = _n_remove(fraction, n)
     if drop == 0:
         return 0
-    score = _norms(g.second.weight, 0, kind)
+    score = _norms(weight_rows(g.second), 0, kind)
     for f in g.firsts:
-        score = score * _norms(f.weight, 1, kind)
+        row_norms = _norms(weight_rows(f), 1, kind)
+        score = score * (row_norms[:n] * row_norms[n:] if g.kind == "fused" else row_norms)
     keep = _top(score, n - drop).to(g.second.weight.device)
+    rows = torch.cat([keep, keep + n]) if g.kind == "fused" else keep
     for f in g.firsts:
-        _keep(f, keep, 0)
+        _keep(f, rows, 0)
     _keep(g.second, keep, 1)
     return drop
 
@@ -212,11 +264,11 @@ class StructuredPrunePass(ConfiguredPass):
         mlps = _find_mlps(model)
         attns = _find_attention(model) if cfg.heads > 0 else []
         if not mlps and not attns:
-            raise PassApplyError(
-                f"{self.name}: found no prunable structure; expected BERT-style MLPs "
-                "(*.intermediate.dense -> *.output.dense), Llama-style MLPs (gate_proj, up_proj -> down_proj) "
-                "or nn.Sequential(Linear, activation, Linear) with plain float nn.Linear layers"
-            )
+            return PassResult(model, modified=False, info={"mlps": 0, "reason": (
+                "nothing to change: found no prunable structure; expected BERT-style MLPs "
+                "(*.intermediate.dense -> *.output.dense), Llama-style MLPs (gate_proj, up_proj -> down_proj), an MLP "
+                "module of two float projections and activations (GPT-2, GPT-NeoX, T5, Phi-3, OPT, CLIP) "
+                "or nn.Sequential(Linear, activation, Linear)")})
         if cfg.heads > 0 and not attns:
             raise PassApplyError(
                 f"{self.name}: heads={cfg.heads} asks for head pruning, which needs BERT-style attention "
@@ -225,7 +277,7 @@ class StructuredPrunePass(ConfiguredPass):
             )
         before = _n_params(model)
         with torch.no_grad():
-            neurons_before = sum(g.second.in_features for g in mlps)
+            neurons_before = sum(_width(g) for g in mlps)
             heads_before = sum(a.attn.num_attention_heads for a in attns)
             neurons = sum(_prune_mlp(g, cfg.sparsity, cfg.importance) for g in mlps)
             heads = sum(_prune_heads(a, cfg.heads, cfg.importance) for a in attns)
@@ -248,11 +300,12 @@ def _update_config(model: Any, mlps: list[_Mlp], heads_pruned: bool) -> dict[str
     config = getattr(model, "config", None)
     if config is None:
         return {}
-    widths = {g.second.in_features for g in mlps if g.kind in ("bert", "llama")}
+    widths = {_width(g) for g in mlps if g.kind not in ("sequential",)}
     out: dict[str, Any] = {"config_reloadable": not heads_pruned}
-    if hasattr(config, "intermediate_size") and len(widths) == 1:
-        config.intermediate_size = widths.pop()
-        out["intermediate_size"] = config.intermediate_size
+    key = next((k for k in _CONFIG_WIDTH if hasattr(config, k)), None)
+    if key is not None and len(widths) == 1:
+        setattr(config, key, widths.pop())
+        out[key] = getattr(config, key)
     elif widths:
         out["config_reloadable"] = False  # widths differ per block: no single intermediate_size
     return out

@@ -13,6 +13,9 @@ costs about two forward passes of the model over the calibration data. Linear la
 blocks, and models without such blocks, get their statistics from one pass over the whole model
 (`info["stats"]` says which: `sequential` or `single-pass`).
 
+Layers are picked by `passes/linears.py` (nn.Linear and transformers Conv1D, whose [in, out] weight
+is pruned through a [out, in] view); a tied weight is pruned once.
+
 Speed: none on dense kernels (see `prune-magnitude`); `prune-2:4` uses the same scores in 2:4 groups.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ...core.config import PassConfig, check, check_regex
 from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ..calibration import capture_block_inputs, input_channel_stats, with_hidden
+from ..linears import is_linear, weight_rows
 
 # prune(name, linear, l2) edits linear.weight in place; l2 is None when the layer saw no tokens.
 PruneFn = Callable[[str, torch.nn.Linear, "torch.Tensor | None"], None]
@@ -46,14 +50,12 @@ class WandaConfig(PassConfig):
 
 
 def eligible_linears(model: torch.nn.Module, skip: str) -> dict[str, torch.nn.Linear]:
-    """Linear layers with plain float weights not matching `skip`; a tied weight only once."""
+    """Linear layers (nn.Linear, Conv1D) with plain float weights not matching `skip`; a tied weight only once."""
     pattern = re.compile(skip) if skip else None
     seen: set[int] = set()
     out = {}
     for name, m in model.named_modules():
-        if not isinstance(m, torch.nn.Linear) or type(m.weight.data) is not torch.Tensor:
-            continue
-        if not m.weight.is_floating_point() or (pattern is not None and pattern.search(name)) or id(m.weight) in seen:
+        if not is_linear(m) or (pattern is not None and pattern.search(name)) or id(m.weight) in seen:
             continue
         seen.add(id(m.weight))
         out[name] = m
@@ -161,13 +163,14 @@ class WandaPrunePass(ConfiguredPass):
             raise PassApplyError(f"{self.name}: expected a torch.nn.Module, got {type(model).__name__}")
         layers = eligible_linears(model, self.config.skip)
         if not layers:
-            raise PassApplyError(f"{self.name}: expected nn.Linear layers with float weights not matching "
-                                 f"skip={self.config.skip!r}; found none")
+            return PassResult(model, modified=False, info={"linears_pruned": 0, "reason": (
+                f"nothing to change: no nn.Linear or Conv1D layer with float weights outside skip={self.config.skip!r}")})
         batches = calibration_batches(model, ctx, self.config.calib_samples, self.name)
         sparsity = self.config.sparsity
 
         def prune(_name: str, m: torch.nn.Linear, l2: torch.Tensor | None) -> None:
-            zero_lowest_per_row(m.weight, wanda_scores(m.weight, l2), sparsity)
+            w = weight_rows(m)  # [out, in]; a view of a Conv1D's weight
+            zero_lowest_per_row(w, wanda_scores(w, l2), sparsity)
 
         info = prune_with_stats(model, batches, layers, prune)
         zeros = sum(int((m.weight == 0).sum()) for m in layers.values())

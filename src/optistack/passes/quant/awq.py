@@ -10,10 +10,11 @@ Our own implementation of the method (not AutoAWQ's code). For each decoder bloc
    unchanged, search a clipping range per group (`clip`), and swap in `Int4Linear` layers;
 4. run the quantized block to get the next block's inputs.
 
-Details of the search are in `awq_search.py`, storage and kernels in `int4.py`. Only Llama-style
-models (`model.model.layers[i]` with `self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`,
-`input_layernorm`, `post_attention_layernorm`: Llama, SmolLM2, Mistral, Qwen2) are accepted.
-Linear layers outside the blocks (e.g. `lm_head` when not skipped) get plain round-to-nearest.
+Details of the search are in `awq_search.py`, storage and kernels in `int4.py`. Which layers share
+an input, per architecture, is the table in `awq_mappings.py` (Llama/Mistral/Qwen2/SmolLM2, Phi-3
+with fused qkv_proj/gate_up_proj, GPT-NeoX, GPT-2 with Conv1D layers, OPT); any other model is left
+unchanged with the reason (`rtn-int4` needs no such table). Linear layers outside the groups (e.g.
+`lm_head` when not skipped) get plain round-to-nearest.
 
 Calibration: the workload's calibration text (never its evaluation text), re-cut into
 `calib_samples` windows of `calib_seq_len` tokens and run as one batch.
@@ -30,13 +31,8 @@ from ...core.config import check
 from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ..calibration import capture_block_inputs, with_hidden
-from ..linears import choose_linears, float_linears
+from ..linears import as_linear, is_conv1d, plan_linears, set_module
 from .rtn import Int4Config, Int4Tally, swap_to_int4
-
-_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-_NORMS = ("input_layernorm", "post_attention_layernorm")
-
 
 @dataclasses.dataclass(frozen=True)
 class AwqConfig(Int4Config):
@@ -55,38 +51,6 @@ class AwqConfig(Int4Config):
         check(self.calib_seq_len >= 2, f"option 'calib_seq_len' must be >= 2; got {self.calib_seq_len}")
         check(self.search_samples >= 1, f"option 'search_samples' must be >= 1; got {self.search_samples}")
         check(1 <= self.n_grid <= 1000, f"option 'n_grid' must be between 1 and 1000; got {self.n_grid}")
-
-
-def llama_blocks(model: Any, pass_name: str) -> Any:
-    """model.model.layers, after checking every block has the Llama structure AWQ folds scales into."""
-    import torch
-
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    problem = None
-    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
-        problem = "it has no model.model.layers"
-    else:
-        for i, layer in enumerate(layers):
-            for name in _LINEARS + _NORMS:
-                try:
-                    m = layer.get_submodule(name)
-                except AttributeError:
-                    problem = f"model.model.layers[{i}] has no {name}"
-                    break
-                if name in _LINEARS and not (type(m) is torch.nn.Linear and type(m.weight.data) is torch.Tensor):
-                    problem = f"model.model.layers[{i}].{name} is a {type(m).__name__}, not a float nn.Linear"
-                elif name in _NORMS and getattr(getattr(m, "weight", None), "ndim", 0) != 1:
-                    problem = f"model.model.layers[{i}].{name} has no per-channel weight to fold scales into"
-                if problem:
-                    break
-            if problem:
-                break
-    if problem:
-        raise PassApplyError(
-            f"{pass_name}: expected a Llama-style causal LM: model.model.layers[i] with self_attn.q_proj/k_proj/"
-            f"v_proj/o_proj and mlp.gate_proj/up_proj/down_proj (float nn.Linear), input_layernorm and "
-            f"post_attention_layernorm (RMSNorm with a weight); {problem} ({type(model).__name__})")
-    return layers
 
 
 def calibration_ids(ctx: PassContext, samples: int, seq_len: int, pass_name: str) -> Any:
@@ -110,10 +74,10 @@ def calibration_ids(ctx: PassContext, samples: int, seq_len: int, pass_name: str
     if needed > len(items):
         items = ctx.calibration_inputs(needed) or items
     flat = torch.cat([ids_of(it) for it in items])
+    if flat.numel() < 2:
+        raise PassApplyError(f"{pass_name}: the calibration text has {flat.numel()} tokens; it needs at least 2")
+    seq_len = min(seq_len, flat.numel())  # short calibration text: one shorter window (info reports its length)
     n = min(samples, flat.numel() // seq_len)
-    if n == 0:
-        raise PassApplyError(f"{pass_name}: the calibration text has {flat.numel()} tokens, fewer than "
-                             f"calib_seq_len={seq_len}")
     return flat[: n * seq_len].view(n, seq_len)
 
 
@@ -141,7 +105,7 @@ def progress_bar(total: int, label: str) -> Iterator[Callable[[], None]]:
 
 
 class AwqPass(ConfiguredPass):
-    """Activation-aware int4 weight quantization of Llama-style models; needs calibration text."""
+    """Activation-aware int4 weight quantization of decoder LMs in `awq_mappings.py`; needs calibration text."""
 
     name = "awq"
     Config = AwqConfig
@@ -151,40 +115,52 @@ class AwqPass(ConfiguredPass):
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
         import torch
 
-        from .awq_search import Quantizer, awq_layer
+        from .awq_mappings import find_mapping, resolve_groups
+        from .awq_search import Quantizer, ScaleGroup, awq_layer
         from .int4 import choose_kernel, param_dtype_for
 
         start = time.perf_counter()
         cfg = self.config
-        linears = float_linears(model, self.name)
-        blocks = llama_blocks(model, self.name)
-        chosen, skipped = choose_linears(linears, cfg.skip)
+        plan = plan_linears(model, self.name, cfg.skip)  # checks the model is a torch module
         tally = Int4Tally(cfg.group_size, cfg.zero_point)
-        if not chosen:
-            return PassResult(model, modified=False, info=tally.info(len(skipped)))
+        mapping, why = find_mapping(model)
+        if mapping is None:
+            return PassResult(model, modified=False, info={"reason": f"not supported: {why}"})
+        if not plan.chosen:
+            return plan.unchanged(model, tally.info(len(plan.skipped)))
         ids = calibration_ids(ctx, cfg.calib_samples, cfg.calib_seq_len, self.name)
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if limit is not None and cfg.calib_seq_len > limit:
             raise PassApplyError(f"{self.name}: calib_seq_len={cfg.calib_seq_len} exceeds the model's "
                                  f"max_position_embeddings={limit}")
-        q0 = blocks[0].self_attn.q_proj.weight
-        param_dtype = param_dtype_for(choose_kernel(q0.device, q0.shape[0], q0.shape[1], cfg.group_size)[0])
+        blocks = model.get_submodule(mapping.blocks)
+        for name, m in list(blocks.named_modules(prefix=mapping.blocks)):  # Conv1D -> nn.Linear: scales fold into rows
+            if is_conv1d(m):
+                set_module(model, name, as_linear(m))
+        model_cfg = getattr(model, "config", None)
+        chosen = set(plan.chosen)
+        name_of = {id(m): n for n, m in model.named_modules()}
+        first = next(iter(resolve_groups(mapping, blocks[0], model_cfg)[0].linears.values())).weight
+        param_dtype = param_dtype_for(choose_kernel(first.device, first.shape[0], first.shape[1], cfg.group_size)[0])
         quantizer = Quantizer(cfg.group_size, cfg.zero_point, param_dtype, cfg.clip)
-        inp = first_block_inputs(model, blocks[0], ids.to(q0.device))
-        name_of, chosen_set = {id(m): n for n, m in linears.items()}, set(chosen)
-        in_blocks = {id(m) for m in blocks.modules()}
-        outside = [n for n in chosen if id(linears[n]) not in in_blocks]
+        inp = first_block_inputs(model, blocks[0], ids.to(first.device))
+        grouped: set[str] = set()
         alphas: dict[str, list[float]] = {}
         rtn_mse = awq_mse = 0.0
         with torch.no_grad(), progress_bar(len(blocks), f"{self.name}: calibrating blocks") as advance:
             for block in blocks:
-                full = {rel: name_of[id(block.get_submodule(rel))] for rel in _LINEARS}
-                mine = {rel for rel, name in full.items() if name in chosen_set}
+                groups = [ScaleGroup(g.label, g.prev, g.linears, g.inspect, g.prev_rows)
+                          for g in resolve_groups(mapping, block, model_cfg)]
+                full = {rel: name_of[id(m)] for g in groups for rel, m in g.linears.items()}
+                grouped.update(full.values())
+                mine = {rel for rel, name in full.items() if name in chosen}
+                no_clip = {rel: (rows(block, model_cfg) if rows is not None else None)
+                           for rel, rows in mapping.no_clip.items()}
 
                 def swap(rel: str, lin: Any, wmin: Any, wmax: Any, block: Any = block, full: dict = full) -> None:
                     swap_to_int4(block, rel, lin, tally, wmin, wmax, label=full[rel])
 
-                report = awq_layer(block, inp, mine, quantizer, cfg.n_grid, cfg.search_samples, swap)
+                report = awq_layer(block, inp, mine, quantizer, cfg.n_grid, cfg.search_samples, swap, groups, no_clip)
                 for label, alpha in report.alphas.items():
                     alphas.setdefault(label, []).append(alpha)
                 rtn_mse += report.rtn_mse
@@ -193,10 +169,14 @@ class AwqPass(ConfiguredPass):
                 inp = with_hidden(inp, out[0] if isinstance(out, (tuple, list)) else out)
                 advance()
             del inp
-            for name in outside:  # Linears outside the blocks (lm_head unless skipped): round-to-nearest
-                swap_to_int4(model, name, linears[name], tally)
-        info = tally.info(len(skipped))
+            modules = dict(model.named_modules())
+            for name in [n for n in plan.chosen if n not in grouped]:  # outside the groups: round-to-nearest
+                layer = swap_to_int4(model, name, modules[name], tally)
+                for alias in (a for a, p in plan.aliases.items() if p == name):
+                    set_module(model, alias, layer)
+        info = {**tally.info(len(plan.skipped)), **plan.info()}
         info.update({
+            "architecture": mapping.name,
             "calib_samples": int(ids.shape[0]), "calib_seq_len": int(ids.shape[1]), "n_grid": cfg.n_grid,
             "search_samples": min(cfg.search_samples, int(ids.shape[0])),
             "clip": cfg.clip, "block_mse_ratio": round(awq_mse / rtn_mse, 4) if rtn_mse > 0 else 1.0,

@@ -1,7 +1,8 @@
-"""The AWQ math for one Llama decoder layer: scale groups, the alpha grid search, folding, clipping.
+"""The AWQ math for one decoder layer: scale groups, the alpha grid search, folding, clipping.
 
 A *scale group* is a set of Linear layers reading the same input, the module before them whose
-output channels can absorb a per-channel factor, and the module whose output judges a candidate:
+output channels can absorb a per-channel factor, and the module whose output judges a candidate.
+Which groups a block has comes from `awq_mappings.py` (per architecture); for Llama:
 
     input_layernorm          -> q_proj, k_proj, v_proj   judged at self_attn's output
     v_proj (rows)            -> o_proj                   judged at o_proj (only when v_proj's outputs
@@ -19,8 +20,10 @@ error of a candidate is the group's share of the layer output error over *all* c
 d^T C_g d with d = w_g - Q(w_g) and C_g the inputs' second-moment matrix for that group, so no
 forward pass is needed. During the alpha search each candidate weight is clipped with a coarse
 symmetric grid (so alpha is chosen for the weights that will really be stored); the kept weights get
-a finer search (symmetric, then min and max refined one at a time). q_proj/k_proj are not clipped:
-their error acts through the attention softmax, which the per-layer output error does not see.
+a finer search (symmetric, then min and max refined one at a time). q_proj/k_proj (and the q/k rows
+of fused projections) are not clipped: their error acts through the attention softmax, which the
+per-layer output error does not see. Groups with no `prev` (nowhere exact to fold a scale) get the
+clipping search only.
 """
 from __future__ import annotations
 
@@ -33,7 +36,6 @@ from torch import nn
 from ..calibration import input_channel_stats
 from .int4 import fake_quantize, fake_quantize_groups, pad_to_groups, qparams
 
-NO_CLIP = ("q_proj", "k_proj")
 SEARCH_CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6)
 FINAL_CLIP_RATIOS = tuple(1 - i / 20 for i in range(10))
 Inputs = tuple[tuple, dict]  # (args, kwargs) a module was called with
@@ -42,9 +44,14 @@ Inputs = tuple[tuple, dict]  # (args, kwargs) a module was called with
 @dataclass
 class ScaleGroup:
     label: str
-    prev: nn.Module
+    prev: nn.Module | None  # None: clipping only
     linears: dict[str, nn.Linear]  # names relative to the decoder layer
     inspect: nn.Module
+    prev_rows: torch.Tensor | None = None  # prev's output rows feeding the linears (None: all)
+
+
+NoClip = dict[str, "torch.Tensor | None"]  # layer -> rows never clipped (None: the whole layer)
+LLAMA_NO_CLIP: NoClip = {"self_attn.q_proj": None, "self_attn.k_proj": None}
 
 
 @dataclass(frozen=True)
@@ -68,14 +75,16 @@ def llama_groups(layer: nn.Module) -> list[ScaleGroup]:
 
 
 @torch.no_grad()
-def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
-    """prev's output channels / s, the linears' input columns * s: the function is unchanged."""
+def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """prev's output channels (`rows` of them, in order, when given) / s, the linears' input columns * s:
+    the function is unchanged."""
+    idx = slice(None) if rows is None else rows.to(prev.weight.device)
     if isinstance(prev, nn.Linear):
-        prev.weight.div_(s[:, None].to(prev.weight.dtype))
-    else:  # an RMSNorm-like module: y = weight * normalized(x) (+ bias)
-        prev.weight.div_(s.to(prev.weight.dtype))
+        prev.weight[idx] = prev.weight[idx] / s[:, None].to(prev.weight.dtype)
+    else:  # a norm: y = weight * normalized(x) (+ bias)
+        prev.weight[idx] = prev.weight[idx] / s.to(prev.weight.dtype)
     if getattr(prev, "bias", None) is not None:
-        prev.bias.div_(s.to(prev.bias.dtype))
+        prev.bias[idx] = prev.bias[idx] / s.to(prev.bias.dtype)
     for lin in linears:
         lin.weight.mul_(s[None, :].to(lin.weight.dtype))
 
@@ -159,16 +168,36 @@ def search_clip(w: torch.Tensor, moments: torch.Tensor, q: Quantizer, ratios: tu
     return best[1], best[2]
 
 
-def quantize_for_search(name: str, w: torch.Tensor, moments: torch.Tensor | None, q: Quantizer) -> torch.Tensor:
-    if moments is None or not q.clip or name.endswith(NO_CLIP):
+def clip_ranges(name: str, w: torch.Tensor, moments: torch.Tensor, q: Quantizer, no_clip: NoClip, final: bool
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Searched [lo, hi] per (row, group), with the rows `no_clip` protects kept at their full range;
+    (None, None) for a layer that is not clipped at all."""
+    if name in no_clip and no_clip[name] is None:
+        return None, None
+    lo, hi = (search_clip(w, moments, q, FINAL_CLIP_RATIOS, refine=True) if final
+              else search_clip(w, moments, q, SEARCH_CLIP_RATIOS, refine=False))
+    rows = no_clip.get(name)
+    if rows is not None:
+        wg = pad_to_groups(w.detach().float(), q.group_size).reshape(w.shape[0], -1, q.group_size)
+        lo0, hi0 = torch.aminmax(wg, dim=-1)
+        rows = rows.to(lo.device)
+        lo[rows], hi[rows] = lo0[rows], hi0[rows]
+    return lo, hi
+
+
+def quantize_for_search(name: str, w: torch.Tensor, moments: torch.Tensor | None, q: Quantizer,
+                        no_clip: NoClip | None = None) -> torch.Tensor:
+    no_clip = LLAMA_NO_CLIP if no_clip is None else no_clip
+    if moments is None or not q.clip:
         return fake_quantize(w, q.group_size, q.zero_point, q.param_dtype)
-    lo, hi = search_clip(w, moments, q, SEARCH_CLIP_RATIOS, refine=False)
+    lo, hi = clip_ranges(name, w, moments, q, no_clip, final=False)
     return fake_quantize(w, q.group_size, q.zero_point, q.param_dtype, lo, hi)
 
 
 @torch.no_grad()
 def search_scale(group: ScaleGroup, x_mean: torch.Tensor, moments: torch.Tensor, inp: Inputs, n_grid: int,
-                 quantized: set[str], q: Quantizer) -> tuple[torch.Tensor, float, float, float]:
+                 quantized: set[str], q: Quantizer, no_clip: NoClip | None = None
+                 ) -> tuple[torch.Tensor, float, float, float]:
     """(s, alpha, plain RTN error, best error): grid search of the group-output MSE on `inp`."""
     ref = output_of(group.inspect, inp)
     originals = {n: lin.weight.data for n, lin in group.linears.items()}
@@ -177,7 +206,7 @@ def search_scale(group: ScaleGroup, x_mean: torch.Tensor, moments: torch.Tensor,
         for n, lin in group.linears.items():
             if n in quantized:
                 w = originals[n] if s is None else originals[n] * s[None, :]
-                wq = quantize_for_search(n, w, clip_moments, q)
+                wq = quantize_for_search(n, w, clip_moments, q, no_clip)
                 lin.weight.data = (wq if s is None else wq / s[None, :]).to(originals[n].dtype)
         return float((output_of(group.inspect, inp) - ref).float().pow(2).mean())
 
@@ -203,12 +232,14 @@ class LayerReport:
 
 @torch.no_grad()
 def awq_layer(layer: nn.Module, inp: Inputs, quantized: set[str], q: Quantizer, n_grid: int, search_samples: int,
-              swap: Callable[[str, nn.Linear, Any, Any], None]) -> LayerReport:
-    """Search and fold scales for every group of `layer`, clip, then `swap(name, linear, wmin, wmax)`
-    each quantized linear (names relative to the layer). `inp` is what the layer is called with, on
-    every calibration sequence: statistics and clipping use all of them, the alpha search the first
-    `search_samples`."""
-    groups = llama_groups(layer)
+              swap: Callable[[str, nn.Linear, Any, Any], None], groups: list[ScaleGroup] | None = None,
+              no_clip: NoClip | None = None) -> LayerReport:
+    """Search and fold scales for every group of `layer` (default: Llama's), clip, then
+    `swap(name, linear, wmin, wmax)` each quantized linear (names relative to the layer). `inp` is
+    what the layer is called with, on every calibration sequence: statistics and clipping use all
+    of them, the alpha search the first `search_samples`."""
+    groups = llama_groups(layer) if groups is None else groups
+    no_clip = LLAMA_NO_CLIP if no_clip is None else no_clip
     captured: dict[int, Inputs] = {}
 
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -231,9 +262,12 @@ def awq_layer(layer: nn.Module, inp: Inputs, quantized: set[str], q: Quantizer, 
         x = first_tensor(g_inp)
         x_mean = stats[next(iter(g.linears))].mean_abs.to(x.device)
         moments = group_moments(x, q.group_size)
+        if g.prev is None:  # nowhere to fold a scale: clipping only
+            final_moments.update({name: moments for name in g.linears})
+            continue
         s, alpha, rtn_err, err = search_scale(g, x_mean, moments, first_rows(g_inp, search_samples), n_grid,
-                                              quantized, q)
-        fold_scale(g.prev, list(g.linears.values()), s)
+                                              quantized, q, no_clip)
+        fold_scale(g.prev, list(g.linears.values()), s, g.prev_rows)
         report.alphas[g.label] = alpha
         report.rtn_mse += rtn_err
         report.awq_mse += err
@@ -241,7 +275,7 @@ def awq_layer(layer: nn.Module, inp: Inputs, quantized: set[str], q: Quantizer, 
     for name in sorted(quantized):
         lin = layer.get_submodule(name)
         wmin = wmax = None
-        if q.clip and name in final_moments and not name.endswith(NO_CLIP):
-            wmin, wmax = search_clip(lin.weight, final_moments[name], q, FINAL_CLIP_RATIOS, refine=True)
+        if q.clip and name in final_moments:
+            wmin, wmax = clip_ranges(name, lin.weight, final_moments[name], q, no_clip, final=True)
         swap(name, lin, wmin, wmax)
     return report
