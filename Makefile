@@ -8,7 +8,7 @@ PIP    := $(BIN)/python -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m pytest benchmarks --benchmark-only
+
+# optistack side by side with peer engines (llama.cpp, ...) in one run; installs the `peers` extra first
+# (llama-cpp-python compiles llama.cpp for this CPU: minutes). Tables print at the end and land in
+# .benchmarks/peers/*.json. A peer that is not installed is skipped with the reason.
+bench-peers: setup
+	$(PIP) install --quiet -c constraints.txt -e ".[peers]"
+	$(BIN)/python -m pytest benchmarks/peers -s
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .benchmarks
