@@ -198,6 +198,8 @@ def transformers_class(name: Any, where: str) -> type:
     if type(name) is not str or not name.isidentifier() or name not in transformers_model_names():
         raise LoadError(f"{where}: {short(name)} is not a transformers model class (only names in transformers' "
                         "auto-model mappings load, e.g. LlamaForCausalLM, BertModel)")
+    if name.startswith("Timm"):  # timm builds from a model name it may fetch from the Hub ("hf-hub:...")
+        raise LoadError(f"{where}: {name} is built by timm from a model name, which may be fetched; not loaded from a folder")
     import transformers
     from transformers import PreTrainedModel
 
