@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..core.outcome import STATUSES  # noqa: F401  (one list of step statuses: the runner's)
+
 SCHEMA = "optistack.report/1"
-STATUSES = ("applied", "rejected", "skipped", "failed")
 
 
 @dataclass

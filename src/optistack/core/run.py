@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 from .errors import OptistackError, PreconditionError
 from .instrument import RunState, notify
-from .outcome import APPLIED, NOTHING_TO_CHANGE, SKIPPED, Outcome, Reject
+from .outcome import APPLIED, FAILED, NOTHING_TO_CHANGE, REJECTED, SKIPPED, Outcome, Reject
 from .pass_protocol import COMPILED, MODULE, config_of, form_after, pass_text
 
 
@@ -85,7 +85,7 @@ def _attempt(p: Any, step: Any, state: RunState, instruments: Sequence[Any]) -> 
             if hook is not None:
                 hook(p, step, result.model, state)
     except Reject as verdict:
-        return Outcome("rejected", verdict.reason), None
+        return Outcome(REJECTED, verdict.reason), None
     except PreconditionError as exc:  # the pass does not apply to this workload: a skip, not a failure
         return Outcome(SKIPPED, str(exc)), None
     except Exception as exc:  # any failure is recorded against the pass, with its traceback; the run goes on
@@ -104,7 +104,7 @@ def run_step(p: Any, step: Any, state: RunState, instruments: Sequence[Any]) -> 
     outcome.write_to(step)
     if outcome.applied:
         state.current, state.form = candidate, form_after(p, state.form)
-    elif outcome.status in (SKIPPED, "failed"):
+    elif outcome.status in (SKIPPED, FAILED):
         notify(instruments, "pass_not_run", p, step, state)
     notify(instruments, "after_step", p, step, state)
     return outcome.applied
