@@ -146,10 +146,21 @@ def test_a_base_class_outside_transformers_model_mappings_is_refused(llama_folde
 
 @pytest.mark.parametrize("key,value", [("attn_implementation", "kernels-community/flash-attn"),
                                        ("_attn_implementation", "flash_attention_2"),
-                                       ("experts_implementation", "grouped_mm"), ("__class__", "x")])
+                                       ("experts_implementation", "grouped_mm"), ("__class__", "x"),
+                                       ("num_labels", 10**9), ("use_return_dict", False)])
 def test_config_keys_that_choose_code_are_refused(llama_folder, tmp_path, key, value):
     folder = tampered(llama_folder, tmp_path, lambda m, d: m["base"]["config"].__setitem__(key, value))
     refused(folder, tmp_path, "base.config", key)
+
+
+def test_extra_plain_config_values_still_load(llama_folder, tmp_path):
+    """Converted checkpoints carry keys their config class does not define (SmolLM2's GGUF conversion
+    writes `_model_name_or_path`): plain values, so they load."""
+    folder = tampered(llama_folder, tmp_path, lambda m, d: m["base"]["config"].update(
+        {"_model_name_or_path": "x", "custom_note": [1, 2]}))
+    with no_side_effects(tmp_path):
+        model = load_model(folder)
+    assert model.config._model_name_or_path == "x"
 
 
 @pytest.mark.parametrize("name", ["../outside.bin", "/etc/hostname", "a/../../x", "sub\\x", "C:x", "./model.safetensors"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from functools import lru_cache
 from typing import Any, Callable, Mapping
 
@@ -230,8 +231,10 @@ def check_config(cls: type, config: Any, where: str) -> dict[str, Any]:
                 if key in _CODE_KEYS:
                     raise LoadError(f"{path}.{key}: not read from a saved folder (it selects kernels that may be "
                                     "fetched and run); set it on the loaded model instead")
-                if key.startswith("__") or (top and key.startswith("_") and key not in defaults):
-                    raise LoadError(f"{path}: unknown private key {short(key)} (not in {cls.config_class.__name__})")
+                if key.startswith("__"):
+                    raise LoadError(f"{path}: key {short(key)} is not a config value")
+                if top and key not in defaults and hasattr(type(inspect.getattr_static(cls.config_class, key, None)), "__set__"):
+                    raise LoadError(f"{path}.{key}: a computed property of {cls.config_class.__name__}, not a saved value")
                 walk(value, f"{path}.{key}", False)
         elif type(node) is list:
             for i, value in enumerate(node):
