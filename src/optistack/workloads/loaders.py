@@ -100,13 +100,43 @@ def smollm2_dir(cache_dir: str | Path | None = None) -> Path:
         return _convert(gguf, root, target, stamp)
 
 
+def gguf_dir(gguf: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Any GGUF file converted once to a plain HF folder (fp32) in the cache, keyed by its content."""
+    gguf = Path(gguf).expanduser().resolve()
+    if not gguf.is_file():
+        raise WorkloadError(f"{gguf}: no such GGUF file")
+    if importlib.util.find_spec("gguf") is None:
+        raise WorkloadError(f"reading {gguf.name} needs the gguf package; pip install 'optistack[hf]'")
+    _require_transformers()
+    stamp = _content_stamp(gguf)
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    target = root / f"gguf-{gguf.stem}-{stamp['sha256_ends'][:16]}"
+    if _cache_is_valid(target, stamp):
+        return target
+    with quiet_import(hf_progress=True):
+        return _convert(gguf, root, target, stamp)
+
+
+def _content_stamp(gguf: Path, span: int = 1 << 20) -> dict[str, Any]:
+    """Name, size and a SHA-256 of the first and last MiB: two fine-tunes of one size differ there."""
+    import hashlib
+
+    size = gguf.stat().st_size
+    digest = hashlib.sha256()
+    with gguf.open("rb") as f:
+        digest.update(f.read(span))
+        f.seek(max(0, size - span))
+        digest.update(f.read(span))
+    return {"gguf": gguf.name, "size": size, "sha256_ends": digest.hexdigest()}
+
+
 def _convert(gguf: Path, root: Path, target: Path, stamp: dict[str, Any]) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         root.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(root)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{_SMOLLM2_CACHE_NAME}-", dir=root))
+        _remove_stale_temps(root, target.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     except OSError as exc:
         raise WorkloadError(f"cannot write the SmolLM2 cache under {root}: {exc}; set OPTISTACK_CACHE to a writable folder") from exc
     try:
@@ -129,10 +159,10 @@ def _convert(gguf: Path, root: Path, target: Path, stamp: dict[str, Any]) -> Pat
     return target
 
 
-def _remove_stale_temps(root: Path, max_age_s: float = 3600.0) -> None:
+def _remove_stale_temps(root: Path, name: str = _SMOLLM2_CACHE_NAME, max_age_s: float = 3600.0) -> None:
     """Temp folders left by a killed conversion (younger ones may belong to a run still converting)."""
     now = time.time()
-    for old in root.glob(f".{_SMOLLM2_CACHE_NAME}-*"):
+    for old in root.glob(f".{name}-*"):
         try:
             if now - old.stat().st_mtime > max_age_s:
                 shutil.rmtree(old, ignore_errors=True)
