@@ -49,3 +49,17 @@ def test_original_model_answers_from_the_context():
     extras = wl.extra_measurements(wl.model)
     assert extras["prompt_tokens"] > 800 and extras["ttft_ms"] > 0 and extras["e2e_p99_ms"] >= extras["e2e_latency_ms"]
     assert all(isinstance(v, float) for v in extras.values())
+
+
+@pytest.mark.slow
+def test_timing_prompts_are_fresh_about_one_length_and_never_an_evaluated_item():
+    from optistack.workloads.longqa import LongQAWorkload
+
+    wl = LongQAWorkload(n_items=2, context_tokens=300)
+    items = [wl.timing_batch(i) for i in range(4)]
+    facts = {f for f, _, _ in read_facts()}
+    assert len({i.context for i in items}) == 4
+    assert all(not any(f in i.context for f in facts) for i in items)
+    lengths = [wl.prompt_ids(wl.model, i).shape[-1] for i in items]
+    assert max(lengths) - min(lengths) <= 8, lengths
+    assert wl.run(wl.model, items[0]).logits.shape[1] == lengths[0]

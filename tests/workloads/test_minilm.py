@@ -72,3 +72,17 @@ def test_calibration_is_separate_from_eval(wl):
         assert set(kwargs) <= {"input_ids", "attention_mask", "token_type_ids"}
     assert not set(wl.calib_sentences) & set(wl.sentences)
     assert wl.extra_measurements(wl.model) == {}
+
+
+@pytest.mark.slow
+def test_timing_batches_are_fresh_same_shape_and_never_eval_sentences(wl):
+    from optistack.workloads.base import batch_digest
+
+    batches = [wl.timing_batch(i) for i in range(8)]
+    assert len({batch_digest(b) for b in batches}) == 8
+    eval_rows = {tuple(r) for inputs, _ in wl._eval_batches for r in inputs["input_ids"].tolist()}
+    for args, kwargs in batches:
+        assert args == () and kwargs["input_ids"].shape == (8, 128)
+        assert set(kwargs) == set(wl._bench)
+        assert not eval_rows & {tuple(r) for r in kwargs["input_ids"].tolist()}
+    assert wl.run(wl.model, batches[0]).last_hidden_state.shape == (8, 128, 384)

@@ -75,3 +75,15 @@ def test_calibration_text_is_disjoint_from_eval_text(wl):
         assert args == () and kwargs["input_ids"].shape == (1, wl.seq_len)
         assert wl.tokenizer.decode(kwargs["input_ids"][0]) not in eval_text
     assert math.isfinite(wl.describe()["params"]) and wl.describe()["params"] > 1e8
+
+
+def test_timing_batches_are_fresh_windows_of_calibration_text(wl):
+    from optistack.workloads.base import batch_digest
+
+    batches = [wl.timing_batch(i) for i in range(6)]
+    assert len({batch_digest(b) for b in batches}) == 6
+    eval_ids = set(map(tuple, wl._chunks.reshape(-1, wl.seq_len).tolist())) if wl.ppl_chunk % wl.seq_len == 0 else set()
+    for _, kwargs in batches:
+        assert kwargs["input_ids"].shape == (1, wl.seq_len)
+        assert tuple(kwargs["input_ids"][0].tolist()) not in eval_ids
+    assert wl.run(wl.model, batches[0]).logits.shape[:2] == (1, wl.seq_len)

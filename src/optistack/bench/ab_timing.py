@@ -14,15 +14,21 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import os
+import weakref
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .stats import Speedup, noise_floor, paired_speedup, summarize
 from .timer import TimingConfig, interleaved
 
 
+_INDICES = itertools.count(1)  # process-wide: a model kept from an earlier run or trial never sees a batch again
+
+
 class BatchStream:
-    """Fresh timing batches for one run: index i of the workload's stream, never a batch seen before."""
+    """Fresh timing batches: index i of the workload's stream, i never used before in this process."""
 
     def __init__(self, workload: Any, device: str = "cpu") -> None:
         from ..workloads.base import timing_batch
@@ -31,7 +37,6 @@ class BatchStream:
         self._make = lambda i: timing_batch(workload, i)
         self.available = self._make(0) is not None
         self.served = 0
-        self._next = 0
         self._seen: set[str] = set()
 
     def __call__(self) -> Any:
@@ -42,8 +47,7 @@ class BatchStream:
         from ..workloads.loaders import to_device
 
         for _ in range(16):  # a workload whose stream repeats itself: skip the repeats
-            batch = self._make(self._next)
-            self._next += 1
+            batch = self._make(next(_INDICES))
             digest = batch_digest(batch)
             if digest not in self._seen:
                 self._seen.add(digest)
@@ -107,3 +111,46 @@ def measure_noise_floor(run_original: Callable[[Any], Any], run_reference: Calla
     entry = {"aa_speedup": aa.to_dict(), "floor": floor, "rounds": len(samples["reference"]),
              "cv": summarize(samples["reference"]).cv}
     return entry, samples["reference"]
+
+
+_REFERENCES: "weakref.WeakKeyDictionary[Any, tuple[Any, str]]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class TimingContext:
+    """What one run's timing shares across its steps (kept in `RunState.scratch`)."""
+
+    batches: BatchStream
+    reference: Any  # what "original" means in every A/B timing
+    reference_how: str
+    floor: float  # the A/A noise floor, 0.0 until measured
+
+
+def timing_context(state: Any, cfg: TimingConfig) -> TimingContext:
+    """The run's TimingContext, made on first use. The reference copy is kept per workload, so a
+    search's trials (which share a workload and skip `before_pipeline`) time against the same copy;
+    it goes away with the workload."""
+    ctx = state.scratch.get("benchmark-timing")
+    if ctx is not None:
+        return ctx
+    from .memory import model_bytes
+
+    wl, device = state.workload, state.ctx.device
+    ref = None
+    try:
+        ref = _REFERENCES.get(wl)
+    except TypeError:  # a workload that cannot be weakly referenced: no sharing
+        pass
+    if ref is None or ref[0] is None:
+        if cfg.noise_floor:
+            ref = reference_copy(state.original, model_bytes(state.original), device)
+        else:
+            ref = (state.original, "the original itself (noise_floor=False)")
+        try:
+            _REFERENCES[wl] = ref
+        except TypeError:
+            pass
+    floor = ((state.report.baseline or {}).get("noise_floor") or {}).get("floor") or 0.0
+    ctx = TimingContext(BatchStream(wl, device), ref[0], ref[1], float(floor))
+    state.scratch["benchmark-timing"] = ctx
+    return ctx

@@ -1,7 +1,10 @@
 """The benchmark instrument: times each pass A/B against the model before it and scores its accuracy.
 
 Per step: first call (compile time included) -> accuracy vs the original's -> interleaved timing of
-original / previous / candidate -> peak memory, model bytes, workload extras. It measures and never
+original / previous / candidate -> peak memory, model bytes, workload extras. Timing stands on
+`bench.ab_timing`: a fresh batch per round (never scored data), "original" timed as a deep copy of it,
+and the run's A/A noise floor, measured before the pipeline, inside which a change reads "no
+measurable change". It measures and never
 judges: accepting or rejecting is the gate's (`bench.gate.GateInstrument`). A candidate whose outputs
 are not finite is not measured further (the gate refuses it). Every timing phase runs inside
 `lock()`, a context-manager factory the caller passes (a search serializes timings across trials).
@@ -13,10 +16,11 @@ import math
 import warnings
 from typing import Any, Callable, ContextManager
 
+from .ab_timing import caller, measure_noise_floor, timing_context
 from .gate import all_finite, score_keys
 from .memory import model_bytes, peak_memory
 from .report import Accuracy
-from .stats import paired_speedup, summarize
+from .stats import paired_speedup, summarize, verdict
 from .timer import TimingConfig, interleaved, time_call
 
 
@@ -33,7 +37,11 @@ class BenchmarkInstrument:
         self.lock = lock or contextlib.nullcontext
 
     def _run(self, state: Any, model: Any):
-        return lambda: state.workload.run(model)
+        """One call of `model` on a fresh timing batch (made here, outside any timed call)."""
+        from ..workloads.base import run_on
+
+        batch = timing_context(state, self.timing).batches()
+        return lambda: run_on(state.workload, model, batch)
 
     @staticmethod
     def _accuracies(state: Any) -> tuple[dict[str, float], dict[str, float]]:
@@ -52,7 +60,15 @@ class BenchmarkInstrument:
         wl, model, device = state.workload, state.original, state.ctx.device
         first_ms = time_call(self._run(state, model), device)
         accuracy = wl.evaluate(model)
-        samples = interleaved({"original": self._run(state, model)}, self.timing, device)["original"]
+        tc = timing_context(state, self.timing)
+        noise = None
+        if self.timing.noise_floor:
+            noise, samples = measure_noise_floor(caller(wl, model), caller(wl, tc.reference), self.timing,
+                                                 device, tc.batches)
+            noise["reference"] = tc.reference_how
+            tc.floor = noise["floor"]
+        else:
+            samples = interleaved({"original": caller(wl, model)}, self.timing, device, batches=tc.batches)["original"]
         state.report.baseline = {
             "latency_ms": summarize(samples).to_dict(),
             "accuracy": {**accuracy, "metric": wl.metric.name, "higher_is_better": wl.metric.higher_is_better,
@@ -61,16 +77,21 @@ class BenchmarkInstrument:
             "peak_memory_bytes": peak_memory(self._run(state, model), device),
             "first_call_ms": first_ms,
             "extra": wl.extra_measurements(model) if self.measure_extras else {},
+            "noise_floor": noise,
         }
         state.report.timing = {"warmup": self.timing.warmup, "min_rounds": self.timing.min_rounds,
-                               "max_rounds": self.timing.max_rounds, "method": "interleaved A/B, paired bootstrap"}
+                               "max_rounds": self.timing.max_rounds, "max_seconds": self.timing.max_seconds,
+                               "target_half_width": self.timing.target_half_width,
+                               "method": "interleaved A/B in shuffled balanced orders, paired bootstrap",
+                               "batches": tc.batches.describe(), "reference": tc.reference_how,
+                               "noise_floor": tc.floor}
         state.scratch["samples"] = {"original": samples}
 
     def after_pass(self, p: Any, step: Any, candidate: Any, state: Any) -> None:
         wl, device, metric = state.workload, state.ctx.device, state.workload.metric
         box: list[Any] = []
-        with self.lock():
-            step.first_call_ms = time_call(lambda: box.append(wl.run(candidate)), device)
+        first = self._run(state, candidate)  # not under the lock: it includes compilation, informational
+        step.first_call_ms = time_call(lambda: box.append(first()), device)
         if not all_finite(box[0]):
             return  # nothing worth measuring; the gate refuses it
         original, current = self._accuracies(state)
@@ -93,13 +114,17 @@ class BenchmarkInstrument:
                 step.extra = wl.extra_measurements(candidate)
 
     def _time(self, step: Any, candidate: Any, state: Any) -> None:
-        fns = {"original": self._run(state, state.original)}
+        """Interleaved original (its reference copy) / previous / candidate, a fresh batch per round."""
+        wl, tc = state.workload, timing_context(state, self.timing)
+        fns = {"original": caller(wl, tc.reference)}
         if state.current is not state.original:
-            fns["previous"] = self._run(state, state.current)
-        fns["candidate"] = self._run(state, candidate)
+            fns["previous"] = caller(wl, state.current)
+        fns["candidate"] = caller(wl, candidate)
         baseline = "previous" if "previous" in fns else "original"
-        samples = interleaved(fns, self.timing, state.ctx.device, compare=(baseline, "candidate"))
+        samples = interleaved(fns, self.timing, state.ctx.device, compare=(baseline, "candidate"),
+                              batches=tc.batches, seed=len(state.report.steps))
         step.latency_ms = summarize(samples["candidate"]).to_dict()
-        step.speedup = paired_speedup(samples[baseline], samples["candidate"]).to_dict()
+        sp = paired_speedup(samples[baseline], samples["candidate"])
+        step.speedup = sp.to_dict() | {"verdict": verdict(sp, tc.floor), "noise_floor": tc.floor}
         cumulative = paired_speedup(samples["original"], samples["candidate"])
         step.cumulative_speedup, step.cumulative_ci95 = cumulative.median, [cumulative.low, cumulative.high]

@@ -13,7 +13,10 @@ How passes reach the prompt and the decode loop (the serving protocol):
 - generation always goes through `workloads.generation.greedy_decode`, which lets a model supply its
   own decoding strategy (speculative decoding).
 
-`run(model)` (the timed call) is one prefill of the first item's full prompt, without a KV cache.
+`run(model)` is one prefill of the first item's full prompt, without a KV cache. The benchmark times
+`run(model, batch)` on `timing_batch(i)`: a document of about the same length (the same number of
+prose tokens before the chat template) from a seeded shuffle of the prose paragraphs, with no planted
+fact and item 0's question, so no timed prompt is one that is scored, and none repeats.
 """
 from __future__ import annotations
 
@@ -188,8 +191,9 @@ class LongQAWorkload:
         limit = getattr(getattr(base, "config", None), "max_position_embeddings", None)
         if limit is not None and context_tokens + 200 + gen_tokens > limit:
             raise WorkloadError(f"smollm2-qa: context_tokens={context_tokens} leaves no room in the model's {limit} positions")
-        self.gen_tokens = gen_tokens
+        self.gen_tokens, self.context_tokens = gen_tokens, context_tokens
         self.items = build_items(n_items, context_tokens, self._count)
+        self._prose: list[str] | None = None
         self._stop_ids = {i for i in (self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>"))
                           if isinstance(i, int) and i >= 0}
         self._references: list[str] | None = None  # the original model's replies, for ROUGE-L
@@ -213,9 +217,22 @@ class LongQAWorkload:
         return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                   add_generation_prompt=True)
 
-    def run(self, model: Any) -> Any:
-        """One prefill of the first item's full prompt, no KV cache; returns the model's outputs."""
-        ids = self.prompt_ids(model, self.items[0])
+    def timing_batch(self, index: int) -> QAItem:
+        """The index-th timing prompt (see the module docstring); never an evaluated item."""
+        if self._prose is None:
+            self._prose = prose_paragraphs()
+        rng = random.Random(_SEED + 1 + 7919 * int(index))
+        chosen, have = [], 0
+        while have < self.context_tokens:
+            para = self._prose[rng.randrange(len(self._prose))]
+            chosen.append(para)
+            have += self._count(para) + 2
+        ids = self.tokenizer("\n\n".join(chosen), add_special_tokens=False)["input_ids"][: self.context_tokens]
+        return QAItem(self.tokenizer.decode(ids), self.items[0].question, self.items[0].answer)
+
+    def run(self, model: Any, batch: QAItem | None = None) -> Any:
+        """One prefill, no KV cache, of `batch` (a timing prompt) or of the first item's full prompt."""
+        ids = self.prompt_ids(model, self.items[0] if batch is None else batch)
         with torch.inference_mode():
             return model(input_ids=ids, use_cache=False)
 
@@ -299,7 +316,7 @@ class LongQAWorkload:
             "items": len(self.items),
             "context_tokens_mean": statistics.mean(self._count(i.context) for i in self.items),
             "gen_tokens": self.gen_tokens,
-            "timed_call": "one prefill of item 0's full prompt, no KV cache",
+            "timed_call": "one prefill, no KV cache, of a fresh prompt per round (prose without a planted fact, item 0's question)",
             "accuracy": "points: share of replies containing the planted answer",
             "energy": self._energy.describe(),
         }

@@ -213,8 +213,11 @@ def delta_worse(step: Step) -> bool | None:
 def step_cells(index: int, step: Step) -> list[str]:
     sp = step.speedup or {}
     acc_text, delta = accuracy_cells(step)
+    speed = fmt_speedup(sp.get("median"), sp.get("ci95"))
+    if sp.get("verdict") == "no measurable change" and speed != DASH:  # inside the run's A/A noise floor
+        speed += " (no measurable change)"
     return [str(index), step.text or step.pass_name, step.status,
-            fmt_speedup(sp.get("median"), sp.get("ci95")),
+            speed,
             fmt_speedup(step.cumulative_speedup, step.cumulative_ci95),
             latency_text(step.latency_ms), acc_text, delta,
             fmt_bytes(step.peak_memory_bytes), fmt_bytes(step.model_bytes), fmt_ms(step.first_call_ms)]
