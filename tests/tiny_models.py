@@ -34,7 +34,8 @@ def tiny_gpt2(vocab_size: int = 100, seed: int = 0, **overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=vocab_size)
+    cfg = dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128, vocab_size=vocab_size, bos_token_id=0,
+               eos_token_id=0)
     return GPT2LMHeadModel(GPT2Config(**(cfg | overrides))).eval()
 
 
@@ -52,7 +53,8 @@ def tiny_phi3(vocab_size: int = 100, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=128, vocab_size=vocab_size, pad_token_id=0)
+               num_key_value_heads=2, max_position_embeddings=128, vocab_size=vocab_size, pad_token_id=0,
+               bos_token_id=1, eos_token_id=1)
     return Phi3ForCausalLM(Phi3Config(**(cfg | overrides))).eval()
 
 

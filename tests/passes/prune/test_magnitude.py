@@ -65,11 +65,13 @@ def test_pruning_is_permanent_plain_tensors():
     assert zero_fraction(copied.model.layers[0].mlp.up_proj.weight) == pytest.approx(0.5, abs=0.01)
 
 
-def test_apply_raises_when_nothing_is_eligible():
-    with pytest.raises(PassApplyError, match="^prune-magnitude: expected nn.Linear"):
-        MagnitudePrunePass().apply(nn.Sequential(nn.Conv1d(2, 2, 1)), CTX)
-    with pytest.raises(PassApplyError, match="^prune-magnitude: .*skip="):
-        MagnitudePrunePass(skip=".*").apply(tiny_mlp(), CTX)
+def test_nothing_eligible_is_nothing_to_change():
+    result = MagnitudePrunePass().apply(nn.Sequential(nn.Conv1d(2, 2, 1)), CTX)
+    assert not result.modified and result.info["reason"].startswith("nothing to change: no nn.Linear")
+    result = MagnitudePrunePass(skip=".*").apply(tiny_mlp(), CTX)
+    assert not result.modified and "skip='.*'" in result.info["reason"]
+    with pytest.raises(PassApplyError, match="^prune-magnitude: expected a torch.nn.Module"):
+        MagnitudePrunePass().apply(object(), CTX)
 
 
 @pytest.mark.parametrize("bad", [1.5, 0, 1.0, -0.1])

@@ -101,10 +101,10 @@ def test_zero_fractions_change_nothing():
     assert not result.modified and model.encoder.layer[0].intermediate.dense.out_features == 128
 
 
-def test_apply_raises_on_unrecognized_model():
+def test_unrecognized_model_is_nothing_to_change():
     model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8))
-    with pytest.raises(PassApplyError, match="^prune-structured: found no prunable structure"):
-        StructuredPrunePass().apply(model, CTX)
+    result = StructuredPrunePass().apply(model, CTX)
+    assert not result.modified and result.info["reason"].startswith("nothing to change: found no prunable structure")
 
 
 @pytest.mark.parametrize("opts, option", [({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.1}, "sparsity"),
@@ -119,3 +119,40 @@ def test_text_round_trips():
     p = StructuredPrunePass(sparsity=0.5, heads=0.25, importance="l1")
     [(name, opts)] = parse_pipeline_text(str(p))
     assert name == "prune-structured" and StructuredPrunePass(**opts) == p
+
+
+def _zero_neurons(model, arch):
+    """Zero the first-projection rows (and biases) of neurons 0..7 in every MLP: each then outputs 0
+    (gelu(0) = relu(0) = silu(0) * up = 0), so removing exactly them leaves the function unchanged."""
+    from optistack.passes.linears import weight_rows
+
+    first = {"gpt2": "c_fc", "phi3": "gate_up_proj", "gpt-neox": "dense_h_to_4h", "t5": "wi"}[arch]
+    dead = torch.arange(8)  # for Phi-3's fused [gate; up] rows: the gate rows
+    with torch.no_grad():
+        for m in model.modules():
+            lin = getattr(m, first, None)
+            if lin is not None:
+                weight_rows(lin)[dead] = 0.0
+                if lin.bias is not None:
+                    lin.bias[dead] = 0.0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "phi3", "gpt-neox", "t5"])
+def test_mlps_of_other_architectures_lose_exactly_the_least_important_neurons(arch):
+    from tiny_models import ARCHITECTURES
+
+    build, inputs = ARCHITECTURES[arch]
+    model, x = build(), inputs()[0]
+    _zero_neurons(model, arch)
+    with torch.no_grad():
+        ref = flat(model(**x))
+    result = StructuredPrunePass(sparsity=8 / 128).apply(model, CTX)
+    assert result.modified and result.info["neurons_removed"] == 8 * result.info["mlps"] > 0
+    key = {"gpt2": "n_inner", "phi3": "intermediate_size", "gpt-neox": "intermediate_size", "t5": "d_ff"}[arch]
+    assert result.info[key] == 120 and getattr(model.config, key) == 120
+    with torch.no_grad():
+        assert torch.allclose(flat(model(**x)), ref, atol=1e-5)
+
+
+def flat(out):
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()

@@ -14,6 +14,7 @@ from optistack.passes.quant.awq import AwqPass
 from optistack.passes.quant.awq_search import fold_scale, llama_groups
 from optistack.passes.quant.int4 import Int4Linear
 from optistack.passes.quant.rtn import RtnInt4Pass
+from tiny_models import tiny_gpt2, tiny_gpt_neox, tiny_opt, tiny_phi3, tiny_t5
 
 VOCAB = 128
 
@@ -147,14 +148,69 @@ def test_bad_options_name_the_pass(options, match):
         Pipeline.parse(f"awq{{{text}}}")
 
 
-def test_non_llama_model_is_refused_with_the_expected_structure():
+def test_unknown_or_broken_architecture_is_left_unchanged_with_the_reason():
     mlp = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
-    with pytest.raises(PassApplyError, match="awq: expected a Llama-style causal LM.*model.model.layers"):
-        AwqPass().apply(mlp, CTX)
+    result = AwqPass().apply(mlp, CTX)
+    assert not result.modified and "no AWQ mapping for this architecture (Sequential" in result.info["reason"]
+    assert "llama" in result.info["reason"] and "gpt2" in result.info["reason"]
+    assert type(mlp[0]) is nn.Linear
+    result = AwqPass().apply(tiny_t5(), CTX)
+    assert not result.modified and "model_type 't5'" in result.info["reason"]
     broken = tiny_llama()
     broken.model.layers[1].mlp.up_proj = nn.Identity()
-    with pytest.raises(PassApplyError, match=r"layers\[1\] has no mlp.up_proj|layers\[1\].mlp.up_proj is a Identity"):
-        AwqPass().apply(broken, CTX)
+    result = AwqPass().apply(broken, CTX)
+    assert not result.modified
+    assert "model.layers[1].mlp.up_proj is a Identity" in result.info["reason"]
+    post_norm = tiny_opt(do_layer_norm_before=False)
+    assert "do_layer_norm_before=false" in AwqPass().apply(post_norm, CTX).info["reason"]
+
+
+ARCHS = {"gpt2": lambda: tiny_gpt2(vocab_size=VOCAB), "gpt-neox": lambda: tiny_gpt_neox(vocab_size=VOCAB),
+         "phi3": lambda: tiny_phi3(vocab_size=VOCAB, num_key_value_heads=4),  # MHA: the v -> o group exists
+         "opt": lambda: tiny_opt(vocab_size=VOCAB), "llama": lambda: tiny_llama(kv_heads=4)}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_every_mapping_folds_scales_without_changing_the_function(arch):
+    """Random scales folded into every group of the table: exact only if the table names the right
+    prev modules and rows (fused qkv, GPT-NeoX's interleaved heads, Phi-3's up half, GPT-2's Conv1D)."""
+    from optistack.passes.linears import as_linear, is_conv1d, set_module
+    from optistack.passes.quant.awq_mappings import find_mapping, resolve_groups
+
+    model = ARCHS[arch]()
+    ids = held_out_ids()
+    ref = logits(model, ids)
+    mapping, why = find_mapping(model)
+    assert mapping is not None, why
+    for name, m in list(model.named_modules()):
+        if is_conv1d(m):
+            set_module(model, name, as_linear(m))
+    g = torch.Generator().manual_seed(3)
+    labels = []
+    for block in model.get_submodule(mapping.blocks):
+        for group in resolve_groups(mapping, block, model.config):
+            if group.prev is None:
+                continue
+            labels.append(group.label)
+            width = next(iter(group.linears.values())).in_features
+            fold_scale(group.prev, list(group.linears.values()), torch.rand(width, generator=g) * 4 + 0.25,
+                       group.prev_rows)
+    assert len(set(labels)) >= 3 and {"qkv", "o"} <= set(labels)
+    assert torch.allclose(logits(model, ids), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "phi3"])
+def test_awq_beats_rtn_on_conv1d_and_fused_projections(arch):
+    model = ARCHS[arch]()
+    ids = held_out_ids()
+    ref = logits(model, ids)
+    rtn = RtnInt4Pass(group_size=32).apply(copy.deepcopy(model), CTX).model
+    result = AwqPass(**FAST, n_grid=10).apply(copy.deepcopy(model), CTX)
+    assert result.modified and result.info["architecture"] == ("gpt2" if arch == "gpt2" else "phi3")
+    assert result.info["layers_quantized"] == 8 and result.info["block_mse_ratio"] < 1.0
+    mse_rtn = float((logits(rtn, ids) - ref).pow(2).mean())
+    mse_awq = float((logits(result.model, ids) - ref).pow(2).mean())
+    assert mse_awq < mse_rtn, (mse_awq, mse_rtn)
 
 
 def test_no_calibration_data_is_refused():

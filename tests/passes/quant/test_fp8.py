@@ -118,6 +118,8 @@ def test_tied_weights_stay_float():
     model.lm_head.weight = model.model.embed_tokens.weight
     result = Fp8Pass(skip="").apply(model, CTX)
     assert isinstance(model.lm_head, nn.Linear) and result.info["linears_skipped"] == 1
+    assert result.info["linears_tied_left"] == 1 and "lm_head shares its weight with model.embed_tokens" \
+        in result.info["tied_reason"]
 
 
 def test_model_copies_pickles_and_saves():
@@ -143,9 +145,11 @@ def test_skip_min_features_and_honest_no_op():
     assert result.info["linears_quantized"] == 1 and isinstance(model[0], Fp8Linear) and isinstance(model[2], nn.Linear)
 
 
-def test_apply_raises_without_linears():
-    with pytest.raises(PassApplyError, match="^fp8: expected nn.Linear"):
-        Fp8Pass().apply(nn.Sequential(nn.Conv1d(4, 4, 3)), CTX)
+def test_no_linears_is_nothing_to_change():
+    result = Fp8Pass().apply(nn.Sequential(nn.Conv1d(4, 4, 3)), CTX)
+    assert not result.modified and result.info["reason"].startswith("nothing to change: the model has no nn.Linear")
+    with pytest.raises(PassApplyError, match="^fp8: expected a torch.nn.Module"):
+        Fp8Pass().apply(object(), CTX)
 
 
 def test_bad_options_name_pass_and_option():

@@ -185,9 +185,10 @@ class FuseKernelsPass(ConfiguredPass):
         patterns = self.config.pattern_set()
         found = self._find(model, patterns)
         if not any(found.values()):
-            raise PassApplyError("fuse-kernels: nothing to fuse: the model has no *RMSNorm module with weight and "
-                                 "variance_epsilon, no gated MLP (gate_proj/up_proj/down_proj + SiLU), no Int4Linear "
-                                 f"and no Fp8Linear among the patterns {sorted(patterns)}")
+            return PassResult(model, modified=False, info={"reason": (
+                "nothing to change: nothing to fuse: the model has no *RMSNorm module with weight and variance_epsilon, "
+                "no gated MLP (gate_proj/up_proj/down_proj + SiLU), no Int4Linear and no Fp8Linear among the "
+                f"patterns {sorted(patterns)}")})
         device = model_device(model)
         backend, why_not = choose_backend(device, self.config.backend)
         info: dict[str, Any] = {"backend": backend or "none", "device": device.type}
