@@ -106,8 +106,11 @@ class MiniLMWorkload:
             out.append((self._tokenize(chunk), real))
         return out
 
-    def timing_batch(self, index: int) -> Inputs:
-        """The index-th timing batch: shuffled-word calibration sentences (see the module docstring)."""
+    def timing_batch(self, index: int) -> Inputs | None:
+        """The index-th timing batch: shuffled-word calibration sentences (see the module docstring);
+        None without calibration sentences (the benchmark then times the default batch)."""
+        if not self.calib_sentences:
+            return None
         rng = random.Random(0x4D494E49 + 7919 * int(index))
         rows = []
         for _ in range(self.batch_size):
