@@ -116,3 +116,24 @@ def test_noise_floor_can_be_turned_off():
     assert result.report.baseline["noise_floor"] is None
     assert result.report.steps[0].speedup["noise_floor"] == 0.0
 
+
+
+def test_batches_never_repeat_across_streams_and_a_repeating_stream_says_so():
+    from optistack.bench.ab_timing import BatchStream
+    from optistack.workloads import GenericWorkload
+    from optistack.workloads.base import batch_digest
+
+    wl = GenericWorkload(mlp(), torch.randn(4, 256))
+    first, second = BatchStream(wl), BatchStream(wl)  # e.g. a search trial after the baseline run
+    seen = [batch_digest(s()) for s in (first, second) for _ in range(5)]
+    assert len(set(seen)) == 10 and "never repeated" in first.describe()
+
+    class OneBatch:
+        name = "one"
+
+        def timing_batch(self, index):
+            return (torch.ones(2),), {}
+
+    stream = BatchStream(OneBatch())
+    stream(), stream()
+    assert stream.repeats == 1 and "not fully excluded" in stream.describe()
