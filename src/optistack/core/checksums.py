@@ -22,6 +22,7 @@ from .load_schema import check_fields, integer, short
 FORMAT = "optistack.model/2"
 OLD_FORMATS = ("optistack.model/1",)  # saved before checksums existed
 MANIFEST = "optistack.json"
+WEIGHTS = "model.safetensors"  # a torch model's tensors (an exported model names its own files)
 MAX_MANIFEST_BYTES = 64 << 20
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
