@@ -33,12 +33,14 @@ def cmd_run(args) -> int:
     check_pipeline_text(args.pipeline)
     pipeline = Pipeline.parse(args.pipeline)  # parse first: a typo fails before a model loads
     check_pipeline(pipeline)
-    workload = load(args.model)
+    workload = load(args.model, data=args.data, task=args.task)
     result = pipeline.run(workload, max_accuracy_drop=args.max_accuracy_drop, timing=_timing(args.quick))
     result.report.print()
     if getattr(args, "verbose", False):
         _print_tracebacks(result.report)
     _write_outputs(result.report, args)
+    if args.save:  # after the report: a model transformers cannot load still leaves the report written
+        print(f"saved (transformers / vLLM loadable): {result.save_pretrained(args.save)}", file=sys.stderr)
     return 0
 
 
@@ -172,7 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_run_args(p, pipeline_required: bool) -> None:
-        p.add_argument("--model", default="minilm", help="workload name (see `optistack workloads`)")
+        p.add_argument("--model", default="minilm",
+                       help="workload name (see `optistack workloads`), Hugging Face model folder, .gguf file, "
+                            "or module:factory")
+        p.add_argument("--data", help="your data: .txt/.jsonl/.csv/.parquet file or datasets folder, split into "
+                                      "disjoint evaluation and calibration parts")
+        p.add_argument("--task", choices=("causal-lm", "encoder", "sequence-classification", "image-classification"),
+                       help="the model's task when config.json's architectures do not tell")
+        p.add_argument("--save", help="write the final model here as a Hugging Face folder (compressed-tensors for "
+                                      "int4/int8/fp8) that transformers and vLLM load")
         p.add_argument("--pipeline", required=pipeline_required, default=None,
                        help='e.g. "int8-dynamic,compile" or a preset, "@llm-decode" (see `optistack presets`)')
         p.add_argument("--max-accuracy-drop", type=float, default=DEMO_BUDGET if not pipeline_required else None,

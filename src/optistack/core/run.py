@@ -36,6 +36,13 @@ class RunResult:
 
         return save_model(path, self.model, self.original, self.report.steps, self.report.workload)
 
+    def save_pretrained(self, path: Any, **options: Any) -> Any:
+        """Write the model as a Hugging Face folder that transformers and vLLM load (compressed-tensors
+        for int4/int8/fp8 weights, plain otherwise; tokenizer beside); see optistack.checkpoints."""
+        from ..checkpoints import save_pretrained
+
+        return save_pretrained(path, self, **options)
+
     def __repr__(self) -> str:
         return f"<RunResult pipeline={str(self.pipeline)!r} final_speedup={self.report.final_speedup}>"
 
