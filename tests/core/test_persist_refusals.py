@@ -117,6 +117,18 @@ def test_onnx_external_data_outside_the_folder_is_refused(ort_folder, tmp_path):
     refused(tampered(ort_folder, tmp_path, point_outside), tmp_path, "graph.onnx", "external data", "'..'")
 
 
+def test_onnx_session_options_inside_the_graph_are_refused(ort_folder, tmp_path):
+    import onnx
+
+    def add_ort_config(manifest, folder):
+        proto = onnx.load(str(folder / "graph.onnx"), load_external_data=False)
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "ort_config", json.dumps({"session_options": {"optimized_model_filepath": "x.onnx"}})
+        onnx.save_model(proto, str(folder / "graph.onnx"))
+
+    refused(tampered(ort_folder, tmp_path, add_ort_config), tmp_path, "graph.onnx", "ort_config")
+
+
 CLASS_NAMES = ["optistack.core.persist:save_model", "os:system", "transformers:pipeline", "transformers.pipeline",
                "builtins:eval", "torch.nn:Linear", "optistack.passes.quant.int4:Int4Linear.from_linear",
                "optistack.passes.export.session:choose_providers", "optistack.passes.quant.int4:Int4Linear "]

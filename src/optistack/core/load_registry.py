@@ -90,12 +90,16 @@ MODULES: dict[str, Loadable] = {
 
 
 def _onnx_references(path: Any) -> list[str]:
-    """Every external-data file an ONNX graph points to (initializers, subgraphs, functions)."""
+    """Every external-data file an ONNX graph points to (initializers, subgraphs, functions); a graph
+    carrying session options for ONNX Runtime (`ort_config` metadata) is refused."""
     try:
         import onnx
     except ImportError:
         raise LoadError("checking an ONNX graph's external data needs the onnx package: pip install onnx") from None
     proto = onnx.load(str(path), load_external_data=False)
+    if any(p.key == "ort_config" for p in proto.metadata_props):  # session options ORT may take from the graph
+        raise LoadError(f"{path.name}: the graph carries 'ort_config' metadata (session options, which could name "
+                        "files to write); not loaded from a folder")
     found: list[str] = []
 
     def tensor(t: Any) -> None:
