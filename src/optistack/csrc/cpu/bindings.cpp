@@ -11,4 +11,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu", &optistack_cpu::swiglu);
   m.def("int4_matmul", &optistack_cpu::int4_matmul);
   m.def("int4_dequant", &optistack_cpu::int4_dequant);
+  m.def("int8_matmul", &optistack_cpu::int8_matmul);
 }

@@ -145,16 +145,6 @@ static inline __m512 bcast(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_set1_epi16(short(bits)), 16));
 }
 
-// The four horizontal sums of a, b, c, d in one __m128: a transpose-and-add tree, about a third of
-// the instructions of four separate reductions (which showed in K=576 rows, 4.5 blocks long).
-static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a b a b per 128 bits
-  __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));  // a b c d
-  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
 // R weight rows times MB activation rows over one chunk of Kc input channels starting at channel c0:
 // each decoded block feeds R*MB dot products and each activation load R of them. GS (the group size) is
 // a constant so the loops unroll into straight-line code with the accumulators in registers.

@@ -15,4 +15,6 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& qweight, const at:
 void check_int4_packed(const char* op, const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero,
                        int64_t group);
 at::Tensor int4_dequant(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero, int64_t group);
+// Weight-only int8 (per-output-channel float32 scale), see int8_gemm.cpp.
+at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale);
 }  // namespace optistack_cpu

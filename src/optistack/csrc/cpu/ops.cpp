@@ -30,6 +30,7 @@ TORCH_LIBRARY(optistack_cpu, m) {
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   m.def("int4_matmul(Tensor x, Tensor qweight, Tensor scale, Tensor zero, int group_size) -> Tensor");
   m.def("int4_dequant(Tensor qweight, Tensor scale, Tensor zero, int group_size) -> Tensor");
+  m.def("int8_matmul(Tensor x, Tensor qweight, Tensor scale) -> Tensor");
   m.def("isa() -> str", &optistack_cpu::isa);
 }
 
@@ -39,4 +40,5 @@ TORCH_LIBRARY_IMPL(optistack_cpu, CPU, m) {
   m.impl("swiglu", &optistack_cpu::swiglu);
   m.impl("int4_matmul", &optistack_cpu::int4_matmul);
   m.impl("int4_dequant", &optistack_cpu::int4_dequant);
+  m.impl("int8_matmul", &optistack_cpu::int8_matmul);
 }

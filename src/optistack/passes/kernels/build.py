@@ -49,6 +49,8 @@ def x86_isa_flags(flags: set[str] | None = None) -> tuple[str, list[str]]:
     if {"avx2", "fma"} <= flags:
         levels.append(("avx2", ["-mavx2", "-mfma", "-mf16c"]))
     levels.append(("portable", []))
+    if "avx512_vnni" in flags:  # int16 dot products for the int8 kernel (vpdpwssd); vpmaddwd without it
+        levels = [(name, [*f, "-mavx512vnni"] if name.startswith("avx512") else f) for name, f in levels]
     cap = os.environ.get("OPTISTACK_CPU_ISA")
     if cap:
         names = [name for name, _ in levels]

@@ -17,7 +17,7 @@ from ...core.requirements import Availability
 from . import build, reference
 
 BACKEND = "cpu-cpp"
-SOURCES = ["ops.cpp", "bindings.cpp", "norm_act.cpp", "int4_gemm.cpp", "int4_dequant.cpp"]
+SOURCES = ["ops.cpp", "bindings.cpp", "norm_act.cpp", "int4_gemm.cpp", "int4_dequant.cpp", "int8_gemm.cpp"]
 HEADERS = ["simd.h", "kernels.h", "int4_layout.h"]
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 GROUP_SIZES = (32, 64, 128, 256)
@@ -108,6 +108,7 @@ def _register_fakes() -> None:
         lambda x, q, s, z, g: x.new_empty((*x.shape[:-1], q.shape[0])))
     torch.library.register_fake("optistack_cpu::int4_dequant")(
         lambda q, s, z, g: q.new_empty((q.shape[0], q.shape[1] * 2), dtype=torch.bfloat16))
+    torch.library.register_fake("optistack_cpu::int8_matmul")(lambda x, q, s: x.new_empty((*x.shape[:-1], q.shape[0])))
 
 
 def ops():
@@ -220,3 +221,11 @@ def int4_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero:
     """One-shot form (packs every call: for tests; modules keep the packed dict)."""
     n, k = codes.shape
     return int4_matmul_packed(x, int4_prepack(codes, scale, zero, group_size), group_size, n, k)
+
+
+def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ (qweight * scale[:, None]).T for int8 [N, K] weights with a float32 scale per output row.
+    The activations are quantized per row to int16 inside the kernel (see int8_gemm.cpp)."""
+    if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES or scale.dtype != torch.float32:
+        return reference.int8_matmul(x, qweight, scale)
+    return ops().int8_matmul(x, qweight, scale)

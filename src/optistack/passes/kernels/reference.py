@@ -70,3 +70,10 @@ def available():
     from ...core.requirements import Availability
 
     return Availability.yes()
+
+
+def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ w.T with w = qweight * scale[:, None] (int8 [N, K], one scale per output row), in float32,
+    cast to x.dtype. (The cpu-cpp kernel also rounds x to 15 bits per row; see int8_gemm.cpp.)"""
+    w = qweight.float() * scale.float().unsqueeze(1)
+    return F.linear(x.float(), w.to(x.device)).to(x.dtype)

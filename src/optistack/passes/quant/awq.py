@@ -117,6 +117,7 @@ class AwqPass(ConfiguredPass):
 
         from .awq_mappings import find_mapping, resolve_groups
         from .awq_search import Quantizer, ScaleGroup, awq_layer
+        from .head import quantize_head
         from .int4 import choose_kernel, param_dtype_for
 
         start = time.perf_counter()
@@ -174,7 +175,9 @@ class AwqPass(ConfiguredPass):
                 layer = swap_to_int4(model, name, modules[name], tally)
                 for alias in (a for a, p in plan.aliases.items() if p == name):
                     set_module(model, alias, layer)
-        info = {**tally.info(len(plan.skipped)), **plan.info()}
+            head = quantize_head(model, cfg.head, lambda n, lin: swap_to_int4(model, n, lin, tally),
+                                 plan.skipped)
+        info = {**tally.info(len(plan.skipped)), **plan.info(), **head}
         info.update({
             "architecture": mapping.name,
             "calib_samples": int(ids.shape[0]), "calib_seq_len": int(ids.shape[1]), "n_grid": cfg.n_grid,

@@ -12,7 +12,7 @@ and transformers Conv1D (GPT-2), tied weights left as they are with the reason.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 from ...core.config import PassConfig, check, check_regex
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
@@ -26,6 +26,7 @@ class Int4Config(PassConfig):
     group_size: int = 64
     zero_point: bool = True
     skip: str = "lm_head"
+    head: Literal["int8", "int4", "keep"] = "keep"  # a head that `skip` skipped: see head.py
 
     def __post_init__(self) -> None:
         check(self.group_size in GROUP_SIZES, f"option 'group_size' must be one of "
@@ -97,6 +98,8 @@ class RtnInt4Pass(ConfiguredPass):
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
         import torch
 
+        from .head import quantize_head
+
         plan = plan_linears(model, self.name, self.config.skip)
         tally = Int4Tally(self.config.group_size, self.config.zero_point)
         if not plan.chosen:
@@ -106,4 +109,6 @@ class RtnInt4Pass(ConfiguredPass):
                 layer = swap_to_int4(model, name, plan.layers[name], tally)
                 for alias in (a for a, p in plan.aliases.items() if p == name):
                     set_module(model, alias, layer)
-        return PassResult(model, modified=True, info={**tally.info(len(plan.skipped)), **plan.info()})
+            head = quantize_head(model, self.config.head, lambda n, lin: swap_to_int4(model, n, lin, tally),
+                                 plan.skipped)
+        return PassResult(model, modified=True, info={**tally.info(len(plan.skipped)), **plan.info(), **head})
