@@ -112,8 +112,8 @@ class LinearPlan:
                     "weights (already quantized layers are not quantized again)")
         parts = []
         if self.skipped:
-            parts.append(f"{len(self.skipped)} matched skip={self.skip!r} or are smaller than "
-                         f"min_features={self.min_features}")
+            small = f" or are smaller than min_features={self.min_features}" if self.min_features > 1 else ""
+            parts.append(f"{len(self.skipped)} matched skip={self.skip!r}{small}")
         if self.tied:
             parts.append(f"{len(self.tied)} share their weight with another module "
                          f"({', '.join(f'{n} with {o}' for n, o in list(self.tied.items())[:2])})")
