@@ -204,6 +204,15 @@ def test_a_missing_file_and_an_unlisted_reference_are_refused(llama_folder, ort_
     refused(tampered(ort_folder, tmp_path / "b", unlisted), tmp_path, "runtime.file", "not one of the checksummed files")
 
 
+def test_a_path_that_is_not_a_saved_folder_is_one_load_error(llama_folder, tmp_path):
+    refused(tmp_path / "nowhere", tmp_path, "does not exist")
+    refused(llama_folder / "optistack.json", tmp_path, "is not a folder")
+    refused(tmp_path, tmp_path, "not a model saved by optistack")
+    (tmp_path / "linked").mkdir()
+    os.symlink(llama_folder / "optistack.json", tmp_path / "linked" / "optistack.json")
+    refused(tmp_path / "linked", tmp_path, "optistack.json", "not a link")
+
+
 def test_old_folders_without_checksums_are_refused_with_re_save_advice(llama_folder, tmp_path):
     def old(manifest, _):
         manifest["format"] = "optistack.model/1"
@@ -262,6 +271,29 @@ def test_steps_rerun_on_load_take_only_safe_values(llama_folder, tmp_path):
     for i, (entry, fragment) in enumerate(cases):
         folder = tampered(llama_folder, tmp_path / str(i), lambda m, d: m["steps"].append(entry))
         refused(folder, tmp_path, fragment)
+
+
+def test_a_third_party_pass_is_never_rerun_from_a_folder(llama_folder, tmp_path):
+    from optistack.core.pass_protocol import ConfiguredPass, PassResult
+    from optistack.core.registry import register_pass, unregister_pass
+
+    ran = []
+
+    class Hooky(ConfiguredPass):
+        name = "test-hooky"
+        reapply_on_load = True
+
+        def apply(self, model, ctx):
+            ran.append(model)
+            return PassResult(model, modified=True)
+
+    register_pass(Hooky)
+    try:
+        folder = tampered(llama_folder, tmp_path, lambda m, d: m["steps"].append({"pass": "test-hooky", "config": {}}))
+        refused(folder, tmp_path, "steps[1]", "test-hooky", "re-run from a saved folder")
+    finally:
+        unregister_pass("test-hooky")
+    assert ran == []
 
 
 def test_a_user_model_is_left_untouched_when_its_folder_is_refused(tmp_path):
