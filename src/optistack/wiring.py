@@ -37,6 +37,9 @@ def with_gate(instruments: Sequence[Any], max_accuracy_drop: float | None) -> li
     others = [i for i in instruments if not isinstance(i, GateInstrument)]
     if len(gates) > 1:
         raise OptistackError(f"pass at most one GateInstrument; got {len(gates)}")
+    if gates and max_accuracy_drop is not None and gates[0].max_accuracy_drop != max_accuracy_drop:
+        raise OptistackError(f"two accuracy budgets: max_accuracy_drop={max_accuracy_drop:g} and "
+                             f"GateInstrument(max_accuracy_drop={gates[0].max_accuracy_drop}); give one")
     if not gates:
         if max_accuracy_drop is None:
             carried = [getattr(i, "max_accuracy_drop", None) for i in others]

@@ -228,3 +228,9 @@ def test_a_pass_that_corrupts_a_compiled_model_and_raises_leaves_the_kept_model_
         torch.testing.assert_close(result.model(x), expected)  # the failed pass's edits did not leak
     finally:
         unregister_pass(MutateCompiledThenRaise.name)
+
+
+def test_two_different_budgets_are_refused():
+    wl = GenericWorkload(mlp(), torch.randn(16, 32))
+    with pytest.raises(ost.OptistackError, match="two accuracy budgets"):
+        ost.Pipeline.parse("identity").run(wl, max_accuracy_drop=0.1, instruments=[GateInstrument(0.01)])
