@@ -324,6 +324,16 @@ def test_save_refuses_a_module_load_could_not_rebuild(tmp_path):
         save_model(tmp_path / "x", changed, model, [], {})
 
 
+def test_save_refuses_a_step_that_load_would_not_rerun(tmp_path):
+    from optistack.core.registry import get_pass_class
+
+    model = tiny_llama(vocab_size=128)
+    attention = get_pass_class("attention")(impl="flash_attention_2", causal_lm_only=False)
+    with pytest.raises(OptistackError, match="cannot save: steps.0..config.impl"):
+        save_model(tmp_path / "x", model, model, [step(attention)], {})
+    assert not (tmp_path / "x").exists()
+
+
 def test_loaded_model_is_bit_identical_and_lists_every_file(llama_folder):
     manifest = json.loads((llama_folder / "optistack.json").read_text())
     assert list(manifest["integrity"]["files"]) == ["model.safetensors"]

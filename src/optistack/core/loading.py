@@ -23,6 +23,7 @@ from .load_tensors import MAX_NON_PERSISTENT_BYTES, check_against, expected_stat
 from .pass_protocol import COMPILED, MODULE, PassContext
 from .registry import get_pass_class
 
+
 def _one_line(exc: BaseException) -> str:
     text_ = " ".join(str(exc).split())
     return text_ if len(text_) <= 300 else text_[:297] + "..."
@@ -89,7 +90,7 @@ def _load_runtime(folder: Path, manifest: dict[str, Any], files: dict[str, Path]
     import posixpath
 
     check_fields(manifest, _RUNTIME_TOP, set(_RUNTIME_TOP) - {"workload"}, MANIFEST)
-    _check_steps(manifest["steps"], reapply=False)
+    check_steps(manifest["steps"], reapply=False)
     runtime = check_fields(manifest["runtime"], {"class": text(200), "file": text(1024), "options": _obj},
                            {"class", "file", "options"}, "runtime")
     entry = lookup(RUNTIMES, runtime["class"], "runtime.class")
@@ -105,7 +106,7 @@ def _load_runtime(folder: Path, manifest: dict[str, Any], files: dict[str, Path]
         return entry.resolve().load_from(str(folder), runtime["file"], dict(options))
 
 
-def _check_steps(steps: list[dict[str, Any]], reapply: bool) -> list[tuple[type, dict[str, Any]]]:
+def check_steps(steps: list[dict[str, Any]], reapply: bool) -> list[tuple[type, dict[str, Any]]]:
     """The steps to run again on load, each checked against REAPPLY; the others are only validated."""
     out: list[tuple[type, dict[str, Any]]] = []
     form = MODULE
@@ -128,7 +129,7 @@ def _load_module(manifest: dict[str, Any], files: dict[str, Path], model: torch.
     from safetensors.torch import load_file
 
     check_fields(manifest, _MODULE_TOP, set(_MODULE_TOP) - {"workload"}, MANIFEST)
-    reapply = _check_steps(manifest["steps"], reapply=True)
+    reapply = check_steps(manifest["steps"], reapply=True)
     weights = listed(files, WEIGHTS, "integrity.files")
     header = read_header(weights, WEIGHTS)
     base = check_fields(manifest["base"], {"library": text(32), "class": text(300), "config": _obj},

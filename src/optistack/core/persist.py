@@ -21,7 +21,7 @@ from .checksums import FORMAT, MANIFEST, WEIGHTS, write_manifest
 from .errors import LoadError, OptistackError
 from .load_registry import MODULES, RUNTIMES, class_name, registered, spec_fields, transformers_model_names
 from .load_schema import check_fields
-from .loading import load_model
+from .loading import check_steps, load_model
 from .registry import get_pass_class
 
 __all__ = ["FORMAT", "MANIFEST", "WEIGHTS", "save_model", "load_model"]
@@ -144,6 +144,10 @@ def save_model(path: str | Path, model: Any, original: Any, steps: list[Any], wo
     manifest = {"format": FORMAT, "pipeline": ",".join(s.text for s in applied), "steps": _steps(applied),
                 "base": _base_entry(base), "replaced": _replacements(base, final), "aliases": aliases,
                 "workload": workload}
+    try:  # steps that run again on load must be ones load accepts, or the folder would not load
+        check_steps(manifest["steps"], reapply=True)
+    except LoadError as exc:
+        raise OptistackError(f"cannot save: {exc}") from None
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
