@@ -99,3 +99,20 @@ def test_the_callers_mode_is_restored_when_the_run_raises():
     with pytest.raises(ost.WorkloadError):  # eval_fn without a direction, refused while building the workload
         optimize(model, torch.randn(4, 16), eval_fn=lambda m: 1.0)
     assert model.training and all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("kw, what", [
+    ({"max_accuracy_drop": "0.1"}, "max_accuracy_drop must be a number"),
+    ({"max_accuracy_drop": True}, "max_accuracy_drop must be a number"),
+    ({"max_accuracy_drop": float("nan")}, "max_accuracy_drop must be a number"),
+    ({"max_accuracy_drop": -0.5}, "max_accuracy_drop must be a number"),
+    ({"timing": "fast"}, "timing must be an optistack.TimingConfig"),
+])
+def test_a_bad_budget_or_timing_is_one_clear_error(kw, what):
+    with pytest.raises(OptistackError, match=what):
+        ost.optimize(Net().eval(), torch.randn(4, 16), "identity", verbose=False, **kw)
+
+
+def test_an_original_that_already_outputs_nan_is_one_clear_error():
+    with pytest.raises(OptistackError, match="original model's outputs .* not finite"):
+        optimize(Net().eval(), torch.full((4, 16), float("nan")))

@@ -1,7 +1,8 @@
 """Checks `optimize()` and the CLI make before anything runs, and the caller's model kept as it was.
 
 Each bad input gets one `OptistackError` naming what is wrong and what would be valid: an empty
-pipeline, a model or inputs on the meta device (no data to run), an empty batch. `ModelState` records
+pipeline, a model or inputs on the meta device (no data to run), an empty batch, a budget or timing of
+the wrong type, an original model whose outputs are already NaN/inf. `ModelState` records
 what a run may flip on the caller's model (train/eval mode of every submodule, `requires_grad` of every
 parameter) and puts it back, whatever happens.
 """
@@ -24,6 +25,35 @@ def check_pipeline(pipeline: Any) -> None:
     """Refuse a pipeline object with no passes."""
     if len(getattr(pipeline, "passes", ())) == 0:
         raise PipelineParseError(f"the pipeline has no passes: name at least one, e.g. {PIPELINE_EXAMPLE}")
+
+
+def check_budget(max_accuracy_drop: Any) -> None:
+    """None (no budget) or a number >= 0, e.g. 0.01 for 1%."""
+    if max_accuracy_drop is None:
+        return
+    if isinstance(max_accuracy_drop, bool) or not isinstance(max_accuracy_drop, (int, float)) \
+            or not max_accuracy_drop >= 0:
+        raise OptistackError(f"max_accuracy_drop must be a number >= 0 (e.g. 0.01 for 1%) or None; "
+                             f"got {max_accuracy_drop!r}")
+
+
+def check_timing(timing: Any) -> None:
+    """None (the defaults) or an `optistack.TimingConfig`."""
+    from .bench.timer import TimingConfig
+
+    if timing is not None and not isinstance(timing, TimingConfig):
+        raise OptistackError(f"timing must be an optistack.TimingConfig (e.g. TimingConfig(min_rounds=5)) or None; "
+                             f"got {type(timing).__name__}")
+
+
+def check_original_finite(workload: Any) -> None:
+    """Refuse a run whose original model already gives NaN/inf: no pass could be compared with it."""
+    from .bench.gate import all_finite
+
+    if not all_finite(workload.run(workload.model)):
+        raise OptistackError(f"the original model's outputs on the {workload.name} workload's inputs are not finite "
+                             "(NaN or inf), so no pass could be compared with it; check the model's weights and "
+                             "the inputs (e.g. torch.isfinite(x).all())")
 
 
 def _tensors(obj: Any, depth: int = 0) -> Iterator[Any]:

@@ -76,12 +76,13 @@ def run_pipeline(pipeline: Any, workload: Any, *, max_accuracy_drop: float | Non
     """Run `pipeline` on `workload` (a name or a workload), measured and gated; see `Pipeline.run`."""
     from .bench.report import Step
 
-    from .checks import check_pipeline
+    from .checks import check_budget, check_original_finite, check_pipeline, check_timing
 
     check_pipeline(pipeline)
+    check_budget(max_accuracy_drop)
+    check_timing(timing)
     workload = resolve_workload(workload)
-    if max_accuracy_drop is not None and not max_accuracy_drop >= 0:
-        raise OptistackError(f"max_accuracy_drop must be >= 0 (e.g. 0.01 for 1%); got {max_accuracy_drop!r}")
+    check_original_finite(workload)
     if instruments is None:
         instruments = default_instruments(max_accuracy_drop, timing, verbose)
     else:
