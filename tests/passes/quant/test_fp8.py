@@ -182,3 +182,25 @@ def test_scaled_mm_kernel_on_cuda():
         result = Fp8Pass(mode="dynamic", skip="").apply(model, PassContext(device="cuda"))
         assert result.info["kernel"] == "scaled_mm" and result.info["linears_emulated"] == 0
         assert sqnr(ref, model(x)) >= SQNR_FLOOR["dynamic"]
+
+
+def test_weight_property_is_the_dequantized_weight_read_only():
+    lin, x = linear_and_input()
+    layer = Fp8Linear.from_linear(lin)
+    w = layer.weight
+    assert w.shape == lin.weight.shape and w.dtype == lin.weight.dtype and w.device == lin.weight.device
+    assert torch.equal(w, layer.dequantized_weight())
+    with pytest.raises((AttributeError, KeyError), match="weight"):  # nn.Module refuses a Parameter by KeyError
+        layer.weight = nn.Parameter(torch.zeros_like(lin.weight))
+    assert "weight" not in layer.state_dict()
+    assert pickle.loads(pickle.dumps(layer)).weight.dtype == lin.weight.dtype
+
+
+def test_chosen_linears_sharing_one_weight_share_one_replacement():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32, bias=False), nn.ReLU(), nn.Linear(32, 32, bias=False))
+    model[2].weight = model[0].weight
+    before = model_bytes(model)
+    result = Fp8Pass(min_features=1).apply(model, CTX)
+    assert result.info["linears_quantized"] == 2 and model[0] is model[2] and isinstance(model[0], Fp8Linear)
+    assert model_bytes(model) < before

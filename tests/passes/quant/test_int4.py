@@ -160,3 +160,36 @@ def test_spec_rebuilds_an_empty_layer_that_loads_the_state_dict():
     twin.load_state_dict(layer.state_dict(), strict=True, assign=True)
     x = torch.randn(3, 96)
     assert torch.equal(twin(x), layer(x))
+
+
+@pytest.mark.parametrize("kernel,bias", [(CPU_KERNEL, True), (DEQUANT, False)])
+def test_weight_property_is_the_dequantized_weight_read_only(kernel, bias):
+    """Foreign model code reads `layer.weight` (T5: `self.wo.weight.dtype`): it must get [out, in], the
+    replaced layer's dtype and device, and the values the kernel multiplies by."""
+    lin = seeded_linear(96, 32, bias=bias)
+    layer = Int4Linear.from_linear(lin, 32, kernel=kernel)
+    w = layer.weight
+    assert w.shape == (32, 96) and w.dtype == torch.float32 and w.device == lin.weight.device
+    assert torch.equal(w, layer.dequantized_weight())
+    assert (layer.in_features, layer.out_features) == (96, 32)
+    with pytest.raises((AttributeError, KeyError), match="weight"):  # nn.Module refuses a Parameter by KeyError
+        layer.weight = nn.Parameter(torch.zeros(32, 96))
+    with pytest.raises(AttributeError):
+        layer.weight = torch.zeros(32, 96)
+    assert "weight" not in dict(layer.named_parameters()) and "weight" not in layer.state_dict()
+    x = torch.randn(3, 96)
+    assert torch.allclose(layer(x), x @ layer.weight.t() + (lin.bias if bias else 0), atol=0.05, rtol=0.02)
+    assert copy.deepcopy(layer).weight.dtype == torch.float32
+
+
+def test_weight_property_follows_the_replaced_dtype():
+    lin = seeded_linear(64, 32, bias=False).to(torch.bfloat16)
+    assert Int4Linear.from_linear(lin, 32).weight.dtype == torch.bfloat16
+
+
+def test_fused_int4_linear_weight_matches_the_int4_layer():
+    from optistack.passes.kernels.fuse import fused_int4
+
+    layer = Int4Linear.from_linear(seeded_linear(96, 32), 32, kernel=DEQUANT)
+    fused = fused_int4(layer, "torch")
+    assert fused.weight.shape == (32, 96) and torch.allclose(fused.weight, layer.weight, atol=1e-6)

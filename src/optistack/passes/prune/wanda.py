@@ -6,7 +6,8 @@ every output row is zeroed. No weight update, no masks left: the zeros are writt
 dense weight tensors.
 
 Statistics are gathered as in the paper, block by block, for models whose blocks sit in
-`model.layers` or `model.model.layers` (Llama, Mistral, Qwen, SmolLM2, ...): the calibration inputs
+`model.layers`, `model.model.layers` (Llama, Mistral, Qwen, Phi-3, SmolLM2, ...), `transformer.h`
+(GPT-2), `gpt_neox.layers` or `model.decoder.layers` (OPT): the calibration inputs
 of block 0 are captured once, then each block is measured, pruned, and run again to produce the
 inputs of the next block, so every block sees what the already-pruned blocks before it produce. That
 costs about two forward passes of the model over the calibration data. Linear layers outside those
@@ -97,10 +98,16 @@ def calibration_batches(model: torch.nn.Module, ctx: PassContext, n: int, pass_n
     return out
 
 
+_BLOCK_PATHS = ("model.layers", "layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
+
+
 def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:
-    """The ModuleList of transformer blocks of a Llama-style model, if there is one."""
-    for owner in (getattr(model, "model", None), model):
-        layers = getattr(owner, "layers", None)
+    """The ModuleList of decoder blocks (Llama/Mistral/Qwen/Phi-3, GPT-2, GPT-NeoX, OPT), if there is one."""
+    for path in _BLOCK_PATHS:
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            continue
         if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
             return layers
     return None
