@@ -80,6 +80,7 @@ MODULES: dict[str, Loadable] = {
                                                   lambda cls, s: cls(s["nf"], s["nx"])),
     "optistack.passes.quant.int4:Int4Linear": Loadable("optistack.passes.quant.int4", "Int4Linear", _INT4, _all(_INT4)),
     "optistack.passes.quant.fp8:Fp8Linear": Loadable("optistack.passes.quant.fp8", "Fp8Linear", _FP8, _all(_FP8)),
+    "optistack.passes.quant.head:Int8Linear": Loadable("optistack.passes.quant.head", "Int8Linear", _LINEAR, _all(_LINEAR)),
     "optistack.passes.kernels.modules:FusedRMSNorm": Loadable(
         "optistack.passes.kernels.modules", "FusedRMSNorm", _RMSNORM, _all(_RMSNORM)),
     "optistack.passes.kernels.modules:FusedInt4Linear": Loadable(

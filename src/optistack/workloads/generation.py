@@ -169,6 +169,15 @@ def cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def takes_kwarg(model: Any, name: str) -> bool:
+    """Whether the forward (looked up through torch.compile wrappers) takes keyword `name`."""
+    target = getattr(model, "_orig_mod", model)
+    try:
+        return name in inspect.signature(getattr(target, "forward", target)).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def takes_cache_position(model: Any) -> bool:
     """Whether the forward takes `cache_position` (transformers LMs do): passing it keeps a compiled
     decode step free of the cache-length lookup it would otherwise trace (a graph break per step)."""
@@ -200,6 +209,10 @@ def greedy_decode(model: Any, input_ids: torch.Tensor, max_new_tokens: int, cach
     prefill = getattr(model, "_orig_mod", model) if eager_prefill else model
     sync = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
     with_position = takes_cache_position(model)
+    # The prefill needs the last position's logits only: a transformers LM that takes
+    # `logits_to_keep` then skips the head for the other prompt positions (SmolLM2: 127 of 128 rows of
+    # a 49152-wide projection, a large part of the time to first token).
+    prefill_kwargs = {"logits_to_keep": 1} if takes_kwarg(prefill, "logits_to_keep") else {}
     tokens: list[torch.Tensor] = []
     step_ms: list[float] = []
     ids = input_ids
@@ -211,7 +224,10 @@ def greedy_decode(model: Any, input_ids: torch.Tensor, max_new_tokens: int, cach
                 done = 0 if step == 0 else input_ids.shape[-1] + step - 1
                 cache_arg["cache_position"] = torch.arange(done, done + ids.shape[-1], device=ids.device)
             try:
-                out = (prefill if step == 0 else model)(input_ids=ids, use_cache=True, **cache_arg)
+                if step == 0:
+                    out = prefill(input_ids=ids, use_cache=True, **cache_arg, **prefill_kwargs)
+                else:
+                    out = model(input_ids=ids, use_cache=True, **cache_arg)
             except Exception as exc:
                 if step == 0:
                     raise CacheUnsupportedError(f"model cannot be called with a KV cache: {type(exc).__name__}: {exc}") from exc

@@ -117,3 +117,31 @@ def test_freezing_matches_eager_and_really_freezes():
         model[0].weight.add_(1.0)
         torch.testing.assert_close(result.model(x), ref, rtol=1e-5, atol=1e-5)  # frozen: the edit is unseen
         assert not torch.allclose(model(x), ref)
+
+
+def test_cpp_wrapper_round_trips_and_needs_inductor():
+    p = CompilePass(freezing=True, cpp_wrapper=True)
+    assert str(p) == "compile{freezing=true,cpp_wrapper=true}"
+    [(name, opts)] = parse_pipeline_text(str(p))
+    assert CompilePass(**opts) == p
+    with pytest.raises(PassConfigError, match=r"^compile: option 'cpp_wrapper=true' is an Inductor setting"):
+        CompilePass(backend="eager", cpp_wrapper=True)
+
+
+def test_inductor_settings_apply_only_around_the_compiled_calls():
+    import torch._inductor.config as inductor_config
+
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append((inductor_config.cpp_wrapper, inductor_config.freezing))
+            return x + 1
+
+    compiled = CompilePass(backend="eager", freezing=False).apply(Probe(), CTX).model
+    from optistack.passes.compile.inductor import patch_when_compiling
+
+    patch_when_compiling(compiled, cpp_wrapper=True, freezing=True)
+    compiled(torch.ones(2))
+    assert seen and seen[-1] == (True, True)
+    assert (inductor_config.cpp_wrapper, inductor_config.freezing) == (False, False)

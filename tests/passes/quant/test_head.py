@@ -81,3 +81,21 @@ def test_a_head_the_skip_pattern_let_through_is_left_to_the_body_pass():
     result = RtnInt4Pass(group_size=32, skip="^$", head="int8").apply(copy.deepcopy(model), CTX)
     assert type(result.model.lm_head) is Int4Linear and result.info["head"] == "body"
     assert find_head(result.model)[0] == "lm_head"
+
+
+def test_int8_head_saves_and_loads(tmp_path):
+    from optistack.core.persist import load_model, save_model
+
+    model = tiny_llama(vocab_size=128, tie_word_embeddings=True)
+    q = RtnInt4Pass(group_size=32, head="int8").apply(copy.deepcopy(model), CTX).model
+
+    class Step:
+        status, pass_name, text, info = "applied", "rtn-int4", "rtn-int4{group_size=32,head=int8}", {}
+        config = {}
+
+    save_model(tmp_path / "m", q, model, [Step()], {})
+    loaded = load_model(tmp_path / "m")
+    assert isinstance(loaded.lm_head, Int8Linear)
+    ids = torch.randint(0, 128, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, q(ids).logits, rtol=0, atol=0)
