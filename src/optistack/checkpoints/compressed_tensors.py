@@ -148,9 +148,15 @@ def quantization_config(schemes: dict[str, list[str]], ignore: list[str]) -> dic
         groups[f"group_{i}"] = {"targets": targets, "weights": scheme["weights"],
                                 "input_activations": scheme.get("input_activations"),
                                 "output_activations": None, "format": fmt}
-    return {"quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
-            "quantization_status": "compressed", "config_groups": groups, "ignore": sorted(ignore),
-            "kv_cache_scheme": None, "global_compression_ratio": None}
+    out = {"quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+           "quantization_status": "compressed", "config_groups": groups, "ignore": sorted(ignore),
+           "kv_cache_scheme": None, "global_compression_ratio": None}
+    if any(g["format"] == INT4 and not g["weights"]["symmetric"] for g in groups.values()):
+        # transformers 5.2x sizes the packed zero points wrongly on its compressed route (they load as
+        # random values, with only a warning); its dequantize-at-load route reads them right. vLLM and
+        # compressed-tensors ignore this key.
+        out["dequantize"] = True
+    return out
 
 
 def quantized_tensors(name: str, module: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None | str:

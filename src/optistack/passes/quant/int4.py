@@ -3,8 +3,12 @@
 Per output row, groups of `group_size` consecutive input channels, one scale and one offset per
 group, in the convention of torch's int4 kernels ("tinygemm"; checked numerically on torch 2.13):
 `w = (q - 8) * scale + zero`, q in 0..15, `zero` the float value of the middle code 8.
-Asymmetric (`zero_point=True`): scale = (max - min) / 15, zero = min + 8 * scale. Symmetric: scale =
-max|w| / 7, zero = 0. Every weight inside its group's range is within scale/2 of its dequantized value.
+Asymmetric (`zero_point=True`): scale = (max - min) / 15 over the range widened to take in 0, zero =
+round(min / scale + 8) * scale: a whole number of steps, so w = (q - zp) * scale with an integer zero
+point zp = -zero / scale, the form compressed-tensors, vLLM, AutoAWQ and GPTQ store (a float zero would
+not survive `save_pretrained`). The rounding shifts the grid by under half a step, so the group's
+extreme values may clip by up to scale/2 more. Symmetric: scale = max|w| / 7, zero = 0. Every other
+weight inside its group's range is within scale/2 of its dequantized value.
 
 Kernels (chosen per layer by `choose_kernel`):
 
@@ -72,9 +76,12 @@ def qparams(wmin: torch.Tensor, wmax: torch.Tensor, zero_point: bool = True,
             param_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) for groups whose values lie in [wmin, wmax]; rounded to `param_dtype` if given
     (the dtype the kernel keeps them in), returned as float32."""
-    if zero_point:
+    if zero_point:  # the range takes in 0, so the zero point is a whole code in 0..15 (see the docstring)
+        wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
         scale = ((wmax - wmin) / 15).clamp(min=1e-8)
-        zero = wmin + _MID * scale
+        if param_dtype is not None and param_dtype != torch.float32:
+            scale = scale.to(param_dtype).float().clamp(min=1e-8)
+        zero = torch.round(wmin / scale + _MID).clamp_(_MID - 15, _MID) * scale
     else:
         scale = (torch.maximum(wmin.abs(), wmax.abs()) / 7).clamp(min=1e-8)
         zero = torch.zeros_like(scale)
