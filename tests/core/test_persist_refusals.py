@@ -129,6 +129,31 @@ def test_onnx_session_options_inside_the_graph_are_refused(ort_folder, tmp_path)
     refused(tampered(ort_folder, tmp_path, add_ort_config), tmp_path, "graph.onnx", "ort_config")
 
 
+def test_an_openvino_model_saves_and_loads_and_its_weights_file_is_checked(tmp_path):
+    ov = pytest.importorskip("openvino")
+    pytest.importorskip("onnx")
+    import numpy as np
+
+    from optistack.passes.export.openvino import OvModel
+
+    onnx_graph(tmp_path / "graph.onnx", external=False)
+    model = OvModel(ov.Core().read_model(str(tmp_path / "graph.onnx")), threads=1)
+    save_model(tmp_path / "saved", model, None, [], {})
+    assert sorted(json.loads((tmp_path / "saved" / "optistack.json").read_text())["integrity"]["files"]) == [
+        "model.bin", "model.xml"]
+    x = np.ones((2, 8), dtype=np.float32)
+    assert torch.equal(load_model(tmp_path / "saved")(x), model(x))
+
+    def unlisted_bin(manifest, folder):
+        del manifest["integrity"]["files"]["model.bin"]
+
+    refused(tampered(tmp_path / "saved", tmp_path / "t", unlisted_bin), tmp_path / "t", "model.xml", "model.bin",
+            "not one of the checksummed files")
+    folder = tampered(tmp_path / "saved", tmp_path / "u", lambda m, d: m["runtime"]["options"].__setitem__(
+        "cache_dir", str(tmp_path / "cache")))
+    refused(folder, tmp_path / "u", "runtime.options", "cache_dir")
+
+
 CLASS_NAMES = ["optistack.core.persist:save_model", "os:system", "transformers:pipeline", "transformers.pipeline",
                "builtins:eval", "torch.nn:Linear", "optistack.passes.quant.int4:Int4Linear.from_linear",
                "optistack.passes.export.session:choose_providers", "optistack.passes.quant.int4:Int4Linear "]

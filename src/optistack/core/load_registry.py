@@ -90,7 +90,7 @@ MODULES: dict[str, Loadable] = {
 }
 
 
-def _onnx_references(path: Any) -> list[str]:
+def _onnx_references(path: Any, name: str) -> list[str]:
     """Every external-data file an ONNX graph points to (initializers, subgraphs, functions); a graph
     carrying session options for ONNX Runtime (`ort_config` metadata) is refused."""
     try:
@@ -139,7 +139,8 @@ class RuntimeLoadable:
     attr: str
     fields: Mapping[str, Check]
     required: frozenset[str]
-    references: Callable[[Any], list[str]] | None = None  # other files the main file makes the runtime read
+    # (real path, manifest name) of the main file -> names of the other files it makes the runtime read
+    references: Callable[[Any, str], list[str]] | None = None
 
     def resolve(self) -> type:
         return getattr(importlib.import_module(self.module), self.attr)
@@ -152,12 +153,24 @@ _ORT = {"intra_op_threads": integer(0, 4096), "inter_op_threads": integer(0, 409
         "graph_optimization": choice("disable", "basic", "extended", "all"), "spin": boolean,
         "provider": choice("auto", "cpu", "cuda", "tensorrt"), "meta": scalar_map()}
 _ENGINE = {"output_names": list_of(text(1024), 4096)}
+_OPENVINO = {"precision": choice("f32", "bf16", "f16"), "threads": integer(0, 4096),
+             "hint": choice("latency", "throughput"), "pinning": boolean}
+
+
+def _ir_references(path: Any, name: str) -> list[str]:
+    """An OpenVINO IR graph (.xml) is read with the weights file of the same stem (.bin)."""
+    import posixpath
+
+    return [posixpath.splitext(posixpath.basename(name))[0] + ".bin"]
+
 
 RUNTIMES: dict[str, RuntimeLoadable] = {
     "optistack.passes.export.session:OrtModel": RuntimeLoadable(
         "optistack.passes.export.session", "OrtModel", _ORT, frozenset(), _onnx_references),
     "optistack.passes.export.tensorrt:EngineModel": RuntimeLoadable(
         "optistack.passes.export.tensorrt", "EngineModel", _ENGINE, frozenset(_ENGINE)),
+    "optistack.passes.export.openvino:OvModel": RuntimeLoadable(
+        "optistack.passes.export.openvino", "OvModel", _OPENVINO, frozenset(), _ir_references),
 }
 
 

@@ -98,7 +98,7 @@ def _load_runtime(folder: Path, manifest: dict[str, Any], files: dict[str, Path]
     main = listed(files, runtime["file"], "runtime.file")
     if entry.references is not None:
         with _guard(f"{runtime['file']}: reading the graph"):
-            refs = entry.references(main)
+            refs = entry.references(main, runtime["file"])
         base = posixpath.dirname(runtime["file"])
         for ref in refs:
             listed(files, posixpath.join(base, ref) if base else ref, f"{runtime['file']}: external data")
