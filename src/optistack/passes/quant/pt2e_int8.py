@@ -91,6 +91,11 @@ class Pt2eInt8Pass(ConfiguredPass):
     gives = COMPILED
     lossy = True
 
+    @staticmethod
+    def unsavable_reason(info: dict[str, Any]) -> str:
+        return ("holds a torch.export graph with int8 constants, which optistack does not serialize; "
+                "save the model before pt2e-int8 and apply it again after loading")
+
     def requirements(self) -> Availability:
         import torch
 
