@@ -234,3 +234,33 @@ def test_two_different_budgets_are_refused():
     wl = GenericWorkload(mlp(), torch.randn(16, 32))
     with pytest.raises(ost.OptistackError, match="two accuracy budgets"):
         ost.Pipeline.parse("identity").run(wl, max_accuracy_drop=0.1, instruments=[GateInstrument(0.01)])
+
+
+class ReturnsBareModel(ConfiguredPass):
+    name = "test-outcome-bare"
+
+    def apply(self, model, ctx):
+        return model  # not a PassResult
+
+
+class BrokenRequirements(ConfiguredPass):
+    name = "test-outcome-broken-req"
+
+    def requirements(self):
+        raise ImportError("plugin half installed")
+
+    def apply(self, model, ctx):
+        return PassResult(model)
+
+
+def test_a_pass_breaking_its_contract_fails_its_step_not_the_run():
+    for cls in (ReturnsBareModel, BrokenRequirements):
+        register_pass(cls)
+    try:
+        result = run("test-outcome-bare,test-outcome-broken-req,identity")
+    finally:
+        for cls in (ReturnsBareModel, BrokenRequirements):
+            unregister_pass(cls.name)
+    assert [s.status for s in result.report.steps] == ["failed", "failed", "applied"]
+    assert "must return PassResult" in result.report.steps[0].reason
+    assert result.report.steps[1].reason == "ImportError: plugin half installed"

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from .errors import OptistackError, PreconditionError
+from .errors import OptistackError, PassApplyError, PreconditionError
 from .instrument import RunState, notify
 from .outcome import APPLIED, FAILED, NOTHING_TO_CHANGE, REJECTED, SKIPPED, Outcome, Reject
 from .pass_protocol import COMPILED, MODULE, config_of, form_after, pass_text
@@ -84,6 +84,9 @@ def _attempt(p: Any, step: Any, state: RunState, instruments: Sequence[Any]) -> 
         started = time.perf_counter()
         result = p.apply(model_in, state.ctx)
         step.apply_seconds = time.perf_counter() - started
+        if not all(hasattr(result, a) for a in ("model", "modified", "info")):
+            raise PassApplyError(f"pass '{p.name}': apply must return PassResult(model, modified, info); "
+                                 f"it returned a {type(result).__name__}")
         step.modified, step.info = result.modified, dict(result.info)
         if not result.modified and not getattr(p, "measure_unmodified", False):
             return Outcome(SKIPPED, str(result.info.get("reason") or NOTHING_TO_CHANGE)), None
@@ -104,7 +107,10 @@ def run_step(p: Any, step: Any, state: RunState, instruments: Sequence[Any]) -> 
     """One step: skip it (unavailable, or the model's form is not one it takes), or apply it to a
     private copy and let the instruments measure it; the runner then writes the verdict on `step`.
     True when applied: `state` then holds the new model and form."""
-    outcome = _not_run(p, state)
+    try:
+        outcome = _not_run(p, state)
+    except Exception as exc:  # a broken requirements() is the pass's failure, not the run's
+        outcome = Outcome.failure(exc)
     candidate = None
     if outcome is None:
         outcome, candidate = _attempt(p, step, state, instruments)
