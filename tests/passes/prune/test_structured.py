@@ -99,6 +99,7 @@ def test_zero_fractions_change_nothing():
     model = tiny_bert()
     result = StructuredPrunePass(sparsity=0.0).apply(model, CTX)
     assert not result.modified and model.encoder.layer[0].intermediate.dense.out_features == 128
+    assert result.info["reason"].startswith("nothing to change: sparsity=0.0 and heads=0.0 remove no neuron")
 
 
 def test_unrecognized_model_is_nothing_to_change():

@@ -292,6 +292,9 @@ class StructuredPrunePass(ConfiguredPass):
             "params_after": _n_params(model),
         }
         info.update(_update_config(model, mlps, heads > 0))
+        if not (neurons or heads):
+            info["reason"] = (f"nothing to change: sparsity={cfg.sparsity} and heads={cfg.heads} remove no neuron "
+                              f"or head ({len(mlps)} MLPs, {len(attns)} attention layers found)")
         return PassResult(model, modified=bool(neurons or heads), info=info)
 
 
