@@ -7,6 +7,8 @@ Run: `pytest benchmarks/test_kernels_cpu.py --benchmark-only` (2 threads, as the
 - int4: torch._weight_int4pack_mm_for_cpu (bf16 activations, as Int4Linear calls it) vs our GEMV
   (M = 1, decode) and small GEMM (M = 16, 128: prefill), group size 64. The cpu-cpp int4 entries also
   carry `interleaved_ratio_vs_torch` in extra_info: torch's and our kernel timed in alternating blocks.
+- int8 head: float32 F.linear vs torch._weight_int8pack_mm vs our int8 GEMV (the lm_head of
+  `head=int8`), 1/4/8 rows; SmolLM2's head (576 -> 49152) and a Llama-3-8B-sized one (4096 -> 128256).
 Shapes: SmolLM2 (hidden 576, MLP 1536, vocab 49152) and Llama-8B (4096, 14336).
 """
 import statistics
@@ -104,5 +106,35 @@ def test_int4_matmul(benchmark, impl, m, k, n):
     calls = max(1, 2_000_000 // (m * n * k // 64 + 1))
     with torch.inference_mode():
         run(benchmark, fn, f"int4 M={m} {k}->{n}", impl, calls)
+        if impl == "cpu-cpp":
+            benchmark.extra_info["interleaved_ratio_vs_torch"] = round(interleaved_ratio(theirs, fn, calls), 3)
+
+
+INT8_HEAD_SHAPES = [(1, 576, 49152), (4, 576, 49152), (8, 576, 49152), (1, 4096, 128256)]
+
+
+@pytest.mark.parametrize("impl", ["fp32-linear", "torch-int8pack", "cpu-cpp"])
+@pytest.mark.parametrize("m,k,n", INT8_HEAD_SHAPES)
+def test_int8_head(benchmark, impl, m, k, n):
+    """The lm_head: float32 F.linear (what `head=keep` runs), torch's int8 weight-only kernel
+    (`_weight_int8pack_mm`, bf16 activations) and ours (float32 activations, int16 inside)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s = torch.rand(n, generator=g) * 0.01
+    x = torch.randn(m, k, generator=g)
+    xb, sb = x.bfloat16(), s.bfloat16()
+    theirs = lambda: torch.ops.aten._weight_int8pack_mm(xb, q, sb)  # noqa: E731
+    if impl == "fp32-linear":
+        w = q.float() * s.unsqueeze(1)
+        fn = lambda: F.linear(x, w)  # noqa: E731
+    elif impl == "torch-int8pack":
+        fn = theirs
+    else:
+        lib = cpu.lib()
+        fn = lambda: lib.int8_matmul(x, q, s)  # noqa: E731
+    benchmark.extra_info["weight_MB"] = n * k / 1e6
+    calls = max(1, 200_000_000 // (n * k))
+    with torch.inference_mode():
+        run(benchmark, fn, f"int8 head M={m} {k}->{n}", impl, calls)
         if impl == "cpu-cpp":
             benchmark.extra_info["interleaved_ratio_vs_torch"] = round(interleaved_ratio(theirs, fn, calls), 3)

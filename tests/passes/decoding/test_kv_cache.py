@@ -123,3 +123,12 @@ def test_bytes_per_token_of_a_smollm2_shaped_config():
     assert bytes_per_token(config, "quantized", 4, bits=8) == 12240  # 64 codes + 2 fp16 per 64-channel group
     assert bytes_per_token(config, "quantized", 4, bits=4) == 7200  # default int4 groups: 32 channels
     assert bytes_per_token(config, "quantized", 4, bits=4, group_size=64) == 6480
+
+
+def test_static_cache_serves_several_batch_sizes_in_turn():
+    model = tiny_llama(vocab_size=128)
+    static = KvCachePass(impl="static").apply(copy.deepcopy(model), PassContext()).model
+    for batch in (1, 3, 1, 3):
+        prompt = torch.randint(0, 128, (batch, 6), generator=torch.Generator().manual_seed(batch))
+        want = greedy_decode(model, prompt, 5).tokens
+        assert torch.equal(greedy_decode(static, prompt, 5).tokens, want)

@@ -13,7 +13,7 @@ from optistack.core.syntax import parse_pipeline_text
 from optistack.passes.quant.head import Int8Linear, find_head, quantize_head
 from optistack.passes.quant.int4 import Int4Linear
 from optistack.passes.quant.rtn import RtnInt4Pass
-from tests.tiny_models import tiny_llama
+from tiny_models import tiny_llama
 
 CTX = PassContext()
 

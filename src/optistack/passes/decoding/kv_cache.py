@@ -18,6 +18,7 @@ gives the same number computed from the model's shape.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Literal, Optional
 
@@ -66,7 +67,7 @@ class StaticCacheFactory:
                                  "raise max_cache_len or leave it unset")
         cache = self._caches.get(size)
         if cache is None:
-            cache = self._caches[size] = StaticCache(config=model.config, max_cache_len=size)
+            cache = self._caches[size] = batch_aware(StaticCache(config=model.config, max_cache_len=size))
         else:
             with torch.inference_mode():  # its tensors were made in inference mode by the first decode
                 cache.reset()
@@ -74,6 +75,39 @@ class StaticCacheFactory:
 
     def __deepcopy__(self, memo: dict) -> "StaticCacheFactory":
         return StaticCacheFactory(self.max_cache_len, self.bucket)  # caches are rebuilt, not copied
+
+
+def batch_aware(cache: Any) -> Any:
+    """Let one StaticCache serve prompts of several batch sizes. transformers sizes a static layer by
+    the first batch it sees and then refuses others; here a layer keeps one pair of tensors per batch
+    size and swaps them in when the (eager) prefill brings another batch. Each batch size keeps the
+    same tensors across generations, so a compiled decode step compiles once per batch size and
+    replays it when that size comes back."""
+    for layer in getattr(cache, "layers", []):
+        if type(layer) is _static_layer_types()[0]:
+            layer.__class__ = _static_layer_types()[1]
+            layer.by_batch = {}
+    return cache
+
+
+@functools.lru_cache(maxsize=1)
+def _static_layer_types() -> tuple[type, type]:
+    from transformers.cache_utils import StaticLayer
+
+    class BatchStaticLayer(StaticLayer):
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            batch = key_states.shape[0]
+            if self.is_initialized and batch != self.batch_size:
+                self.by_batch[self.batch_size] = (self.keys, self.values)
+                if batch in self.by_batch:
+                    self.keys, self.values = self.by_batch[batch]
+                    self.keys.zero_(), self.values.zero_()
+                    self.batch_size = batch
+                else:
+                    self.lazy_initialization(key_states, value_states)
+            return super().update(key_states, value_states, *args, **kwargs)
+
+    return StaticLayer, BatchStaticLayer
 
 
 class QuantizedCacheFactory:

@@ -33,6 +33,7 @@ class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.kernel = _choose_kernel()  # decided once: forward must not probe files (a graph break)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
@@ -54,7 +55,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import cpu, reference
 
-        if x.device.type == "cpu" and cpu.available():
+        if self.kernel == "cpu-cpp" and x.device.type == "cpu":
             y = cpu.int8_matmul(x, self.qweight, self.scale)
         else:
             y = reference.int8_matmul(x, self.qweight, self.scale)
@@ -68,7 +69,21 @@ class Int8Linear(nn.Module):
         return cls(spec["in_features"], spec["out_features"], spec["bias"])
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+
+
+def _choose_kernel() -> str:
+    """"cpu-cpp" (our int8 GEMV, built or loaded from the cache now) when it builds here, else "torch"
+    (dequantize and multiply: right everywhere, fast nowhere). CUDA inputs always take "torch"."""
+    from ..kernels import cpu
+
+    if not cpu.available():
+        return "torch"
+    try:
+        cpu.ensure_built()
+    except RuntimeError:
+        return "torch"
+    return "cpu-cpp"
 
 
 def find_head(model: nn.Module) -> tuple[str, nn.Module] | None:
