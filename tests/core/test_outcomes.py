@@ -264,3 +264,15 @@ def test_a_pass_breaking_its_contract_fails_its_step_not_the_run():
     assert [s.status for s in result.report.steps] == ["failed", "failed", "applied"]
     assert "must return PassResult" in result.report.steps[0].reason
     assert result.report.steps[1].reason == "ImportError: plugin half installed"
+
+
+def test_an_old_style_instrument_that_flips_the_status_still_rejects_with_a_warning():
+    class OldVeto:
+        def after_pass(self, p, step, candidate, state):
+            step.status, step.reason = "rejected", "old-style veto"
+
+    wl = GenericWorkload(mlp(), torch.randn(16, 32))
+    with pytest.warns(DeprecationWarning, match="Reject"):
+        result = ost.Pipeline.parse("test-outcome-scale").run(wl, instruments=[OldVeto()])
+    assert statuses(result) == [("test-outcome-scale", "rejected")]
+    assert result.report.steps[0].reason == "old-style veto"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -94,6 +95,10 @@ def _attempt(p: Any, step: Any, state: RunState, instruments: Sequence[Any]) -> 
             hook = getattr(inst, "after_pass", None)
             if hook is not None:
                 hook(p, step, result.model, state)
+            if getattr(step, "status", None) == REJECTED:  # an instrument written before `Reject` existed
+                warnings.warn(f"{type(inst).__name__}.after_pass set step.status = 'rejected': raise "
+                              "optistack.core.outcome.Reject(reason) instead", DeprecationWarning, stacklevel=2)
+                return Outcome(REJECTED, getattr(step, "reason", None) or "rejected by an instrument"), None
     except Reject as verdict:
         return Outcome(REJECTED, verdict.reason), None
     except PreconditionError as exc:  # the pass does not apply to this workload: a skip, not a failure
