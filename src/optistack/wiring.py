@@ -75,7 +75,6 @@ def run_pipeline(pipeline: Any, workload: Any, *, max_accuracy_drop: float | Non
                  timing: Any = None, instruments: Sequence[Any] | None = None, verbose: bool = True) -> RunResult:
     """Run `pipeline` on `workload` (a name or a workload), measured and gated; see `Pipeline.run`."""
     from .bench.report import Step
-
     from .checks import check_budget, check_original_finite, check_pipeline, check_timing
 
     check_pipeline(pipeline)
@@ -87,7 +86,8 @@ def run_pipeline(pipeline: Any, workload: Any, *, max_accuracy_drop: float | Non
         instruments = default_instruments(max_accuracy_drop, timing, verbose)
     else:
         instruments = with_gate(list(instruments), max_accuracy_drop)
-    report = new_report(workload, str(pipeline), max_accuracy_drop)
+    budget = instruments[-1].max_accuracy_drop  # the gate's, wherever it came from
+    report = new_report(workload, str(pipeline), budget)
     ctx = PassContext(workload=workload, device=device_of(workload.model))
     state = RunState(workload=workload, original=workload.model, current=workload.model,
                      form=getattr(pipeline, "start_form", MODULE), ctx=ctx, report=report)

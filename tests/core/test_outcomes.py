@@ -131,6 +131,7 @@ def test_a_gate_passed_by_the_caller_is_used_and_runs_last():
     wl = GenericWorkload(mlp(), torch.randn(16, 32))
     result = ost.Pipeline.parse("test-outcome-scale").run(wl, instruments=[LoudGate(0.01), Spy()])
     assert seen == ["spy", "gate"] and statuses(result) == [("test-outcome-scale", "rejected")]
+    assert result.report.max_accuracy_drop == 0.01  # the report states the budget the gate used
 
 
 def test_an_instrument_rejects_by_raising_and_the_runner_decides():
