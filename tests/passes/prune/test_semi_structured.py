@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from optistack.core.errors import PassApplyError, PassConfigError
+from optistack.core.errors import PassConfigError, PreconditionError
 from optistack.core.pass_protocol import PassContext
 from optistack.core.syntax import parse_pipeline_text
 from optistack.passes.calibration import input_channel_stats
@@ -91,7 +91,7 @@ def test_layers_with_in_features_not_multiple_of_four_are_skipped_and_counted():
 
 
 def test_wanda_score_needs_calibration_inputs():
-    with pytest.raises(PassApplyError, match="^prune-2:4: needs a workload with calibration inputs.*score=magnitude"):
+    with pytest.raises(PreconditionError, match="^prune-2:4: needs a workload with calibration inputs.*score=magnitude"):
         SemiStructuredPrunePass().apply(tiny_llama(), PassContext())
 
 

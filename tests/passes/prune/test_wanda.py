@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from optistack.core.errors import PassApplyError, PassConfigError
+from optistack.core.errors import PassConfigError, PreconditionError
 from optistack.core.pass_protocol import PassContext
 from optistack.core.syntax import parse_pipeline_text
 from optistack.passes.calibration import input_channel_stats
@@ -108,7 +108,7 @@ def test_weights_stay_plain_dense_tensors():
 
 
 def test_needs_calibration_inputs():
-    with pytest.raises(PassApplyError, match="^prune-wanda: needs a workload with calibration inputs"):
+    with pytest.raises(PreconditionError, match="^prune-wanda: needs a workload with calibration inputs"):
         WandaPrunePass().apply(tiny_llama(), PassContext())
 
 

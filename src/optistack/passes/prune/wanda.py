@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from ...core.config import PassConfig, check, check_regex
-from ...core.errors import PassApplyError
+from ...core.errors import PassApplyError, PreconditionError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ..calibration import capture_block_inputs, input_channel_stats, with_hidden
 from ..linears import is_linear, weight_rows
@@ -83,7 +83,7 @@ def calibration_batches(model: torch.nn.Module, ctx: PassContext, n: int, pass_n
 
     batches = ctx.calibration_inputs(n)
     if not batches:
-        raise PassApplyError(
+        raise PreconditionError(
             f"{pass_name}: needs a workload with calibration inputs (activation statistics come from "
             f"running the model on them); got {'no workload' if ctx.workload is None else 'none'}{hint}"
         )

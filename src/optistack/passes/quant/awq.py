@@ -28,7 +28,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from ...core.config import check
-from ...core.errors import PassApplyError
+from ...core.errors import PassApplyError, PreconditionError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ..calibration import capture_block_inputs, with_hidden
 from ..linears import as_linear, is_conv1d, plan_linears, set_module
@@ -61,13 +61,13 @@ def calibration_ids(ctx: PassContext, samples: int, seq_len: int, pass_name: str
         args, kwargs = item if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict) else ((item,), {})
         ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
-            raise PassApplyError(f"{pass_name}: calibration inputs must carry token ids (input_ids); "
+            raise PreconditionError(f"{pass_name}: calibration inputs must carry token ids (input_ids); "
                                  f"got {type(ids).__name__}")
         return ids.reshape(-1).cpu()
 
     items = ctx.calibration_inputs(samples)
     if not items:
-        raise PassApplyError(f"{pass_name}: needs calibration text: run it with a workload that has "
+        raise PreconditionError(f"{pass_name}: needs calibration text: run it with a workload that has "
                              f"calibration_inputs (got {'no workload' if ctx.workload is None else 'none'})")
     per = ids_of(items[0]).numel()
     needed = math.ceil(samples * seq_len / max(per, 1))
@@ -75,7 +75,7 @@ def calibration_ids(ctx: PassContext, samples: int, seq_len: int, pass_name: str
         items = ctx.calibration_inputs(needed) or items
     flat = torch.cat([ids_of(it) for it in items])
     if flat.numel() < 2:
-        raise PassApplyError(f"{pass_name}: the calibration text has {flat.numel()} tokens; it needs at least 2")
+        raise PreconditionError(f"{pass_name}: the calibration text has {flat.numel()} tokens; it needs at least 2")
     seq_len = min(seq_len, flat.numel())  # short calibration text: one shorter window (info reports its length)
     n = min(samples, flat.numel() // seq_len)
     return flat[: n * seq_len].view(n, seq_len)
