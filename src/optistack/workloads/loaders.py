@@ -143,6 +143,9 @@ def _convert(gguf: Path, root: Path, target: Path, stamp: dict[str, Any]) -> Pat
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
         model.hf_quantizer = None  # save_pretrained refuses a GGUF-quantized model otherwise
         model.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        if config.pop("quantization_config", None) is not None:  # the weights are fp32 now, not GGUF blocks
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps(stamp))  # written last: marks the folder complete
         if target.exists():  # stale (other source) or written meanwhile by a concurrent run
