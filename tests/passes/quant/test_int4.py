@@ -196,3 +196,14 @@ def test_fused_int4_linear_weight_matches_the_int4_layer():
     layer = Int4Linear.from_linear(seeded_linear(96, 32), 32, kernel=DEQUANT)
     fused = fused_int4(layer, "torch")
     assert fused.weight.shape == (32, 96) and torch.allclose(fused.weight, layer.weight, atol=1e-6)
+
+
+def test_int8_head_linear_weight_is_dequantized_and_read_only():
+    from optistack.passes.quant.head import Int8Linear
+
+    lin = seeded_linear(64, 32)
+    head = Int8Linear.from_linear(lin)
+    assert head.weight.shape == (32, 64) and head.weight.dtype == torch.float32
+    assert torch.allclose(head.weight, lin.weight, atol=lin.weight.abs().max().item() / 127)
+    with pytest.raises(AttributeError):
+        head.weight = torch.zeros(32, 64)

@@ -52,6 +52,12 @@ class Int8Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.qweight.float() * self.scale.unsqueeze(1)).to(dtype)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """Read-only dequantized [out, in] weight (the bias dtype, else float32), for model code that reads
+        `layer.weight`; each read dequantizes (see passes/linears.py)."""
+        return self.dequantized_weight(self.bias.dtype if self.bias is not None else torch.float32)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import cpu, reference
 
