@@ -137,3 +137,15 @@ def test_batches_never_repeat_across_streams_and_a_repeating_stream_says_so():
     stream = BatchStream(OneBatch())
     stream(), stream()
     assert stream.repeats == 1 and "not fully excluded" in stream.describe()
+
+
+def test_one_workload_keeps_its_reference_copy_until_the_setting_changes():
+    from optistack.workloads import GenericWorkload
+
+    wl = GenericWorkload(mlp(), torch.randn(8, 256))
+    quick = dict(warmup=1, min_rounds=3, max_rounds=3)
+    pipe = ost.Pipeline.parse("identity")
+    on = pipe.run(wl, timing=TimingConfig(**quick), verbose=False)
+    off = pipe.run(wl, timing=TimingConfig(**quick, noise_floor=False), verbose=False)
+    assert on.report.timing["reference"] == "a deep copy of the original"
+    assert off.report.timing["reference"] == "the original itself (noise_floor=False)"

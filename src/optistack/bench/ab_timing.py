@@ -117,7 +117,7 @@ def measure_noise_floor(run_original: Callable[[Any], Any], run_reference: Calla
     return entry, samples["reference"]
 
 
-_REFERENCES: "weakref.WeakKeyDictionary[Any, tuple[Any, str]]" = weakref.WeakKeyDictionary()
+_REFERENCES: "weakref.WeakKeyDictionary[Any, tuple[Any, Any, str]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -140,18 +140,20 @@ def timing_context(state: Any, cfg: TimingConfig) -> TimingContext:
     from .memory import model_bytes
 
     wl, device = state.workload, state.ctx.device
-    ref = None
+    key = (id(state.original), cfg.noise_floor)  # a new original, or the floor turned on/off: a new reference
     try:
-        ref = _REFERENCES.get(wl)
+        cached = _REFERENCES.get(wl)
     except TypeError:  # a workload that cannot be weakly referenced: no sharing
-        pass
-    if ref is None or ref[0] is None:
+        cached = None
+    if cached is not None and cached[0] == key:
+        ref = cached[1:]
+    else:
         if cfg.noise_floor:
             ref = reference_copy(state.original, model_bytes(state.original), device)
         else:
             ref = (state.original, "the original itself (noise_floor=False)")
         try:
-            _REFERENCES[wl] = ref
+            _REFERENCES[wl] = (key, *ref)
         except TypeError:
             pass
     floor = ((state.report.baseline or {}).get("noise_floor") or {}).get("floor") or 0.0
