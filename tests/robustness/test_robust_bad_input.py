@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from robust_helpers import QUICK, assert_unchanged, one_clear_error, snapshot
 from torch import nn
 
 import optistack as ost
-from robust_helpers import QUICK, assert_unchanged, one_clear_error, snapshot
 
 
 def _mlp() -> nn.Module:
@@ -47,7 +47,7 @@ BAD_CALLS = {
     "meta-inputs-in-dict": (_mlp, lambda: {"input": torch.empty(4, 16, device="meta")}, "int8-dynamic", ("meta",)),
     "empty-batch": (_mlp, lambda: torch.empty(0, 16), "int8-dynamic", ("empty",)),
     "empty-tuple": (_mlp, lambda: (), "int8-dynamic", ("empty",)),
-    "empty-dict": (_mlp, lambda: {}, "int8-dynamic", ("empty",)),
+    "empty-dict": (_mlp, dict, "int8-dynamic", ("empty",)),
     "none-inputs": (_mlp, lambda: None, "int8-dynamic", ("none",)),
     "string-model": (lambda: "llama", lambda: X, "int8-dynamic", ("model",)),
     "none-model": (lambda: None, lambda: X, "int8-dynamic", ("model",)),
@@ -143,14 +143,14 @@ def test_bad_pipeline_text_through_optimize(case):
 
 
 BAD_RUN_OPTIONS = {
-    "negative-budget": dict(max_accuracy_drop=-0.5),
-    "string-budget": dict(max_accuracy_drop="1%"),
-    "nan-budget": dict(max_accuracy_drop=float("nan")),
-    "timing-dict": dict(timing={"min_rounds": 3}),
-    "timing-int": dict(timing=3),
-    "eval-inputs-empty-batch": dict(eval_inputs=[torch.empty(0, 16)]),
-    "eval-inputs-meta": dict(eval_inputs=[torch.empty(4, 16, device="meta")]),
-    "eval-fn-not-callable": dict(eval_fn=3, higher_is_better=True),
+    "negative-budget": {"max_accuracy_drop": -0.5},
+    "string-budget": {"max_accuracy_drop": "1%"},
+    "nan-budget": {"max_accuracy_drop": float("nan")},
+    "timing-dict": {"timing": {"min_rounds": 3}},
+    "timing-int": {"timing": 3},
+    "eval-inputs-empty-batch": {"eval_inputs": [torch.empty(0, 16)]},
+    "eval-inputs-meta": {"eval_inputs": [torch.empty(4, 16, device="meta")]},
+    "eval-fn-not-callable": {"eval_fn": 3, "higher_is_better": True},
 }
 
 

@@ -17,7 +17,8 @@ EXE = Path(sys.executable).with_name("optistack")
 
 def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run([str(EXE), *args], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+    return subprocess.run([str(EXE), *args], check=False, capture_output=True, text=True, timeout=300, env=env,
+                          cwd=cwd)
 
 
 def _error_lines(stderr: str) -> list[str]:

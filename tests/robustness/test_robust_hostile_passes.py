@@ -6,13 +6,20 @@ import math
 
 import pytest
 import torch
+from robust_helpers import (
+    QUICK,
+    assert_unchanged,
+    call,
+    check_steps,
+    rel_error,
+    snapshot,
+)
 from torch import nn
 
 import optistack as ost
 from optistack.core.errors import PreconditionError
 from optistack.core.pass_protocol import ConfiguredPass, PassResult
 from optistack.core.registry import unregister_pass
-from robust_helpers import QUICK, assert_unchanged, call, check_steps, rel_error, snapshot
 
 
 def _mlp() -> nn.Module:

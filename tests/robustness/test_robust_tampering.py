@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 import torch
+from robust_helpers import QUICK, call, rel_error
 from torch import nn
 
 import optistack as ost
 from optistack.core.errors import LoadError
-from robust_helpers import QUICK, call, rel_error
 
 
 def _mlp() -> nn.Module:
