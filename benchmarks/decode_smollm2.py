@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs = results[name]["runs"].setdefault(str(batch), {"tokens_per_s": [], "ttft_ms": []})
                 runs["tokens_per_s"].append(m["tokens_per_s"] * batch)
                 runs["ttft_ms"].append(m["ttft_ms"])
+                print(f"  batch {batch}: {m['tokens_per_s'] * batch:8.1f} tokens/s  TTFT {m['ttft_ms']:7.1f} ms  "
+                      f"{name}", flush=True)
     print(f"\nSmolLM2-135M, {args.tokens} new tokens after a {workload._gen_prompt.shape[1]}-token prompt, "
           f"{args.threads} threads, medians of {args.repeats} interleaved runs (tokens/s counts every row of a batch)")
     for batch in args.batch.split(","):
