@@ -205,3 +205,24 @@ def test_minilm_folder_works_like_the_minilm_workload():
     by_path = load(str(minilm_dir()))
     assert by_path.kind == "encoder" and by_path.pooling == "mean"
     assert by_path.describe()["eval_sentences"] == load("minilm").describe()["eval_sentences"]
+
+
+def test_image_classifier_folder_with_class_subfolders(tmp_path):
+    np = pytest.importorskip("numpy")
+    Image = pytest.importorskip("PIL.Image")
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
+                    patch_size=8, num_labels=2, id2label={0: "cat", 1: "dog"}, label2id={"cat": 0, "dog": 1})
+    ViTForImageClassification(cfg).eval().save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
+    for c, seed in (("cat", 0), ("dog", 10)):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(5):
+            pixels = np.random.RandomState(seed + i).randint(0, 255, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / c / f"{i}.png")
+    w = load(str(tmp_path / "vit"), data=tmp_path / "imgs")
+    assert w.metric.name == "accuracy" and w.describe()["data_split"]["eval_images"] == 5
+    assert w.evaluate(w.model)["agreement"] == 1.0
+    assert load(str(tmp_path / "vit")).metric.name == "agreement"  # no data: synthetic images, agreement only

@@ -66,7 +66,8 @@ def load_folder(folder: Path, data: str | Path | None = None, task: str | None =
                 "save_pretrained(folder, safe_serialization=True))") if bins else ""
         raise WorkloadError(f"{folder} has no *.safetensors weights{hint}")
     task = infer_task(config, folder, task)
-    records = read_data(data) if data is not None else None  # read before the model: a bad file fails fast
+    # read before the model, so a bad file fails fast (an image classifier reads its image folder itself)
+    records = read_data(data) if data is not None and task != IMAGE_CLS else None
     model_id = model_id or str(folder)
     name = options.pop("name", folder.name or "model")
     auto = {CAUSAL_LM: "AutoModelForCausalLM", ENCODER: "AutoModel", SEQ_CLS: "AutoModelForSequenceClassification",
