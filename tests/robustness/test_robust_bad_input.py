@@ -116,7 +116,7 @@ def test_bad_pipeline_text_is_one_clear_error(case):
     text, words = BAD_PIPELINES[case]
     with pytest.raises(Exception) as excinfo:
         ost.Pipeline.parse(text)
-    one_clear_error(excinfo, *words, caret_ok=True)
+    one_clear_error(excinfo, *words)
 
 
 @pytest.mark.parametrize("case", sorted(EMPTY_TEXT))
@@ -138,7 +138,7 @@ def test_bad_pipeline_text_through_optimize(case):
     before = snapshot(model)
     with pytest.raises(Exception) as excinfo:
         ost.optimize(model, X, text, timing=QUICK, verbose=False)
-    one_clear_error(excinfo, *words, caret_ok=True)
+    one_clear_error(excinfo, *words)
     assert_unchanged(model, before)
 
 

@@ -24,7 +24,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..core.errors import OptistackError
 from .stats import paired_speedup
+
+
+class TimingConfigError(OptistackError, ValueError):
+    """A TimingConfig with settings that cannot time anything (one line: which and what is valid)."""
 
 
 @dataclass(frozen=True)
@@ -38,12 +43,12 @@ class TimingConfig:
 
     def __post_init__(self) -> None:
         if self.warmup < 0 or self.min_rounds < 3 or self.max_rounds < self.min_rounds or self.max_seconds <= 0:
-            raise ValueError(
+            raise TimingConfigError(
                 "TimingConfig needs warmup >= 0, min_rounds >= 3, max_rounds >= min_rounds, max_seconds > 0; "
                 f"got {self}"
             )
         if not self.target_half_width > 0:
-            raise ValueError(f"TimingConfig needs target_half_width > 0 (e.g. 0.02 for ±2%); got {self.target_half_width!r}")
+            raise TimingConfigError(f"TimingConfig needs target_half_width > 0 (e.g. 0.02 for ±2%); got {self.target_half_width!r}")
 
 
 def _sync(device: str) -> None:

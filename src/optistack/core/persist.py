@@ -120,7 +120,7 @@ def _save_runtime(out: Path, model: Any, applied: list[Any], workload: dict[str,
         check_fields(options, entry.fields, entry.required, "runtime.options", entry.attr)
     except LoadError as exc:
         raise OptistackError(f"cannot save: {exc} (update the schema in core/load_registry.py)") from None
-    out.mkdir(parents=True, exist_ok=True)
+    out = _folder(out)
     written = model.save_to(str(out))
     files = [written] if isinstance(written, str) else list(written)
     manifest = {"format": FORMAT, "pipeline": ",".join(s.text for s in applied), "steps": _steps(applied),
@@ -148,8 +148,21 @@ def save_model(path: str | Path, model: Any, original: Any, steps: list[Any], wo
         check_steps(manifest["steps"], reapply=True)
     except LoadError as exc:
         raise OptistackError(f"cannot save: {exc}") from None
+    out = _folder(path)
+    try:
+        save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
+        write_manifest(out, manifest, [WEIGHTS])
+    except OSError as exc:
+        raise OptistackError(f"cannot save to {str(out)!r}: {exc.strerror or exc}") from None
+    return out
+
+
+def _folder(path: Any) -> Path:
+    """The folder to save into, made if missing; one OptistackError naming the path when it cannot be."""
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
-    write_manifest(out, manifest, [WEIGHTS])
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        what = "is a file, not a folder" if out.is_file() else (exc.strerror or str(exc))
+        raise OptistackError(f"cannot save to {str(out)!r}: {what}") from None
     return out

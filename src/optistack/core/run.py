@@ -10,6 +10,7 @@ instruments run by default and what the report holds are wired in by the API lay
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -77,18 +78,60 @@ def _not_run(p: Any, state: RunState) -> Outcome | None:
     return None
 
 
+class WorkloadView:
+    """The workload as a pass sees it: everything of the real one (calibration data, kind, name), but
+    `model` is the pass's own private copy and nothing can be set, so no pass reaches the caller's
+    model through `ctx.workload.model`."""
+
+    def __init__(self, workload: Any, model: Any) -> None:
+        object.__setattr__(self, "_workload", workload)
+        object.__setattr__(self, "model", model)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_workload"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise OptistackError(f"a pass may not change the workload (tried to set workload.{name})")
+
+
+def _versions(model: Any) -> tuple[int, ...] | None:
+    """In-place edit counters of every tensor the model holds (None for non-modules): a cheap way to
+    notice that something wrote into the caller's model."""
+    if not hasattr(model, "named_parameters") or not hasattr(model, "named_buffers"):
+        return None
+    try:
+        return tuple(t._version for _, t in (*model.named_parameters(), *model.named_buffers()))
+    except Exception:
+        return None
+
+
+def jsonable(value: Any, depth: int = 0) -> Any:
+    """A pass's `info` as JSON values: scalars kept, containers walked, anything else as its short repr,
+    so one odd value cannot break `report.to_json()` after a whole run."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if depth < 4 and isinstance(value, dict):
+        return {str(k): jsonable(v, depth + 1) for k, v in value.items()}
+    if depth < 4 and isinstance(value, (list, tuple)):
+        return [jsonable(v, depth + 1) for v in value]
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def _attempt(p: Any, step: Any, state: RunState, instruments: Sequence[Any]) -> tuple[Outcome, Any]:
     """Apply `p` to a private copy and let the instruments measure it: (outcome, candidate)."""
     try:
         notify(instruments, "before_pass", p, step, state)
         model_in = private_copy(state.current, state.form)
+        ctx = dataclasses.replace(state.ctx, workload=WorkloadView(state.ctx.workload, model_in)) \
+            if state.ctx.workload is not None else state.ctx
         started = time.perf_counter()
-        result = p.apply(model_in, state.ctx)
+        result = p.apply(model_in, ctx)
         step.apply_seconds = time.perf_counter() - started
         if not all(hasattr(result, a) for a in ("model", "modified", "info")):
             raise PassApplyError(f"pass '{p.name}': apply must return PassResult(model, modified, info); "
                                  f"it returned a {type(result).__name__}")
-        step.modified, step.info = result.modified, dict(result.info)
+        step.modified, step.info = result.modified, jsonable(dict(result.info))
         if not result.modified and not getattr(p, "measure_unmodified", False):
             return Outcome(SKIPPED, str(result.info.get("reason") or NOTHING_TO_CHANGE)), None
         for inst in instruments:
@@ -103,8 +146,8 @@ def _attempt(p: Any, step: Any, state: RunState, instruments: Sequence[Any]) -> 
         return Outcome(REJECTED, verdict.reason), None
     except PreconditionError as exc:  # the pass does not apply to this workload: a skip, not a failure
         return Outcome(SKIPPED, str(exc)), None
-    except Exception as exc:  # any failure is recorded against the pass, with its traceback; the run goes on
-        return Outcome.failure(exc), None
+    except (Exception, SystemExit) as exc:  # any failure (a plugin's sys.exit too) is recorded against
+        return Outcome.failure(exc), None   # the pass, with its traceback; the run goes on
     return Outcome(APPLIED), result.model
 
 
@@ -118,7 +161,12 @@ def run_step(p: Any, step: Any, state: RunState, instruments: Sequence[Any]) -> 
         outcome = Outcome.failure(exc)
     candidate = None
     if outcome is None:
+        before = _versions(state.original)
         outcome, candidate = _attempt(p, step, state, instruments)
+        if before is not None and _versions(state.original) != before:
+            outcome, candidate = Outcome(FAILED, (
+                f"pass '{p.name}' wrote into the caller's original model in place (passes get a private "
+                "copy; the original must not be touched); its result is discarded")), None
     outcome.write_to(step)
     if outcome.applied:
         state.current, state.form = candidate, form_after(p, state.form)

@@ -7,6 +7,7 @@ preset (see `optistack.presets`): the caller's `expand` turns it into pass text,
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from typing import Callable
 
@@ -16,14 +17,22 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9:_\-]*")
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def printable(text: str) -> str:
+    """`text` with control and bidirectional characters escaped, so an error message cannot reorder or
+    hide what the terminal shows (a NUL, U+202E RIGHT-TO-LEFT OVERRIDE, an ANSI escape)."""
+    return "".join(ch if ch.isprintable() and not unicodedata.category(ch).startswith("C")
+                   else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 class _Reader:
     def __init__(self, text: str) -> None:
         self.text = text
         self.pos = 0
 
     def error(self, message: str) -> PipelineParseError:
-        pointer = " " * self.pos + "^"
-        return PipelineParseError(f"{message} at position {self.pos}:\n  {self.text}\n  {pointer}")
+        # one line: the text with a caret where reading stopped (`awq{^`), control characters escaped
+        marked = printable(self.text[:self.pos]) + "^" + printable(self.text[self.pos:])
+        return PipelineParseError(f"{printable(message)} at position {self.pos}: {marked}")
 
     def skip_space(self) -> None:
         while self.pos < len(self.text) and self.text[self.pos].isspace():

@@ -162,9 +162,22 @@ class GenericWorkload:
         with torch.inference_mode():
             return model(*args, **kwargs)
 
+    def _user_score(self, model: Any) -> float:
+        """The caller's eval_fn, as a float; one WorkloadError naming eval_fn when it raises or returns
+        something that is not a number (a failing metric is the metric's fault, not the pass's)."""
+        try:
+            value = self.eval_fn(model)
+        except Exception as exc:
+            raise WorkloadError(f"generic: eval_fn raised {type(exc).__name__}: {exc}") from exc
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+                isinstance(value, torch.Tensor) and value.numel() == 1):
+            raise WorkloadError(f"generic: eval_fn must return a number (higher_is_better says which way is "
+                                f"better); it returned a {type(value).__name__}: {str(value)[:80]!r}")
+        return float(value)
+
     def evaluate(self, model: Any) -> dict[str, float]:
         if self.eval_fn is not None:
-            return {self.metric.name: float(self.eval_fn(model))}
+            return {self.metric.name: self._user_score(model)}
         diff_sq, ref_sq, worst = 0.0, 0.0, 0.0
         for inputs, ref in zip(self._all_inputs(), self._reference):
             out = self._call(model, inputs)
