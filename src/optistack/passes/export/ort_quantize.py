@@ -206,5 +206,5 @@ class OrtQuantizePass(ConfiguredPass):
                 info[f"nodes_{op}"] = count
         info.update({"file_bytes": new.model_bytes(), "file_bytes_before": src.model_bytes(), "provider": new.provider})
         if not candidates:
-            return PassResult(new, modified=False, info=info | {"note": f"no {cfg.op_types} nodes to quantize"})
+            return PassResult(new, modified=False, info=info | {"reason": f"nothing to change: no {cfg.op_types} nodes to quantize"})
         return PassResult(new, modified=True, info=info)
