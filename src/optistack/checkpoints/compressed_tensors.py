@@ -28,7 +28,7 @@ import torch
 from ..core.errors import OptistackError
 
 INT4, INT8, FP8 = "pack-quantized", "int-quantized", "float-quantized"
-_ZP_TOLERANCE = 0.02  # of one quantization step: bf16 rounding of a stored zero is ~1/64 step at most
+_ZP_TOLERANCE = 0.05  # of one step: a bf16-stored zero (up to 8 steps, 8 mantissa bits) is off by <= 8/256 step
 
 
 class CheckpointError(OptistackError, ValueError):
