@@ -32,9 +32,9 @@ def test_encoder_preset_follows_the_machine(features, expected):
 def test_llm_decode_is_the_static_cache_compiled_chain_on_cpu():
     for features in ({"amx"}, {"avx2"}, set()):
         text = expand_preset("@llm-decode", features)
-        assert text.startswith("awq,fuse-kernels,kv-cache{impl=static},compile{")
-        assert "no-cudagraphs" in text and "freezing=true" in text
-    assert "no-cudagraphs" not in expand_preset("@llm-decode", {"cuda"})
+        assert text.startswith("awq{head=int8,zero_grid=float},fuse-kernels,kv-cache{impl=static},compile{")
+        assert "freezing=true" in text and "cpp_wrapper=true" in text and "max-autotune" not in text
+    assert "max-autotune" in expand_preset("@llm-decode", {"cuda"})
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

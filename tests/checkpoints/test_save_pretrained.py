@@ -147,6 +147,9 @@ def test_what_transformers_cannot_load_is_refused_before_writing(model, tmp_path
     assert not (tmp_path / "s").exists()  # nothing half-written
     with pytest.raises(CheckpointError, match="result.save"):
         save_pretrained(tmp_path / "x", torch.nn.Linear(2, 2))
+    with pytest.raises(CheckpointError, match="zero_grid"):  # float zero points: not storable, said why
+        save_pretrained(tmp_path / "f", _apply(model, "rtn-int4{zero_grid=float}"))
+    assert not (tmp_path / "f").exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(CheckpointError, match="not written by optistack"):

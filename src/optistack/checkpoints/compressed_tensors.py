@@ -79,8 +79,9 @@ def int4_tensors(name: str, layer: Any) -> tuple[dict[str, torch.Tensor], dict[s
         if off > _ZP_TOLERANCE or zp.min() < -8 or zp.max() > 7:
             raise CheckpointError(
                 f"{name}: its int4 zero points are not whole quantization steps (off by up to {off:.3f} of a step), "
-                "which compressed-tensors cannot store; it was quantized by an optistack before integer zero points "
-                "(re-run the pipeline), or use result.save(dir), which keeps it exactly")
+                "which compressed-tensors cannot store; it was quantized with zero_grid=float or by an optistack before "
+                "integer zero points (re-run with zero_grid=integer, the default), or use result.save(dir), which "
+                "keeps it exactly")
         tensors[f"{name}.weight_zero_point"] = pack_bits((zp + 8).to(torch.int64).t()).t().contiguous()
     if layer.bias is not None:
         tensors[f"{name}.bias"] = layer.bias.detach().cpu()

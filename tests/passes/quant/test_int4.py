@@ -207,3 +207,29 @@ def test_int8_head_linear_weight_is_dequantized_and_read_only():
     assert torch.allclose(head.weight, lin.weight, atol=lin.weight.abs().max().item() / 127)
     with pytest.raises(AttributeError):
         head.weight = torch.zeros(32, 64)
+
+
+@pytest.mark.parametrize("k,group", [(64, 32), (576, 64)])
+def test_float_zero_grid_is_never_worse_than_the_integer_one(k, group):
+    """zero_point="float" keeps each group's own offset: every weight within half a step (no extra
+    clipping at the extremes), and a lower total error than the whole-step grid."""
+    from optistack.passes.quant.int4 import FLOAT_ZERO
+
+    torch.manual_seed(3)
+    w = torch.randn(48, k) * torch.rand(48, 1) * 3 + torch.rand(48, 1)  # off-centre groups
+    fq, iq = quantize(w, group, FLOAT_ZERO), quantize(w, group, True)
+    err_f, err_i = (dequantize(fq) - w).abs(), (dequantize(iq) - w).abs()
+    step = fq.scale.repeat_interleave(group, dim=1)[:, :k]
+    assert bool((err_f <= step / 2 + 1e-6).all())
+    assert float(err_f.square().mean()) < float(err_i.square().mean())
+    ratio = fq.zero / fq.scale
+    assert not torch.allclose(ratio, ratio.round(), atol=1e-3)  # not whole steps: only result.save keeps it
+
+
+def test_zero_grid_option_reaches_the_quantizer():
+    from optistack.core.pipeline import Pipeline
+
+    p = Pipeline.parse("rtn-int4{zero_grid=float}").passes[0]
+    assert p.config.zero_mode == "float" and str(p) == "rtn-int4{zero_grid=float}"
+    assert Pipeline.parse("rtn-int4").passes[0].config.zero_mode is True
+    assert Pipeline.parse("rtn-int4{zero_point=false,zero_grid=float}").passes[0].config.zero_mode is False

@@ -123,7 +123,7 @@ class AwqPass(ConfiguredPass):
         start = time.perf_counter()
         cfg = self.config
         plan = plan_linears(model, self.name, cfg.skip)  # checks the model is a torch module
-        tally = Int4Tally(cfg.group_size, cfg.zero_point)
+        tally = Int4Tally(cfg.group_size, cfg.zero_mode)
         mapping, why = find_mapping(model)
         if mapping is None:
             return PassResult(model, modified=False, info={"reason": f"not supported: {why}"})
@@ -143,7 +143,7 @@ class AwqPass(ConfiguredPass):
         name_of = {id(m): n for n, m in model.named_modules()}
         first = next(iter(resolve_groups(mapping, blocks[0], model_cfg)[0].linears.values())).weight
         param_dtype = param_dtype_for(choose_kernel(first.device, first.shape[0], first.shape[1], cfg.group_size)[0])
-        quantizer = Quantizer(cfg.group_size, cfg.zero_point, param_dtype, cfg.clip)
+        quantizer = Quantizer(cfg.group_size, cfg.zero_mode, param_dtype, cfg.clip)
         inp = first_block_inputs(model, blocks[0], ids.to(first.device))
         grouped: set[str] = set()
         alphas: dict[str, list[float]] = {}

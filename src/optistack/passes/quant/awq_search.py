@@ -57,7 +57,7 @@ LLAMA_NO_CLIP: NoClip = {"self_attn.q_proj": None, "self_attn.k_proj": None}
 @dataclass(frozen=True)
 class Quantizer:
     group_size: int
-    zero_point: bool
+    zero_point: bool | str  # True (integer grid), False (symmetric) or int4.FLOAT_ZERO
     param_dtype: torch.dtype
     clip: bool
 

@@ -27,6 +27,14 @@ class Int4Config(PassConfig):
     zero_point: bool = True
     skip: str = "lm_head"
     head: Literal["int8", "int4", "keep"] = "keep"  # a head that `skip` skipped: see head.py
+    # integer: whole-step zero points, the form compressed-tensors/vLLM store (save_pretrained is exact);
+    # float: the group's own offset, lower error, kept by optistack's own save only (see int4.py)
+    zero_grid: Literal["integer", "float"] = "integer"
+
+    @property
+    def zero_mode(self) -> bool | str:
+        """What int4.quantize/qparams take as `zero_point`: False, True (integer grid) or "float"."""
+        return "float" if self.zero_point and self.zero_grid == "float" else self.zero_point  # int4.FLOAT_ZERO
 
     def __post_init__(self) -> None:
         check(self.group_size in GROUP_SIZES, f"option 'group_size' must be one of "
@@ -101,7 +109,7 @@ class RtnInt4Pass(ConfiguredPass):
         from .head import quantize_head
 
         plan = plan_linears(model, self.name, self.config.skip)
-        tally = Int4Tally(self.config.group_size, self.config.zero_point)
+        tally = Int4Tally(self.config.group_size, self.config.zero_mode)
         if not plan.chosen:
             return plan.unchanged(model, tally.info(len(plan.skipped)))
         with torch.no_grad():
