@@ -26,7 +26,9 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/optistack demo
 
+# ruff first (line length, import order, unused code: pyproject's [tool.ruff]), then the suite.
 test: setup
+	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/python -m pytest
 
 test-fast: setup
@@ -38,9 +40,15 @@ bench: setup
 # optistack side by side with peer engines (llama.cpp, ...) in one run; installs the `peers` extra first
 # (llama-cpp-python compiles llama.cpp for this CPU: minutes). Tables print at the end and land in
 # .benchmarks/peers/*.json. A peer that is not installed is skipped with the reason.
-bench-peers: setup
+# llm-compressor pins an older transformers, so it gets a venv of its own and runs as a subprocess.
+bench-peers: setup .venv-llmcompressor/.installed
 	$(PIP) install --quiet -c constraints.txt -e ".[peers]"
 	$(BIN)/python -m pytest benchmarks/peers -s
+
+.venv-llmcompressor/.installed:
+	$(PYTHON) -m venv .venv-llmcompressor
+	.venv-llmcompressor/bin/python -m pip install --quiet torch==2.13.0 llmcompressor==0.14.0.1
+	touch $@
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .benchmarks

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from peer_results import median_or_none
 
 RUNNER = Path(__file__).with_name("llama_cpp_runner.py")

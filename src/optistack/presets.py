@@ -52,7 +52,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("llm-decode", "causal LM decode tokens/s at batch 1 (int4 weights, fused kernels, static KV cache, compiled step)", (
         Variant("cuda", "awq,fuse-kernels,kv-cache{impl=static},compile{mode=max-autotune}",
                 "CUDA: the GPU int4 kernels and a CUDA-graphed decode step (not yet measured here)"),
-        Variant("amx", _LLM_CPU, "SmolLM2-135M, Xeon with AMX, 2 cores; the chain before the int8 head and C++ wrapper: 64.5 tokens/s vs 28.3 fp32 eager (2026-12-02)"),
+        Variant("amx", _LLM_CPU, "SmolLM2-135M, Xeon with AMX, 2 cores; the chain before the int8 head and C++ wrapper: "
+                                 "64.5 tokens/s vs 28.3 fp32 eager (2026-12-02)"),
         Variant(ANY, _LLM_CPU, "same chain as on AMX: the int4 kernels need AVX2 at most"),
     )),
     Preset("encoder-latency", "encoder latency at a fixed batch (bf16 on the matrix units where the CPU has them, else int8)", (

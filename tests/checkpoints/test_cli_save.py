@@ -15,6 +15,7 @@ from tiny_folders import llama_folder  # noqa: E402
 def test_run_awq_on_a_folder_with_data_saves_a_loadable_checkpoint(tmp_path):
     pytest.importorskip("compressed_tensors")
     from pydoc_data.topics import topics
+
     from transformers import AutoModelForCausalLM
 
     from optistack.cli import main

@@ -3,12 +3,12 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_llama as _tiny_llama
 
 import optistack as ost
 from optistack.bench.timer import TimingConfig
 from optistack.core.errors import OptistackError
 from optistack.workloads.generic import GenericWorkload
-from tiny_models import tiny_llama as _tiny_llama
 
 FAST = TimingConfig(warmup=1, min_rounds=3, max_rounds=3)
 

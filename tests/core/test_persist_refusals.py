@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_persist_tampering import IDS, no_side_effects, onnx_graph, refresh_checksums
+from tiny_models import tiny_llama
 
 from optistack.bench.report import Step
 from optistack.core.errors import LoadError, OptistackError
 from optistack.core.pass_protocol import PassContext
 from optistack.core.persist import load_model, save_model
 from optistack.passes.quant.rtn import RtnInt4Pass
-from test_persist_tampering import IDS, no_side_effects, onnx_graph, refresh_checksums
-from tiny_models import tiny_llama
 
 
 def step(p, info=None):

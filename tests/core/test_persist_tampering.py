@@ -23,6 +23,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from tiny_models import tiny_llama
 
 from optistack.bench.report import Step
 from optistack.core.checksums import manifest_digest, sha256_file
@@ -30,7 +31,6 @@ from optistack.core.errors import LoadError
 from optistack.core.pass_protocol import PassContext
 from optistack.core.persist import load_model, save_model
 from optistack.passes.quant.rtn import RtnInt4Pass
-from tiny_models import tiny_llama
 
 SETTINGS = settings(max_examples=40, deadline=None, database=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -8,8 +8,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer needs it
 
-from transformers import (BertConfig, BertForSequenceClassification, Trainer, TrainerCallback,  # noqa: E402
-                          TrainingArguments)
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from optistack.bench.timer import TimingConfig  # noqa: E402
 from optistack.integrations.transformers import OptistackCallback  # noqa: E402

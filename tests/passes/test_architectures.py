@@ -14,11 +14,11 @@ import math
 
 import pytest
 import torch
+from tiny_models import ARCHITECTURES
 
 from optistack.bench.memory import model_bytes
 from optistack.core.pipeline import Pipeline
 from optistack.workloads.generic import GenericWorkload
-from tiny_models import ARCHITECTURES
 
 # pass text -> largest relative output error (vs the float model) an applied step may have
 PASSES = {

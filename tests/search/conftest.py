@@ -1,6 +1,5 @@
 """Fixtures for the search tests (helpers live in search_helpers.py, importable by subprocesses)."""
 import pytest
-
 from search_helpers import tiny_mlp_workload
 
 

@@ -1,8 +1,9 @@
 """Run by test_resume.py in a subprocess: a tiny search on the store given, printing what it ran."""
 import sys
 
-import optistack
 from search_helpers import CANDIDATES, FAST, tiny_mlp_workload
+
+import optistack
 
 if __name__ == "__main__":
     store, budget = sys.argv[1], int(sys.argv[2])

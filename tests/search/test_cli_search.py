@@ -1,9 +1,9 @@
 """`optistack search` on the command line: same search, rich output, the best text printed last."""
 import pytest
+from search_helpers import tiny_mlp_workload
 
 from optistack import cli
 from optistack.core.registry import register_workload
-from search_helpers import tiny_mlp_workload
 
 
 @pytest.fixture(autouse=True)

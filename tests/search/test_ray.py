@@ -3,10 +3,10 @@ import asyncio
 import sqlite3
 
 import pytest
+from search_helpers import CANDIDATES, FAST
 
 import optistack
 from optistack.search.ray_executor import TimingLockActor
-from search_helpers import CANDIDATES, FAST
 
 ray = pytest.importorskip("ray")
 BUDGET = 6

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import sqlite3
 
+from search_helpers import CANDIDATES, FAST
+
 import optistack
 from optistack.search.driver import workload_key
 from optistack.search.objective import beats_original
-
-from search_helpers import CANDIDATES, FAST
 
 
 def test_real_search_stores_every_trial_and_reuses_prefixes(tiny_workload, tmp_path):

@@ -4,12 +4,11 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from search_helpers import FAST
 
 from optistack.core.pass_protocol import ConfiguredPass, PassResult
 from optistack.core.registry import register_pass, unregister_pass
 from optistack.search.trial import TrialRunner
-
-from search_helpers import FAST
 
 
 class RecordingLock:

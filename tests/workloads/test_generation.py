@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 from transformers import DynamicCache
 
 from optistack.core.errors import WorkloadError
-from optistack.workloads.generation import (CACHE_ATTR, DECODE_ATTR, Generation, cache_bytes_per_token,
-                                            greedy_decode)
-from tiny_models import tiny_llama
+from optistack.workloads.generation import CACHE_ATTR, DECODE_ATTR, Generation, cache_bytes_per_token, greedy_decode
 
 
 def test_one_token_steps_keep_median_metrics():

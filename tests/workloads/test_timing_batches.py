@@ -1,7 +1,6 @@
 """Timing batches: distinct, same shapes and dtypes, valid for the model, never the data that is scored."""
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 

@@ -23,7 +23,6 @@ from typing import Any, Callable
 from .stats import Speedup, noise_floor, paired_speedup, summarize
 from .timer import TimingConfig, interleaved
 
-
 _INDICES = itertools.count(1)  # process-wide: a model kept from an earlier run or trial never sees a batch again
 
 

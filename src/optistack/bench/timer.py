@@ -48,7 +48,9 @@ class TimingConfig:
                 f"got {self}"
             )
         if not self.target_half_width > 0:
-            raise TimingConfigError(f"TimingConfig needs target_half_width > 0 (e.g. 0.02 for ±2%); got {self.target_half_width!r}")
+            raise TimingConfigError(
+                f"TimingConfig needs target_half_width > 0 (e.g. 0.02 for ±2%); got {self.target_half_width!r}"
+            )
 
 
 def _sync(device: str) -> None:

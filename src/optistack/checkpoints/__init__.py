@@ -51,8 +51,16 @@ def save_pretrained(path: str | Path, model: Any, tokenizer: Any = None, max_sha
     import torch
 
     from .compressed_tensors import CheckpointError, quantization_config, quantized_tensors, scheme_key
-    from .plain import (MARKER, commit_destination, config_dict, copy_companions, prepare_destination,
-                        source_folder, write_json, write_shards)
+    from .plain import (
+        MARKER,
+        commit_destination,
+        config_dict,
+        copy_companions,
+        prepare_destination,
+        source_folder,
+        write_json,
+        write_shards,
+    )
 
     source_model = model
     if hasattr(model, "report") and hasattr(model, "original"):  # a RunResult

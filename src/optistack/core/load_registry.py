@@ -16,8 +16,22 @@ from functools import lru_cache
 from typing import Any, Callable, Mapping
 
 from .errors import LoadError
-from .load_schema import (Check, boolean, check_fields, choice, dtype_name, integer, list_of, number, optional,
-                          record, scalar_map, shape, short, text)
+from .load_schema import (
+    Check,
+    boolean,
+    check_fields,
+    choice,
+    dtype_name,
+    integer,
+    list_of,
+    number,
+    optional,
+    record,
+    scalar_map,
+    shape,
+    short,
+    text,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,7 +277,8 @@ def check_config(cls: type, config: Any, where: str) -> dict[str, Any]:
 
 
 def _no_draft(v: Any) -> str | None:
-    return None if v is None else "a draft model path is not followed from a saved folder; apply speculative{draft=...} after loading"
+    return None if v is None else ("a draft model path is not followed from a saved folder; "
+                                   "apply speculative{draft=...} after loading")
 
 
 # Passes whose effect is not in tensors and that run again on load, with the values they may take then.

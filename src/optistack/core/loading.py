@@ -16,8 +16,7 @@ import torch
 
 from .checksums import MANIFEST, WEIGHTS, listed, read_manifest, verify_files
 from .errors import LoadError, OptistackError
-from .load_registry import (MODULES, RUNTIMES, check_config, check_reapply, lookup, spec_fields,
-                            transformers_class)
+from .load_registry import MODULES, RUNTIMES, check_config, check_reapply, lookup, spec_fields, transformers_class
 from .load_schema import check_fields, list_of, short, text
 from .load_tensors import MAX_NON_PERSISTENT_BYTES, check_against, expected_state, non_persistent_bytes, read_header
 from .pass_protocol import COMPILED, MODULE, PassContext

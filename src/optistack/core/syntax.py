@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-
 from typing import Callable
 
 from .errors import PipelineParseError

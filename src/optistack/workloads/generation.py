@@ -236,7 +236,9 @@ def greedy_decode(model: Any, input_ids: torch.Tensor, max_new_tokens: int, cach
             sync()
             step_ms.append((time.perf_counter() - start) * 1000.0)
             if step == 0 and _cached_length(cache) != input_ids.shape[-1]:
-                raise CacheUnsupportedError(f"model ignored the {next(iter(cache_arg))} argument (the cache is empty after prefill)")
+                raise CacheUnsupportedError(
+                    f"model ignored the {next(iter(cache_arg))} argument (the cache is empty after prefill)"
+                )
             tokens.append(ids)
     return Generation(torch.cat(tokens, dim=-1), step_ms, kv_bytes_per_token=cache_bytes_per_token(cache))
 

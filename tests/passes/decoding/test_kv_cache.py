@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import tiny_llama, tiny_llama_workload
 from transformers import DynamicCache, StaticCache
 
 from optistack.core.errors import PassApplyError, PassConfigError
@@ -14,7 +15,6 @@ from optistack.core.pipeline import Pipeline
 from optistack.passes.decoding.kv_cache import KvCachePass, bytes_per_token
 from optistack.passes.decoding.quantized_cache import QuantizedKVCache, dequantize_groups, quantize_groups
 from optistack.workloads.generation import CACHE_ATTR, greedy_decode
-from tiny_models import tiny_llama, tiny_llama_workload
 
 CTX = PassContext()
 

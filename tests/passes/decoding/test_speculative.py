@@ -6,15 +6,15 @@ import copy
 
 import pytest
 import torch
+from tiny_models import tiny_llama, tiny_llama_workload
 
 from optistack.core.errors import PassApplyError, PassConfigError
 from optistack.core.pass_protocol import PassContext
 from optistack.core.pipeline import Pipeline
-from optistack.passes.decoding.lookup import PromptLookup
 from optistack.passes.decoding import speculative
+from optistack.passes.decoding.lookup import PromptLookup
 from optistack.passes.decoding.speculative import SpeculativePass, layer_skip_draft
 from optistack.workloads.generation import DECODE_ATTR, greedy_decode
-from tiny_models import tiny_llama, tiny_llama_workload
 
 CTX = PassContext()
 

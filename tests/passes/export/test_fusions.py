@@ -8,6 +8,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import onnx  # noqa: E402
+from tiny_models import tiny_bert  # noqa: E402
 
 from optistack.core.pass_protocol import PassContext  # noqa: E402
 from optistack.passes.export.fusions import op_counts, unpack_attention  # noqa: E402
@@ -16,7 +17,6 @@ from optistack.passes.export.ort import OrtOptimizePass  # noqa: E402
 from optistack.passes.export.ort_quantize import OrtQuantizePass  # noqa: E402
 from optistack.passes.export.session import OrtModel  # noqa: E402
 from optistack.workloads.generic import GenericWorkload  # noqa: E402
-from tiny_models import tiny_bert  # noqa: E402
 
 
 @pytest.fixture(scope="module")

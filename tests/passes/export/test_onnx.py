@@ -8,6 +8,8 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from tiny_models import tiny_bert  # noqa: E402
+
 import optistack as ost  # noqa: E402
 from optistack.bench.timer import TimingConfig  # noqa: E402
 from optistack.core import registry  # noqa: E402
@@ -18,7 +20,6 @@ from optistack.passes.export.ort import OrtOptimizePass  # noqa: E402
 from optistack.passes.export.ort_quantize import OrtQuantizePass  # noqa: E402
 from optistack.passes.export.session import OrtModel  # noqa: E402
 from optistack.workloads.generic import GenericWorkload  # noqa: E402
-from tiny_models import tiny_bert  # noqa: E402
 
 QUICK = TimingConfig(warmup=1, min_rounds=3, max_rounds=3)
 # int8 dynamic quantization of a random 2-layer BERT: measured ~5e-4 relative output error; the floor

@@ -5,6 +5,7 @@ import importlib.util
 
 import pytest
 import torch
+from tiny_models import tiny_bert
 
 import optistack as ost
 from optistack.bench.timer import TimingConfig
@@ -12,7 +13,6 @@ from optistack.core.errors import PassConfigError, PipelineParseError
 from optistack.core.pass_protocol import ENGINE, MODULE, ONNX, PassContext
 from optistack.passes.export.openvino import OpenVINOPass, OvModel, compile_options
 from optistack.workloads.generic import GenericWorkload
-from tiny_models import tiny_bert
 
 HAS_OV = importlib.util.find_spec("openvino") is not None
 needs_ov = pytest.mark.skipif(not HAS_OV, reason="openvino not installed (pip install 'optistack[openvino]')")

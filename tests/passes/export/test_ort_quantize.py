@@ -7,15 +7,16 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from tiny_models import tiny_bert  # noqa: E402
+
 import optistack as ost  # noqa: E402
+from optistack.bench.timer import TimingConfig  # noqa: E402
 from optistack.core.errors import PassApplyError, PassConfigError  # noqa: E402
 from optistack.core.pass_protocol import PassContext  # noqa: E402
 from optistack.passes.export.onnx import OnnxExportPass  # noqa: E402
 from optistack.passes.export.ort import OrtOptimizePass  # noqa: E402
 from optistack.passes.export.ort_quantize import OrtQuantizePass  # noqa: E402
-from optistack.bench.timer import TimingConfig  # noqa: E402
 from optistack.workloads.generic import GenericWorkload  # noqa: E402
-from tiny_models import tiny_bert  # noqa: E402
 
 QUICK = TimingConfig(warmup=1, min_rounds=3, max_rounds=3)
 # int8 of a random 2-layer BERT: ~1e-3 relative output error measured; the floor catches broken graphs.

@@ -42,15 +42,18 @@ def test_config_validation_and_profiles():
     assert profile_shapes((8, 128), (False, True), "1:8:32", "") == ((8, 1), (8, 128), (8, 128))
     cfg = TensorRTConfig()
     shapes = {"input_ids": ((1, 1), (8, 128), (8, 128))}
-    assert engine_key(b"g", cfg, shapes, "11.4", "H200") != engine_key(b"g", TensorRTConfig(precision="fp32"), shapes, "11.4", "H200")
+    assert engine_key(b"g", cfg, shapes, "11.4", "H200") != engine_key(
+        b"g", TensorRTConfig(precision="fp32"), shapes, "11.4", "H200"
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_TRT, reason="needs TensorRT and a CUDA GPU")
 def test_engine_matches_onnx_on_gpu(tmp_path):
+    from tiny_models import tiny_bert
+
     from optistack.bench.timer import TimingConfig
     from optistack.workloads.generic import GenericWorkload
-    from tiny_models import tiny_bert
 
     ids = torch.randint(0, 100, (2, 16))
     wl = GenericWorkload(tiny_bert(), ((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))

@@ -6,13 +6,13 @@ import io
 
 import pytest
 import torch
+from tiny_models import tiny_bert, tiny_llama
 from torch import nn
 
 from optistack.core.errors import PassApplyError, PassConfigError
 from optistack.core.pass_protocol import PassContext
 from optistack.core.syntax import parse_pipeline_text
 from optistack.passes.precision.cast import CastPass
-from tiny_models import tiny_bert, tiny_llama
 
 CTX = PassContext()
 

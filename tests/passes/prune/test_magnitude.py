@@ -5,13 +5,13 @@ import copy
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 from torch import nn
 
 from optistack.core.errors import PassApplyError, PassConfigError
 from optistack.core.pass_protocol import PassContext
 from optistack.core.syntax import parse_pipeline_text
 from optistack.passes.prune.magnitude import MagnitudePrunePass
-from tiny_models import tiny_llama
 
 CTX = PassContext()
 

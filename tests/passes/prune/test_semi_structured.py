@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+from tiny_models import tiny_llama as _tiny_llama
+from tiny_models import tiny_llama_workload
 from torch import nn
 
 from optistack.core.errors import PassConfigError, PreconditionError
@@ -13,8 +15,6 @@ from optistack.core.syntax import parse_pipeline_text
 from optistack.passes.calibration import input_channel_stats
 from optistack.passes.prune.semi_structured import CPU_SPEED_PATH, SemiStructuredPrunePass
 from optistack.passes.prune.wanda import wanda_scores
-from tiny_models import tiny_llama as _tiny_llama
-from tiny_models import tiny_llama_workload
 
 VOCAB = 128
 

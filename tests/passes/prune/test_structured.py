@@ -1,16 +1,15 @@
 """`prune-structured`: whole neurons/heads removed, so Linear layers shrink and the model still runs."""
 from __future__ import annotations
 
-
 import pytest
 import torch
+from tiny_models import tiny_bert, tiny_llama
 from torch import nn
 
 from optistack.core.errors import PassApplyError, PassConfigError
 from optistack.core.pass_protocol import PassContext
 from optistack.core.syntax import parse_pipeline_text
 from optistack.passes.prune.structured import StructuredPrunePass
-from tiny_models import tiny_bert, tiny_llama
 
 CTX = PassContext()
 

@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+from tiny_models import tiny_llama as _tiny_llama
+from tiny_models import tiny_llama_workload
 from torch import nn
 
 from optistack.core.errors import PassConfigError, PreconditionError
@@ -14,8 +16,6 @@ from optistack.passes.calibration import input_channel_stats
 from optistack.passes.prune.magnitude import MagnitudePrunePass
 from optistack.passes.prune.wanda import WandaPrunePass, wanda_scores, zero_lowest_per_row
 from optistack.workloads.generic import GenericWorkload
-from tiny_models import tiny_llama as _tiny_llama
-from tiny_models import tiny_llama_workload
 
 VOCAB = 128
 
@@ -149,9 +149,10 @@ def test_smollm2_wanda_beats_magnitude_at_half_sparsity():
 
 def test_gpt2_conv1d_layers_are_pruned_per_output_row():
     """Conv1D stores [in, out]: Wanda's per-row sparsity must hold on the [out, in] view."""
+    from tiny_models import tiny_gpt2, token_inputs
+
     from optistack.core.pass_protocol import PassContext as Ctx
     from optistack.workloads.generic import GenericWorkload
-    from tiny_models import tiny_gpt2, token_inputs
 
     model = tiny_gpt2()
     ins = token_inputs(use_cache=False)

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import tiny_gpt2, tiny_gpt_neox, tiny_opt, tiny_phi3, tiny_t5
 from torch import nn
 
 from optistack.core.errors import PassConfigError, PreconditionError
@@ -14,7 +15,6 @@ from optistack.passes.quant.awq import AwqPass
 from optistack.passes.quant.awq_search import fold_scale, llama_groups
 from optistack.passes.quant.int4 import Int4Linear
 from optistack.passes.quant.rtn import RtnInt4Pass
-from tiny_models import tiny_gpt2, tiny_gpt_neox, tiny_opt, tiny_phi3, tiny_t5
 
 VOCAB = 128
 

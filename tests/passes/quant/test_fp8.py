@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from tiny_models import tiny_llama as _tiny_llama
 from torch import nn
 
 from optistack.bench.memory import model_bytes
@@ -14,7 +15,6 @@ from optistack.core.errors import PassApplyError, PassConfigError
 from optistack.core.pass_protocol import PassContext
 from optistack.core.syntax import parse_pipeline_text
 from optistack.passes.quant.fp8 import E4M3, Fp8Linear, Fp8Pass
-from tiny_models import tiny_llama as _tiny_llama
 
 CTX = PassContext()
 # Floors measured on the random data below: weight-only ~32 dB, dynamic ~29 dB (e4m3 keeps 3 mantissa

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 from torch import nn
 
 from optistack.core.errors import PassConfigError
@@ -13,7 +14,6 @@ from optistack.core.syntax import parse_pipeline_text
 from optistack.passes.quant.head import Int8Linear, find_head, quantize_head
 from optistack.passes.quant.int4 import Int4Linear
 from optistack.passes.quant.rtn import RtnInt4Pass
-from tiny_models import tiny_llama
 
 CTX = PassContext()
 

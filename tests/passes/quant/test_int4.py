@@ -9,8 +9,16 @@ from torch import nn
 
 from optistack.bench.memory import model_bytes
 from optistack.passes.quant.int4 import (
-    CPU_KERNEL, CUDA_KERNEL, DEQUANT, Int4Linear, choose_kernel, dequantize, fake_quantize, padded_size,
-    param_dtype_for, quantize,
+    CPU_KERNEL,
+    CUDA_KERNEL,
+    DEQUANT,
+    Int4Linear,
+    choose_kernel,
+    dequantize,
+    fake_quantize,
+    padded_size,
+    param_dtype_for,
+    quantize,
 )
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_bert
 
 import optistack as ost
 from optistack.core.errors import PassApplyError, PassConfigError, PipelineParseError
 from optistack.core.pass_protocol import COMPILED, MODULE, PassContext
 from optistack.passes.quant.pt2e_int8 import Pt2eInt8Pass, kernel_counts
 from optistack.workloads.generic import GenericWorkload
-from tiny_models import tiny_bert
 
 pytest.importorskip("torchao")
 # int8 static of a random 2-layer BERT: measured ~4e-4 relative error of the hidden states; the floor

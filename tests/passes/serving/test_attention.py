@@ -5,11 +5,11 @@ import copy
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 
 from optistack.core.errors import PassApplyError, PassConfigError
 from optistack.core.pass_protocol import PassContext
 from optistack.passes.serving.attention import AttentionPass
-from tiny_models import tiny_llama
 
 IDS = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
 

@@ -5,13 +5,13 @@ import copy
 
 import pytest
 import torch
+from tiny_models import tiny_llama, tiny_llama_workload
 
 from optistack.core.errors import PassApplyError
 from optistack.core.pass_protocol import PassContext
-from optistack.core.run import run_pipeline
 from optistack.core.pipeline import Pipeline
+from optistack.core.run import run_pipeline
 from optistack.passes.serving.lora_merge import LoraMergePass
-from tiny_models import tiny_llama, tiny_llama_workload
 
 peft = pytest.importorskip("peft")
 

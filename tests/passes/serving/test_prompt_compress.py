@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_llama, tiny_llama_workload
 
 from optistack.core.errors import PassApplyError, PassConfigError
 from optistack.core.pass_protocol import PassContext
 from optistack.passes.serving.offline import offline_available, offline_llmlingua, sent_tokenize
 from optistack.passes.serving.prompt_compress import PromptCompressPass
-from tiny_models import tiny_llama, tiny_llama_workload
 
 needs_offline = pytest.mark.skipif(not offline_available(), reason=str(offline_available().reason))
 

@@ -6,8 +6,8 @@
   replays it: `kv-cache{impl=static},compile` is the intended chain. Eager, it only preallocates.
 - `impl=quantized`: our `QuantizedKVCache` (int8 or int4 codes, per-token groups of `group_size`
   channels, fp16 scale and minimum per group); on SmolLM2 it cuts the bytes held per token 3.8x
-  (int8, whole-head groups) or 6.4x (int4, 32-channel groups) against fp32, perplexity within 0.3%. Not compileable (its cache grows), and slower per step: memory, not
-  speed, is what it buys.
+  (int8, whole-head groups) or 6.4x (int4, 32-channel groups) against fp32, perplexity within 0.3%.
+  Not compileable (its cache grows), and slower per step: memory, not speed, is what it buys.
 - `impl=dynamic`: the default transformers `DynamicCache` (useful to undo an earlier choice).
 
 The pass sets the cache factory (`optistack_cache`, see `workloads/generation.py`) on the model: the
@@ -25,9 +25,9 @@ from typing import Any, Literal, Optional
 import torch
 
 from ...core.config import PassConfig, check
-from ...core.requirements import Availability, need_packages
 from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
+from ...core.requirements import Availability, need_packages
 from ...workloads.generation import CACHE_ATTR
 from .common import require_causal_lm
 

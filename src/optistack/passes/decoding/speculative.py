@@ -28,11 +28,19 @@ from typing import Any, Literal, Optional
 import torch
 
 from ...core.config import PassConfig, check
-from ...core.requirements import Availability, need_packages
 from ...core.errors import PassApplyError
 from ...core.pass_protocol import COMPILED, MODULE, ConfiguredPass, PassContext, PassResult
-from ...workloads.generation import (CACHE_ATTR, DECODE_ATTR, Generation, cache_bytes_per_token, cache_kwarg,
-                                     greedy_decode, logits_of, new_cache)
+from ...core.requirements import Availability, need_packages
+from ...workloads.generation import (
+    CACHE_ATTR,
+    DECODE_ATTR,
+    Generation,
+    cache_bytes_per_token,
+    cache_kwarg,
+    greedy_decode,
+    logits_of,
+    new_cache,
+)
 from .common import check_prompts, require_causal_lm, verify_identical
 from .lookup import DraftModel, PromptLookup
 
@@ -51,13 +59,18 @@ class SpeculativeConfig(PassConfig):
     check_tokens: int = 32
 
     def __post_init__(self) -> None:
-        check(1 <= self.num_draft_tokens <= 64, f"speculative: option 'num_draft_tokens' must be 1..64; got {self.num_draft_tokens}")
+        check(1 <= self.num_draft_tokens <= 64,
+              f"speculative: option 'num_draft_tokens' must be 1..64; got {self.num_draft_tokens}")
         check(1 <= self.min_ngram <= self.max_ngram,
-              f"speculative: options need 1 <= min_ngram <= max_ngram; got min_ngram={self.min_ngram}, max_ngram={self.max_ngram}")
-        check(self.draft_layers >= 0, f"speculative: option 'draft_layers' must be >= 0 (0: a third of the target's); got {self.draft_layers}")
+              f"speculative: options need 1 <= min_ngram <= max_ngram; "
+              f"got min_ngram={self.min_ngram}, max_ngram={self.max_ngram}")
+        check(self.draft_layers >= 0,
+              f"speculative: option 'draft_layers' must be >= 0 (0: a third of the target's); got {self.draft_layers}")
         check(self.method == "draft" or (self.draft is None and self.draft_layers == 0),
               "speculative: options 'draft' and 'draft_layers' need method=draft")
-        check(self.check_prompts >= 1, f"speculative: option 'check_prompts' must be >= 1 (output identity is always checked); got {self.check_prompts}")
+        check(self.check_prompts >= 1,
+              f"speculative: option 'check_prompts' must be >= 1 (output identity is always checked); "
+              f"got {self.check_prompts}")
         check(self.check_tokens >= 2, f"speculative: option 'check_tokens' must be >= 2; got {self.check_tokens}")
 
 

@@ -32,9 +32,8 @@ def op_counts(path: str) -> collections.Counter:
 
 def _with_onnxscript(src: str, dst: str) -> None:
     import onnx_ir as ir
-    from onnxscript.rewriter.ort_fusions import optimize_for_ort
-
     from onnxscript.optimizer import fold_constants
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     model = ir.load(src)
     optimize_for_ort(model)

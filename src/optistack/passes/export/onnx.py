@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
-from ...core.quiet import quiet_import
 from ...core.pass_protocol import MODULE, ONNX, ConfiguredPass, PassContext, PassResult
+from ...core.quiet import quiet_import
 from ...core.requirements import Availability, all_of, need_packages
 
 
@@ -230,7 +230,8 @@ class OnnxExportPass(ConfiguredPass):
             got = ort_model(*args, **kwargs)
         except Exception as exc:
             tmp.cleanup()
-            raise PassApplyError(f"onnx-export: ONNX Runtime could not run the exported model: {type(exc).__name__}: {_first_lines(str(exc))}") from exc
+            raise PassApplyError(f"onnx-export: ONNX Runtime could not run the exported model: "
+                                 f"{type(exc).__name__}: {_first_lines(str(exc))}") from exc
         info.update(check_against(self.name, reference, got, cfg.atol))
         info.update({"file_bytes": ort_model.model_bytes(), "provider": ort_model.provider})
         return PassResult(ort_model, modified=True, info=info)

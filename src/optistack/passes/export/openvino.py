@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
@@ -164,7 +164,8 @@ def _convert(model: Any, args: tuple, kwargs: dict) -> Any:
     if isinstance(model, OrtModel):
         return ov.Core().read_model(model.path)
     if not isinstance(model, torch.nn.Module):
-        raise PassApplyError(f"openvino: expected a torch.nn.Module or an ONNX model from onnx-export, got {type(model).__name__}")
+        raise PassApplyError(f"openvino: expected a torch.nn.Module or an ONNX model from onnx-export, "
+                             f"got {type(model).__name__}")
     if args and kwargs:
         raise PassApplyError("openvino: the workload's example inputs mix positional and keyword arguments; "
                              "OpenVINO's converter takes one or the other (export to ONNX first: onnx-export,openvino)")

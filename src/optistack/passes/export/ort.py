@@ -20,6 +20,7 @@ from ...core.pass_protocol import ONNX, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, all_of, need_packages
 from .onnx import _first_lines, check_against, example_inputs
 
+
 def _need_ort_model(model: Any, who: str) -> Any:
     from .session import OrtModel
 
@@ -90,4 +91,5 @@ def _session(who: str, tmp: Any, path: str, keep: Any, src: Any, **options: Any)
         return OrtModel(path, keepalive=keep, provider=src.requested_provider, meta=src.meta, **options)
     except Exception as exc:
         tmp.cleanup()
-        raise PassApplyError(f"{who}: ONNX Runtime could not load the result: {type(exc).__name__}: {_first_lines(str(exc))}") from exc
+        raise PassApplyError(f"{who}: ONNX Runtime could not load the result: "
+                             f"{type(exc).__name__}: {_first_lines(str(exc))}") from exc

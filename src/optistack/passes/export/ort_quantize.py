@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 from ...core.config import PassConfig, check, check_regex
 from ...core.errors import PassApplyError
-from ...core.quiet import quiet_import
 from ...core.pass_protocol import ONNX, ConfiguredPass, PassContext, PassResult
+from ...core.quiet import quiet_import
 from ...core.requirements import Availability, all_of, need_packages
 from .onnx import _first_lines
 from .ort import _need_ort_model, _session
@@ -49,7 +49,8 @@ class OrtQuantizeConfig(PassConfig):
     def __post_init__(self) -> None:
         ops = [o for o in self.op_types.split("|") if o]
         check(bool(ops) and all(re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", o) for o in ops),
-              f"ort-quantize: option 'op_types' must be ONNX op names joined by '|' (e.g. MatMul|Attention), got {self.op_types!r}")
+              f"ort-quantize: option 'op_types' must be ONNX op names joined by '|' (e.g. MatMul|Attention), "
+              f"got {self.op_types!r}")
         check_regex("ort-quantize", "exclude", self.exclude)
         check(self.keep_fp32 >= 0, f"ort-quantize: option 'keep_fp32' must be >= 0, got {self.keep_fp32}")
         check(self.calib_batches >= 1, f"ort-quantize: option 'calib_batches' must be >= 1, got {self.calib_batches}")
@@ -194,7 +195,8 @@ class OrtQuantizePass(ConfiguredPass):
             raise
         except Exception as exc:
             tmp.cleanup()
-            raise PassApplyError(f"ort-quantize: quantize_{cfg.mode} failed: {type(exc).__name__}: {_first_lines(str(exc))}") from exc
+            raise PassApplyError(f"ort-quantize: quantize_{cfg.mode} failed: "
+                                 f"{type(exc).__name__}: {_first_lines(str(exc))}") from exc
         new = _session(self.name, tmp, out_path, tmp, src, intra_op_threads=src.intra_op_threads,
                        inter_op_threads=src.inter_op_threads, execution_mode=src.execution_mode,
                        graph_optimization=src.graph_optimization)
@@ -206,5 +208,6 @@ class OrtQuantizePass(ConfiguredPass):
                 info[f"nodes_{op}"] = count
         info.update({"file_bytes": new.model_bytes(), "file_bytes_before": src.model_bytes(), "provider": new.provider})
         if not candidates:
-            return PassResult(new, modified=False, info=info | {"reason": f"nothing to change: no {cfg.op_types} nodes to quantize"})
+            return PassResult(new, modified=False,
+                              info=info | {"reason": f"nothing to change: no {cfg.op_types} nodes to quantize"})
         return PassResult(new, modified=True, info=info)

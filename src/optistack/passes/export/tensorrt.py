@@ -48,7 +48,8 @@ class TensorRTConfig(PassConfig):
         check(self.atol > 0, f"tensorrt: option 'atol' must be > 0, got {self.atol}")
         for option in ("batch", "seq"):
             text = getattr(self, option)
-            check(bool(_PROFILE.match(text)), f"tensorrt: option '{option}' must be 'min:opt:max' (e.g. 1:8:32) or empty, got {text!r}")
+            check(bool(_PROFILE.match(text)),
+                  f"tensorrt: option '{option}' must be 'min:opt:max' (e.g. 1:8:32) or empty, got {text!r}")
             if text:
                 lo, opt, hi = (int(v) for v in text.split(":"))
                 check(1 <= lo <= opt <= hi, f"tensorrt: option '{option}' needs 1 <= min <= opt <= max, got {text!r}")

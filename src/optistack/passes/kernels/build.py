@@ -100,4 +100,5 @@ def build_and_load(backend: str, name: str, sources: list[Path], cflags: list[st
     directory = cache_root() / f"{backend}-{key}"
     with build_lock(directory):
         return cpp_extension.load(name=f"{name}_{key}", sources=[str(s) for s in sources], extra_cflags=cflags,
-                                  extra_ldflags=list(ldflags), build_directory=str(directory), is_python_module=True, verbose=False)
+                                  extra_ldflags=list(ldflags), build_directory=str(directory), is_python_module=True,
+                                  verbose=False)

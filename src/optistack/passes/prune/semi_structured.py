@@ -51,7 +51,8 @@ def zero_two_of_four(weight: torch.Tensor, score: torch.Tensor) -> None:
 
 def _to_sparse_kernel(weight: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     """(semi-structured tensor, backend) for a pruned CUDA weight, or (None, why not)."""
-    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT as Cslt, SparseSemiStructuredTensorCUTLASS as Cutlass
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT as Cslt
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS as Cutlass
 
     w = weight.detach().contiguous()
     cslt_ok = torch.backends.cusparselt.is_available() and w.dtype in Cslt._DTYPE_SHAPE_CONSTRAINTS

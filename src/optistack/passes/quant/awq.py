@@ -34,6 +34,7 @@ from ..calibration import capture_block_inputs, with_hidden
 from ..linears import as_linear, is_conv1d, plan_linears, set_module
 from .rtn import Int4Config, Int4Tally, swap_to_int4
 
+
 @dataclasses.dataclass(frozen=True)
 class AwqConfig(Int4Config):
     bits: int = 4

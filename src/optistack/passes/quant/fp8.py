@@ -27,13 +27,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+import torch
+import torch.nn.functional as F
+
 from ...core.config import PassConfig, check, check_regex
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import need_cuda
 from ..linears import as_linear, plan_linears, replace_layers
-
-import torch
-import torch.nn.functional as F
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max

@@ -18,10 +18,11 @@ import dataclasses
 from typing import Any
 
 from ...core.config import PassConfig, check, check_regex
-from ...core.quiet import quiet_import
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
+from ...core.quiet import quiet_import
 from ...core.requirements import Availability, need_packages
 from ..linears import as_linear, is_conv1d, plan_linears, set_module
+
 
 def _torchao() -> Any:
     with quiet_import():

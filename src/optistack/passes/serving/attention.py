@@ -19,9 +19,9 @@ import torch
 
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
-from .causal import refuse_unless_causal_lm
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, need_cuda, need_packages
+from .causal import refuse_unless_causal_lm
 
 _CUDA_ONLY_BACKENDS = ("efficient", "cudnn")
 

@@ -14,9 +14,9 @@ import torch
 
 from ...core.config import PassConfig
 from ...core.errors import PassApplyError
-from .causal import refuse_unless_causal_lm
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, need_packages
+from .causal import refuse_unless_causal_lm
 
 
 @dataclasses.dataclass(frozen=True)

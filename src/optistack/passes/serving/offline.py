@@ -73,7 +73,6 @@ def offline_llmlingua() -> Iterator[Any]:
     """Yields the `llmlingua.prompt_compressor` module with the offline tokenizer and splitter in place."""
     import nltk
     import tiktoken
-
     from llmlingua import prompt_compressor as pc
 
     with _LOCK:

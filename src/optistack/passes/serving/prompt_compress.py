@@ -29,8 +29,8 @@ import torch
 
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
-from ...core.quiet import quiet_import
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
+from ...core.quiet import quiet_import
 from ...core.requirements import Availability
 from ...workloads.generation import cache_kwarg
 from .offline import offline_available, offline_llmlingua
@@ -88,7 +88,7 @@ class LegacyCacheLM(torch.nn.Module):
         cache = DynamicCache(ddp_cache_data=[(k, v) for k, v, *_ in past_key_values]) if past_key_values else DynamicCache()
         kwargs[cache_kwarg(self.model)] = cache
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
-        return types.SimpleNamespace(logits=out.logits, past_key_values=[(l.keys, l.values) for l in cache.layers])
+        return types.SimpleNamespace(logits=out.logits, past_key_values=[(layer.keys, layer.values) for layer in cache.layers])
 
 
 class LinguaCompressor:

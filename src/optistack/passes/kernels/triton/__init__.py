@@ -101,5 +101,5 @@ def fp8_scaled_matmul(x_fp8, w_fp8, x_scale, w_scale, out_dtype=None):
     return impl(x_fp8, w_fp8, x_scale, w_scale, torch.bfloat16 if out_dtype is None else out_dtype)
 
 
-__all__ = ["available", "ensure_built", "int4_supports", "interpreted", "interpreter_requested", "rms_norm", "swiglu", "int4_prepack",
-           "int4_matmul_packed", "int4_matmul", "fp8_scaled_matmul", "BACKEND", "NO_GPU_REASON"]
+__all__ = ["available", "ensure_built", "int4_supports", "interpreted", "interpreter_requested", "rms_norm", "swiglu",
+           "int4_prepack", "int4_matmul_packed", "int4_matmul", "fp8_scaled_matmul", "BACKEND", "NO_GPU_REASON"]
