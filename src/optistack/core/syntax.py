@@ -33,6 +33,16 @@ class _Reader:
         marked = printable(self.text[:self.pos]) + "^" + printable(self.text[self.pos:])
         return PipelineParseError(f"{printable(message)} at position {self.pos}: {marked}")
 
+    def next_item(self) -> bool:
+        """After a pass or a preset: False at the end of the text, else step over the ',' before the next."""
+        nxt = self.peek()
+        if nxt == "":
+            return False
+        if nxt != ",":
+            raise self.error(f"expected ',' between passes, found {nxt!r}")
+        self.pos += 1
+        return True
+
     def skip_space(self) -> None:
         while self.pos < len(self.text) and self.text[self.pos].isspace():
             self.pos += 1
@@ -101,12 +111,8 @@ def parse_pipeline_text(text: str, expand: Callable[[str], str] | None = None) -
             if expand is None:
                 raise reader.error(f"presets ({preset}) are not accepted here")
             items.extend(parse_pipeline_text(expand(preset)))
-            nxt = reader.peek()
-            if nxt == "":
+            if not reader.next_item():
                 return items
-            if nxt != ",":
-                raise reader.error(f"expected ',' between passes, found {nxt!r}")
-            reader.pos += 1
             continue
         name = reader.match(_NAME, "a pass name (lowercase letters, digits, '-')")
         options: dict[str, str] = {}
@@ -125,9 +131,5 @@ def parse_pipeline_text(text: str, expand: Callable[[str], str] | None = None) -
                     break
             reader.expect("}")
         items.append((name, options))
-        nxt = reader.peek()
-        if nxt == "":
+        if not reader.next_item():
             return items
-        if nxt != ",":
-            raise reader.error(f"expected ',' between passes, found {nxt!r}")
-        reader.pos += 1
