@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optistack.passes.kernels import cpu
+from optistack.kernels import cpu
 from optistack.passes.quant.int4 import Int4Linear
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from optistack.passes.kernels import cuda as cuda_backend
-from optistack.passes.kernels import reference as ref
-from optistack.passes.kernels import triton as triton_backend
+from optistack.kernels import cuda as cuda_backend
+from optistack.kernels import reference as ref
+from optistack.kernels import triton as triton_backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch sees none here")
 

@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-from optistack.passes.kernels import cuda, reference
-from optistack.passes.kernels import triton as triton_kernels
+from optistack.kernels import cuda, reference
+from optistack.kernels import triton as triton_kernels
 
 backends = {"triton": triton_kernels, "cuda": cuda}
 usable = {name: mod for name, mod in backends.items() if mod.available().ok}

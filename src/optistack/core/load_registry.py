@@ -95,13 +95,16 @@ MODULES: dict[str, Loadable] = {
     "optistack.passes.quant.int4:Int4Linear": Loadable("optistack.passes.quant.int4", "Int4Linear", _INT4, _all(_INT4)),
     "optistack.passes.quant.fp8:Fp8Linear": Loadable("optistack.passes.quant.fp8", "Fp8Linear", _FP8, _all(_FP8)),
     "optistack.passes.quant.head:Int8Linear": Loadable("optistack.passes.quant.head", "Int8Linear", _LINEAR, _all(_LINEAR)),
-    "optistack.passes.kernels.modules:FusedRMSNorm": Loadable(
-        "optistack.passes.kernels.modules", "FusedRMSNorm", _RMSNORM, _all(_RMSNORM)),
-    "optistack.passes.kernels.modules:FusedInt4Linear": Loadable(
-        "optistack.passes.kernels.modules", "FusedInt4Linear", _FUSED_INT4, _all(_FUSED_INT4, ("layout",))),
-    "optistack.passes.kernels.modules:FusedGatedMLP": Loadable(
-        "optistack.passes.kernels.modules", "FusedGatedMLP", _FUSED_MLP, _all(_FUSED_MLP)),
+    "optistack.kernels.modules:FusedRMSNorm": Loadable(
+        "optistack.kernels.modules", "FusedRMSNorm", _RMSNORM, _all(_RMSNORM)),
+    "optistack.kernels.modules:FusedInt4Linear": Loadable(
+        "optistack.kernels.modules", "FusedInt4Linear", _FUSED_INT4, _all(_FUSED_INT4, ("layout",))),
+    "optistack.kernels.modules:FusedGatedMLP": Loadable(
+        "optistack.kernels.modules", "FusedGatedMLP", _FUSED_MLP, _all(_FUSED_MLP)),
 }
+# Folders saved before the kernels left `passes/` name the fused modules by their old path.
+MODULES.update({f"optistack.passes.kernels.modules:{name}": MODULES[f"optistack.kernels.modules:{name}"]
+                for name in ("FusedRMSNorm", "FusedInt4Linear", "FusedGatedMLP")})
 
 
 def _onnx_references(path: Any, name: str) -> list[str]:

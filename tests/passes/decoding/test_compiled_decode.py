@@ -10,7 +10,7 @@ from tiny_models import tiny_llama
 
 from optistack.core.pass_protocol import PassContext
 from optistack.core.pipeline import Pipeline
-from optistack.passes.kernels import cpu
+from optistack.kernels import cpu
 from optistack.workloads.generation import greedy_decode
 
 EAGER = "rtn-int4{group_size=32,head=int8},fuse-kernels,kv-cache{impl=static}"

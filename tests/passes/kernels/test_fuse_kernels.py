@@ -7,9 +7,9 @@ import torch
 
 from optistack.core.errors import PassConfigError
 from optistack.core.pass_protocol import PassContext
-from optistack.passes.kernels import cpu
+from optistack.kernels import cpu
+from optistack.kernels.modules import FusedGatedMLP, FusedInt4Linear, FusedRMSNorm
 from optistack.passes.kernels.fuse import FuseKernelsPass
-from optistack.passes.kernels.modules import FusedGatedMLP, FusedInt4Linear, FusedRMSNorm
 from optistack.passes.quant.int4 import Int4Linear
 from tests.tiny_models import tiny_llama
 

@@ -26,8 +26,8 @@ from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability
+from ...kernels.modules import BACKEND_MODULES, FusedGatedMLP, FusedInt4Linear, FusedRMSNorm, backend_module
 from ..linears import set_module
-from .modules import BACKEND_MODULES, FusedGatedMLP, FusedInt4Linear, FusedRMSNorm, backend_module
 
 PATTERNS = ("rmsnorm", "swiglu", "int4", "fp8")
 BACKENDS = ("auto", "cpu-cpp", "triton", "cuda", "torch")

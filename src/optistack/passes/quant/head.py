@@ -59,7 +59,7 @@ class Int8Linear(nn.Module):
         return self.dequantized_weight(self.bias.dtype if self.bias is not None else torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels import cpu, reference
+        from ...kernels import cpu, reference
 
         if self.kernel == "cpu-cpp" and x.device.type == "cpu":
             y = cpu.int8_matmul(x, self.qweight, self.scale)
@@ -81,7 +81,7 @@ class Int8Linear(nn.Module):
 def _choose_kernel() -> str:
     """"cpu-cpp" (our int8 GEMV, built or loaded from the cache now) when it builds here, else "torch"
     (dequantize and multiply: right everywhere, fast nowhere). CUDA inputs always take "torch"."""
-    from ..kernels import cpu
+    from ...kernels import cpu
 
     if not cpu.available():
         return "torch"

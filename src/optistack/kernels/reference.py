@@ -67,7 +67,7 @@ def int4_matmul_packed(x: torch.Tensor, packed: dict, group_size: int, n: int, k
 
 
 def available():
-    from ...core.requirements import Availability
+    from ..core.requirements import Availability
 
     return Availability.yes()
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ...core.requirements import Availability
+from ..core.requirements import Availability
 from . import build
 
 BACKEND = "cuda"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ...core.requirements import Availability
+from ..core.requirements import Availability
 from . import build, reference
 
 BACKEND = "cpu-cpp"

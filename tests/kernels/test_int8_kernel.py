@@ -8,8 +8,8 @@ K that is no multiple of 32, and K longer than one int32 accumulation run (4096)
 import pytest
 import torch
 
-from optistack.passes.kernels import cpu
-from optistack.passes.kernels import reference as ref
+from optistack.kernels import cpu
+from optistack.kernels import reference as ref
 
 
 @pytest.fixture(scope="module", autouse=True)

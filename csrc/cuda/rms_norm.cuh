@@ -1,6 +1,6 @@
 // Fused RMSNorm (+ residual add): one block per row, float32 sum of squares, output in x's dtype.
 // With a residual, h = x + residual is rounded to x's dtype (as the eager Llama layer adds), stored,
-// and normalized from that rounded value, matching optistack.passes.kernels.reference.rms_norm.
+// and normalized from that rounded value, matching optistack.kernels.reference.rms_norm.
 #pragma once
 
 #include "common.cuh"

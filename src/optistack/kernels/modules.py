@@ -14,17 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BACKEND_MODULES = {"cpu-cpp": ".cpu", "triton": ".triton", "cuda": ".cuda", "torch": ".reference"}
+from .backend import BACKENDS as BACKEND_MODULES
+
 _loaded: dict[str, Any] = {}
 
 
 def backend_module(name: str) -> Any:
-    """The backend's Python module (imported once; ImportError if it is not installed)."""
+    """The backend's Python module, a `KernelBackend` (imported once; ImportError if it is not installed)."""
     mod = _loaded.get(name)
     if mod is None:
         if name not in BACKEND_MODULES:
             raise ValueError(f"unknown kernel backend {name!r}; expected one of {', '.join(BACKEND_MODULES)}")
-        mod = _loaded[name] = importlib.import_module(BACKEND_MODULES[name], __package__)
+        mod = _loaded[name] = importlib.import_module(BACKEND_MODULES[name])
     return mod
 
 

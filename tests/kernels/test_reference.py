@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optistack.passes.kernels import reference as ref
+from optistack.kernels import reference as ref
 from optistack.passes.quant.int4 import DEQUANT, Int4Linear
 
 

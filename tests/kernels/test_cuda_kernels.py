@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from optistack.passes.kernels import cuda
-from optistack.passes.kernels import reference as ref
+from optistack.kernels import cuda
+from optistack.kernels import reference as ref
 
 
 def int4_weight(n, k, g, device="cpu", seed=0):
@@ -125,7 +125,7 @@ def test_schemas_parse_and_fakes_dispatch_under_fake_tensors():
 
 def test_build_directory_is_keyed_by_sources_and_versions():
     d = cuda.build_directory()
-    from optistack.passes.kernels import build
+    from optistack.kernels import build
 
     assert d.parent == build.cache_root()
     assert d.name == f"cuda-{cuda.sources_hash()}" and cuda.sources_hash() == cuda.sources_hash()

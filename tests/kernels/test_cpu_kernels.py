@@ -8,8 +8,8 @@ The extension builds once per session (or loads from ~/.cache/optistack/kernels)
 import pytest
 import torch
 
-from optistack.passes.kernels import cpu
-from optistack.passes.kernels import reference as ref
+from optistack.kernels import cpu
+from optistack.kernels import reference as ref
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -177,7 +177,7 @@ def test_portable_paths_match_reference_in_an_avx2_build():
 
     code = """
 import torch
-from optistack.passes.kernels import cpu, reference as ref
+from optistack.kernels import cpu, reference as ref
 cpu.ensure_built()
 assert cpu.isa() == "avx2", cpu.isa()
 x, w = torch.randn(33, 577), torch.randn(577)

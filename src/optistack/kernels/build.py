@@ -15,7 +15,9 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# The sources live in csrc/ at the top of the repository; the package reaches them as optistack/csrc
+# (a link in the source tree, real files in the wheel: the package data copies what the link points to).
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
 
 def cache_root() -> Path:

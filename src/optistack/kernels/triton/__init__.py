@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from ....core.requirements import Availability
+from ...core.requirements import Availability
 
 BACKEND = "triton"
 NO_GPU_REASON = "no CUDA GPU (the Triton interpreter is for tests only)"

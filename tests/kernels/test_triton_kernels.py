@@ -25,8 +25,8 @@ if not torch.cuda.is_available() and "triton" not in sys.modules and __name__ !=
 
 pytest.importorskip("triton", reason="triton not installed (pip install 'optistack[triton]')")
 
-from optistack.passes.kernels import reference as ref  # noqa: E402
-from optistack.passes.kernels import triton as tk  # noqa: E402
+from optistack.kernels import reference as ref  # noqa: E402
+from optistack.kernels import triton as tk  # noqa: E402
 
 LOW = (torch.bfloat16, torch.float16)
 
@@ -265,7 +265,7 @@ def test_gpu_fp8_scaled_matmul(n, k, m):
 @pytest.mark.parametrize("kind,index", [("gemv", i) for i in range(6)] + [("gemm", i) for i in range(6)])
 def test_int4_every_tuning_config(interp, monkeypatch, kind, index):
     """The masks hold for every tile shape: M and N straddle block edges, two group sizes."""
-    from optistack.passes.kernels.triton import int4
+    from optistack.kernels.triton import int4
 
     configs = int4._GEMV_CONFIGS if kind == "gemv" else int4._GEMM_CONFIGS
     monkeypatch.setattr(int4, "_GEMV_CONFIGS" if kind == "gemv" else "_GEMM_CONFIGS", [configs[index]])
@@ -278,7 +278,7 @@ def test_int4_every_tuning_config(interp, monkeypatch, kind, index):
 
 @pytest.mark.parametrize("index", range(7))
 def test_fp8_every_tuning_config(interp, monkeypatch, index):
-    from optistack.passes.kernels.triton import fp8
+    from optistack.kernels.triton import fp8
 
     monkeypatch.setattr(fp8, "_CONFIGS", [fp8._CONFIGS[index]])
     x, w, xs, ws = fp8_operands(17, 37, 200)
@@ -329,7 +329,7 @@ def test_gpu_kernels_run_inside_torch_compile():
 def _aot_variants():
     """(kernel, signature, constexprs, num_warps, target (arch)) for every kernel, dtype family and
     tuning config the wrappers can launch."""
-    from optistack.passes.kernels.triton import activation, fp8, int4, norm
+    from optistack.kernels.triton import activation, fp8, int4, norm
 
     for dt, wdt, res, block in (("bf16", "bf16", True, 4096), ("fp16", "fp32", True, 1024), ("fp32", "fp32", False, 1024)):
         sig = dict(x_ptr=f"*{dt}", r_ptr=f"*{dt}", w_ptr=f"*{wdt}", y_ptr=f"*{dt}", h_ptr=f"*{dt}", n_cols="i32",
