@@ -10,11 +10,12 @@ import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
+    from optistack.testing import missing
 
-    if torch.cuda.is_available():
+    reason = missing("cuda")
+    if reason is None:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch sees none on this machine")
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
