@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import torch
+from optistack.testing import tiny_bert, tiny_llama
 
 VOCAB = 256
 
@@ -35,29 +35,17 @@ def tiny_tokenizer():
 
 def llama_folder(path: Path, seed: int = 0, **overrides) -> Path:
     """A tiny LlamaForCausalLM folder (hidden 64, 2 layers, 256-token vocab) with its tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, tie_word_embeddings=False)
-    LlamaForCausalLM(LlamaConfig(**(cfg | overrides))).eval().save_pretrained(path)
+    cfg = dict(max_position_embeddings=256, tie_word_embeddings=False)
+    tiny_llama(vocab_size=VOCAB, seed=seed, **(cfg | overrides)).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return Path(path)
 
 
 def bert_folder(path: Path, head: str = "", seed: int = 0, **overrides) -> Path:
     """A tiny BERT folder: `head` "" -> BertModel (an encoder), "cls" -> BertForSequenceClassification."""
-    from transformers import BertConfig, BertForSequenceClassification, BertModel
-
-    torch.manual_seed(seed)
-    cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-               vocab_size=VOCAB, max_position_embeddings=128)
+    cfg: dict = dict(max_position_embeddings=128)
     if head == "cls":
-        cfg |= {"num_labels": 2, "id2label": {0: "negative", 1: "positive"},
-                "label2id": {"negative": 0, "positive": 1}}
-        model = BertForSequenceClassification(BertConfig(**(cfg | overrides)))
-    else:
-        model = BertModel(BertConfig(**(cfg | overrides)))
-    model.eval().save_pretrained(path)
+        cfg |= {"num_labels": 2, "id2label": {0: "negative", 1: "positive"}, "label2id": {"negative": 0, "positive": 1}}
+    tiny_bert(vocab_size=VOCAB, seed=seed, **(cfg | overrides)).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return Path(path)

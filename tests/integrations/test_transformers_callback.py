@@ -8,20 +8,19 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer needs it
 
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from optistack.bench.timer import TimingConfig  # noqa: E402
 from optistack.integrations.transformers import OptistackCallback  # noqa: E402
+from optistack.testing import tiny_bert  # noqa: E402
 
 FAST = TimingConfig(warmup=1, min_rounds=3, max_rounds=3, max_seconds=1.0)
 VOCAB, SEQ = 64, 12
 
 
 def tiny_classifier() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, num_labels=2)
-    return BertForSequenceClassification(cfg)
+    return tiny_bert(vocab_size=VOCAB, num_labels=2, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64).train()
 
 
 def dataset(n: int = 16) -> list[dict[str, torch.Tensor]]:

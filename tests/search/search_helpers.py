@@ -12,10 +12,10 @@ CANDIDATES = ["identity", "cast{dtype=bf16|fp16}", "int8-dynamic", "prune-magnit
 
 def tiny_mlp_workload():
     """Picklable factory: Ray workers and subprocesses build the same workload from it."""
+    from optistack.testing import tiny_mlp
     from optistack.workloads.generic import GenericWorkload
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).eval()
+    model = tiny_mlp(64, 128, 64)
     g = torch.Generator().manual_seed(1)
     return GenericWorkload(model, torch.randn(16, 64, generator=g), eval_inputs=[torch.randn(16, 64, generator=g)],
                            name="tiny-mlp")

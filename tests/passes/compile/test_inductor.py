@@ -9,13 +9,9 @@ from optistack.core.errors import PassApplyError, PassConfigError
 from optistack.core.pass_protocol import COMPILED, MODULE, PassContext
 from optistack.core.syntax import parse_pipeline_text
 from optistack.passes.compile.inductor import CompilePass
+from optistack.testing import tiny_bert, tiny_mlp
 
 CTX = PassContext()
-
-
-def tiny_mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 8)).eval()
 
 
 def test_declares_forms():
@@ -80,11 +76,7 @@ def test_inductor_matches_eager():
 
 @pytest.mark.slow
 def test_aot_eager_keeps_hf_attributes():
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                 intermediate_size=128, vocab_size=100)).eval()
+    model = tiny_bert(num_hidden_layers=1)
     ids = torch.randint(0, 100, (2, 8))
     ref = model(ids).last_hidden_state
     compiled = CompilePass(backend="aot_eager").apply(model, CTX).model

@@ -14,6 +14,7 @@ from optistack.core.pass_protocol import PassContext
 from optistack.core.pipeline import Pipeline
 from optistack.passes.decoding.kv_cache import KvCachePass, bytes_per_token
 from optistack.passes.decoding.quantized_cache import QuantizedKVCache, dequantize_groups, quantize_groups
+from optistack.testing import sqnr
 from optistack.workloads.generation import CACHE_ATTR, greedy_decode
 
 CTX = PassContext()
@@ -25,10 +26,6 @@ def model():
 
 
 @torch.no_grad()
-def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return float(20 * torch.log10(ref.norm() / (ref - out).norm()))
-
-
 @torch.no_grad()
 def teacher_forced_logits(model, cache, ids: torch.Tensor, prefill: int) -> torch.Tensor:
     """Logits of every position after `prefill`, fed one token at a time through `cache`."""

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from tiny_models import tiny_llama
+from tiny_models import tiny_mlp as _tiny_mlp
 from torch import nn
 
 from optistack.core.errors import PassApplyError, PassConfigError
@@ -17,8 +18,7 @@ CTX = PassContext()
 
 
 def tiny_mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 16)).eval()
+    return _tiny_mlp(32, 128, 16, activation=nn.ReLU)
 
 
 def zero_fraction(w):

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from tiny_models import tiny_gpt2, tiny_gpt_neox, tiny_opt, tiny_phi3, tiny_t5
+from tiny_models import tiny_llama as _tiny_llama
 from torch import nn
 
 from optistack.core.errors import PassConfigError, PreconditionError
@@ -37,12 +38,7 @@ FAST = {"group_size": 32, "calib_samples": 8, "calib_seq_len": 32, "search_sampl
 def tiny_llama(seed: int = 0, kv_heads: int = 2, outliers: bool = True):
     """Tiny Llama; `outliers` makes a few input channels of every Linear after a norm ~8x larger than the
     rest (as real LLM activations are), so that which channels matter is not uniform."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=kv_heads, vocab_size=VOCAB)
-    model = LlamaForCausalLM(config).eval()
+    model = _tiny_llama(vocab_size=VOCAB, seed=seed, num_key_value_heads=kv_heads)
     if outliers:
         g = torch.Generator().manual_seed(seed + 100)
         with torch.no_grad():

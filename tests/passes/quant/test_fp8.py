@@ -15,6 +15,7 @@ from optistack.core.errors import PassApplyError, PassConfigError
 from optistack.core.pass_protocol import PassContext
 from optistack.core.syntax import parse_pipeline_text
 from optistack.passes.quant.fp8 import E4M3, Fp8Linear, Fp8Pass
+from optistack.testing import sqnr
 
 CTX = PassContext()
 # Floors measured on the random data below: weight-only ~32 dB, dynamic ~29 dB (e4m3 keeps 3 mantissa
@@ -24,11 +25,6 @@ SQNR_FLOOR = {"weight-only": 28.0, "dynamic": 25.0}
 
 def tiny_llama():
     return _tiny_llama(vocab_size=128)
-
-
-@torch.no_grad()
-def sqnr(ref, out):
-    return float(20 * torch.log10(ref.norm() / (ref - out).norm()))
 
 
 def linear_and_input():

@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from tiny_models import tiny_llama
 from torch import nn
 
 from optistack.core.errors import PassConfigError
@@ -14,12 +13,9 @@ from optistack.core.syntax import parse_pipeline_text
 from optistack.passes.quant.head import Int8Linear, find_head, quantize_head
 from optistack.passes.quant.int4 import Int4Linear
 from optistack.passes.quant.rtn import RtnInt4Pass
+from optistack.testing import sqnr, tiny_llama
 
 CTX = PassContext()
-
-
-def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return float(20 * torch.log10(ref.norm() / (ref - out).norm()))
 
 
 def test_int8_linear_is_close_to_the_float_layer():

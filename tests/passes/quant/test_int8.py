@@ -12,6 +12,8 @@ from optistack.core.errors import PassApplyError, PassConfigError
 from optistack.core.pass_protocol import PassContext
 from optistack.core.syntax import parse_pipeline_text
 from optistack.passes.quant.int8 import Int8DynamicPass, Int8WeightPass
+from optistack.testing import sqnr, tiny_llama
+from optistack.testing import tiny_mlp as _tiny_mlp
 
 pytestmark = pytest.mark.skipif(not Int8WeightPass().requirements(), reason="torchao is not installed")
 
@@ -20,13 +22,7 @@ PASSES = [Int8DynamicPass, Int8WeightPass]
 
 
 def tiny_mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64), nn.GELU(), nn.Linear(64, 8)).eval()
-
-
-@torch.no_grad()
-def sqnr(ref, out):
-    return float(20 * torch.log10(ref.norm() / (ref - out).norm()))
+    return _tiny_mlp(64, 256, 64, 8)
 
 
 def is_quantized(linear):
@@ -56,11 +52,7 @@ def test_skip_regex_and_min_features_leave_layers_float(cls):
 
 
 def test_llama_lm_head_skip():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100)).eval()
+    model = tiny_llama(vocab_size=100)
     ids = torch.randint(0, 100, (1, 8))
     ref = model(ids).logits
     result = Int8DynamicPass(skip="lm_head").apply(copy.deepcopy(model), CTX)

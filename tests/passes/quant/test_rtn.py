@@ -14,23 +14,15 @@ from optistack.core.pipeline import Pipeline
 from optistack.core.syntax import parse_pipeline_text
 from optistack.passes.quant.int4 import Int4Linear
 from optistack.passes.quant.rtn import RtnInt4Pass
+from optistack.testing import sqnr
+from optistack.testing import tiny_llama as _tiny_llama
 from optistack.workloads.generation import greedy_decode
 
 CTX = PassContext()
 
 
 def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128)
-    return LlamaForCausalLM(config).eval()
-
-
-@torch.no_grad()
-def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return float(20 * torch.log10(ref.norm() / (ref - out).norm()))
+    return _tiny_llama(vocab_size=128, seed=seed)
 
 
 def test_quantizes_every_block_linear_and_keeps_lm_head():
