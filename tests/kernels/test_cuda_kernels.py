@@ -4,6 +4,7 @@ plain-torch reference at SmolLM2 and Llama-8B shapes and composes with torch.com
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -31,11 +32,32 @@ def assert_close_normwise(y, want, rtol):
 # ---- any machine --------------------------------------------------------------------------------
 
 def test_available_says_why():
+    """Here: ok with no reason where every piece is present, else not ok naming the first piece missing."""
     check = cuda.available()
-    if torch.version.cuda is None:
-        assert not check.ok and "built without CUDA" in check.reason
-    elif not torch.cuda.is_available():
-        assert not check.ok and "no CUDA GPU" in check.reason
+    pieces = [("failed to build", "error" not in getattr(cuda, "_state", {})),
+              ("built without CUDA", torch.version.cuda is not None), ("no CUDA GPU", torch.cuda.is_available()),
+              ("nvcc not found", cuda.find_nvcc() is not None), ("ninja not found", shutil.which("ninja") is not None)]
+    first_missing = next((words for words, present in pieces if not present), None)
+    if first_missing is None:
+        assert check.ok and check.reason is None
+    else:
+        assert not check.ok and first_missing in check.reason, check.reason
+
+
+@pytest.mark.parametrize("absent, words", [(None, None), ("cuda-build", "built without CUDA"), ("gpu", "no CUDA GPU"),
+                                           ("nvcc", "nvcc not found"), ("ninja", "ninja not found")])
+def test_available_names_each_missing_piece(monkeypatch, absent, words):
+    """Every branch on every machine: all pieces faked present, then one taken away."""
+    monkeypatch.setattr(cuda, "_state", {})
+    monkeypatch.setattr(torch.version, "cuda", None if absent == "cuda-build" else "12.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: absent != "gpu")
+    monkeypatch.setattr(cuda, "find_nvcc", lambda: None if absent == "nvcc" else "/usr/local/cuda/bin/nvcc")
+    monkeypatch.setattr(cuda.shutil, "which", lambda name: None if absent == name else f"/usr/bin/{name}")
+    check = cuda.available()
+    if words is None:
+        assert check.ok and check.reason is None
+    else:
+        assert not check.ok and words in check.reason, check.reason
 
 
 def test_int4_prepack_words_hold_codes_in_order():

@@ -50,16 +50,33 @@ def test_config_validation_and_profiles():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_TRT, reason="needs TensorRT and a CUDA GPU")
 def test_engine_matches_onnx_on_gpu(tmp_path):
-    from tiny_models import tiny_bert
-
+    """The fp16 engine's outputs match the ONNX Runtime model's it was built from, on ids it was not built on."""
     from optistack.bench.timer import TimingConfig
+    from optistack.testing import sqnr, tiny_bert
     from optistack.workloads.generic import GenericWorkload
+
+    def outputs(model, ids):
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        out = out.to_tuple() if hasattr(out, "to_tuple") else out
+        return [t.detach().float().cpu() for t in (out if isinstance(out, (tuple, list)) else (out,))]
 
     ids = torch.randint(0, 100, (2, 16))
     wl = GenericWorkload(tiny_bert(), ((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
+    timing = TimingConfig(warmup=1, min_rounds=3, max_rounds=3)
+    onnx = ost.Pipeline.parse("onnx-export").run(wl, verbose=False, timing=timing)
+    assert onnx.report.steps[-1].status == "applied", onnx.report.steps[-1].reason
     text = f"onnx-export,tensorrt{{precision=fp16,cache_dir=\"{tmp_path}\"}}"
-    result = ost.Pipeline.parse(text).run(wl, verbose=False, timing=TimingConfig(warmup=1, min_rounds=3, max_rounds=3))
+    result = ost.Pipeline.parse(text).run(wl, verbose=False, timing=timing)
     step = result.report.steps[-1]
     assert step.status == "applied", step.reason
-    again = ost.Pipeline.parse(text).run(wl, verbose=False, timing=TimingConfig(warmup=1, min_rounds=3, max_rounds=3))
+    fresh = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(5))
+    for check in (ids, fresh):
+        want, got = outputs(onnx.model, check), outputs(result.model, check)
+        assert len(got) == len(want) >= 1
+        for w, g in zip(want, got):
+            assert g.shape == w.shape and torch.isfinite(g).all()
+            assert sqnr(w, g) >= 35.0, f"fp16 engine vs ONNX: {sqnr(w, g):.1f} dB"  # fp16 rounding: ~50-60 dB
+            torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
+    again = ost.Pipeline.parse(text).run(wl, verbose=False, timing=timing)
     assert again.report.steps[-1].info["engine_cached"] is True
+    torch.testing.assert_close(outputs(again.model, fresh)[0], outputs(result.model, fresh)[0])
