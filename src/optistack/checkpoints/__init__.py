@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..core.modeling import unwrap_compiled
+
 __all__ = ["CheckpointError", "save_pretrained"]
 
 
@@ -20,16 +22,6 @@ def __getattr__(attr: str) -> Any:
 
         return CheckpointError
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
-
-
-def _unwrap(model: Any) -> Any:
-    """The nn.Module under torch.compile wrappers (compiling changes no weights)."""
-    for _ in range(4):
-        inner = getattr(model, "_orig_mod", None)
-        if inner is None:
-            break
-        model = inner
-    return model
 
 
 def _parse_size(size: int | str) -> int:
@@ -66,7 +58,7 @@ def save_pretrained(path: str | Path, model: Any, tokenizer: Any = None, max_sha
     if hasattr(model, "report") and hasattr(model, "original"):  # a RunResult
         pipeline = pipeline or str(model.pipeline)
         source_model, model = model.original, model.model
-    model = _unwrap(model)
+    model = unwrap_compiled(model)
     if not (isinstance(model, torch.nn.Module) and hasattr(model, "config") and hasattr(model.config, "to_dict")):
         raise CheckpointError(f"save_pretrained writes Hugging Face models; this model is a {type(model).__name__} "
                               "(a form only optistack runs, e.g. ONNX or an engine): use result.save(dir) and "

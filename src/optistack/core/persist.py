@@ -4,7 +4,7 @@ The manifest names the base architecture (a transformers model class + its confi
 the caller supplies a fresh instance at load time), the applied steps, every submodule the pipeline
 replaced, and a SHA-256 of every file and of itself. A model that is no longer a torch module (an
 ONNX Runtime session, a TensorRT engine) saves itself through `save_to` / `session_options` /
-`load_from`.
+`load_from` (`core.hooks.SavableRuntime`); a replacement layer through `optistack_spec` (`SavableLayer`).
 
 Loading (loading.py, re-exported here as `load_model`) trusts nothing in the folder: see
 docs/saving-and-loading.md. `save` writes only what loading accepts: classes and specs of
@@ -19,16 +19,18 @@ import torch
 
 from .checksums import FORMAT, MANIFEST, WEIGHTS, write_manifest
 from .errors import LoadError, OptistackError
+from .hooks import SAVE_TO_ATTR, SESSION_OPTIONS_ATTR, SavableLayer
 from .load_registry import MODULES, RUNTIMES, class_name, registered, spec_fields, transformers_model_names
 from .load_schema import check_fields
 from .loading import check_steps, load_model
+from .modeling import unwrap_compiled
 from .registry import get_pass_class
 
 __all__ = ["FORMAT", "MANIFEST", "WEIGHTS", "save_model", "load_model"]
 
 
 def _module(model: Any) -> torch.nn.Module:
-    module = getattr(model, "_orig_mod", model)
+    module = unwrap_compiled(model)
     if not isinstance(module, torch.nn.Module):
         raise OptistackError(f"only torch modules can be saved this way; got {type(model).__name__}")
     return module
@@ -63,7 +65,7 @@ def _replacements(original: torch.nn.Module, final: torch.nn.Module) -> dict[str
                                  "weights and optistack.load cannot rebuild it at the new shape")
         if entry is None:
             key = registered(MODULES, mod)
-            if key is None or not hasattr(mod, "optistack_spec"):
+            if key is None or not isinstance(mod, SavableLayer):
                 raise OptistackError(
                     f"cannot save: module '{name}' became {type(mod).__module__}.{type(mod).__qualname__}, which "
                     "optistack.load cannot rebuild (loadable classes are listed in optistack/core/load_registry.py)")
@@ -137,7 +139,7 @@ def save_model(path: str | Path, model: Any, original: Any, steps: list[Any], wo
         why = getattr(get_pass_class(s.pass_name), "unsavable_reason", lambda info: None)(s.info)
         if why:
             raise OptistackError(f"cannot save: step '{s.text}' {why}")
-    if hasattr(model, "save_to") and hasattr(model, "session_options"):
+    if hasattr(model, SAVE_TO_ATTR) and hasattr(model, SESSION_OPTIONS_ATTR):
         return _save_runtime(Path(path), model, applied, workload)
     final, base = _module(model), _module(original)
     tensors, aliases = _plain_state(final)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 from .errors import OptistackError, PassApplyError, PreconditionError
 from .instrument import RunState, notify
+from .modeling import device_type as device_of  # noqa: F401  (wiring and search import it from here)
 from .outcome import APPLIED, FAILED, NOTHING_TO_CHANGE, REJECTED, SKIPPED, Outcome, Reject
 from .pass_protocol import COMPILED, MODULE, config_of, form_after, pass_text
 
@@ -47,13 +48,6 @@ class RunResult:
 
     def __repr__(self) -> str:
         return f"<RunResult pipeline={str(self.pipeline)!r} final_speedup={self.report.final_speedup}>"
-
-
-def device_of(model: Any) -> str:
-    try:
-        return str(next(model.parameters()).device.type)
-    except (AttributeError, StopIteration, TypeError):
-        return "cpu"
 
 
 def private_copy(model: Any, form: str) -> Any:

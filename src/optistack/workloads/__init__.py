@@ -27,9 +27,9 @@ def load(name: str, data: Any = None, task: str | None = None, **options: Any) -
 
     name = str(name)  # a pathlib.Path is welcome too
     if name in _BUNDLED_FOLDERS and (data is not None or task is not None):
-        from . import loaders  # the bundled model's own folder, with the user's data
+        from .. import bundled_models  # the bundled model's own folder, with the user's data
 
-        folder = getattr(loaders, _BUNDLED_FOLDERS[name])()
+        folder = getattr(bundled_models, _BUNDLED_FOLDERS[name])()
         return load_path(folder, data=data, task=task, name=name, **options)
     if name in workload_names() and not looks_like_path(name):
         if data is not None or task is not None:

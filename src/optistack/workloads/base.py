@@ -17,8 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Protocol, runtime_checkable
 
-# One call's inputs in the workload's calling convention: model(*args, **kwargs).
-Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+from ..core.modeling import Inputs  # one call's inputs: model(*args, **kwargs)
 
 
 @dataclass(frozen=True)

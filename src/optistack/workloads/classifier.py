@@ -17,9 +17,10 @@ from typing import Any, Iterable
 import torch
 
 from ..core.errors import WorkloadError
+from ..core.modeling import model_device, to_device
 from .base import Inputs, Metric
 from .data_files import DataRecords, describe_split, split_records
-from .loaders import count_params, model_device, to_device
+from .loaders import count_params
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 

@@ -64,7 +64,7 @@ class EncoderWorkload(MiniLMWorkload):
     def embed(self, model: Any) -> torch.Tensor:
         if self.pooling == "mean":
             return super().embed(model)
-        from .loaders import model_device, to_device
+        from ..core.modeling import model_device, to_device
         from .minilm import hidden_states
 
         parts = []

@@ -2,7 +2,7 @@
 
 - Folder: config.json + *.safetensors (pickled .bin weights are refused: loading them could run code;
   `trust_remote_code` is never set). The task comes from `config.architectures` or `task=`.
-- GGUF: converted once to a plain HF folder in the cache (see `loaders.gguf_dir`); a causal LM.
+- GGUF: converted once to a plain HF folder in the cache (see `bundled_models.gguf_dir`); a causal LM.
 - `module:factory` (e.g. `mypkg.models:build`): the callable returns a Workload, a (model,
   example_inputs) pair, or a dict with `model` and `example_inputs` (and optionally `eval_fn`,
   `higher_is_better`, `eval_inputs`); it gets `data=` when it takes such a parameter. This runs the
@@ -48,7 +48,7 @@ def load_path(spec: str | Path, data: str | Path | None = None, task: str | None
             raise WorkloadError(f"--model {text}: a file, but not a .gguf; expected {_VALID}")
         if task not in (None, CAUSAL_LM):
             raise WorkloadError(f"--model {text}: a GGUF file holds a causal LM; task '{task}' does not apply")
-        from .loaders import gguf_dir
+        from ..bundled_models import gguf_dir
 
         return load_folder(gguf_dir(path), data, CAUSAL_LM, model_id=f"{path.name} (GGUF, dequantized to fp32)",
                            **options)

@@ -18,52 +18,10 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..core.errors import WorkloadError
+
+# normalize_inputs and flatten_outputs moved to core.modeling (passes use them too); re-exported here
+from ..core.modeling import flatten_outputs, model_device, normalize_inputs, to_device  # noqa: F401
 from .base import Inputs, Metric, batch_digest, vary_inputs
-from .loaders import model_device, to_device
-
-
-def normalize_inputs(example: Any) -> Inputs:
-    """A tensor, a tuple/list of positional args, a dict of kwargs, or an (args, kwargs) pair -> (args, kwargs).
-
-    A 2-item tuple/list counts as (args, kwargs) only when its first item is a tuple/list and its second a dict.
-    """
-    if isinstance(example, dict):
-        return (), dict(example)
-    if isinstance(example, (tuple, list)):
-        if len(example) == 2 and isinstance(example[0], (tuple, list)) and isinstance(example[1], dict):
-            return tuple(example[0]), dict(example[1])
-        return tuple(example), {}
-    return (example,), {}
-
-
-def flatten_outputs(outputs: Any) -> torch.Tensor:
-    """Every tensor in a tensor/tuple/list/dict/ModelOutput, flattened and joined, as float32 on CPU.
-
-    Other objects inside outputs (an HF KV cache, say) are state rather than results and are left out.
-    """
-    parts: list[torch.Tensor] = []
-
-    def visit(obj: Any) -> None:
-        if obj is None:
-            return
-        if isinstance(obj, torch.Tensor):
-            parts.append(obj.detach().reshape(-1).to("cpu", torch.float32))
-        elif isinstance(obj, dict):  # ModelOutput is a dict too; keys in insertion order
-            for value in obj.values():
-                visit(value)
-        elif isinstance(obj, (tuple, list)):
-            for value in obj:
-                visit(value)
-        elif isinstance(obj, (int, float, bool)):
-            parts.append(torch.tensor([float(obj)]))
-        elif hasattr(obj, "__array__"):  # numpy arrays from exported runtimes
-            parts.append(torch.as_tensor(obj).reshape(-1).to(torch.float32))
-        # anything else (e.g. an HF KV cache object) is state, not a result: not scored
-
-    visit(outputs)
-    if not parts:
-        raise WorkloadError(f"generic: the model's outputs ({type(outputs).__name__}) hold no tensors to compare")
-    return torch.cat(parts)
 
 
 class GenericWorkload:

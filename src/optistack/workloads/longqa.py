@@ -10,7 +10,7 @@ How passes reach the prompt and the decode loop (the serving protocol):
   document before the prompt is built (prompt compression); `rest` is the rest of the prompt (chat
   template, instruction, question), sent unchanged, so a compressor can size the whole prompt. The
   instruction and the question are added by the workload afterwards: they are never compressed.
-- generation always goes through `workloads.generation.greedy_decode`, which lets a model supply its
+- generation always goes through `optistack.generation.greedy_decode`, which lets a model supply its
   own decoding strategy (speculative decoding).
 
 `run(model)` is one prefill of the first item's full prompt, without a KV cache. The benchmark times
@@ -32,9 +32,11 @@ from typing import Any, Iterable
 import torch
 
 from ..core.errors import WorkloadError
+from ..core.hooks import PREPARE_CONTEXT_ATTR, PREPARE_MS_ATTR
+from ..core.modeling import model_device, to_device
+from ..generation import greedy_decode, percentile
 from .base import Inputs, Metric
-from .generation import greedy_decode, percentile
-from .loaders import SMOLLM2_ID, count_params, load_smollm2, model_device, to_device
+from .loaders import SMOLLM2_ID, count_params, load_smollm2
 
 FACTS_FILE = Path(__file__).parent / "data" / "longqa_facts.txt"
 INSTRUCTION = "Read the document and answer the question with a few words taken from the document."
@@ -176,7 +178,7 @@ class LongQAWorkload:
     name = "smollm2-qa"
     kind = "causal-lm"
     metric = Metric("accuracy", higher_is_better=True, scale="absolute")
-    rewrites_prompts = True  # asks the model's optistack_prepare_context for the document (see above)
+    rewrites_prompts = True  # core.hooks.REWRITES_PROMPTS_ATTR: asks the model's optistack_prepare_context (see above)
 
     def __init__(self, n_items: int = 16, context_tokens: int = 900, gen_tokens: int = 20,
                  cache_dir: str | None = None, model: Any = None) -> None:
@@ -206,7 +208,7 @@ class LongQAWorkload:
     def prompt_ids(self, model: Any, item: QAItem) -> torch.Tensor:
         """The chat prompt for `item` as 1 x n ids; the model may rewrite the document first."""
         text = self._chat(item.context, item.question)
-        prepare = getattr(model, "optistack_prepare_context", None)
+        prepare = getattr(model, PREPARE_CONTEXT_ATTR, None)
         if callable(prepare):
             text = self._chat(prepare(item.context, item.question, text.replace(item.context, "")), item.question)
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -269,7 +271,7 @@ class LongQAWorkload:
         }
         if energy.joules is not None:
             stats["energy_j_per_1k_tokens"] = energy.joules * 1000.0 / generated
-        prep = getattr(model, "optistack_prepare_ms", None)
+        prep = getattr(model, PREPARE_MS_ATTR, None)
         if callable(prep) and prep() is not None:
             stats["prompt_prepare_ms"] = float(prep())
         return replies, stats

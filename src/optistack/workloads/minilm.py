@@ -19,8 +19,9 @@ from typing import Any, Iterable
 import torch
 
 from ..core.errors import WorkloadError
+from ..core.modeling import model_device, to_device
 from .base import Inputs, Metric
-from .loaders import MINILM_ID, count_params, load_minilm, model_device, to_device
+from .loaders import MINILM_ID, count_params, load_minilm
 
 
 def read_sentences(filename: str) -> list[str]:

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 
 from ...core.errors import PassApplyError
+from ...core.modeling import model_device
 from ...core.pass_protocol import PassContext
-from ...workloads.generation import greedy_decode
+from ...generation import greedy_decode
 
 
 def require_causal_lm(pass_name: str, ctx: PassContext, model: Any) -> None:
@@ -61,7 +62,7 @@ def _input_ids(item: Any) -> torch.Tensor | None:
 def verify_identical(pass_name: str, model: Any, prompts: list[torch.Tensor], new_tokens: int) -> int:
     """Decode every prompt with the model's strategy and with the plain loop; raise naming the first
     prompt and position where they differ. Returns the number of tokens compared."""
-    device = _device(model)
+    device = model_device(model) or torch.device("cpu")
     compared = 0
     for i, prompt in enumerate(prompts):
         prompt = prompt.to(device)
@@ -74,10 +75,3 @@ def verify_identical(pass_name: str, model: Any, prompts: list[torch.Tensor], ne
                                  f"at new token {at} ({int(plain[0, at])} vs {int(changed[0, at])}); refused")
         compared += plain.numel()
     return compared
-
-
-def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration, TypeError):
-        return torch.device("cpu")

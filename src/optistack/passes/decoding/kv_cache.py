@@ -10,7 +10,7 @@
   Not compileable (its cache grows), and slower per step: memory, not speed, is what it buys.
 - `impl=dynamic`: the default transformers `DynamicCache` (useful to undo an earlier choice).
 
-The pass sets the cache factory (`optistack_cache`, see `workloads/generation.py`) on the model: the
+The pass sets the cache factory (`optistack_cache`, see `core/hooks.py` and `generation.py`) on the model: the
 weights are untouched and every decode strategy (plain greedy, `speculative`) uses the chosen cache.
 Generations report the cache's bytes per token (`Generation.kv_bytes_per_token`); the pass's info
 gives the same number computed from the model's shape.
@@ -26,9 +26,9 @@ import torch
 
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
+from ...core.hooks import CACHE_ATTR
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, need_packages
-from ...workloads.generation import CACHE_ATTR
 from .common import require_causal_lm
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ...workloads.generation import cache_kwarg, logits_of
+from ...generation import cache_kwarg, logits_of
 
 
 class PromptLookup:

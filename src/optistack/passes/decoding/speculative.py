@@ -13,7 +13,7 @@ one target forward over k+1 positions, which on a memory-bound decode costs litt
   folder (`draft=/path`), or, without one, a layer-skipping draft built from the target's first
   `draft_layers` layers and its own head (weights shared, no extra memory).
 
-The pass sets the decode strategy (`optistack_decode`, see `workloads/generation.py`), then checks
+The pass sets the decode strategy (`optistack_decode`, see `core/hooks.py` and `generation.py`), then checks
 that strategy against plain greedy decoding on `check_prompts` prompts of `check_tokens` new tokens
 and refuses (the step fails, the model before it is kept) on the first differing token. Batch size 1
 only: larger batches decode plainly.
@@ -29,11 +29,11 @@ import torch
 
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
+from ...core.hooks import CACHE_ATTR, DECODE_ATTR
+from ...core.modeling import unwrap_compiled
 from ...core.pass_protocol import COMPILED, MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, need_packages
-from ...workloads.generation import (
-    CACHE_ATTR,
-    DECODE_ATTR,
+from ...generation import (
     Generation,
     cache_bytes_per_token,
     cache_kwarg,
@@ -86,7 +86,7 @@ class SpeculativeDecoder:
         cache = new_cache(model, input_ids.shape[-1] + max_new_tokens + self.k)
         arg = cache_kwarg(model)
         eager_prefill = getattr(getattr(model, CACHE_ATTR, None), "eager_prefill", False)
-        prefill = getattr(model, "_orig_mod", model) if eager_prefill else model
+        prefill = unwrap_compiled(model) if eager_prefill else model
         sync = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
         seq = input_ids[0]
         step_ms: list[float] = []
@@ -198,7 +198,7 @@ class SpeculativePass(ConfiguredPass):
         if cfg.method == "prompt-lookup":
             proposer: Any = PromptLookup(cfg.max_ngram, cfg.min_ngram)
         else:
-            target = getattr(model, "_orig_mod", model)
+            target = unwrap_compiled(model)
             if cfg.draft is not None:
                 draft = load_draft(cfg.draft, target)
             else:

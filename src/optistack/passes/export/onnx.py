@@ -41,7 +41,7 @@ class OnnxExportConfig(PassConfig):
 
 def example_inputs(ctx: PassContext, who: str) -> tuple[tuple, dict]:
     """(args, kwargs) from the workload's calibration inputs; a PassApplyError if there are none."""
-    from ...workloads.generic import normalize_inputs
+    from ...core.modeling import normalize_inputs
 
     found = ctx.calibration_inputs(1)
     if not found:
@@ -86,7 +86,7 @@ def compare_outputs(ref: Any, got: Any) -> tuple[float, float]:
     """(max abs difference, max abs reference value) over all outputs, or over the first if counts differ."""
     import torch
 
-    from ...workloads.generic import flatten_outputs
+    from ...core.modeling import flatten_outputs
 
     a, b = flatten_outputs(ref), flatten_outputs(got)
     if a.shape != b.shape:

@@ -180,7 +180,7 @@ def _convert(model: Any, args: tuple, kwargs: dict) -> Any:
 def _quantize(ov_model: Any, ctx: PassContext, feed_of: Any, n: int) -> tuple[Any, int]:
     import nncf
 
-    from ...workloads.generic import normalize_inputs
+    from ...core.modeling import normalize_inputs
 
     batches = []
     for item in ctx.calibration_inputs(n):

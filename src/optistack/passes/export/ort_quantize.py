@@ -60,7 +60,7 @@ class _Reader:
     """A CalibrationDataReader over the workload's calibration inputs, fed as the graph wants them."""
 
     def __init__(self, model: Any, inputs: list[Any]) -> None:
-        from ...workloads.generic import normalize_inputs
+        from ...core.modeling import normalize_inputs
 
         self._feeds = [model.feed_arrays(*normalize_inputs(x)) for x in inputs]
         self._it = iter(self._feeds)

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from ...core.config import PassConfig
 from ...core.errors import PassApplyError
+from ...core.modeling import device_type
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
@@ -147,14 +148,6 @@ def _remove_our_hooks(module: Any) -> int:
     return removed
 
 
-def _device_type(model: Any, ctx: PassContext) -> str:
-    import torch
-
-    for p in model.parameters():
-        return p.device.type
-    return torch.device(ctx.device).type
-
-
 class CastPass(ConfiguredPass):
     """Convert weights to bf16/fp16 (`mode=weights`) or run under autocast (`mode=autocast`).
 
@@ -184,7 +177,7 @@ class CastPass(ConfiguredPass):
             model.register_forward_hook(_outputs_to_fp32)
             info["tensors_cast"] = len(floating)
         else:
-            state = _AutocastState(_device_type(model, ctx), dtype)
+            state = _AutocastState(device_type(model, default=ctx.device), dtype)
             enter, leave = (globals().get(n) or __getattr__(n) for n in ("_enter_autocast", "_exit_autocast"))
             model.register_forward_pre_hook(functools.partial(enter, state))
             model.register_forward_hook(functools.partial(leave, state), always_call=True)

@@ -104,7 +104,7 @@ class Pt2eInt8Pass(ConfiguredPass):
         return all_of(need_packages("torchao", extra="quant"))
 
     def _calibration(self, ctx: PassContext) -> list[tuple[tuple, dict]]:
-        from ...workloads.generic import normalize_inputs
+        from ...core.modeling import normalize_inputs
 
         out = []
         for item in ctx.calibration_inputs(self.config.calib_batches):

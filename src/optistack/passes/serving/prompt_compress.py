@@ -9,7 +9,7 @@ ranks by how much each part makes the question likely (LongLLMLingua).
 needs a local checkpoint folder in `model=`, since nothing is downloaded.
 
 The weights do not change: the pass returns the model inside a `CompressedPromptModel`, which the
-workload asks to rewrite the document (`optistack_prepare_context`, see workloads/longqa.py). Only the
+workload asks to rewrite the document (`optistack_prepare_context`, see core/hooks.py). Only the
 document is compressed; the instruction and the question are added afterwards, intact. Compression
 runs once per distinct (document, question) and is cached, as a server would cache the compressed
 form of a document it retrieves often; its cost is reported as `prompt_prepare_ms`.
@@ -29,10 +29,11 @@ import torch
 
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
+from ...core.hooks import rewrites_prompts
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.quiet import quiet_import
 from ...core.requirements import Availability
-from ...workloads.generation import cache_kwarg
+from ...generation import cache_kwarg
 from .offline import offline_available, offline_llmlingua
 
 
@@ -143,7 +144,8 @@ class LinguaCompressor:
 
 
 class CompressedPromptModel(torch.nn.Module):
-    """The model, called exactly as before, plus `optistack_prepare_context` for the workload.
+    """The model, called exactly as before, plus `optistack_prepare_context` for the workload
+    (a `core.hooks.PromptRewriter`).
 
     `forward` delegates to the wrapped model (so perplexity, timing and generation work unchanged);
     other attributes (`config`, `device`, `generate`) are looked up on the wrapped model too.
@@ -218,7 +220,7 @@ class PromptCompressPass(ConfiguredPass):
     def _model_dir(self) -> str:
         if self.config.model:
             return str(Path(self.config.model).expanduser())
-        from ...workloads.loaders import smollm2_dir
+        from ...bundled_models import smollm2_dir
 
         return str(smollm2_dir())
 
@@ -236,6 +238,6 @@ class PromptCompressPass(ConfiguredPass):
         compressor = LinguaCompressor(self.config, model_dir)
         info = {"method": self.config.method, "level": self.config.level, "scorer": Path(model_dir).name,
                 "target": self.config.target_tokens or self.config.rate}
-        if not getattr(ctx.workload, "rewrites_prompts", False):
+        if not rewrites_prompts(ctx.workload):
             info["note"] = "the workload does not call optistack_prepare_context: prompts reach the model unchanged"
         return PassResult(CompressedPromptModel(model, compressor), modified=True, info=info)
