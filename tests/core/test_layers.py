@@ -1,4 +1,5 @@
-"""Layers point one way: core imports nothing above it, and there is one run loop, the core runner's."""
+"""Layers point one way: core imports nothing above it, passes never import workloads, and there is one
+run loop, the core runner's. The checks read the real source files, so a new import across a layer fails here."""
 import ast
 from pathlib import Path
 
@@ -25,6 +26,65 @@ def imported_packages(path: Path) -> set[str]:
             elif node.level >= 2:  # from ..x import y inside optistack/core/
                 found.add(module.split(".")[0] if module else node.names[0].name)
     return found
+
+
+def imported_modules(path: Path, package: str) -> set[str]:
+    """Absolute dotted names a module imports (at any depth in the file), relative imports resolved
+    against `package` (the module's own package, e.g. "optistack.passes.decoding")."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)  # `from .. import workloads`
+    return found
+
+
+def package_of(path: Path) -> str:
+    """The package a module's relative imports start from (for `__init__.py`, its own folder)."""
+    return ".".join(path.relative_to(SRC.parent).parts[:-1])
+
+
+def crosses(modules: set[str], layers: set[str]) -> list[str]:
+    return sorted(m for m in modules if any(m == f"optistack.{x}" or m.startswith(f"optistack.{x}.") for x in layers))
+
+
+def test_passes_never_import_workloads():
+    offenders = {}
+    for path in (SRC / "passes").rglob("*.py"):
+        bad = crosses(imported_modules(path, package_of(path)), {"workloads"})
+        if bad:
+            offenders[path.relative_to(SRC).as_posix()] = bad
+    assert not offenders, f"passes import workloads (use optistack.core.modeling / optistack.generation): {offenders}"
+
+
+def test_core_imports_nothing_above_it_resolved():
+    """The same rule as below, with relative imports resolved exactly (`from .. import x` included)."""
+    offenders = {}
+    for path in (SRC / "core").rglob("*.py"):
+        bad = crosses(imported_modules(path, package_of(path)), ABOVE_CORE | {"generation", "bundled_models"})
+        if bad:
+            offenders[path.relative_to(SRC).as_posix()] = bad
+    assert not offenders, f"core modules import layers above core: {offenders}"
+
+
+def test_the_resolver_sees_every_spelling_of_an_import(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("from ...workloads.generic import normalize_inputs\nfrom ... import workloads\n"
+                 "import optistack.workloads.loaders\ndef f():\n    from ..linears import is_linear\n")
+    found = imported_modules(f, "optistack.passes.quant")
+    assert crosses(found, {"workloads"}) == ["optistack.workloads", "optistack.workloads.generic",
+                                             "optistack.workloads.generic.normalize_inputs",
+                                             "optistack.workloads.loaders"]
+    assert "optistack.passes.linears.is_linear" in found
+    assert not crosses(found, {"bench"})
 
 
 def test_core_imports_nothing_above_it():
