@@ -4,7 +4,6 @@ Shared by activation-aware passes: AWQ scales channels by mean |x|, Wanda scores
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -27,14 +26,6 @@ class ChannelStats:
     def l2(self) -> torch.Tensor:
         """||x_j||_2 over all calibration tokens, as Wanda defines it."""
         return self.sq_sum.sqrt().float()
-
-
-def linear_layers(model: torch.nn.Module, skip: str = "") -> dict[str, torch.nn.Linear]:
-    """Linear layers by the one rule of `passes/linears.py` (nn.Linear and Conv1D) not matching `skip`."""
-    from .linears import is_linear
-
-    pattern = re.compile(skip) if skip else None
-    return {name: m for name, m in model.named_modules() if is_linear(m) and not (pattern and pattern.search(name))}
 
 
 def input_channel_stats(model: torch.nn.Module, batches: Iterable[Any], layers: dict[str, torch.nn.Linear],

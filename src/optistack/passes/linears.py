@@ -124,13 +124,31 @@ class LinearPlan:
         return PassResult(model, modified=False, info={**(info or {}), **self.info(), "reason": self.nothing_reason()})
 
 
+def find_linears(model: Any, skip: str = "", one_per_weight: bool = False) -> dict[str, Any]:
+    """The one way to find linear layers (see the module docstring): by module name, less names in
+    which the regex `skip` is found; `one_per_weight` keeps only the first of layers that share one
+    weight (in-place passes then edit a tied weight once). {} when there is none."""
+    pattern = re.compile(skip) if skip else None
+    seen: set[int] = set()
+    out: dict[str, Any] = {}
+    for name, m in model.named_modules():
+        if not is_linear(m) or (pattern is not None and pattern.search(name)):
+            continue
+        if one_per_weight:
+            if id(m.weight) in seen:
+                continue
+            seen.add(id(m.weight))
+        out[name] = m
+    return out
+
+
 def float_linears(model: Any, pass_name: str) -> dict[str, Any]:
-    """Every linear layer (see the module docstring), by module name; {} when there is none."""
+    """Every linear layer (`find_linears`) of a torch module; a clear error naming the pass otherwise."""
     import torch
 
     if not isinstance(model, torch.nn.Module):
         raise PassApplyError(f"{pass_name}: expected a torch.nn.Module, got {type(model).__name__}")
-    return {n: m for n, m in model.named_modules() if is_linear(m)}
+    return find_linears(model)
 
 
 def choose_linears(linears: dict[str, Any], skip: str, min_features: int = 1) -> tuple[list[str], list[str]]:

@@ -16,13 +16,12 @@ dense kernels use `prune-structured`, which removes whole neurons.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Literal
 
 from ...core.config import PassConfig, check, check_regex
 from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
-from ..linears import is_linear
+from ..linears import find_linears
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,23 +37,6 @@ class MagnitudePruneConfig(PassConfig):
             f"weights set to zero; got {self.sparsity}",
         )
         check_regex("prune-magnitude", "skip", self.skip)
-
-
-def _eligible(model: Any, skip: str) -> list[tuple[str, Any]]:
-    """Linear layers not matching `skip`, one per weight tensor (tied weights are pruned once)."""
-    pattern = re.compile(skip) if skip else None
-    seen: set[int] = set()
-    out = []
-    for name, m in model.named_modules():
-        if not is_linear(m):  # also leaves out quantized / tensor-subclass weights
-            continue
-        if pattern is not None and pattern.search(name):
-            continue
-        if id(m.weight) in seen:
-            continue
-        seen.add(id(m.weight))
-        out.append((name, m))
-    return out
 
 
 def _zero_smallest(weight: Any, k: int) -> None:
@@ -104,7 +86,7 @@ class MagnitudePrunePass(ConfiguredPass):
 
         if not isinstance(model, torch.nn.Module):
             raise PassApplyError(f"{self.name}: expected a torch.nn.Module, got {type(model).__name__}")
-        layers = _eligible(model, self.config.skip)
+        layers = list(find_linears(model, self.config.skip, one_per_weight=True).items())  # tied weights once
         if not layers:
             return PassResult(model, modified=False, info={"linears_pruned": 0, "reason": (
                 f"nothing to change: no nn.Linear or Conv1D layer with float weights outside "

@@ -24,8 +24,8 @@ from ...core.config import PassConfig, check, check_regex
 from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import need_cuda
-from ..linears import features, is_conv1d, weight_rows
-from .wanda import calibration_batches, eligible_linears, prune_with_stats, wanda_scores
+from ..linears import features, find_linears, is_conv1d, weight_rows
+from .wanda import calibration_batches, prune_with_stats, wanda_scores
 
 CPU_SPEED_PATH = "none on CPU: dense kernels, accuracy only"
 
@@ -85,7 +85,7 @@ class SemiStructuredPrunePass(ConfiguredPass):
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
         if not isinstance(model, torch.nn.Module):
             raise PassApplyError(f"{self.name}: expected a torch.nn.Module, got {type(model).__name__}")
-        found = eligible_linears(model, self.config.skip)
+        found = find_linears(model, self.config.skip, one_per_weight=True)
         layers = {n: m for n, m in found.items() if features(m)[0] % 4 == 0}
         if not layers:
             return PassResult(model, modified=False, info={"linears_pruned": 0, "reason": (

@@ -22,7 +22,6 @@ Speed: none on dense kernels (see `prune-magnitude`); `prune-2:4` uses the same 
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Callable
 
 import torch
@@ -31,7 +30,7 @@ from ...core.config import PassConfig, check, check_regex
 from ...core.errors import PassApplyError, PreconditionError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ..calibration import capture_block_inputs, input_channel_stats, with_hidden
-from ..linears import is_linear, weight_rows
+from ..linears import find_linears, weight_rows
 
 # prune(name, linear, l2) edits linear.weight in place; l2 is None when the layer saw no tokens.
 PruneFn = Callable[[str, torch.nn.Linear, "torch.Tensor | None"], None]
@@ -50,19 +49,6 @@ class WandaConfig(PassConfig):
         check_regex("prune-wanda", "skip", self.skip)
 
 
-def eligible_linears(model: torch.nn.Module, skip: str) -> dict[str, torch.nn.Linear]:
-    """Linear layers (nn.Linear, Conv1D) with plain float weights not matching `skip`; a tied weight only once."""
-    pattern = re.compile(skip) if skip else None
-    seen: set[int] = set()
-    out = {}
-    for name, m in model.named_modules():
-        if not is_linear(m) or (pattern is not None and pattern.search(name)) or id(m.weight) in seen:
-            continue
-        seen.add(id(m.weight))
-        out[name] = m
-    return out
-
-
 def wanda_scores(weight: torch.Tensor, l2: torch.Tensor | None) -> torch.Tensor:
     """|W_ij| * ||X_j||_2 in float32 (plain |W| when there are no statistics)."""
     score = weight.detach().abs().float()
@@ -79,7 +65,7 @@ def zero_lowest_per_row(weight: torch.Tensor, score: torch.Tensor, sparsity: flo
 
 
 def calibration_batches(model: torch.nn.Module, ctx: PassContext, n: int, pass_name: str, hint: str = "") -> list:
-    from ...workloads.loaders import model_device, to_device
+    from ...core.modeling import model_device, to_device
 
     batches = ctx.calibration_inputs(n)
     if not batches:
@@ -168,7 +154,7 @@ class WandaPrunePass(ConfiguredPass):
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
         if not isinstance(model, torch.nn.Module):
             raise PassApplyError(f"{self.name}: expected a torch.nn.Module, got {type(model).__name__}")
-        layers = eligible_linears(model, self.config.skip)
+        layers = find_linears(model, self.config.skip, one_per_weight=True)
         if not layers:
             return PassResult(model, modified=False, info={"linears_pruned": 0, "reason": (
                 f"nothing to change: no nn.Linear or Conv1D layer with float weights outside skip={self.config.skip!r}")})
