@@ -55,3 +55,14 @@ def test_pipeline_is_itself_a_pass():
     zeros = (result.model.weight == 0).float().mean().item()
     assert abs(zeros - 0.5) < 0.01
     assert outer.gives == "module" and Pipeline.parse("compile").gives == "compiled"
+
+
+def test_a_nested_pipeline_prints_text_that_parses_back_to_an_equal_pipeline():
+    inner = Pipeline.parse("prune-magnitude{sparsity=0.3},cast{dtype=fp16}")
+    nested = Pipeline([Pipeline.parse("identity"), inner, Pipeline([Pipeline(), Pipeline.parse("compile")])])
+    assert str(nested) == "identity,prune-magnitude{sparsity=0.3},cast{dtype=fp16},compile"
+    assert Pipeline.parse(str(nested)) == nested and repr(nested) == f"Pipeline.parse({str(nested)!r})"
+    assert [p.name for p in nested] == ["identity", "prune-magnitude", "cast", "compile"]  # one flat chain
+    assert len(inner) == 2  # the inner pipeline itself is left as it was
+    with pytest.raises(PipelineParseError, match="'int8-dynamic' cannot run after 'compile'"):
+        Pipeline([Pipeline.parse("compile"), Pipeline.parse("int8-dynamic")])  # forms checked across the seam

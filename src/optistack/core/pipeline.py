@@ -1,8 +1,10 @@
 """`Pipeline`: an ordered list of passes that is itself a pass, with a text form that round-trips.
 
 `Pipeline.parse("int8-dynamic,compile")` builds it; `str(p)` prints text that parses to an equal
-pipeline. Model forms are checked at parse time, so a pass that cannot take what the previous one gives
-is refused with a message naming both, before anything runs.
+pipeline. A pipeline given as one of the passes contributes its passes in place (one flat chain: each
+pass is its own measured step, and the text still parses back). Model forms are checked at parse time,
+so a pass that cannot take what the previous one gives is refused with a message naming both, before
+anything runs.
 """
 from __future__ import annotations
 
@@ -27,12 +29,13 @@ _FORM_WORDS = {"module": "an eager torch module", "compiled": "a torch.compile'd
 
 
 class Pipeline:
-    """A sequence of passes; applying it applies each in order (no measurement: see `run`)."""
+    """A sequence of passes; applying it applies each in order (no measurement: see `run`).
+    `Pipeline([Pipeline.parse("a,b"), c])` is the chain a,b,c."""
 
     name = "pipeline"
 
     def __init__(self, passes: Iterable[Any] = (), start_form: str = MODULE) -> None:
-        self.passes = list(passes)
+        self.passes = _flatten(passes)
         self.start_form = start_form
         self.config = None
         self.preset: str | None = None  # the text as written when it named a preset (`@llm-decode`)
@@ -109,6 +112,13 @@ class Pipeline:
 
     def __iter__(self):
         return iter(self.passes)
+
+
+def _flatten(passes: Iterable[Any]) -> list[Any]:
+    out: list[Any] = []
+    for p in passes:
+        out.extend(_flatten(p.passes) if isinstance(p, Pipeline) else [p])
+    return out
 
 
 def check_forms(passes: Sequence[Any], start_form: str = MODULE) -> None:
