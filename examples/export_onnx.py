@@ -17,6 +17,6 @@ result.report.print()
 
 with tempfile.TemporaryDirectory() as folder:
     result.save(folder)  # the .onnx graph + a manifest with the session options; no pickle
-    loaded = ost.load(folder)
+    loaded = ost.load_model(folder)
     same = torch.equal(wl.run(loaded)[0], wl.run(result.model)[0])
     print(f"reloaded {loaded!r}: identical outputs: {same}")

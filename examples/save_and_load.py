@@ -1,4 +1,4 @@
-"""Save an optimized model once, load it anywhere, and see what `optistack.load` refuses.
+"""Save an optimized model once, load it anywhere, and see what `optistack.load_model` refuses.
 
     python examples/save_and_load.py [out_dir]
 
@@ -31,7 +31,7 @@ manifest = json.loads((out / "optistack.json").read_text())
 print("saved:", sorted(p.name for p in out.iterdir()))
 print("checksums:", {name: entry["sha256"][:12] + "..." for name, entry in manifest["integrity"]["files"].items()})
 
-loaded = ost.load(out)
+loaded = ost.load_model(out)
 with torch.no_grad():
     same = torch.equal(loaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
 print("loaded back bit-identical:", same)
@@ -60,7 +60,7 @@ def name_a_class_that_is_not_a_layer(folder: Path) -> None:
 
 for edit in (flip_a_weight_byte, name_a_class_that_is_not_a_layer):
     try:
-        ost.load(tampered(edit))
+        ost.load_model(tampered(edit))
         print(f"{edit.__name__}: loaded (unexpected)")
     except LoadError as exc:
         print(f"{edit.__name__}: LoadError: {exc}")

@@ -4,6 +4,7 @@
     wl = ost.workloads.load("minilm")
     result = ost.Pipeline.parse("int8-dynamic,compile").run(wl, max_accuracy_drop=0.01)
     result.report
+    result.save("out/"); model = ost.load_model("out/")   # a saved optimized model (not a workload)
 
 Importing is lean: names below are resolved on first use, and nothing imports triton, onnx,
 transformers or touches CUDA until a pass or workload needs it.
@@ -31,7 +32,7 @@ _LAZY = {
     "RunResult": ("optistack.core.run", "RunResult"),
     "optimize": ("optistack.api", "optimize"),
     "list_passes": ("optistack.api", "list_passes"),
-    "load": ("optistack.core.persist", "load_model"),
+    "load_model": ("optistack.core.persist", "load_model"),
     "OptistackError": ("optistack.core.errors", "OptistackError"),
     "PassConfigError": ("optistack.core.errors", "PassConfigError"),
     "PipelineParseError": ("optistack.core.errors", "PipelineParseError"),
@@ -41,6 +42,9 @@ _LAZY = {
 }
 # `search` is a package whose module object is callable: `optistack.search(...)` runs a search.
 _SUBMODULES = {"workloads", "passes", "bench", "core", "search"}
+
+# old name -> new name: still works, warns on use (`ost.load` read like `ost.workloads.load`)
+_DEPRECATED = {"load": "load_model"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES) + ["__version__"]
 
@@ -58,6 +62,13 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(module), attr)
         globals()[name] = value
         return value
+    if name in _DEPRECATED:
+        import warnings
+
+        new = _DEPRECATED[name]
+        warnings.warn(f"optistack.{name} is deprecated: use optistack.{new} (it loads a saved optimized model; "
+                      "optistack.workloads.load builds a workload)", DeprecationWarning, stacklevel=2)
+        return __getattr__(new)
     if name in _SUBMODULES:
         return importlib.import_module(f"optistack.{name}")
     raise AttributeError(f"module 'optistack' has no attribute {name!r}")

@@ -38,7 +38,7 @@ def test_saved_and_loaded_model_gives_bit_identical_logits(tmp_path, pipeline):
     result.save(tmp_path)
     manifest = json.loads((tmp_path / "optistack.json").read_text())
     assert manifest["pipeline"] == str(ost.Pipeline.parse(pipeline))
-    loaded = ost.load(tmp_path)
+    loaded = ost.load_model(tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
     assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in tmp_path.iterdir())
@@ -59,8 +59,8 @@ def test_a_user_module_needs_a_fresh_instance_to_load_into(tmp_path):
     result = ost.optimize(make(), torch.randn(4, 8), "prune-magnitude{sparsity=0.5}", timing=FAST, verbose=False)
     result.save(tmp_path)
     with pytest.raises(OptistackError, match="pass a freshly built instance"):
-        ost.load(tmp_path)
-    loaded = ost.load(tmp_path, model=make())
+        ost.load_model(tmp_path)
+    loaded = ost.load_model(tmp_path, model=make())
     x = torch.randn(3, 8)
     assert torch.equal(loaded(x), result.model(x))
 
@@ -73,4 +73,16 @@ def test_tensor_subclass_weights_are_refused_with_the_reason(tmp_path):
 
 def test_not_a_saved_model_is_a_clear_error(tmp_path):
     with pytest.raises(OptistackError, match="not a model saved by optistack"):
-        ost.load(tmp_path)
+        ost.load_model(tmp_path)
+
+
+def test_load_model_is_the_name_and_load_a_deprecated_alias_that_warns(tmp_path):
+    import optistack.core.persist
+
+    assert ost.load_model is optistack.core.persist.load_model and "load" not in dir(ost) and "load_model" in dir(ost)
+    with pytest.warns(DeprecationWarning, match=r"optistack\.load is deprecated: use optistack\.load_model .*workload"):
+        old = ost.load
+    assert old is ost.load_model
+    with pytest.warns(DeprecationWarning):  # every use warns, not only the first
+        with pytest.raises(OptistackError):
+            ost.load(tmp_path)

@@ -1,4 +1,4 @@
-"""Property: whatever is done to a saved folder, `optistack.load` either rebuilds the same model or
+"""Property: whatever is done to a saved folder, `optistack.load_model` either rebuilds the same model or
 raises one LoadError — never another exception, never a file written anywhere, never a process, a
 socket, or code compiled from a string.
 

@@ -138,7 +138,7 @@ def test_applied_pass_saves_and_loads_back(arch, text, tmp_path):
     except ost.OptistackError as exc:  # a result that cannot be saved says why, in one line
         assert str(exc).strip() and "\n" not in str(exc).strip(), repr(str(exc))
         return
-    loaded = ost.load(folder, model=_fresh(arch))
+    loaded = ost.load_model(folder, model=_fresh(arch))
     for batch in batches:
         got, want = call(loaded, batch), call(result.model, batch)
         assert rel_error(got, want) <= 1e-5, f"{arch} {text}: loaded model gives other outputs"
@@ -149,7 +149,7 @@ def test_applied_pass_saves_and_loads_back(arch, text, tmp_path):
         data[len(data) // 2] ^= 0x01
         weights.write_bytes(bytes(data))
         with pytest.raises(ost.OptistackError) as excinfo:
-            ost.load(folder, model=_fresh(arch))
+            ost.load_model(folder, model=_fresh(arch))
         from optistack.core.errors import LoadError
 
         assert isinstance(excinfo.value, LoadError), type(excinfo.value)

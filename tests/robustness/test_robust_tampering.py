@@ -83,7 +83,7 @@ def test_tampered_folder_is_one_load_error(case, saved, tmp_path):
     tamper(copy)
     listing = sorted(p.name for p in tmp_path.rglob("*"))
     with pytest.raises(Exception) as excinfo:
-        ost.load(copy, model=_mlp())
+        ost.load_model(copy, model=_mlp())
     assert isinstance(excinfo.value, LoadError), f"raw {type(excinfo.value).__name__}: {excinfo.value}"
     msg = str(excinfo.value).strip()
     assert msg and "\n" not in msg, repr(msg)
@@ -93,7 +93,7 @@ def test_tampered_folder_is_one_load_error(case, saved, tmp_path):
 
 def test_untouched_folder_loads_back_with_the_same_outputs(saved):
     result, folder = saved
-    loaded = ost.load(folder, model=_mlp())
+    loaded = ost.load_model(folder, model=_mlp())
     assert rel_error(call(loaded, X), call(result.model, X)) == 0.0
 
 
@@ -102,12 +102,12 @@ def test_unlisted_extra_file_is_never_read(saved, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
     (copy / "evil.py").write_text("raise SystemExit('ran code from a saved folder')\n", encoding="utf-8")
-    loaded = ost.load(copy, model=_mlp())
+    loaded = ost.load_model(copy, model=_mlp())
     assert rel_error(call(loaded, X), call(result.model, X)) == 0.0
 
 
 def test_load_into_the_wrong_model_is_one_load_error(saved):
     _, folder = saved
     with pytest.raises(LoadError) as excinfo:
-        ost.load(folder, model=nn.Sequential(nn.Linear(3, 3)))
+        ost.load_model(folder, model=nn.Sequential(nn.Linear(3, 3)))
     assert "\n" not in str(excinfo.value).strip()

@@ -1,4 +1,4 @@
-"""`optistack.load`: rebuild a saved model, trusting nothing in the folder (docs/saving-and-loading.md).
+"""`optistack.load_model`: rebuild a saved model, trusting nothing in the folder (docs/saving-and-loading.md).
 
 Checksums first (checksums.py), then only classes, spec keys and options named in load_registry.py,
 then the weights checked against the model built on the meta device (load_tensors.py) before anything
@@ -137,7 +137,7 @@ def _load_module(manifest: dict[str, Any], files: dict[str, Path], model: torch.
     if model is None:
         if base["library"] != "transformers":
             raise LoadError(f"this model was saved from a user module ({short(base['class'])}); "
-                            "pass a freshly built instance: optistack.load(path, model=MyModel(...))")
+                            "pass a freshly built instance: optistack.load_model(path, model=MyModel(...))")
         cls = transformers_class(base["class"], "base.class")
         config = check_config(cls, base.get("config"), "base.config")
 

@@ -82,7 +82,7 @@ def test_exported_then_quantized_model_saves_and_loads_with_same_outputs(workloa
     result = ost.Pipeline.parse(pipeline).run(workload, verbose=False, timing=QUICK)
     assert [s.status for s in result.report.steps] == ["applied"] * 3
     folder = result.save(tmp_path / "saved")
-    loaded = ost.load(folder)
+    loaded = ost.load_model(folder)
     _, kwargs = workload.inputs
     assert torch.equal(loaded(**kwargs)[0], result.model(**kwargs)[0])
     assert loaded.intra_op_threads == 1 and loaded.session.get_session_options().intra_op_num_threads == 1
