@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 from search_helpers import FAST
 
@@ -69,3 +70,15 @@ def test_a_trial_resumes_from_the_cached_prefix_under_the_lock(tiny_workload):
     finally:
         unregister_pass(CountingPrune.name)
         unregister_pass(Poison.name)
+
+
+def test_the_timing_lock_names_and_the_old_gate_names_that_warn():
+    from optistack.search import ray_executor, trial
+
+    assert not [name for name in (*vars(trial), *vars(ray_executor)) if "gate" in name.lower() and name != "GateInstrument"]
+    for module, old, new in [(trial, "NoGate", "NoLock"), (ray_executor, "GateActor", "TimingLockActor"),
+                             (ray_executor, "RayGate", "RayTimingLock"), (ray_executor, "GATE_NAME", "LOCK_NAME")]:
+        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated: use {new}"):
+            assert getattr(module, old) is getattr(module, new)
+    with pytest.raises(AttributeError):
+        trial.NoSuchLock

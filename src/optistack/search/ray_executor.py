@@ -103,7 +103,18 @@ class RayTimingLock:
                 self._shared = True
 
 
-GateActor, RayGate, GATE_NAME = TimingLockActor, RayTimingLock, LOCK_NAME  # names before the rename
+# names from before the timing lock was called a lock: they warn
+_RENAMED = {"GateActor": "TimingLockActor", "RayGate": "RayTimingLock", "GATE_NAME": "LOCK_NAME"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RENAMED:
+        import warnings
+
+        warnings.warn(f"{__name__}.{name} is deprecated: use {_RENAMED[name]} (a timing lock, not a gate)",
+                      DeprecationWarning, stacklevel=2)
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class TrialWorker:

@@ -37,7 +37,15 @@ class NoLock:
         return contextlib.nullcontext()
 
 
-NoGate = NoLock  # the name before the timing lock was called a lock
+_RENAMED = {"NoGate": "NoLock"}  # names from before the timing lock was called a lock: they warn
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RENAMED:
+        warnings.warn(f"{__name__}.{name} is deprecated: use {_RENAMED[name]} (a timing lock, not a gate)",
+                      DeprecationWarning, stacklevel=2)
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_workload(spec: Any) -> Any:
