@@ -168,7 +168,8 @@ def test_a_real_but_not_allowed_replacement_class_is_refused(llama_folder, tmp_p
             "is not a class optistack loads")
 
 
-@pytest.mark.parametrize("name", CLASS_NAMES + ["optistack.passes.quant.int4:Int4Linear"])
+@pytest.mark.parametrize("name", CLASS_NAMES + ["optistack.passes.quant.int4:Int4Linear",
+                                                "optistack.passes.quant.int4_linear:Int4Linear"])
 def test_a_real_but_not_allowed_runtime_class_is_refused(ort_folder, tmp_path, name):
     folder = tampered(ort_folder, tmp_path, lambda m, d: m["runtime"].__setitem__("class", name))
     refused(folder, tmp_path, "runtime.class", "is not a class optistack loads")

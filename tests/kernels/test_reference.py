@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from optistack.kernels import reference as ref
-from optistack.passes.quant.int4 import DEQUANT, Int4Linear
+from optistack.passes.quant.int4_linear import DEQUANT, Int4Linear
 
 
 def test_rms_norm_matches_llama_rmsnorm_fp32():

@@ -92,7 +92,8 @@ MODULES: dict[str, Loadable] = {
                                 lambda cls, s: cls(s["in_features"], s["out_features"], bias=s["bias"])),
     "transformers.pytorch_utils:Conv1D": Loadable("transformers.pytorch_utils", "Conv1D", _CONV1D, _all(_CONV1D),
                                                   lambda cls, s: cls(s["nf"], s["nx"])),
-    "optistack.passes.quant.int4:Int4Linear": Loadable("optistack.passes.quant.int4", "Int4Linear", _INT4, _all(_INT4)),
+    "optistack.passes.quant.int4_linear:Int4Linear": Loadable(
+        "optistack.passes.quant.int4_linear", "Int4Linear", _INT4, _all(_INT4)),
     "optistack.passes.quant.fp8:Fp8Linear": Loadable("optistack.passes.quant.fp8", "Fp8Linear", _FP8, _all(_FP8)),
     "optistack.passes.quant.head:Int8Linear": Loadable("optistack.passes.quant.head", "Int8Linear", _LINEAR, _all(_LINEAR)),
     "optistack.kernels.modules:FusedRMSNorm": Loadable(
@@ -105,6 +106,9 @@ MODULES: dict[str, Loadable] = {
 # Folders saved before the kernels left `passes/` name the fused modules by their old path.
 MODULES.update({f"optistack.passes.kernels.modules:{name}": MODULES[f"optistack.kernels.modules:{name}"]
                 for name in ("FusedRMSNorm", "FusedInt4Linear", "FusedGatedMLP")})
+# Folders saved before `quant/int4.py` was renamed `int4_linear.py` name Int4Linear by its old path; it
+# loads from the new module (the old one is a deprecated alias that is never imported here).
+MODULES["optistack.passes.quant.int4:Int4Linear"] = MODULES["optistack.passes.quant.int4_linear:Int4Linear"]
 
 
 def _onnx_references(path: Any, name: str) -> list[str]:
@@ -211,7 +215,7 @@ def registered(table: Mapping[str, Any], obj: Any) -> str | None:
 def lookup(table: Mapping[str, Any], name: Any, where: str) -> Any:
     """The entry registered under exactly `name`; anything else is refused by name."""
     if type(name) is not str or name not in table:
-        allowed = ", ".join(sorted(e.attr for e in table.values()))
+        allowed = ", ".join(sorted({e.attr for e in table.values()}))
         raise LoadError(f"{where}: {short(name)} is not a class optistack loads (allowed: {allowed}; "
                         "exact names in optistack/core/load_registry.py)")
     return table[name]

@@ -10,7 +10,7 @@ from optistack.core.pass_protocol import PassContext
 from optistack.kernels import cpu
 from optistack.kernels.modules import FusedGatedMLP, FusedInt4Linear, FusedRMSNorm
 from optistack.passes.kernels.fuse import FuseKernelsPass
-from optistack.passes.quant.int4 import Int4Linear
+from optistack.passes.quant.int4_linear import Int4Linear
 from tests.tiny_models import tiny_llama
 
 needs_cpp = pytest.mark.skipif(not cpu.available(), reason=f"cpu-cpp unavailable: {cpu.available().reason}")

@@ -11,7 +11,7 @@ from optistack.core.errors import PassConfigError
 from optistack.core.pass_protocol import PassContext
 from optistack.core.syntax import parse_pipeline_text
 from optistack.passes.quant.head import Int8Linear, find_head, quantize_head
-from optistack.passes.quant.int4 import Int4Linear
+from optistack.passes.quant.int4_linear import Int4Linear
 from optistack.passes.quant.rtn import RtnInt4Pass
 from optistack.testing import sqnr, tiny_llama
 

@@ -101,7 +101,7 @@ def _is_silu(act: Any) -> bool:
 
 def gated_mlp_kind(m: nn.Module) -> str | None:
     """"float" / "int4" when `m` is a SiLU-gated MLP whose gate and up can be concatenated, else None."""
-    from ..quant.int4 import Int4Linear
+    from ..quant.int4_linear import Int4Linear
 
     gate, up, down = (getattr(m, a, None) for a in ("gate_proj", "up_proj", "down_proj"))
     if gate is None or up is None or down is None or not _is_silu(getattr(m, "act_fn", None)):
@@ -162,7 +162,7 @@ def fused_mlp(m: nn.Module, kind: str, backend: str) -> FusedGatedMLP:
 
 def int4_linear_type() -> type | None:
     try:
-        from ..quant.int4 import Int4Linear
+        from ..quant.int4_linear import Int4Linear
     except ImportError:
         return None
     return Int4Linear

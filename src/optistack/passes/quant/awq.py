@@ -119,7 +119,7 @@ class AwqPass(ConfiguredPass):
         from .awq_mappings import find_mapping, resolve_groups
         from .awq_search import Quantizer, ScaleGroup, awq_layer
         from .head import quantize_head
-        from .int4 import choose_kernel, param_dtype_for
+        from .int4_linear import choose_kernel, param_dtype_for
 
         start = time.perf_counter()
         cfg = self.config

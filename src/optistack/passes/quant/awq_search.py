@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..calibration import input_channel_stats
-from .int4 import fake_quantize, fake_quantize_groups, pad_to_groups, qparams
+from .int4_linear import fake_quantize, fake_quantize_groups, pad_to_groups, qparams
 
 SEARCH_CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6)
 FINAL_CLIP_RATIOS = tuple(1 - i / 20 for i in range(10))

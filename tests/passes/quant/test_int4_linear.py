@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from optistack.bench.memory import model_bytes
-from optistack.passes.quant.int4 import (
+from optistack.passes.quant.int4_linear import (
     CPU_KERNEL,
     CUDA_KERNEL,
     DEQUANT,
@@ -221,7 +221,7 @@ def test_int8_head_linear_weight_is_dequantized_and_read_only():
 def test_float_zero_grid_is_never_worse_than_the_integer_one(k, group):
     """zero_point="float" keeps each group's own offset: every weight within half a step (no extra
     clipping at the extremes), and a lower total error than the whole-step grid."""
-    from optistack.passes.quant.int4 import FLOAT_ZERO
+    from optistack.passes.quant.int4_linear import FLOAT_ZERO
 
     torch.manual_seed(3)
     w = torch.randn(48, k) * torch.rand(48, 1) * 3 + torch.rand(48, 1)  # off-centre groups
@@ -241,3 +241,42 @@ def test_zero_grid_option_reaches_the_quantizer():
     assert p.config.zero_mode == "float" and str(p) == "rtn-int4{zero_grid=float}"
     assert Pipeline.parse("rtn-int4").passes[0].config.zero_mode is True
     assert Pipeline.parse("rtn-int4{zero_point=false,zero_grid=float}").passes[0].config.zero_mode is False
+
+
+def test_the_old_module_path_is_a_deprecated_alias_that_warns():
+    import importlib
+    import sys
+
+    import optistack.passes.quant as quant_pkg
+
+    sys.modules.pop("optistack.passes.quant.int4", None)
+    quant_pkg.__dict__.pop("int4", None)
+    with pytest.warns(DeprecationWarning, match="int4_linear"):
+        old = importlib.import_module("optistack.passes.quant.int4")
+    assert old.Int4Linear is Int4Linear and old.quantize is quantize
+
+
+def test_a_folder_saved_under_the_old_class_path_still_loads(tmp_path):
+    """New saves name `int4_linear:Int4Linear`; a manifest naming the old `int4:Int4Linear` loads too."""
+    import json
+
+    import optistack as ost
+    from optistack.core.checksums import write_manifest
+    from optistack.core.persist import load_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    x = torch.randn(2, 64)
+    result = ost.Pipeline.parse("rtn-int4{group_size=32}").run(
+        ost.workloads.GenericWorkload(model, x), instruments=[], verbose=False)
+    result.save(tmp_path)
+    manifest = json.loads((tmp_path / "optistack.json").read_text())
+    assert {e["class"] for e in manifest["replaced"].values()} == {"optistack.passes.quant.int4_linear:Int4Linear"}
+    for entry in manifest["replaced"].values():
+        entry["class"] = "optistack.passes.quant.int4:Int4Linear"
+    files = list(manifest.pop("integrity")["files"])
+    write_manifest(tmp_path, manifest, files)
+    fresh = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    loaded = load_model(tmp_path, model=fresh)
+    assert type(loaded[0]) is Int4Linear
+    assert torch.equal(loaded(x), result.model(x))
