@@ -94,6 +94,10 @@ def test_the_report_carries_the_noise_floor_and_how_it_was_measured():
     assert nf["reference"] == "a deep copy of the original" and nf["rounds"] >= FAST.min_rounds
     assert nf["floor"] >= 0 and len(nf["aa_speedup"]["ci95"]) == 2
     assert result.report.timing["noise_floor"] == nf["floor"]
+    assert result.report.timing["block"] == FAST.block and "blocks of" in result.report.timing["method"]
+    step, base = result.report.steps[0], result.report.baseline
+    assert step.latency_ms["n"] >= FAST.min_rounds * (FAST.block - 1)  # every steady call, the first of a block apart
+    assert step.latency_ms["first_call_after_switch_ms"] > 0 and base["latency_ms"]["first_call_after_switch_ms"] > 0
     d = result.report.to_dict()
     assert d["steps"][0]["speedup"]["verdict"] in ("faster", "slower", NO_CHANGE)
 

@@ -10,7 +10,7 @@ from optistack.bench.timer import TimingConfig, interleaved, round_orders, round
 def test_every_callable_is_timed_each_round_and_a_loose_target_stops_at_min_rounds():
     calls = []
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    cfg = TimingConfig(warmup=1, min_rounds=5, max_rounds=50, max_seconds=5, target_half_width=10.0)
+    cfg = TimingConfig(warmup=1, min_rounds=5, max_rounds=50, max_seconds=5, target_half_width=10.0, block=1)
     samples = interleaved(fns, cfg, compare=("a", "b"))
     assert len(samples["a"]) == len(samples["b"]) == 5
     assert sorted(calls[:2]) == ["a", "b"]  # warm-up is interleaved too: both warmed alike
@@ -37,7 +37,7 @@ def test_each_round_gets_a_fresh_batch_shared_by_every_callable():
         return made[-1]
 
     fns = {"a": lambda x: seen["a"].append(x), "b": lambda x: seen["b"].append(x)}
-    interleaved(fns, TimingConfig(warmup=2, min_rounds=4, max_rounds=4), batches=batches)
+    interleaved(fns, TimingConfig(warmup=2, min_rounds=4, max_rounds=4, block=1), batches=batches)
     assert made == list(range(6))  # 2 warm-up rounds + 4 timed rounds, one batch each
     assert seen["a"] == seen["b"] == list(range(6))
 

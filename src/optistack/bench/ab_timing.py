@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .stats import Speedup, noise_floor, paired_speedup, summarize
-from .timer import TimingConfig, interleaved
+from .timer import Samples, TimingConfig, interleaved
 
 _INDICES = itertools.count(1)  # process-wide: a model kept from an earlier run or trial never sees a batch again
 
@@ -105,15 +105,15 @@ def reference_copy(model: Any, size_bytes: int, device: str = "cpu") -> tuple[An
 
 
 def measure_noise_floor(run_original: Callable[[Any], Any], run_reference: Callable[[Any], Any],
-                        cfg: TimingConfig, device: str, batches: BatchStream) -> tuple[dict[str, Any], list[float]]:
-    """A/A timing of the original against its reference copy: (report entry, the reference's samples)."""
+                        cfg: TimingConfig, device: str, batches: BatchStream) -> tuple[dict[str, Any], Samples]:
+    """A/A timing of the original against its reference copy: (report entry, the samples of both)."""
     samples = interleaved({"original": run_original, "reference": run_reference}, cfg, device,
                           compare=("original", "reference"), batches=batches)
     aa: Speedup = paired_speedup(samples["original"], samples["reference"])
     floor = noise_floor(aa)
     entry = {"aa_speedup": aa.to_dict(), "floor": floor, "rounds": len(samples["reference"]),
              "cv": summarize(samples["reference"]).cv}
-    return entry, samples["reference"]
+    return entry, samples
 
 
 _REFERENCES: "weakref.WeakKeyDictionary[Any, tuple[Any, Any, str]]" = weakref.WeakKeyDictionary()

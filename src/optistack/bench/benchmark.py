@@ -1,7 +1,8 @@
 """The benchmark instrument: times each pass A/B against the model before it and scores its accuracy.
 
 Per step: first call (compile time included) -> accuracy vs the original's -> interleaved timing of
-original / previous / candidate -> peak memory, model bytes, workload extras. Timing stands on
+original / previous / candidate, in short blocks of consecutive calls whose first call (right after a
+switch of model) is reported apart -> peak memory, model bytes, workload extras. Timing stands on
 `bench.ab_timing`: a fresh batch per round (never scored data), "original" timed as a deep copy of it,
 and the run's A/A noise floor, measured before the pipeline, inside which a change reads "no
 measurable change". It measures and never
@@ -20,8 +21,8 @@ from .ab_timing import caller, measure_noise_floor, timing_context
 from .gate import all_finite, score_keys
 from .memory import model_bytes, peak_memory
 from .report import Accuracy
-from .stats import paired_speedup, summarize, verdict
-from .timer import TimingConfig, interleaved, time_call
+from .stats import paired_speedup, verdict
+from .timer import TimingConfig, interleaved, latency_summary, time_call
 
 
 class BenchmarkInstrument:
@@ -65,12 +66,14 @@ class BenchmarkInstrument:
         if self.timing.noise_floor:
             noise, samples = measure_noise_floor(caller(wl, model), caller(wl, tc.reference), self.timing,
                                                  device, tc.batches)
+            name = "reference"
             noise["reference"] = tc.reference_how
             tc.floor = noise["floor"]
         else:
-            samples = interleaved({"original": caller(wl, model)}, self.timing, device, batches=tc.batches)["original"]
+            samples = interleaved({"original": caller(wl, model)}, self.timing, device, batches=tc.batches)
+            name = "original"
         state.report.baseline = {
-            "latency_ms": summarize(samples).to_dict(),
+            "latency_ms": latency_summary(samples, name),
             "accuracy": {**accuracy, "metric": wl.metric.name, "higher_is_better": wl.metric.higher_is_better,
                          "scale": wl.metric.scale},
             "model_bytes": model_bytes(model),
@@ -82,10 +85,13 @@ class BenchmarkInstrument:
         state.report.timing = {"warmup": self.timing.warmup, "min_rounds": self.timing.min_rounds,
                                "max_rounds": self.timing.max_rounds, "max_seconds": self.timing.max_seconds,
                                "target_half_width": self.timing.target_half_width,
-                               "method": "interleaved A/B in shuffled balanced orders, paired bootstrap",
+                               "block": self.timing.block,
+                               "method": (f"interleaved A/B in shuffled balanced orders, blocks of {self.timing.block} "
+                                          "consecutive calls per model (the first, after a switch, reported apart), "
+                                          "paired bootstrap"),
                                "batches": tc.batches.describe(), "reference": tc.reference_how,
                                "noise_floor": tc.floor}
-        state.scratch["samples"] = {"original": samples}
+        state.scratch["samples"] = {"original": samples[name]}
 
     def after_pass(self, p: Any, step: Any, candidate: Any, state: Any) -> None:
         wl, device, metric = state.workload, state.ctx.device, state.workload.metric
@@ -114,7 +120,7 @@ class BenchmarkInstrument:
                 step.extra = wl.extra_measurements(candidate)
 
     def _time(self, step: Any, candidate: Any, state: Any) -> None:
-        """Interleaved original (its reference copy) / previous / candidate, a fresh batch per round."""
+        """Interleaved original (its reference copy) / previous / candidate, in blocks, a fresh batch per call."""
         wl, tc = state.workload, timing_context(state, self.timing)
         fns = {"original": caller(wl, tc.reference)}
         if state.current is not state.original:
@@ -123,7 +129,7 @@ class BenchmarkInstrument:
         baseline = "previous" if "previous" in fns else "original"
         samples = interleaved(fns, self.timing, state.ctx.device, compare=(baseline, "candidate"),
                               batches=tc.batches, seed=len(state.report.steps))
-        step.latency_ms = summarize(samples["candidate"]).to_dict()
+        step.latency_ms = latency_summary(samples, "candidate")
         sp = paired_speedup(samples[baseline], samples["candidate"])
         step.speedup = sp.to_dict() | {"verdict": verdict(sp, tc.floor), "noise_floor": tc.floor}
         cumulative = paired_speedup(samples["original"], samples["candidate"])

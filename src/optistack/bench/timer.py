@@ -1,12 +1,20 @@
-"""Interleaved timing of several callables, so drift of the machine hits all of them alike.
+"""Interleaved timing of several callables in short blocks, so drift of the machine hits all of them alike.
 
-Rounds follow a balanced, shuffled order: every block of rounds runs each permutation of the callables
+Rounds follow a balanced, shuffled order: every cycle of rounds runs each permutation of the callables
 once (AB/BA for two, all six orders for three), so no callable always runs first, last, or right after
 the same neighbour (whose cache footprint or frequency state it would inherit). Warm-up is interleaved
 the same way, so every callable is warmed alike.
 
-With `batches`, every round gets a fresh input batch (made before the round, never timed) and every
-callable in the round is called with it: a model that caches outputs for repeated inputs gains nothing.
+In a round each callable gets a *block* of `TimingConfig.block` consecutive calls. The first call of a
+block pays for the switch from the other model (its weights, packed buffers and the matrix unit's state
+were displaced: on an AMX Xeon a bf16 model's first call after an fp32 one is ~10% slower), so it is
+kept apart (`Samples.first_after_switch`); the round's sample is the median of the calls after it, the
+steady state a deployed model, running alone, sees. `block=1` is call-by-call interleaving (every
+sample is a first call after a switch).
+
+With `batches`, every call of a round gets a fresh input batch (made before the round, never timed);
+every callable in the round runs the same batches in the same order, and no batch is ever timed twice
+on one callable: a model that caches outputs for repeated inputs gains nothing.
 
 Sampling follows the noise: after `min_rounds`, it stops once the speedup CI of the compared pair is
 tighter than `target_half_width` *and* the rounds are enough for the pair's measured spread (noisier
@@ -25,7 +33,9 @@ from typing import Any, Callable
 import numpy as np
 
 from ..core.errors import OptistackError
-from .stats import paired_speedup
+from .stats import paired_speedup, summarize
+
+MAX_BLOCK = 64
 
 
 class TimingConfigError(OptistackError, ValueError):
@@ -40,8 +50,15 @@ class TimingConfig:
     max_seconds: float = 30.0
     target_half_width: float = 0.02
     noise_floor: bool = True  # A/A of the original against a copy before the pipeline (see instrument)
+    block: int = 3  # consecutive calls of one model per round; the first (after a switch) is kept apart
 
     def __post_init__(self) -> None:
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or not 1 <= self.block <= MAX_BLOCK:
+            raise TimingConfigError(
+                f"TimingConfig needs block to be a whole number from 1 to {MAX_BLOCK} (consecutive calls of one "
+                f"model per round; 1 interleaves call by call, 3 times two steady calls after each switch); "
+                f"got {self.block!r}"
+            )
         if self.warmup < 0 or self.min_rounds < 3 or self.max_rounds < self.min_rounds or self.max_seconds <= 0:
             raise TimingConfigError(
                 "TimingConfig needs warmup >= 0, min_rounds >= 3, max_rounds >= min_rounds, max_seconds > 0; "
@@ -95,30 +112,51 @@ def rounds_for_noise(baseline_ms: list[float], candidate_ms: list[float], target
     return math.ceil((1.96 * 1.25 * spread / target_half_width) ** 2)
 
 
+class Samples(dict):
+    """name -> one steady-state sample per round in ms (the median of the block's calls after its first),
+    which is what paired speedups compare. Also kept: `calls` (every steady call, for latency summaries)
+    and `first_after_switch` (a block's first call when the callable before it was another one)."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__({name: [] for name in names})
+        self.calls: dict[str, list[float]] = {name: [] for name in names}
+        self.first_after_switch: dict[str, list[float]] = {name: [] for name in names}
+
+    def record(self, name: str, block_ms: list[float], after_switch: bool) -> None:
+        steady = block_ms[1:] or block_ms  # block=1: the only call is the sample
+        self[name].append(float(np.median(steady)))
+        self.calls[name].extend(steady)
+        if after_switch:
+            self.first_after_switch[name].append(block_ms[0])
+
+
 def interleaved(fns: dict[str, Callable[..., Any]], cfg: TimingConfig, device: str = "cpu",
                 compare: tuple[str, str] | None = None,
-                batches: Callable[[], Any] | None = None, seed: int = 0) -> dict[str, list[float]]:
-    """Time every callable once per round in a balanced order; returns samples in ms per name.
+                batches: Callable[[], Any] | None = None, seed: int = 0) -> Samples:
+    """Time every callable in a block of `cfg.block` calls per round, in a balanced order; returns
+    `Samples` (a dict of per-round samples in ms per name).
 
     `compare=(baseline, candidate)` names the pair whose CI decides early stopping. With `batches`
-    (a function returning a fresh batch per call), each callable is called as `fn(batch)` with the
-    round's batch; without it, as `fn()`.
+    (a function returning a fresh batch per call), each callable is called as `fn(batch)`, every
+    callable of a round on the same `cfg.block` batches; without it, as `fn()`.
     """
     names = list(fns)
     orders = round_orders(names, seed)
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples = Samples(names)
+    last: list[str | None] = [None]  # the callable timed last, across rounds: was a block's first call a switch?
 
     def one_round(record: bool) -> None:
         order = next(orders)
         if batches is None:
-            calls = {n: fns[n] for n in order}
+            args: list[tuple[Any, ...]] = [()] * cfg.block
         else:
-            batch = batches()  # made before the round: not timed
-            calls = {n: (lambda f=fns[n]: f(batch)) for n in order}
+            args = [(batches(),) for _ in range(cfg.block)]  # made before the round: not timed
         for name in order:
-            ms = time_call(calls[name], device)
+            fn = fns[name]
+            block_ms = [time_call(lambda a=a: fn(*a), device) for a in args]
             if record:
-                samples[name].append(ms)
+                samples.record(name, block_ms, after_switch=last[0] not in (None, name))
+            last[0] = name
         gc.collect(0)  # the youngest generation only: cheap, and outside every timed call
 
     gc_was_enabled = gc.isenabled()
@@ -143,3 +181,11 @@ def interleaved(fns: dict[str, Callable[..., Any]], cfg: TimingConfig, device: s
         if gc_was_enabled:
             gc.enable()
     return samples
+
+
+def latency_summary(samples: Samples, name: str) -> dict[str, Any]:
+    """The report's `latency_ms` of one callable: every steady call summarized, plus the median first
+    call after a switch (None when it never followed another callable)."""
+    first = samples.first_after_switch[name]
+    return summarize(samples.calls[name]).to_dict() | {
+        "first_call_after_switch_ms": float(np.median(first)) if first else None}
