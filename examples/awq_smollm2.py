@@ -32,7 +32,7 @@ print(f"decode {base['extra']['tokens_per_s']:.1f} -> {step.extra['tokens_per_s'
 # The quantized model is called like the original: here, a short greedy continuation.
 import torch  # noqa: E402
 
-from optistack.workloads.generation import greedy_decode  # noqa: E402
+from optistack.generation import greedy_decode  # noqa: E402
 
 prompt = wl.tokenizer("The with statement is used to", return_tensors="pt")["input_ids"]
 tokens = greedy_decode(result.model, prompt, 20).tokens

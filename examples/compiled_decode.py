@@ -21,7 +21,7 @@ import torch
 import optistack as ost
 from optistack.core.pass_protocol import PassContext
 from optistack.core.pipeline import Pipeline
-from optistack.workloads.generation import greedy_decode
+from optistack.generation import greedy_decode
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--tokens", type=int, default=64)

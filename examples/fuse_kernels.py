@@ -12,7 +12,7 @@ import copy
 
 import optistack as ost
 from optistack.core.pass_protocol import PassContext
-from optistack.workloads.generation import greedy_decode
+from optistack.generation import greedy_decode
 
 wl = ost.workloads.load("smollm2", ppl_chunks=1)
 int4 = ost.Pipeline.parse("rtn-int4").apply(copy.deepcopy(wl.model), PassContext(workload=wl)).model

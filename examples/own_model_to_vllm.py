@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     if args.model is None:
-        from optistack.workloads.loaders import smollm2_dir
+        from optistack.bundled_models import smollm2_dir
 
         args.model = str(smollm2_dir())  # the bundled model as a plain folder, like yours would be
     workload = ost.workloads.load(args.model, data=args.data)  # the task comes from config.json

@@ -16,8 +16,8 @@ import torch
 
 import optistack as ost
 from optistack.core.pass_protocol import PassContext
+from optistack.generation import greedy_decode
 from optistack.passes.decoding.speculative import SpeculativePass
-from optistack.workloads.generation import greedy_decode
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--method", default="prompt-lookup", choices=("prompt-lookup", "draft"))

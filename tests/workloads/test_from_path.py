@@ -189,7 +189,7 @@ def test_cli_bad_model_path_exits_2(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bundled_gguf_path_works_like_the_smollm2_workload():
-    from optistack.workloads.loaders import smollm2_gguf
+    from optistack.bundled_models import smollm2_gguf
 
     by_path = load(str(smollm2_gguf()))
     by_name = load("smollm2")
@@ -200,7 +200,7 @@ def test_bundled_gguf_path_works_like_the_smollm2_workload():
 
 @pytest.mark.slow
 def test_minilm_folder_works_like_the_minilm_workload():
-    from optistack.workloads.loaders import minilm_dir
+    from optistack.bundled_models import minilm_dir
 
     by_path = load(str(minilm_dir()))
     assert by_path.kind == "encoder" and by_path.pooling == "mean"

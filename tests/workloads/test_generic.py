@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from optistack.core.errors import WorkloadError
+from optistack.core.modeling import flatten_outputs, normalize_inputs
 from optistack.workloads import GenericWorkload, Metric, Workload
-from optistack.workloads.generic import flatten_outputs, normalize_inputs
 
 
 class TwoInputs(nn.Module):

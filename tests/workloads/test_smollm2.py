@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+from optistack.generation import greedy_decode
 from optistack.workloads import Workload, load
-from optistack.workloads.generation import greedy_decode
 from optistack.workloads.smollm2 import SmolLM2Workload
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,8 @@ from tiny_models import tiny_llama
 
 from optistack.core.pass_protocol import PassContext
 from optistack.core.pipeline import Pipeline
+from optistack.generation import greedy_decode
 from optistack.kernels import cpu
-from optistack.workloads.generation import greedy_decode
 
 EAGER = "rtn-int4{group_size=32,head=int8},fuse-kernels,kv-cache{impl=static}"
 COMPILED = EAGER + ",compile{freezing=true,cpp_wrapper=true}"

@@ -10,11 +10,11 @@ from tiny_models import tiny_llama
 from transformers import DynamicCache
 
 from optistack.core.pass_protocol import PassContext
+from optistack.generation import greedy_decode
 from optistack.passes.compile.inductor import CompilePass
 from optistack.passes.decoding.kv_cache import KvCachePass
 from optistack.passes.decoding.quantized_cache import QuantizedKVCache
 from optistack.passes.decoding.speculative import SpeculativePass
-from optistack.workloads.generation import greedy_decode
 
 pytestmark = pytest.mark.slow
 

@@ -10,12 +10,13 @@ from tiny_models import tiny_llama, tiny_llama_workload
 from transformers import DynamicCache, StaticCache
 
 from optistack.core.errors import PassApplyError, PassConfigError
+from optistack.core.hooks import CACHE_ATTR
 from optistack.core.pass_protocol import PassContext
 from optistack.core.pipeline import Pipeline
+from optistack.generation import greedy_decode
 from optistack.passes.decoding.kv_cache import KvCachePass, bytes_per_token
 from optistack.passes.decoding.quantized_cache import QuantizedKVCache, dequantize_groups, quantize_groups
 from optistack.testing import sqnr
-from optistack.workloads.generation import CACHE_ATTR, greedy_decode
 
 CTX = PassContext()
 

@@ -9,12 +9,13 @@ import torch
 from tiny_models import tiny_llama, tiny_llama_workload
 
 from optistack.core.errors import PassApplyError, PassConfigError
+from optistack.core.hooks import DECODE_ATTR
 from optistack.core.pass_protocol import PassContext
 from optistack.core.pipeline import Pipeline
+from optistack.generation import greedy_decode
 from optistack.passes.decoding import speculative
 from optistack.passes.decoding.lookup import PromptLookup
 from optistack.passes.decoding.speculative import SpeculativePass, layer_skip_draft
-from optistack.workloads.generation import DECODE_ATTR, greedy_decode
 
 CTX = PassContext()
 

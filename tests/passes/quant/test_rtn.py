@@ -12,11 +12,11 @@ from optistack.core.errors import PassApplyError, PassConfigError
 from optistack.core.pass_protocol import PassContext
 from optistack.core.pipeline import Pipeline
 from optistack.core.syntax import parse_pipeline_text
+from optistack.generation import greedy_decode
 from optistack.passes.quant.int4_linear import Int4Linear
 from optistack.passes.quant.rtn import RtnInt4Pass
 from optistack.testing import sqnr
 from optistack.testing import tiny_llama as _tiny_llama
-from optistack.workloads.generation import greedy_decode
 
 CTX = PassContext()
 

@@ -8,7 +8,8 @@ from tiny_models import tiny_llama
 from transformers import DynamicCache
 
 from optistack.core.errors import WorkloadError
-from optistack.workloads.generation import CACHE_ATTR, DECODE_ATTR, Generation, cache_bytes_per_token, greedy_decode
+from optistack.core.hooks import CACHE_ATTR, DECODE_ATTR
+from optistack.generation import Generation, cache_bytes_per_token, greedy_decode
 
 
 def test_one_token_steps_keep_median_metrics():
@@ -65,3 +66,12 @@ def test_cache_factory_on_the_model_is_used_and_bytes_per_token_measured():
     gen = greedy_decode(model, ids, 4)
     assert made == [10] and torch.equal(gen.tokens, ref.tokens)
     assert cache_bytes_per_token(DynamicCache()) is None
+
+
+def test_the_old_module_path_re_exports_the_decode_loop():
+    import optistack.generation as new
+    import optistack.workloads.generation as old
+
+    for name in old.__all__:
+        assert getattr(old, name) is getattr(new, name, None) or name in ("CACHE_ATTR", "DECODE_ATTR"), name
+    assert (old.CACHE_ATTR, old.DECODE_ATTR) == (CACHE_ATTR, DECODE_ATTR)
