@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "kernels.h"
+#include "llama_decode.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &optistack_cpu::rms_norm);
@@ -12,4 +13,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_matmul", &optistack_cpu::int4_matmul);
   m.def("int4_dequant", &optistack_cpu::int4_dequant);
   m.def("int8_matmul", &optistack_cpu::int8_matmul);
+  // The decode engine (llama_decode.cpp): built once from a model's tensors, one call per token.
+  m.def("llama_engine_supported", &optistack_cpu::llama_engine_supported);
+  pybind11::class_<optistack_cpu::LlamaEngine>(m, "LlamaEngine")
+      .def(pybind11::init<std::vector<int64_t>, double, std::vector<at::Tensor>>())
+      .def("step", &optistack_cpu::LlamaEngine::step, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

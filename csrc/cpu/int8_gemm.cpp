@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "llama_decode.h"
 #include "simd.h"
 
 namespace optistack_cpu {
@@ -28,17 +29,7 @@ constexpr int64_t kMinParallel = 1 << 16;  // weight bytes x activation rows bel
 
 // One activation row as int16 codes (zero-padded to a multiple of 32); returns its scale, or -1 when
 // the row holds inf or NaN (the caller recomputes that row in float so they propagate as in torch).
-static float quantize_row(const at::Tensor& x, int64_t m, int64_t K, int64_t Kp, int16_t* out) {
-  std::vector<float> tmp;
-  const float* xr;
-  if (x.scalar_type() == at::kFloat) {
-    xr = x.data_ptr<float>() + m * K;
-  } else {
-    tmp.resize(K);
-    const bf16* xb = x.data_ptr<bf16>() + m * K;
-    for (int64_t k = 0; k < K; ++k) tmp[k] = to_f32(xb[k]);
-    xr = tmp.data();
-  }
+float int8_quantize_f32(const float* xr, int64_t K, int64_t Kp, int16_t* out) {
   float amax = 0.f;
   for (int64_t k = 0; k < K; ++k) amax = std::fabs(xr[k]) > amax ? std::fabs(xr[k]) : amax;
   bool finite = std::isfinite(amax);
@@ -51,6 +42,14 @@ static float quantize_row(const at::Tensor& x, int64_t m, int64_t K, int64_t Kp,
   const float inv = 32767.f / amax;
   for (int64_t k = 0; k < K; ++k) out[k] = static_cast<int16_t>(std::lrintf(xr[k] * inv));
   return amax / 32767.f;
+}
+
+static float quantize_row(const at::Tensor& x, int64_t m, int64_t K, int64_t Kp, int16_t* out) {
+  if (x.scalar_type() == at::kFloat) return int8_quantize_f32(x.data_ptr<float>() + m * K, K, Kp, out);
+  std::vector<float> tmp(K);
+  const bf16* xb = x.data_ptr<bf16>() + m * K;
+  for (int64_t k = 0; k < K; ++k) tmp[k] = to_f32(xb[k]);
+  return int8_quantize_f32(tmp.data(), K, Kp, out);
 }
 
 #ifdef OPTISTACK_AVX512
@@ -112,6 +111,15 @@ static void rows_mb(const int8_t* qw, const float* sc, int64_t K, const int16_t*
     dot_block<1, MB>(qw + n * K, K, xq, Kp, d);
     for (int mb = 0; mb < MB; ++mb) y[mb * N + n] = from_f32<T>(d[mb] * sx[mb] * sc[n]);
   }
+}
+
+void int8_rows_f32(const int8_t* qw, const float* sc, int64_t K, const int16_t* xq, int64_t Kp, const float* sx,
+                   int64_t M, int64_t n0, int64_t n1, float* y, int64_t N) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) rows_mb<4, float>(qw, sc, K, xq + m * Kp, Kp, sx + m, n0, n1, y + m * N, N);
+  if (M - m == 3) rows_mb<3, float>(qw, sc, K, xq + m * Kp, Kp, sx + m, n0, n1, y + m * N, N);
+  else if (M - m == 2) rows_mb<2, float>(qw, sc, K, xq + m * Kp, Kp, sx + m, n0, n1, y + m * N, N);
+  else if (M - m == 1) rows_mb<1, float>(qw, sc, K, xq + m * Kp, Kp, sx + m, n0, n1, y + m * N, N);
 }
 
 at::Tensor int8_matmul(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scale) {

@@ -295,6 +295,7 @@ REAPPLY: dict[str, dict[str, Check]] = {
     "speculative": {"draft": _no_draft},
     "attention": {"impl": choice("sdpa", "eager")},
     "compile": {"backend": choice("inductor", "eager", "aot_eager")},
+    "decode-engine": {},  # numbers only, checked by its config; the engine is rebuilt from the loaded weights
 }
 
 

@@ -17,8 +17,9 @@ from ..core.requirements import Availability
 from . import build, reference
 
 BACKEND = "cpu-cpp"
-SOURCES = ["ops.cpp", "bindings.cpp", "norm_act.cpp", "int4_gemm.cpp", "int4_dequant.cpp", "int8_gemm.cpp"]
-HEADERS = ["simd.h", "kernels.h", "int4_layout.h"]
+SOURCES = ["ops.cpp", "bindings.cpp", "norm_act.cpp", "int4_gemm.cpp", "int4_dequant.cpp", "int8_gemm.cpp",
+           "int4_q8_gemv.cpp", "llama_decode.cpp"]
+HEADERS = ["simd.h", "kernels.h", "int4_layout.h", "llama_decode.h"]
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 GROUP_SIZES = (32, 64, 128, 256)
 CHUNK_K = 4096  # input channels per stored chunk of an int4 weight; must match kChunkK in int4_layout.h
@@ -175,6 +176,31 @@ def _interleave_rows(rows: torch.Tensor) -> torch.Tensor:
     body = grp[..., :main].reshape(n4 // 4, 4, main // 64, 64).transpose(1, 2).reshape(n4 // 4, -1)
     tail = grp[..., main:].reshape(n4 // 4, -1)
     return torch.cat([torch.cat([body, tail], dim=1).reshape(n4, half), rows[n4:]]).contiguous()
+
+
+def _deinterleave_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_interleave_rows`."""
+    n, half = rows.shape
+    n4, main = n // 4 * 4, half // 64 * 64
+    if n4 == 0:
+        return rows
+    grp = rows[:n4].reshape(n4 // 4, 4 * half)
+    body = grp[:, : 4 * main].reshape(n4 // 4, main // 64, 4, 64).transpose(1, 2).reshape(n4 // 4, 4, main)
+    tail = grp[:, 4 * main:].reshape(n4 // 4, 4, half - main)
+    return torch.cat([torch.cat([body, tail], dim=2).reshape(n4, half), rows[n4:]])
+
+
+def int4_unpack(qweight: torch.Tensor, n: int, kp: int) -> torch.Tensor:
+    """codes uint8 [n, kp] back from `int4_prepack`'s qweight (the inverse of its packing)."""
+    flat, out, off = qweight.reshape(-1).cpu(), torch.empty(n, kp, dtype=torch.uint8), 0
+    for c0 in range(0, kp, CHUNK_K):
+        width = min(CHUNK_K, kp - c0)
+        rows = _deinterleave_rows(flat[off: off + n * width // 2].reshape(n, width // 2))
+        lo, hi = _block_order(width)
+        out[:, c0 + lo] = rows & 0x0F
+        out[:, c0 + hi] = rows >> 4
+        off += n * width // 2
+    return out
 
 
 def int4_prepack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,164 @@
+"""`decode-engine`: decode tokens with optistack's C++ engine, one call per token for the whole model.
+
+The model keeps doing the prefill (its own forward: batched, on the matrix units, the time to first
+token); every following token is one call into csrc/cpu/llama_decode.cpp, which runs all layers,
+attention over the filled cache slots only, and the head inside one parallel region: no Python, no
+graph guards, no fork/join per operator. It serves int4-quantized Llama, Mistral and Qwen2 models
+(run `awq` or `rtn-int4` first; `fuse-kernels` before it is fine) on x86 CPUs with AVX512-VNNI.
+
+Numerics: the int4 projections take int8 activations (per 64 channels, as llama.cpp's Q8 blocks), the
+head int16 ones (as the int8 head); everything else is float32. So the tokens can differ from the
+model's own float32-activation decoding where two logits are close. At apply the pass measures, on the
+workload's calibration prompts, how often the engine picks the token the model's own loop picks when
+both see the same history (teacher-forced top-1 agreement), records it, and refuses the engine below
+`min_agreement`.
+
+The strategy is set as the model's `optistack_decode` hook, so `greedy_decode`, the causal-LM
+workloads and the report's decode tokens/s use it; the weights are untouched. Where the engine cannot
+run (another architecture, a float model, a CPU without VNNI) the step is skipped with the reason.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Any
+
+import torch
+
+from ...core.config import PassConfig, check
+from ...core.errors import PassApplyError
+from ...core.hooks import DECODE_ATTR
+from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
+from ...core.requirements import Availability, need_packages
+from ...generation import Generation, cache_kwarg, greedy_decode, logits_of, takes_kwarg
+from .common import check_prompts, require_causal_lm
+
+LENGTH_BUCKET = 256  # engines (their caches) are sized in multiples of this many tokens and reused
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeEngineConfig(PassConfig):
+    check_prompts: int = 2
+    check_tokens: int = 32
+    min_agreement: float = 0.9
+
+    def __post_init__(self) -> None:
+        check(self.check_prompts >= 0, f"decode-engine: option 'check_prompts' must be >= 0; got {self.check_prompts}")
+        check(self.check_tokens >= 2, f"decode-engine: option 'check_tokens' must be >= 2; got {self.check_tokens}")
+        check(0.0 <= self.min_agreement <= 1.0,
+              f"decode-engine: option 'min_agreement' must be within 0..1; got {self.min_agreement}")
+
+
+def _unwrap(model: Any) -> Any:
+    return getattr(model, "_orig_mod", model)
+
+
+class EngineDecode:
+    """The `optistack_decode` strategy: the model's own prefill, then one engine call per token."""
+
+    def __init__(self, weights: Any) -> None:
+        self.weights = weights
+        self._engines: dict[tuple[int, int], Any] = {}
+
+    def __deepcopy__(self, memo: dict) -> "EngineDecode":
+        return EngineDecode(copy.deepcopy(self.weights, memo))  # engines (C++ objects) are rebuilt on use
+
+    def engine(self, batch: int, length: int) -> Any:
+        """An engine for `batch` rows and `length` tokens in all (an existing one when it is big enough)."""
+        for (b, size), eng in self._engines.items():
+            if b == batch and size >= length:
+                return eng
+        self._engines.clear()  # one cache at a time: a new size replaces the old one
+        size = LENGTH_BUCKET * -(-length // LENGTH_BUCKET)
+        eng = self._engines[(batch, size)] = self.weights.engine(batch, size)
+        return eng
+
+    def prefill(self, model: Any, input_ids: torch.Tensor, eng: Any) -> torch.Tensor:
+        """Run the prompt through the model (eager: prompt lengths vary) into the engine's cache;
+        returns the last position's logits."""
+        from transformers import DynamicCache
+
+        batch, length = input_ids.shape
+        target = _unwrap(model)
+        cache = DynamicCache(config=target.config)
+        kwargs = {"logits_to_keep": 1} if takes_kwarg(target, "logits_to_keep") else {}
+        out = target(input_ids=input_ids, use_cache=True, **{cache_kwarg(target): cache}, **kwargs)
+        eng.load_cache(cache, batch, length)
+        return logits_of(out, last_only=True)[:, -1]
+
+    def __call__(self, model: Any, input_ids: torch.Tensor, max_new_tokens: int) -> Generation:
+        if input_ids.device.type != "cpu":
+            raise PassApplyError(f"decode-engine: the engine runs on the CPU; the prompt is on {input_ids.device}")
+        batch, length = input_ids.shape
+        eng = self.engine(batch, length + max_new_tokens)  # sized for the whole generation before timing
+        tokens, step_ms = [], []
+        with torch.inference_mode():
+            start = time.perf_counter()
+            logits = self.prefill(model, input_ids, eng)
+            tok = logits.argmax(dim=-1)
+            step_ms.append((time.perf_counter() - start) * 1000.0)
+            tokens.append(tok)
+            for i in range(1, max_new_tokens):
+                start = time.perf_counter()
+                tok = eng.step(tok, length + i - 1).argmax(dim=-1)
+                step_ms.append((time.perf_counter() - start) * 1000.0)
+                tokens.append(tok)
+        d = self.weights.dims
+        return Generation(torch.stack(tokens, dim=1), step_ms, kv_bytes_per_token=float(d["L"] * 2 * d["Hkv"] * d["D"] * 4))
+
+    def agreement(self, model: Any, prompt: torch.Tensor, reference: torch.Tensor) -> tuple[int, int]:
+        """(matches, compared): the engine's argmax after each reference token, fed the reference's own
+        history, against the reference's next token."""
+        with torch.inference_mode():
+            eng = self.engine(prompt.shape[0], prompt.shape[1] + reference.shape[1])
+            self.prefill(model, prompt, eng)
+            matches = 0
+            for i in range(reference.shape[1] - 1):
+                pred = eng.step(reference[:, i], prompt.shape[1] + i).argmax(dim=-1)
+                matches += int((pred == reference[:, i + 1]).sum())
+        return matches, reference.shape[0] * (reference.shape[1] - 1)
+
+
+class DecodeEnginePass(ConfiguredPass):
+    """Sets the engine decode strategy; weights untouched, engine weights repacked beside them."""
+
+    name = "decode-engine"
+    Config = DecodeEngineConfig
+    takes = frozenset({MODULE})
+    lossy = True  # int8 activations in the decode step (see the module docstring)
+    reapply_on_load = True  # the strategy is an attribute built from the weights, not a tensor
+
+    def requirements(self) -> Availability:
+        return need_packages("transformers", extra="hf")
+
+    def apply(self, model: Any, ctx: PassContext) -> PassResult:
+        from ...kernels.llama_engine import EngineWeights, unsupported
+
+        cfg = self.config
+        require_causal_lm(self.name, ctx, model)
+        why = unsupported(_unwrap(model))
+        if why is None and any(p.device.type != "cpu" for p in model.parameters()):
+            why = "the decode engine runs on the CPU; the model is on another device"
+        if why:
+            return PassResult(model, modified=False, info={"reason": why})
+        start = time.perf_counter()
+        weights = EngineWeights.from_model(_unwrap(model))
+        decoder = EngineDecode(weights)
+        info: dict[str, Any] = {"build_s": round(time.perf_counter() - start, 3),
+                                "threads": torch.get_num_threads(),
+                                "head": "int8 (quantized by this pass)" if weights.head_quantized_here else "int8"}
+        prompts = check_prompts(ctx, cfg.check_prompts, weights.dims["V"]) if cfg.check_prompts else []
+        matches = compared = 0
+        for prompt in prompts:
+            reference = greedy_decode(model, prompt, cfg.check_tokens, use_strategy=False).tokens
+            m, n = decoder.agreement(model, prompt, reference)
+            matches, compared = matches + m, compared + n
+        if compared:
+            info["top1_agreement"] = round(matches / compared, 4)
+            info["agreement_tokens"] = compared
+            if matches / compared < cfg.min_agreement:
+                raise PassApplyError(f"decode-engine: the engine picks the model's own next token {matches} times in "
+                                     f"{compared} (below min_agreement={cfg.min_agreement}); refused")
+        object.__setattr__(model, DECODE_ATTR, decoder)
+        return PassResult(model, modified=True, info=info)

@@ -1,0 +1,94 @@
+"""`decode-engine`: the strategy decodes through the C++ engine, checks itself at apply, and skips with
+the reason where it cannot run."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from optistack.core.pass_protocol import PassContext
+from optistack.core.pipeline import Pipeline
+from optistack.generation import greedy_decode
+from optistack.kernels import cpu
+from optistack.kernels.build import cpu_flags
+
+needs_engine = pytest.mark.skipif(not cpu.available() or "avx512_vnni" not in cpu_flags(),
+                                  reason="the decode engine needs the C++ CPU kernels and AVX512-VNNI")
+
+
+def tiny_llama(layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+    return LlamaForCausalLM(config).eval()
+
+
+def apply(model, text: str):
+    return Pipeline.parse(text).apply(copy.deepcopy(model), PassContext())
+
+
+@needs_engine
+def test_engine_decodes_and_reports_its_agreement():
+    result = apply(tiny_llama(), "rtn-int4{head=int8},decode-engine{min_agreement=0}")
+    model = result.model
+    assert getattr(model, "optistack_decode", None) is not None
+    prompt = torch.randint(0, 300, (2, 9))
+    gen = greedy_decode(model, prompt, 12)
+    assert gen.tokens.shape == (2, 12) and len(gen.step_ms) == 12
+    assert gen.kv_bytes_per_token == 2 * 2 * 1 * 64 * 4
+    plain = greedy_decode(model, prompt, 12, use_strategy=False)
+    assert (gen.tokens[:, :1] == plain.tokens[:, :1]).all()  # the first token comes from the model's prefill
+    assert 0.0 <= result.info["decode-engine.top1_agreement"] <= 1.0
+    assert result.info["decode-engine.agreement_tokens"] == 2 * 31  # two check prompts, 32 tokens each
+
+
+@needs_engine
+def test_engine_grows_its_cache_for_longer_generations():
+    model = apply(tiny_llama(1), "rtn-int4,decode-engine{check_prompts=0}").model
+    short = greedy_decode(model, torch.randint(0, 300, (1, 4)), 3)
+    long = greedy_decode(model, torch.randint(0, 300, (1, 250)), 20)  # 270 tokens: past the first 256-slot engine
+    assert short.tokens.shape == (1, 3) and long.tokens.shape == (1, 20)
+
+
+@needs_engine
+def test_a_copy_of_the_model_decodes_on_its_own():
+    model = apply(tiny_llama(1), "rtn-int4,decode-engine{check_prompts=0}").model
+    prompt = torch.randint(0, 300, (1, 5))
+    want = greedy_decode(model, prompt, 6).tokens
+    twin = copy.deepcopy(model)
+    assert torch.equal(greedy_decode(twin, prompt, 6).tokens, want)
+
+
+@needs_engine
+def test_refuses_below_min_agreement(monkeypatch):
+    from optistack.core.errors import PassApplyError
+    from optistack.passes.decoding import engine
+
+    model = apply(tiny_llama(1), "rtn-int4").model
+    monkeypatch.setattr(engine.EngineDecode, "agreement", lambda self, model, prompt, ref: (8, 10))
+    with pytest.raises(PassApplyError, match="16 times in 20"):
+        engine.DecodeEnginePass(min_agreement=0.9).apply(model, PassContext())
+    assert getattr(model, "optistack_decode", None) is None  # nothing set on a refused model
+    result = engine.DecodeEnginePass(min_agreement=0.8).apply(model, PassContext())
+    assert result.info["top1_agreement"] == 0.8
+
+
+def test_a_float_model_is_skipped_with_the_reason():
+    from optistack.passes.decoding.engine import DecodeEnginePass
+
+    result = DecodeEnginePass().apply(tiny_llama(1), PassContext())
+    assert not result.modified
+    assert "rtn-int4" in result.info["reason"] or "VNNI" in result.info["reason"] or "C++" in result.info["reason"]
+    assert getattr(result.model, "optistack_decode", None) is None
+
+
+def test_options_are_checked():
+    from optistack.core.errors import PassConfigError
+    from optistack.passes.decoding.engine import DecodeEnginePass
+
+    for bad in ({"min_agreement": 1.5}, {"check_tokens": 1}, {"check_prompts": -1}):
+        with pytest.raises(PassConfigError, match="decode-engine"):
+            DecodeEnginePass(**bad)
