@@ -29,12 +29,14 @@ def test_encoder_preset_follows_the_machine(features, expected):
     assert expand_preset("encoder-latency", features) == expected  # the '@' is optional here
 
 
-def test_llm_decode_is_the_static_cache_compiled_chain_on_cpu():
-    for features in ({"amx"}, {"avx2"}, set()):
+def test_llm_decode_is_the_engine_with_vnni_else_the_compiled_chain():
+    for features in ({"amx", "avx512_vnni", "avx512"}, {"avx512_vnni"}):
+        assert expand_preset("@llm-decode", features) == "awq{head=int8,zero_grid=float},fuse-kernels,decode-engine"
+    for features in ({"amx"}, {"avx512", "avx2"}, set()):
         text = expand_preset("@llm-decode", features)
         assert text.startswith("awq{head=int8,zero_grid=float},fuse-kernels,kv-cache{impl=static},compile{")
         assert "freezing=true" in text and "cpp_wrapper=true" in text and "max-autotune" not in text
-    assert "max-autotune" in expand_preset("@llm-decode", {"cuda"})
+    assert "max-autotune" in expand_preset("@llm-decode", {"cuda", "avx512_vnni"})
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
