@@ -4,7 +4,7 @@ Quantized layers (int4, int8, fp8) are written in compressed-tensors' form with 
 `quantization_config` (`quant_method: compressed-tensors`), see `compressed_tensors.py`; a model
 with none (pruned, LoRA-merged, cast) becomes a plain transformers folder. Either way the tokenizer
 goes beside it. Forms only optistack runs (fused kernels, ONNX, engines) are refused with a pointer
-to `result.save(dir)` / `optistack.load`. The model is only read, never changed.
+to `result.save(dir)` / `optistack.load_model`. The model is only read, never changed.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def save_pretrained(path: str | Path, model: Any, tokenizer: Any = None, max_sha
     if not (isinstance(model, torch.nn.Module) and hasattr(model, "config") and hasattr(model.config, "to_dict")):
         raise CheckpointError(f"save_pretrained writes Hugging Face models; this model is a {type(model).__name__} "
                               "(a form only optistack runs, e.g. ONNX or an engine): use result.save(dir) and "
-                              "optistack.load")
+                              "optistack.load_model")
     expected = _skeleton_state(model)
     tensors: dict[str, torch.Tensor] = {}
     schemes: dict[str, list[str]] = {}
@@ -144,7 +144,7 @@ def _plain_state(model: Any, handled: set[str]) -> dict[str, Any]:
             continue
         if type(t).__name__ not in ("Tensor", "Parameter"):
             raise CheckpointError(f"{key} is a {type(t).__name__}, which this format cannot store; "
-                                  "use result.save(dir) and optistack.load")
+                                  "use result.save(dir) and optistack.load_model")
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if ptr in seen and t.numel():
             if tie:
@@ -168,7 +168,7 @@ def _validate(tensors: dict, expected: dict | None, handled: set[str], model: An
         owner = extra[0].rsplit(".", 1)[0]
         kind = type(model.get_submodule(owner)).__name__ if owner else "model"
         raise CheckpointError(f"{owner or extra[0]} is a {kind} ({', '.join(extra[:3])}...): only optistack runs it "
-                              "(fused kernels and the like); use result.save(dir) and optistack.load")
+                              "(fused kernels and the like); use result.save(dir) and optistack.load_model")
     for key, shape in expected.items():
         prefix = key.rsplit(".", 1)[0]
         if key not in tensors:

@@ -36,7 +36,7 @@ class PassApplyError(OptistackError, RuntimeError):
 
 
 class LoadError(OptistackError):
-    """`optistack.load` refused a saved folder: one line saying what is wrong and where (file / manifest key)."""
+    """`optistack.load_model` refused a saved folder: one line saying what is wrong and where (file / manifest key)."""
 
 
 def closest(name: str, valid: Iterable[str]) -> str:

@@ -1,4 +1,4 @@
-"""What `optistack.load` may rebuild, by exact name, and which keys and values each may take.
+"""What `optistack.load_model` may rebuild, by exact name, and which keys and values each may take.
 
 Nothing a manifest says is imported or called unless it is a key of a table below: replacement
 modules (MODULES), runtime forms (RUNTIMES), transformers model classes (only names in transformers'

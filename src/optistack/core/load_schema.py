@@ -1,6 +1,6 @@
 """Type checks for what a saved manifest may say: each check returns what is wrong, or None.
 
-`optistack.load` reads only keys a schema names, each with its type and range; an unknown key is
+`optistack.load_model` reads only keys a schema names, each with its type and range; an unknown key is
 refused by name. Checks are plain functions so the registry (load_registry.py) reads as a table.
 """
 from __future__ import annotations

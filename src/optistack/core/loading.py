@@ -81,7 +81,7 @@ def load_model(path: str | Path, model: torch.nn.Module | None = None) -> Any:
         return _load_module(manifest, files, model)
     except OptistackError as exc:
         raise LoadError(f"cannot load {path}: {_one_line(exc)}") from None
-    except Exception as exc:  # the last net: nothing else escapes optistack.load
+    except Exception as exc:  # the last net: nothing else escapes optistack.load_model
         raise LoadError(f"cannot load {path}: {type(exc).__name__}: {_one_line(exc)}") from exc
 
 

@@ -62,13 +62,13 @@ def _replacements(original: torch.nn.Module, final: torch.nn.Module) -> dict[str
         entry = _shape_spec(mod)
         if entry is None and old is not None and type(old) is type(mod):
             raise OptistackError(f"cannot save: module '{name}' ({type(mod).__name__}) changed the shape of its "
-                                 "weights and optistack.load cannot rebuild it at the new shape")
+                                 "weights and optistack.load_model cannot rebuild it at the new shape")
         if entry is None:
             key = registered(MODULES, mod)
             if key is None or not isinstance(mod, SavableLayer):
                 raise OptistackError(
                     f"cannot save: module '{name}' became {type(mod).__module__}.{type(mod).__qualname__}, which "
-                    "optistack.load cannot rebuild (loadable classes are listed in optistack/core/load_registry.py)")
+                    "optistack.load_model cannot rebuild (loadable classes are listed in optistack/core/load_registry.py)")
             entry = {"class": key, "spec": mod.optistack_spec()}
         try:
             spec_fields(MODULES[entry["class"]], entry["spec"], f"replaced[{name!r}].spec")

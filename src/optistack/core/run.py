@@ -34,7 +34,7 @@ class RunResult:
         return self.report._repr_html_()
 
     def save(self, path: Any) -> Any:
-        """Write the optimized model (safetensors + manifest, no pickle); `optistack.load(path)` reads it."""
+        """Write the optimized model (safetensors + manifest, no pickle); `optistack.load_model(path)` reads it."""
         from .persist import save_model
 
         return save_model(path, self.model, self.original, self.report.steps, self.report.workload)
