@@ -1,0 +1,104 @@
+"""What the decode engine's int8 activations cost, measured where decoding happens: token by token.
+
+    python benchmarks/decode_engine_quality.py [--pipeline "awq{head=int8,zero_grid=float},fuse-kernels"]
+        [--chunks 4] [--prompt 32] [--tokens 256]
+
+The workload's perplexity is computed by the model's forward over whole chunks: the engine never runs
+there. Here each evaluation chunk is prefilled for `--prompt` tokens, then decoded teacher-forced, one
+token per call, by the quantized model's own loop (float32 activations) and by the engine (int8
+activations), and both perplexities of the true next tokens are printed, with the top-1 agreement of
+the two. The fp32 model's decode perplexity is the baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+
+import torch
+
+
+def decode_nll(model, chunk: torch.Tensor, prompt: int, step) -> tuple[float, list[int]]:
+    """Summed NLL of chunk[prompt + 1:] given everything before, and the argmax at each step."""
+    nll, picks = 0.0, []
+    logits = step(None, chunk[:, :prompt])
+    for i in range(prompt, chunk.shape[1]):
+        target = chunk[0, i]
+        logp = torch.log_softmax(logits.float(), dim=-1)[0]
+        if i > prompt:
+            nll -= float(logp[target])
+        picks.append(int(logp.argmax()))
+        if i + 1 < chunk.shape[1]:
+            logits = step(chunk[:, i], i)
+    return nll, picks
+
+
+def model_stepper(model):
+    from transformers import DynamicCache
+
+    state = {}
+
+    def step(tok, pos):
+        if tok is None:
+            state["cache"] = DynamicCache(config=model.config)
+            out = model(input_ids=pos, past_key_values=state["cache"], use_cache=True)
+        else:
+            out = model(input_ids=tok[:, None], past_key_values=state["cache"], use_cache=True)
+        return out.logits[:, -1]
+    return step
+
+
+def engine_stepper(model, decoder, length: int):
+    state = {}
+
+    def step(tok, pos):
+        if tok is None:
+            state["eng"] = decoder.engine(1, length)
+            return decoder.prefill(model, pos, state["eng"])
+        return state["eng"].step(tok, pos)
+    return step
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pipeline", default="awq{head=int8,zero_grid=float},fuse-kernels")
+    ap.add_argument("--chunks", type=int, default=4)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=256)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(2)
+    from optistack.core.pass_protocol import PassContext
+    from optistack.core.pipeline import Pipeline
+    from optistack.kernels.llama_engine import EngineWeights
+    from optistack.passes.decoding.engine import EngineDecode
+    from optistack.workloads import load
+
+    wl = load("smollm2")
+    quant = Pipeline.parse(args.pipeline).apply(copy.deepcopy(wl.model), PassContext(workload=wl)).model
+    decoder = EngineDecode(EngineWeights.from_model(quant))
+    length = args.prompt + args.tokens
+    sums = {"fp32 model": 0.0, "quantized model": 0.0, "engine": 0.0}
+    agree = total = 0
+    with torch.inference_mode():
+        for c in range(args.chunks):
+            chunk = wl._chunks[c % len(wl._chunks)][:, :length]
+            sums["fp32 model"] += decode_nll(wl.model, chunk, args.prompt, model_stepper(wl.model))[0]
+            nq, pq = decode_nll(quant, chunk, args.prompt, model_stepper(quant))
+            # the engine's positions: the prompt is 0..prompt-1, token i sits at position i
+            ne, pe = decode_nll(quant, chunk, args.prompt, engine_stepper(quant, decoder, length))
+            sums["quantized model"] += nq
+            sums["engine"] += ne
+            agree += sum(a == b for a, b in zip(pq, pe))
+            total += len(pq)
+    n = args.chunks * (args.tokens - 1)
+    print(f"pipeline: {args.pipeline}; {args.chunks} chunks, prompt {args.prompt}, {args.tokens} teacher-forced tokens each")
+    for name, s in sums.items():
+        print(f"  decode perplexity, {name:16s}: {math.exp(s / n):.3f}")
+    print(f"  top-1 agreement, engine vs quantized model: {agree / total:.4f} ({agree}/{total})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
