@@ -35,6 +35,7 @@ OURS = {  # label -> pipeline text (applied by optistack, measured by the same t
     "cast bf16 + compile(freezing)": "cast{dtype=bf16},compile{freezing=true}",
     "pt2e-int8 (fp32 rest)": "pt2e-int8",
     "pt2e-int8 (bf16 rest)": "pt2e-int8{mixed=bf16}",
+    "pt2e-int8 (bf16 rest, C++ wrapper)": "pt2e-int8{mixed=bf16,cpp_wrapper=true}",
     # pinning=true: the settings OpenVINO uses by default, so this row shows what the pass itself costs
     "openvino pass bf16": "openvino{precision=bf16,threads=%(threads)d,pinning=true}",
 }

@@ -30,7 +30,10 @@ from ...core.pass_protocol import COMPILED, MODULE, ConfiguredPass, PassContext,
 from ...core.requirements import Availability, all_of, need_packages
 
 _EXTERN = re.compile(r"torch\.ops\.(onednn|mkldnn|mkl|aten|quantized|quantized_decomposed)\.([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)")
-_CPP_KERNEL = re.compile(r"^cpp_fused_\w+ = ", re.M)
+_CPP_KERNEL = re.compile(r"^(cpp_fused_\w+) = ", re.M)
+# the same in Inductor's C++ wrapper (cpp_wrapper=true): calls through the AOTI shim, kernels declared extern "C"
+_AOTI_CALL = re.compile(r"aoti_torch_cpu_(_?[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*)\(")
+_CPP_KERNEL_DECL = re.compile(r'^extern "C"\s+void\s+(cpp_fused_\w+)\(', re.M)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +42,7 @@ class Pt2eInt8Config(PassConfig):
     mixed: Literal["fp32", "bf16"] = "fp32"  # precision of the ops left unquantized
     calib_batches: int = 8
     dynamic_shapes: bool = False  # export batch/sequence axes as dynamic (else the calibration shape)
+    cpp_wrapper: bool = False  # Inductor calls the graph's kernels from C++ (no Python per kernel)
 
     def __post_init__(self) -> None:
         check(1 <= self.calib_batches <= 1024, f"pt2e-int8: option 'calib_batches' must be in 1..1024, got {self.calib_batches}")
@@ -47,12 +51,13 @@ class Pt2eInt8Config(PassConfig):
 def kernel_counts(sources: list[str]) -> tuple[dict[str, int], int]:
     """(extern op -> calls, number of generated C++ kernels) in Inductor's output code."""
     ops: Counter[str] = Counter()
-    fused = 0
+    fused: set[str] = set()
     for code in sources:
         ops.update(f"{ns}.{op}" for ns, op in _EXTERN.findall(code))
-        fused += len(_CPP_KERNEL.findall(code))
+        ops.update(f"aoti.{op.lstrip('_')}" for op in _AOTI_CALL.findall(code))
+        fused |= set(_CPP_KERNEL.findall(code)) | set(_CPP_KERNEL_DECL.findall(code))
     ignore = {"aten.empty_strided", "aten.as_strided", "aten.empty"}
-    return {k: v for k, v in sorted(ops.items()) if k not in ignore}, fused
+    return {k: v for k, v in sorted(ops.items()) if k not in ignore}, len(fused)
 
 
 def _float_outputs(obj: Any) -> Any:
@@ -138,7 +143,7 @@ class Pt2eInt8Pass(ConfiguredPass):
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
-        from ..compile.inductor import freeze_when_compiling
+        from ..compile.inductor import patch_when_compiling
 
         if not isinstance(model, torch.nn.Module):
             raise PassApplyError(f"pt2e-int8: expected a torch.nn.Module, got {type(model).__name__}")
@@ -161,7 +166,7 @@ class Pt2eInt8Pass(ConfiguredPass):
             raise PassApplyError("pt2e-int8: the x86 quantizer annotated no layer (no per-channel int8 weights); "
                                  "the model has no linear/conv layers it knows")
         compiled = torch.compile(_runner(converted, cfg.mixed))
-        freeze_when_compiling(compiled)
+        patch_when_compiling(compiled, freezing=True, **({"cpp_wrapper": True} if cfg.cpp_wrapper else {}))
         try:
             with torch.no_grad():
                 _, sources = run_and_get_code(compiled, *args, **kwargs)
@@ -177,7 +182,7 @@ class Pt2eInt8Pass(ConfiguredPass):
             "int8_kernel_calls": int8_calls, "fused_cpp_kernels": fused,
             "kernels": ", ".join(f"{k} x{v}" for k, v in ops.items()),
             "amx_int8": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
-            "freezing": True,
+            "freezing": True, "cpp_wrapper": cfg.cpp_wrapper,
         }
         return PassResult(compiled, modified=True, info=info)
 
