@@ -3,15 +3,21 @@ optistack's own benchmark instrument; the two speedups must agree within 5%.
 
 Run: `pytest benchmarks/test_instrument_agreement.py --benchmark-only` (never part of `make test`).
 
-pytest-benchmark times each model in blocks of its own, the instrument interleaves them; so that slow
-drift of a shared machine does not decide the comparison, the blocks alternate (eager, fast, eager,
-fast, ...) and the independent speedup is the median of the per-pair ratios. Both timers see a fresh
-batch every call (pytest-benchmark through `pedantic(setup=...)`, not timed), as a real caller would.
+Both timers time each model in blocks of consecutive calls and leave the first call after a switch of
+model out of the speedup: pytest-benchmark runs an untimed warm-up call before each block of `ROUNDS`
+timed calls, the instrument (`TimingConfig.block`) reports a block's first call apart
+(`latency_ms.first_call_after_switch_ms`). So that slow drift of a shared machine does not decide the
+comparison, pytest-benchmark's blocks alternate (eager, fast, eager, fast, ...) and its speedup is the
+median of the per-pair ratios. Both timers see a fresh batch every call, made before the block
+(pytest-benchmark's `pedantic(setup=...)` hands them out, not timed), as a real caller would. The
+assertion is the benchmark's purpose (issue 16: "asserts they agree within 5%"); on a machine shared
+with other jobs, rerun before trusting either number.
 """
 from __future__ import annotations
 
 import copy
 import math
+import os
 import statistics
 
 import pytest
@@ -23,6 +29,7 @@ CHAIN = "cast{dtype=bf16},compile"
 PAIRS = 12  # alternating blocks per model: short blocks, so a shared machine's load changes little within a pair
 ROUNDS = 5  # calls per block
 TOLERANCE = 0.05
+BLOCK = int(os.environ.get("AGREEMENT_BLOCK", TimingConfig().block))  # AGREEMENT_BLOCK=1: the old call-by-call timing
 
 _medians: dict[str, list[float]] = {"eager": [], "fast": []}
 
@@ -31,13 +38,13 @@ _medians: dict[str, list[float]] = {"eager": [], "fast": []}
 def setup():
     wl = ost.workloads.load("minilm")
     result = ost.Pipeline.parse(CHAIN).run(
-        wl, timing=TimingConfig(warmup=3, min_rounds=20, max_rounds=60, max_seconds=60.0), verbose=False)
+        wl, timing=TimingConfig(warmup=3, min_rounds=20, max_rounds=60, max_seconds=60.0, block=BLOCK), verbose=False)
     step = result.report.steps[-1]
     if step.status != "applied":
         pytest.skip(f"{CHAIN} did not apply here: {step.reason}")
     models = {"eager": copy.deepcopy(wl.model), "fast": result.model}
     counter = iter(range(10**9, 2 * 10**9))  # indices far from the instrument's, so never a repeat
-    return wl, models, result.report, (lambda: ((), {"batch": wl.timing_batch(next(counter))}))
+    return wl, models, result.report, (lambda: wl.timing_batch(next(counter)))
 
 
 def _call(wl, model):
@@ -48,21 +55,32 @@ def _call(wl, model):
 def test_minilm_instrument_agrees_with_pytest_benchmark(benchmark, setup, label, pair):
     wl, models, report, fresh = setup
     run = _call(wl, models[label])
-    run(**fresh()[1])  # warm-up outside the measurement (the models are warm; this refills caches)
+    # the block's batches are made first, as the instrument does, so no tokenizing runs between timed calls
+    batches = [fresh() for _ in range(ROUNDS)]
+    run(fresh())  # warm-up outside the measurement: the first call after the switch from the other model
     benchmark.group = "instrument agreement: minilm 8x128"
     benchmark.extra_info["pipeline"] = "identity" if label == "eager" else CHAIN
-    benchmark.pedantic(run, setup=fresh, rounds=ROUNDS, iterations=1, warmup_rounds=0)
-    _medians[label].append(benchmark.stats.stats.median)
+    benchmark.pedantic(run, setup=lambda: ((), {"batch": batches.pop()}), rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    _medians[label].append(benchmark.stats.stats.median * 1000.0)  # ms
     if label != "fast" or pair != PAIRS - 1:
         return
     ratios = [e / f for e, f in zip(_medians["eager"], _medians["fast"])]
     independent = statistics.median(ratios)
-    instrument = report.steps[-1].cumulative_speedup
+    step = report.steps[-1]
+    instrument = step.cumulative_speedup
     gap = abs(math.log(instrument / independent))
+    lat = {"eager": report.baseline["latency_ms"], "fast": step.latency_ms}  # eager: its A/A copy, before the pipeline
     benchmark.extra_info.update(instrument_speedup=instrument, independent_speedup=independent,
-                                independent_pair_ratios=ratios, gap=math.exp(gap) - 1)
-    print(f"\ninstrument {instrument:.3f}x (CI {report.steps[-1].cumulative_ci95}) vs pytest-benchmark "
-          f"{independent:.3f}x (pairs {[round(r, 3) for r in ratios]}): gap {100 * (math.exp(gap) - 1):.1f}%")
+                                independent_pair_ratios=ratios, gap=math.exp(gap) - 1, block=report.timing["block"],
+                                instrument_ms={k: v["median"] for k, v in lat.items()},
+                                instrument_first_after_switch_ms={k: v["first_call_after_switch_ms"] for k, v in lat.items()})
+    print(f"\ninstrument {instrument:.3f}x (CI {[round(c, 3) for c in step.cumulative_ci95]}, block "
+          f"{report.timing['block']}; ms eager {lat['eager']['median']:.1f} (in the step's rounds ~"
+          f"{instrument * lat['fast']['median']:.1f}) fast {lat['fast']['median']:.1f}, first after a "
+          f"switch {lat['eager']['first_call_after_switch_ms']:.1f} / {lat['fast']['first_call_after_switch_ms']:.1f}) vs "
+          f"pytest-benchmark {independent:.3f}x (ms eager {statistics.median(_medians['eager']):.1f} fast "
+          f"{statistics.median(_medians['fast']):.1f}; pairs {[round(r, 3) for r in ratios]}): "
+          f"gap {100 * (math.exp(gap) - 1):.1f}%")
     assert gap <= math.log(1 + TOLERANCE), (
         f"instrument {instrument:.3f}x vs pytest-benchmark {independent:.3f}x differ by more than "
         f"{TOLERANCE:.0%} (pairs {ratios}); on a shared machine rerun before trusting either")

@@ -76,7 +76,7 @@ def test_a_caching_pass_gains_nothing_and_is_scored_on_untimed_data():
     assert set(result.model.hits) <= {x.numpy().tobytes()}, "a timed batch repeated: a cache could answer from memory"
     assert step.accuracy.after == 0.0  # scored on the user's inputs, which the cache had never seen
     timing = result.report.timing
-    assert "fresh batch per round" in timing["batches"]
+    assert "fresh batch per call" in timing["batches"]
 
 
 def test_identity_is_no_measurable_change_run_after_run():

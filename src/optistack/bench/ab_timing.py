@@ -1,9 +1,9 @@
 """What the benchmark's A/B timing stands on: fresh batches, a reference copy, and the run's noise floor.
 
-- `BatchStream`: every timed round gets a batch the run has never timed before, from the workload's
-  timing stream (`timing_batch(i)`), moved to the device before the round. A model that caches outputs
-  for repeated inputs therefore gains nothing; scoring uses the workload's evaluation data, which the
-  stream never serves.
+- `BatchStream`: every timed call gets a batch the run has never timed before, from the workload's
+  timing stream (`timing_batch(i)`), moved to the device before the round (all models of a round run
+  the same batches). A model that caches outputs for repeated inputs therefore gains nothing; scoring
+  uses the workload's evaluation data, which the stream never serves.
 - `reference_copy`: speedups are measured against a deep copy of the original, not the original
   itself. Every candidate is built from a copy too, so both sides of an A/B pair had their weights
   allocated the same way (a model loaded from disk may sit in file-backed or differently aligned pages
@@ -61,7 +61,7 @@ class BatchStream:
             return (f"the workload's timing stream, which repeated batches ({self.repeats} of {self.served}): "
                     "caching is not fully excluded")
         if self.available:
-            return "a fresh batch per round from the workload's timing stream (never scored data, never repeated)"
+            return "a fresh batch per call from the workload's timing stream (never scored data, never repeated)"
         return "one repeated batch: the workload has no timing stream (timing_batch), so caching is not excluded"
 
 

@@ -3,7 +3,7 @@
 Per step: first call (compile time included) -> accuracy vs the original's -> interleaved timing of
 original / previous / candidate, in short blocks of consecutive calls whose first call (right after a
 switch of model) is reported apart -> peak memory, model bytes, workload extras. Timing stands on
-`bench.ab_timing`: a fresh batch per round (never scored data), "original" timed as a deep copy of it,
+`bench.ab_timing`: a fresh batch per call (never scored data), "original" timed as a deep copy of it,
 and the run's A/A noise floor, measured before the pipeline, inside which a change reads "no
 measurable change". It measures and never
 judges: accepting or rejecting is the gate's (`bench.gate.GateInstrument`). A candidate whose outputs
