@@ -64,6 +64,26 @@ void prep_q8(const float* x, int64_t K, const XQ& o) {
   }
 }
 
+// Adds each row's zero-point term sum_u zc[u] * xsum[u] to its accumulator, then out[mb * R + r] = its sum.
+template <int R, int MB>
+static inline void zero_term_and_reduce(const Q4Weight& w, int64_t n, const XQ* xs, __m512* acc, float* out) {
+  const int64_t U = w.K / 64;
+  for (int r = 0; r < R; ++r) {
+    const float* zc = w.zc + (n + r) * U;
+    for (int mb = 0; mb < MB; ++mb) {
+      __m512 z = _mm512_setzero_ps();
+      for (int64_t u = 0; u < U; u += 16) {
+        const __mmask16 m = tail_mask(U - u);
+        z = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, zc + u), _mm512_maskz_loadu_ps(m, xs[mb].xsum + u), z);
+      }
+      acc[mb * R + r] = _mm512_add_ps(acc[mb * R + r], z);
+    }
+  }
+  int i = 0;
+  for (; i + 4 <= R * MB; i += 4) _mm_storeu_ps(out + i, reduce4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]));
+  for (; i < R * MB; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
 // R weight rows from row n times MB activation rows: out[mb * R + r] = the row's dot product.
 template <int R, int MB>
 static inline void q4_block(const Q4Weight& w, int64_t n, const XQ* xs, float* out) {
@@ -109,24 +129,72 @@ static inline void q4_block(const Q4Weight& w, int64_t n, const XQ* xs, float* o
       }
     }
   }
-  for (int r = 0; r < R; ++r) {  // the zero-point term: sum_u zc[u] * xsum[u]
-    const float* zc = w.zc + (n + r) * U;
+  zero_term_and_reduce<R, MB>(w, n, xs, acc, out);
+}
+
+// int16 activations (act=int16): each unit's codes in natural order, 64 words, amax / 32767 per unit.
+void prep_q16(const float* x, int64_t K, const XQ& o) {
+  const int64_t U = K / 64;
+  for (int64_t u = 0; u < U; ++u) {
+    const float* xu = x + u * 64;
+    __m512 v[4], mx = _mm512_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm512_loadu_ps(xu + 16 * i);
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(v[i]));
+    }
+    const float amax = _mm512_reduce_max_ps(mx);
+    o.sx[u] = amax / 32767.f;
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+    __m512i qs = _mm512_setzero_si512();
+    for (int i = 0; i < 4; ++i) {
+      const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv));
+      qs = _mm512_add_epi32(qs, qi);
+      _mm256_storeu_si256((__m256i*)(o.q16 + u * 64 + 16 * i), _mm512_cvtsepi32_epi16(qi));
+    }
+    o.xsum[u] = float(_mm512_reduce_add_epi32(qs)) * o.sx[u];
+  }
+}
+
+// As q4_block with int16 activations: nibbles widened to 16-bit words, vpdpwssd, one scale per unit.
+template <int R, int MB>
+static inline void q4_block16(const Q4Weight& w, int64_t n, const XQ* xs, float* out) {
+  const int64_t U = w.K / 64, P = U / 2, rb = w.K / 2;
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  __m512 acc[R * MB];
+  for (int i = 0; i < R * MB; ++i) acc[i] = _mm512_setzero_ps();
+  auto unit = [&](int r, int64_t u, __m512i wlo, __m512i whi) {
+    const float s = w.s[(n + r) * U + u];
     for (int mb = 0; mb < MB; ++mb) {
-      __m512 z = _mm512_setzero_ps();
-      for (int64_t u = 0; u < U; u += 16) {
-        const __mmask16 m = tail_mask(U - u);
-        z = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, zc + u), _mm512_maskz_loadu_ps(m, xs[mb].xsum + u), z);
-      }
-      acc[mb * R + r] = _mm512_add_ps(acc[mb * R + r], z);
+      const int16_t* xq = xs[mb].q16 + u * 64;
+      __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wlo, _mm512_loadu_si512(xq));
+      d = _mm512_dpwssd_epi32(d, whi, _mm512_loadu_si512(xq + 32));
+      acc[mb * R + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s * xs[mb].sx[u]), acc[mb * R + r]);
+    }
+  };
+  for (int64_t p = 0; p < P; ++p) {
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* qb = w.q + (n + r) * rb + p * 64;
+      _mm_prefetch((const char*)(qb + 4 * rb), _MM_HINT_T0);
+      const __m512i b = _mm512_loadu_si512(qb);
+      const __m512i lo = _mm512_and_si512(b, nib), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
+      unit(r, 2 * p, _mm512_cvtepu8_epi16(_mm512_castsi512_si256(lo)), _mm512_cvtepu8_epi16(_mm512_castsi512_si256(hi)));
+      unit(r, 2 * p + 1, _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(lo, 1)),
+           _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(hi, 1)));
     }
   }
-  int i = 0;
-  for (; i + 4 <= R * MB; i += 4) _mm_storeu_ps(out + i, reduce4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]));
-  for (; i < R * MB; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+  if (U & 1) {
+    const __m256i nib8 = _mm256_set1_epi8(0x0F);
+    for (int r = 0; r < R; ++r) {
+      const __m256i b = _mm256_loadu_si256((const __m256i*)(w.q + (n + r) * rb + P * 64));
+      unit(r, U - 1, _mm512_cvtepu8_epi16(_mm256_and_si256(b, nib8)),
+           _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), nib8)));
+    }
+  }
+  zero_term_and_reduce<R, MB>(w, n, xs, acc, out);
 }
 
 // This thread's rows [n0, n1) of y = x @ w.T (+ bias), for M activation rows; `add`: y += instead.
-template <int MB>
+template <int MB, bool A16>
 static void q4_rows_mb(const Q4Weight& w, const XQ* xs, int64_t n0, int64_t n1, float* y, int64_t ystride, bool add) {
   float d[4 * MB];
   auto put = [&](int64_t n, int mb, float v) {
@@ -136,26 +204,35 @@ static void q4_rows_mb(const Q4Weight& w, const XQ* xs, int64_t n0, int64_t n1, 
   };
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
-    q4_block<4, MB>(w, n, xs, d);
+    if constexpr (A16) q4_block16<4, MB>(w, n, xs, d);
+    else q4_block<4, MB>(w, n, xs, d);
     for (int mb = 0; mb < MB; ++mb)
       for (int r = 0; r < 4; ++r) put(n + r, mb, d[mb * 4 + r]);
   }
   for (; n < n1; ++n) {
-    q4_block<1, MB>(w, n, xs, d);
+    if constexpr (A16) q4_block16<1, MB>(w, n, xs, d);
+    else q4_block<1, MB>(w, n, xs, d);
     for (int mb = 0; mb < MB; ++mb) put(n, mb, d[mb]);
   }
 }
 
-void q4_rows(const Q4Weight& w, const XQ* xs, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ystride, bool add) {
+void q4_rows(const Q4Weight& w, const XQ* xs, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ystride, bool add,
+             bool act16) {
   int64_t m = 0;
-  for (; m + 2 <= M; m += 2) q4_rows_mb<2>(w, xs + m, n0, n1, y + m * ystride, ystride, add);
-  if (m < M) q4_rows_mb<1>(w, xs + m, n0, n1, y + m * ystride, ystride, add);
+  if (act16) {
+    for (; m + 2 <= M; m += 2) q4_rows_mb<2, true>(w, xs + m, n0, n1, y + m * ystride, ystride, add);
+    if (m < M) q4_rows_mb<1, true>(w, xs + m, n0, n1, y + m * ystride, ystride, add);
+    return;
+  }
+  for (; m + 2 <= M; m += 2) q4_rows_mb<2, false>(w, xs + m, n0, n1, y + m * ystride, ystride, add);
+  if (m < M) q4_rows_mb<1, false>(w, xs + m, n0, n1, y + m * ystride, ystride, add);
 }
 
 #else
 bool llama_engine_supported() { return false; }
 void prep_q8(const float*, int64_t, const XQ&) { TORCH_CHECK(false, "optistack_cpu: the decode engine needs AVX512-VNNI"); }
-void q4_rows(const Q4Weight&, const XQ*, int64_t, int64_t, int64_t, float*, int64_t, bool) {
+void prep_q16(const float*, int64_t, const XQ&) { TORCH_CHECK(false, "optistack_cpu: the decode engine needs AVX512-VNNI"); }
+void q4_rows(const Q4Weight&, const XQ*, int64_t, int64_t, int64_t, float*, int64_t, bool, bool) {
   TORCH_CHECK(false, "optistack_cpu: the decode engine needs AVX512-VNNI");
 }
 #endif

@@ -44,9 +44,11 @@ static Q4Weight q4(const std::vector<at::Tensor>& t, size_t i, int64_t N, int64_
 
 LlamaEngine::LlamaEngine(std::vector<int64_t> dims, double eps_, std::vector<at::Tensor> t) : keep(t) {
   TORCH_CHECK(llama_engine_supported(), "optistack_cpu.LlamaEngine: this build has no AVX512-VNNI");
-  TORCH_CHECK(dims.size() == 9, "optistack_cpu.LlamaEngine: dims are L, H, Hq, Hkv, D, I, V, Bmax, Tmax");
+  TORCH_CHECK(dims.size() == 10, "optistack_cpu.LlamaEngine: dims are L, H, Hq, Hkv, D, I, V, Bmax, Tmax, act_bits");
   L = dims[0]; H = dims[1]; Hq = dims[2]; Hkv = dims[3]; D = dims[4]; I = dims[5]; V = dims[6];
   Bmax = dims[7]; Tmax = dims[8];
+  TORCH_CHECK(dims[9] == 8 || dims[9] == 16, "optistack_cpu.LlamaEngine: act_bits must be 8 or 16, got ", dims[9]);
+  act16 = dims[9] == 16;
   eps = float(eps_);
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && D % 32 == 0 && D <= 256,
               "optistack_cpu.LlamaEngine: needs Hq a multiple of Hkv and a head size that is a multiple of 32 up to 256");
@@ -81,8 +83,10 @@ LlamaEngine::LlamaEngine(std::vector<int64_t> dims, double eps_, std::vector<at:
   scores.resize(size_t(at::get_num_threads() + 1) * Tmax);
   q8.resize(Bmax * U * 64 + 64); sxp.resize(Bmax * U * 8 + 16); sx.resize(Bmax * U); xsum.resize(Bmax * U);
   q16.resize(Bmax * Kh); sx16.resize(Bmax);
+  if (act16) x16.resize(Bmax * U * 64);
   for (int64_t b = 0; b < Bmax; ++b)
-    xq.push_back(XQ{q8.data() + b * U * 64, sxp.data() + b * U * 8, sx.data() + b * U, xsum.data() + b * U});
+    xq.push_back(XQ{q8.data() + b * U * 64, sxp.data() + b * U * 8, sx.data() + b * U, xsum.data() + b * U,
+                    act16 ? x16.data() + b * U * 64 : nullptr});
 }
 
 #if defined(OPTISTACK_AVX512) && defined(__AVX512VNNI__)
@@ -172,6 +176,7 @@ at::Tensor LlamaEngine::step(const at::Tensor& tokens_in, int64_t pos) {
   const int64_t Nqkv = (Hq + 2 * Hkv) * D, T = pos + 1, grp = Hq / Hkv, half = D / 2;
   const int nthreads = std::max(1, at::get_num_threads());
   auto kv = [&](float* base, int64_t l, int64_t b, int64_t h) { return base + (((l * Bmax + b) * Hkv + h) * Tmax) * D; };
+  auto prep = [&](const float* v, int64_t K, const XQ& o) { act16 ? prep_q16(v, K, o) : prep_q8(v, K, o); };
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -182,11 +187,11 @@ at::Tensor LlamaEngine::step(const at::Tensor& tokens_in, int64_t pos) {
       const Layer& ly = layers[l];
       for (int64_t b = tid; b < B; b += nt) {  // each row's owner: norm and quantize
         rms_norm(x.data() + b * H, ly.norm1, xn.data() + b * H, H, eps);
-        prep_q8(xn.data() + b * H, H, xq[b]);
+        prep(xn.data() + b * H, H, xq[b]);
       }
 #pragma omp barrier
       share(Nqkv, tid, nt, 4, n0, n1);
-      q4_rows(ly.qkv, xq.data(), B, n0, n1, qkv.data(), Nqkv, false);
+      q4_rows(ly.qkv, xq.data(), B, n0, n1, qkv.data(), Nqkv, false, act16);
 #pragma omp barrier
       for (int64_t j = tid; j < B * Hkv; j += nt) {  // RoPE on the new key, then both into the cache
         const int64_t b = j / Hkv, h = j % Hkv;
@@ -203,26 +208,26 @@ at::Tensor LlamaEngine::step(const at::Tensor& tokens_in, int64_t pos) {
         attend(q, kv(kc, l, b, h / grp), kv(vc, l, b, h / grp), T, D, sc, attn.data() + (b * Hq + h) * D);
       }
 #pragma omp barrier
-      for (int64_t b = tid; b < B; b += nt) prep_q8(attn.data() + b * Hq * D, Hq * D, xq[b]);
+      for (int64_t b = tid; b < B; b += nt) prep(attn.data() + b * Hq * D, Hq * D, xq[b]);
 #pragma omp barrier
       share(H, tid, nt, 4, n0, n1);
-      q4_rows(ly.o, xq.data(), B, n0, n1, x.data(), H, true);  // the residual add, in place
+      q4_rows(ly.o, xq.data(), B, n0, n1, x.data(), H, true, act16);  // the residual add, in place
 #pragma omp barrier
       for (int64_t b = tid; b < B; b += nt) {
         rms_norm(x.data() + b * H, ly.norm2, xn.data() + b * H, H, eps);
-        prep_q8(xn.data() + b * H, H, xq[b]);
+        prep(xn.data() + b * H, H, xq[b]);
       }
 #pragma omp barrier
       share(2 * I, tid, nt, 4, n0, n1);
-      q4_rows(ly.gate_up, xq.data(), B, n0, n1, gu.data(), 2 * I, false);
+      q4_rows(ly.gate_up, xq.data(), B, n0, n1, gu.data(), 2 * I, false, act16);
 #pragma omp barrier
       for (int64_t b = tid; b < B; b += nt) {
         swiglu(gu.data() + b * 2 * I, gu.data() + b * 2 * I + I, act.data() + b * I, I);
-        prep_q8(act.data() + b * I, I, xq[b]);
+        prep(act.data() + b * I, I, xq[b]);
       }
 #pragma omp barrier
       share(H, tid, nt, 4, n0, n1);
-      q4_rows(ly.down, xq.data(), B, n0, n1, x.data(), H, true);
+      q4_rows(ly.down, xq.data(), B, n0, n1, x.data(), H, true, act16);
 #pragma omp barrier
     }
     for (int64_t b = tid; b < B; b += nt) {

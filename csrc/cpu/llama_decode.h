@@ -22,12 +22,16 @@ struct XQ {
   float* sxp;   // [(K/128) * 16]: each pair's two unit scales over the lower and upper 8 lanes
   float* sx;    // [K/64] scale per unit
   float* xsum;  // [K/64] sum of each unit's quantized activations (codes x scale)
+  int16_t* q16;  // [K] int16 codes in natural order (act=int16 only)
 };
 
 bool llama_engine_supported();  // built with AVX512-VNNI (the kernels below need vpdpbusd)
 void prep_q8(const float* x, int64_t K, const XQ& out);
+void prep_q16(const float* x, int64_t K, const XQ& out);  // fills q16, sx, xsum
 // Rows [n0, n1) of y = x @ w.T (+ bias) for M activation rows (y row stride ystride); add: y += instead.
-void q4_rows(const Q4Weight& w, const XQ* xs, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ystride, bool add);
+// act16: the activations were prepared by prep_q16 (else prep_q8).
+void q4_rows(const Q4Weight& w, const XQ* xs, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ystride, bool add,
+             bool act16);
 
 // The int8 head kernel on raw pointers (int8_gemm.cpp): quantize one float32 row to int16 (returns its
 // scale, -1 for inf/NaN), then rows [n0, n1) of y (row stride N) for M activation rows.
@@ -35,7 +39,7 @@ float int8_quantize_f32(const float* x, int64_t K, int64_t Kp, int16_t* out);
 void int8_rows_f32(const int8_t* qw, const float* sc, int64_t K, const int16_t* xq, int64_t Kp, const float* sx,
                    int64_t M, int64_t n0, int64_t n1, float* y, int64_t N);
 
-// dims: L, H, Hq, Hkv, D, I, V, Bmax, Tmax. tensors: embed [V, H], final_norm [H], head_q int8 [V, H],
+// dims: L, H, Hq, Hkv, D, I, V, Bmax, Tmax, act_bits (8 or 16: the int4 projections' activations). tensors: embed [V, H], final_norm [H], head_q int8 [V, H],
 // head_s [V], cos [Tmax, D/2], sin [Tmax, D/2], k_cache, v_cache [L, Bmax, Hkv, Tmax, D], then per layer
 // norm1, norm2, and (q, s, zc, bias) for qkv, o, gate_up, down (bias: an empty tensor when absent).
 class LlamaEngine {
@@ -52,6 +56,7 @@ class LlamaEngine {
   };
   int64_t L, H, Hq, Hkv, D, I, V, Bmax, Tmax, Kh;
   float eps;
+  bool act16;
   std::vector<at::Tensor> keep;  // holds every tensor the pointers below point into
   const float *embed, *final_norm, *head_s, *cos, *sin;
   const int8_t* head_q;
@@ -60,7 +65,7 @@ class LlamaEngine {
   std::vector<float> x, xn, qkv, attn, gu, act, scores;
   std::vector<int8_t> q8;
   std::vector<float> sxp, sx, xsum, sx16;
-  std::vector<int16_t> q16;
+  std::vector<int16_t> q16, x16;
   std::vector<XQ> xq;
 };
 

@@ -43,21 +43,22 @@ def test_int4_unpack_inverts_prepack(n, k):
     assert torch.equal(cpu.int4_unpack(packed["qweight"], n, k), codes)
 
 
+@pytest.mark.parametrize("act_bits", [8, 16])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("chain", ["rtn-int4{head=int8},fuse-kernels", "rtn-int4{group_size=128}"])
-def test_engine_matches_its_reference(batch, chain):
+def test_engine_matches_its_reference(batch, chain, act_bits):
     """Odd unit counts (192 = 3 units, 320 = 5), grouped-query heads, fused and unfused layers."""
     from optistack.kernels.llama_engine import EngineWeights
 
     weights = EngineWeights.from_model(quantized(tiny(), chain))
-    eng = weights.engine(batch, 16)
+    eng = weights.engine(batch, 16, act_bits)
     cos, sin = weights.rope_tables(16)
     kc, vc = torch.zeros_like(eng.k_cache), torch.zeros_like(eng.v_cache)
     tok = torch.randint(0, 300, (batch,))
     for pos in range(8):
-        got, want = eng.step(tok, pos), ref.step(weights, tok, pos, kc, vc, cos, sin)
+        got, want = eng.step(tok, pos), ref.step(weights, tok, pos, kc, vc, cos, sin, act_bits)
         assert ((got - want).norm() / want.norm()) < 1e-4, pos
-        assert torch.allclose(eng.k_cache, kc, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(eng.k_cache, kc, rtol=1e-3, atol=1e-4)  # 1-ulp input differences may flip a rounding
         tok = want.argmax(-1)
 
 
@@ -76,14 +77,15 @@ def test_engine_serves_qwen2_with_projection_bias():
         tok = want.argmax(-1)
 
 
-def test_engine_follows_the_model_within_int8_activation_error():
+@pytest.mark.parametrize("act_bits,tolerance", [(8, 0.05), (16, 1e-3)])
+def test_engine_follows_the_model_within_its_activation_error(act_bits, tolerance):
     """Against the model's own float32 decode step (not the reference): the logits stay close."""
     from transformers import DynamicCache
 
     from optistack.kernels.llama_engine import EngineWeights
 
     model = quantized(tiny(layers=1))
-    eng = EngineWeights.from_model(model).engine(1, 32)
+    eng = EngineWeights.from_model(model).engine(1, 32, act_bits)
     ids = torch.randint(0, 300, (1, 6))
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
@@ -92,7 +94,7 @@ def test_engine_follows_the_model_within_int8_activation_error():
         for i in range(4):
             got = eng.step(tok, 6 + i)
             want = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
-            assert ((got - want).norm() / want.norm()) < 0.05
+            assert ((got - want).norm() / want.norm()) < tolerance
             tok = want.argmax(-1)
 
 

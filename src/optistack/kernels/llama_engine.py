@@ -189,14 +189,16 @@ class EngineWeights:
             raise ValueError("the decode engine needs rotary tables of the rotate-half form over the whole head")
         return cos[:, :half].contiguous(), sin[:, :half].contiguous()
 
-    def engine(self, batch: int, length: int) -> "Engine":
+    def engine(self, batch: int, length: int, act_bits: int = 8) -> "Engine":
+        """A C++ engine for `batch` rows and `length` positions; `act_bits` (8 or 16) is the precision of
+        the int4 projections' activations."""
         from . import cpu
 
         d = self.dims
         cos, sin = self.rope_tables(length)
         shape = (d["L"], batch, d["Hkv"], length, d["D"])
         k, v = torch.zeros(shape), torch.zeros(shape)
-        dims = [d["L"], d["H"], d["Hq"], d["Hkv"], d["D"], d["I"], d["V"], batch, length]
+        dims = [d["L"], d["H"], d["Hq"], d["Hkv"], d["D"], d["I"], d["V"], batch, length, act_bits]
         tensors = self.tensors[:4] + [cos, sin, k, v] + self.tensors[4:]
         return Engine(cpu.lib().LlamaEngine(dims, self.eps, tensors), k, v)
 

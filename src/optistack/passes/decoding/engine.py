@@ -6,9 +6,10 @@ attention over the filled cache slots only, and the head inside one parallel reg
 graph guards, no fork/join per operator. It serves int4-quantized Llama, Mistral and Qwen2 models
 (run `awq` or `rtn-int4` first; `fuse-kernels` before it is fine) on x86 CPUs with AVX512-VNNI.
 
-Numerics: the int4 projections take int8 activations (per 64 channels, as llama.cpp's Q8 blocks), the
-head int16 ones (as the int8 head); everything else is float32. So the tokens can differ from the
-model's own float32-activation decoding where two logits are close. At apply the pass measures, on the
+Numerics: the int4 projections take int8 activations (per 64 channels, as llama.cpp's Q8 blocks; or
+int16 with `act=int16`: twice the dot-product work, 15 significant bits like the model's own kernel),
+the head int16 ones (as the int8 head); everything else is float32. So with int8 the tokens can differ
+from the model's own float32-activation decoding where two logits are close. At apply the pass measures, on the
 workload's calibration prompts, how often the engine picks the token the model's own loop picks when
 both see the same history (teacher-forced top-1 agreement), records it, and refuses the engine below
 `min_agreement`.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -39,6 +40,7 @@ LENGTH_BUCKET = 256  # engines (their caches) are sized in multiples of this man
 
 @dataclasses.dataclass(frozen=True)
 class DecodeEngineConfig(PassConfig):
+    act: Literal["int8", "int16"] = "int8"  # the int4 projections' activations: int8 (fast) or int16 (exact)
     check_prompts: int = 2
     check_tokens: int = 32
     min_agreement: float = 0.9
@@ -57,12 +59,12 @@ def _unwrap(model: Any) -> Any:
 class EngineDecode:
     """The `optistack_decode` strategy: the model's own prefill, then one engine call per token."""
 
-    def __init__(self, weights: Any) -> None:
-        self.weights = weights
+    def __init__(self, weights: Any, act_bits: int = 8) -> None:
+        self.weights, self.act_bits = weights, act_bits
         self._engines: dict[tuple[int, int], Any] = {}
 
-    def __deepcopy__(self, memo: dict) -> "EngineDecode":
-        return EngineDecode(copy.deepcopy(self.weights, memo))  # engines (C++ objects) are rebuilt on use
+    def __deepcopy__(self, memo: dict) -> "EngineDecode":  # engines (C++ objects) are rebuilt on use
+        return EngineDecode(copy.deepcopy(self.weights, memo), self.act_bits)
 
     def engine(self, batch: int, length: int) -> Any:
         """An engine for `batch` rows and `length` tokens in all (an existing one when it is big enough)."""
@@ -71,7 +73,7 @@ class EngineDecode:
                 return eng
         self._engines.clear()  # one cache at a time: a new size replaces the old one
         size = LENGTH_BUCKET * -(-length // LENGTH_BUCKET)
-        eng = self._engines[(batch, size)] = self.weights.engine(batch, size)
+        eng = self._engines[(batch, size)] = self.weights.engine(batch, size, self.act_bits)
         return eng
 
     def prefill(self, model: Any, input_ids: torch.Tensor, eng: Any) -> torch.Tensor:
@@ -144,8 +146,8 @@ class DecodeEnginePass(ConfiguredPass):
             return PassResult(model, modified=False, info={"reason": why})
         start = time.perf_counter()
         weights = EngineWeights.from_model(_unwrap(model))
-        decoder = EngineDecode(weights)
-        info: dict[str, Any] = {"build_s": round(time.perf_counter() - start, 3),
+        decoder = EngineDecode(weights, 16 if cfg.act == "int16" else 8)
+        info: dict[str, Any] = {"act": cfg.act, "build_s": round(time.perf_counter() - start, 3),
                                 "threads": torch.get_num_threads(),
                                 "head": "int8 (quantized by this pass)" if weights.head_quantized_here else "int8"}
         prompts = check_prompts(ctx, cfg.check_prompts, weights.dims["V"]) if cfg.check_prompts else []
