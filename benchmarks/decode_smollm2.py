@@ -8,9 +8,10 @@ Every variant is built from the same loaded model (a deep copy each), warmed up 
 call is where `compile` compiles: reported as compile seconds, apart from the timed runs), then the
 variants are timed interleaved (eager, chain 1, chain 2, eager, ...) `--repeats` times, so machine
 drift hits all of them alike; the table gives medians and the ratio to eager. `--check` decodes the
-same prompt with each chain and with the chain minus its `compile` step and reports whether the
-tokens are identical; `--ppl` adds the workload's perplexity; `--profile` prints where one decode
-step's time goes (torch.profiler, top ops) for each variant. Writes JSON with `--json`.
+same prompt with each chain and with the chain minus its `compile` step (a chain with `decode-engine`:
+with the same model's own decode loop) and reports whether the tokens are identical; `--ppl` adds the
+workload's perplexity; `--profile` prints where one decode step's time goes (torch.profiler, top ops)
+for each variant. Writes JSON with `--json`.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def prompt_batch(workload, batch: int):
 def profile_step(model, prompt, tokens: int = 16) -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    from optistack.workloads.generation import greedy_decode
+    from optistack.generation import greedy_decode
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         greedy_decode(model, prompt, tokens)
@@ -79,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
 
+    from optistack.generation import greedy_decode
     from optistack.workloads import load
-    from optistack.workloads.generation import greedy_decode
 
     torch.set_num_threads(args.threads)
     workload = load("smollm2")
@@ -122,12 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     prompt = prompt_batch(workload, 1)
     if args.check:
         for name in args.pipelines:
-            ref_text = without_compile(name)
-            if ref_text == name:
-                continue
-            ref_model = models.get(ref_text) or build(ref_text, workload, workload.model)[0]
             ours = greedy_decode(models[name], prompt, args.tokens).tokens
-            ref = greedy_decode(ref_model, prompt, args.tokens).tokens
+            if "decode-engine" in name:  # the engine against the same model's own decode loop
+                ref_text = "the model's own loop"
+                ref = greedy_decode(models[name], prompt, args.tokens, use_strategy=False).tokens
+            else:
+                ref_text = without_compile(name)
+                if ref_text == name:
+                    continue
+                ref_model = models.get(ref_text) or build(ref_text, workload, workload.model)[0]
+                ref = greedy_decode(ref_model, prompt, args.tokens).tokens
             same = bool(torch.equal(ours, ref))
             first_diff = None if same else int((ours != ref).nonzero()[0, -1])
             results[name]["token_identical_to_uncompiled"] = same
