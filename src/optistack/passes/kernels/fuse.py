@@ -24,6 +24,7 @@ from torch import nn
 
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
+from ...core.modeling import model_device as core_model_device
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability
 from ...kernels.modules import BACKEND_MODULES, FusedGatedMLP, FusedInt4Linear, FusedRMSNorm, backend_module
@@ -82,11 +83,8 @@ def choose_backend(device: torch.device, wanted: str) -> tuple[str | None, dict[
 
 
 def model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
+    """The model's device (core.modeling's one answer), the CPU for a model without tensors."""
+    return core_model_device(model) or torch.device("cpu")
 
 
 def is_rmsnorm(m: nn.Module) -> bool:
