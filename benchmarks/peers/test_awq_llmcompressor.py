@@ -44,11 +44,11 @@ def test_awq_perplexity_beside_llmcompressor(tmp_path, results_table):
     python = _peer_python()
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
+    from optistack.bundled_models import smollm2_dir
     from optistack.core.pass_protocol import PassContext
     from optistack.core.pipeline import Pipeline
     from optistack.passes.quant.awq import calibration_ids
     from optistack.workloads import load
-    from optistack.workloads.loaders import smollm2_dir
 
     wl = load("smollm2")
     table = results_table("awq-llmcompressor", {"model": "SmolLM2-135M-Instruct (fp32)", "bits": 4,

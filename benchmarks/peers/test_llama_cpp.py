@@ -93,7 +93,7 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
 
 
 def measure_ours(model, prompt, settings: dict) -> dict:
-    from optistack.workloads.generation import generation_measurements
+    from optistack.generation import generation_measurements
 
     runs = [generation_measurements(model, prompt, settings["new_tokens"]) for _ in range(settings["repeats"])]
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
@@ -105,10 +105,10 @@ def test_llama_cpp_side_by_side(peer_settings, results_table, causal_lm_prompt, 
     pythons = llama_pythons()
     import torch
 
+    from optistack.bundled_models import smollm2_gguf
     from optistack.core.pass_protocol import PassContext
     from optistack.core.pipeline import Pipeline
-    from optistack.workloads.generation import greedy_decode
-    from optistack.workloads.loaders import smollm2_gguf
+    from optistack.generation import greedy_decode
 
     settings = dict(peer_settings)
     torch.set_num_threads(settings["threads"])
