@@ -50,13 +50,13 @@ class TimingConfig:
     max_seconds: float = 30.0
     target_half_width: float = 0.02
     noise_floor: bool = True  # A/A of the original against a copy before the pipeline (see instrument)
-    block: int = 3  # consecutive calls of one model per round; the first (after a switch) is kept apart
+    block: int = 2  # consecutive calls of one model per round; the first (after a switch) is kept apart
 
     def __post_init__(self) -> None:
         if isinstance(self.block, bool) or not isinstance(self.block, int) or not 1 <= self.block <= MAX_BLOCK:
             raise TimingConfigError(
                 f"TimingConfig needs block to be a whole number from 1 to {MAX_BLOCK} (consecutive calls of one "
-                f"model per round; 1 interleaves call by call, 3 times two steady calls after each switch); "
+                f"model per round; 1 interleaves call by call, 2 times one steady call after each switch); "
                 f"got {self.block!r}"
             )
         if self.warmup < 0 or self.min_rounds < 3 or self.max_rounds < self.min_rounds or self.max_seconds <= 0:
