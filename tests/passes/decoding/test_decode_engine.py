@@ -92,3 +92,26 @@ def test_options_are_checked():
     for bad in ({"min_agreement": 1.5}, {"check_tokens": 1}, {"check_prompts": -1}):
         with pytest.raises(PassConfigError, match="decode-engine"):
             DecodeEnginePass(**bad)
+
+
+@needs_engine
+def test_a_saved_model_gets_its_engine_back_on_load(tmp_path):
+    from optistack.core.persist import load_model, save_model
+
+    original = tiny_llama(1)
+    quant = apply(original, "rtn-int4").model
+    model = apply(quant, "decode-engine{check_prompts=0}").model
+
+    def step(name, text, config):
+        class Step:
+            status, pass_name, info = "applied", name, {}
+        Step.text, Step.config = text, config
+        return Step()
+
+    save_model(tmp_path / "m", model, original,
+               [step("rtn-int4", "rtn-int4", {}), step("decode-engine", "decode-engine{check_prompts=0}",
+                                                       {"check_prompts": 0})], {})
+    loaded = load_model(tmp_path / "m")
+    assert getattr(loaded, "optistack_decode", None) is not None
+    prompt = torch.randint(0, 300, (1, 7))
+    assert torch.equal(greedy_decode(loaded, prompt, 8).tokens, greedy_decode(model, prompt, 8).tokens)
