@@ -61,8 +61,15 @@ LlamaEngine::LlamaEngine(std::vector<int64_t> dims, double eps_, std::vector<at:
   head_s = f32(t[3], V, "head_s");
   cos = f32(t[4], Tmax * D / 2, "cos");
   sin = f32(t[5], Tmax * D / 2, "sin");
-  kc = const_cast<float*>(f32(t[6], L * Bmax * Hkv * Tmax * D, "k_cache"));
-  vc = const_cast<float*>(f32(t[7], L * Bmax * Hkv * Tmax * D, "v_cache"));
+  const int64_t cache_numel = L * Bmax * Hkv * Tmax * D;
+  kv16 = t[6].scalar_type() == at::kHalf;
+  for (int i : {6, 7})
+    TORCH_CHECK((t[i].scalar_type() == at::kFloat || t[i].scalar_type() == at::kHalf) &&
+                    t[i].scalar_type() == t[6].scalar_type() && t[i].is_contiguous() && t[i].numel() == cache_numel,
+                "optistack_cpu.LlamaEngine: k_cache and v_cache must be contiguous float32 or float16 tensors of ",
+                cache_numel, " values, both of one dtype");
+  kc = t[6].data_ptr();
+  vc = t[7].data_ptr();
   const int64_t Nqkv = (Hq + 2 * Hkv) * D;
   for (int64_t l = 0; l < L; ++l) {
     const size_t b = 8 + 18 * l;
@@ -113,17 +120,44 @@ static void rope(float* v, const float* c, const float* s, int64_t D) {
   }
 }
 
-static inline float dot(const float* a, const float* b, int64_t D) {
+// 16 cache values as float32 (the cache is float32, or float16 for the int8-activation engine).
+static inline __m512 ld(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 ld(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+static inline void st(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+static inline void st(at::Half* p, __m512 v) {
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+template <typename KV>
+static inline float dot(const float* a, const KV* b, int64_t D) {
   __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  for (int64_t i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), ld(b + i), acc);
   return _mm512_reduce_add_ps(acc);
 }
 
 // out = softmax(q . k[t] / sqrt(D), t = 0..T-1) @ v, for one query head over its key/value head.
-static void attend(const float* q, const float* k, const float* v, int64_t T, int64_t D, float* sc, float* out) {
+template <typename KV>
+static void attend(const float* q, const KV* k, const KV* v, int64_t T, int64_t D, float* sc, float* out) {
   const float scale = 1.f / std::sqrt(float(D));
   float mx = -INFINITY;
-  for (int64_t t = 0; t < T; ++t) {
+  int64_t t = 0;
+  if (D == 64) {  // four positions at a time, their four horizontal sums in one reduce4
+    const __m512 q0 = _mm512_loadu_ps(q), q1 = _mm512_loadu_ps(q + 16), q2 = _mm512_loadu_ps(q + 32),
+                 q3 = _mm512_loadu_ps(q + 48);
+    auto part = [&](const KV* kt) {
+      __m512 a = _mm512_mul_ps(q0, ld(kt));
+      a = _mm512_fmadd_ps(q1, ld(kt + 16), a);
+      a = _mm512_fmadd_ps(q2, ld(kt + 32), a);
+      return _mm512_fmadd_ps(q3, ld(kt + 48), a);
+    };
+    const __m128 s4 = _mm_set1_ps(scale);
+    for (; t + 4 <= T; t += 4) {
+      const KV* kt = k + t * D;
+      _mm_storeu_ps(sc + t, _mm_mul_ps(reduce4(part(kt), part(kt + 64), part(kt + 128), part(kt + 192)), s4));
+      mx = std::max(mx, std::max(std::max(sc[t], sc[t + 1]), std::max(sc[t + 2], sc[t + 3])));
+    }
+  }
+  for (; t < T; ++t) {
     sc[t] = dot(q, k + t * D, D) * scale;
     mx = std::max(mx, sc[t]);
   }
@@ -141,7 +175,7 @@ static void attend(const float* q, const float* k, const float* v, int64_t T, in
   for (int64_t i = 0; i < nv; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t t = 0; t < T; ++t) {
     const __m512 p = _mm512_set1_ps(sc[t] * inv);
-    for (int64_t i = 0; i < nv; ++i) acc[i] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + t * D + 16 * i), acc[i]);
+    for (int64_t i = 0; i < nv; ++i) acc[i] = _mm512_fmadd_ps(p, ld(v + t * D + 16 * i), acc[i]);
   }
   for (int64_t i = 0; i < nv; ++i) _mm512_storeu_ps(out + 16 * i, acc[i]);
 }
@@ -173,9 +207,20 @@ at::Tensor LlamaEngine::step(const at::Tensor& tokens_in, int64_t pos) {
     TORCH_CHECK(tok[b] >= 0 && tok[b] < V, "optistack_cpu.LlamaEngine: token id ", tok[b], " outside 0..", V - 1);
   at::Tensor logits = at::empty({B, V}, at::kFloat);
   float* lg = logits.data_ptr<float>();
+  if (kv16) run<at::Half>(tok, B, pos, lg);
+  else run<float>(tok, B, pos, lg);
+  for (int64_t b = 0; b < B; ++b)  // a non-finite hidden state gives NaN logits, as the float model would
+    if (sx16[b] < 0.f) logits[b].fill_(NAN);
+  return logits;
+}
+
+template <typename KV>
+void LlamaEngine::run(const int64_t* tok, int64_t B, int64_t pos, float* lg) {
   const int64_t Nqkv = (Hq + 2 * Hkv) * D, T = pos + 1, grp = Hq / Hkv, half = D / 2;
   const int nthreads = std::max(1, at::get_num_threads());
-  auto kv = [&](float* base, int64_t l, int64_t b, int64_t h) { return base + (((l * Bmax + b) * Hkv + h) * Tmax) * D; };
+  auto kv = [&](void* base, int64_t l, int64_t b, int64_t h) {
+    return static_cast<KV*>(base) + (((l * Bmax + b) * Hkv + h) * Tmax) * D;
+  };
   auto prep = [&](const float* v, int64_t K, const XQ& o) { act16 ? prep_q16(v, K, o) : prep_q8(v, K, o); };
 #pragma omp parallel num_threads(nthreads)
   {
@@ -197,8 +242,11 @@ at::Tensor LlamaEngine::step(const at::Tensor& tokens_in, int64_t pos) {
         const int64_t b = j / Hkv, h = j % Hkv;
         float* k = qkv.data() + b * Nqkv + (Hq + h) * D;
         rope(k, cos + pos * half, sin + pos * half, D);
-        std::copy(k, k + D, kv(kc, l, b, h) + pos * D);
-        std::copy(k + Hkv * D, k + Hkv * D + D, kv(vc, l, b, h) + pos * D);
+        KV *kd = kv(kc, l, b, h) + pos * D, *vd = kv(vc, l, b, h) + pos * D;
+        for (int64_t i = 0; i < D; i += 16) {
+          st(kd + i, _mm512_loadu_ps(k + i));
+          st(vd + i, _mm512_loadu_ps(k + Hkv * D + i));
+        }
       }
 #pragma omp barrier
       for (int64_t j = tid; j < B * Hq; j += nt) {
@@ -238,9 +286,6 @@ at::Tensor LlamaEngine::step(const at::Tensor& tokens_in, int64_t pos) {
     share(V, tid, nt, 64, n0, n1);
     if (n0 < n1) int8_rows_f32(head_q, head_s, H, q16.data(), Kh, sx16.data(), B, n0, n1, lg, V);
   }
-  for (int64_t b = 0; b < B; ++b)  // a non-finite hidden state gives NaN logits, as the float model would
-    if (sx16[b] < 0.f) logits[b].fill_(NAN);
-  return logits;
 }
 #else
 at::Tensor LlamaEngine::step(const at::Tensor&, int64_t) {

@@ -40,7 +40,8 @@ void int8_rows_f32(const int8_t* qw, const float* sc, int64_t K, const int16_t* 
                    int64_t M, int64_t n0, int64_t n1, float* y, int64_t N);
 
 // dims: L, H, Hq, Hkv, D, I, V, Bmax, Tmax, act_bits (8 or 16: the int4 projections' activations). tensors: embed [V, H], final_norm [H], head_q int8 [V, H],
-// head_s [V], cos [Tmax, D/2], sin [Tmax, D/2], k_cache, v_cache [L, Bmax, Hkv, Tmax, D], then per layer
+// head_s [V], cos [Tmax, D/2], sin [Tmax, D/2], k_cache, v_cache [L, Bmax, Hkv, Tmax, D] (float32 or float16),
+// then per layer
 // norm1, norm2, and (q, s, zc, bias) for qkv, o, gate_up, down (bias: an empty tensor when absent).
 class LlamaEngine {
  public:
@@ -50,6 +51,8 @@ class LlamaEngine {
   at::Tensor step(const at::Tensor& tokens, int64_t pos);
 
  private:
+  template <typename KV>
+  void run(const int64_t* tok, int64_t B, int64_t pos, float* logits);
   struct Layer {
     const float *norm1, *norm2;
     Q4Weight qkv, o, gate_up, down;
@@ -60,7 +63,8 @@ class LlamaEngine {
   std::vector<at::Tensor> keep;  // holds every tensor the pointers below point into
   const float *embed, *final_norm, *head_s, *cos, *sin;
   const int8_t* head_q;
-  float *kc, *vc;
+  void *kc, *vc;  // float32, or float16 (kv16) for the int8-activation engine: half the bytes attention reads
+  bool kv16;
   std::vector<Layer> layers;
   std::vector<float> x, xn, qkv, attn, gu, act, scores;
   std::vector<int8_t> q8;

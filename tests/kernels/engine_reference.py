@@ -57,8 +57,8 @@ def step(weights, tokens: torch.Tensor, pos: int, k_cache: torch.Tensor, v_cache
         k = rope(qkv[:, hq * hd: (hq + hkv) * hd].reshape(b, hkv, hd), cos[pos], sin[pos])
         k_cache[layer, :b, :, pos] = k
         v_cache[layer, :b, :, pos] = qkv[:, (hq + hkv) * hd:].reshape(b, hkv, hd)
-        keys = k_cache[layer, :b, :, : pos + 1].repeat_interleave(hq // hkv, dim=1)
-        vals = v_cache[layer, :b, :, : pos + 1].repeat_interleave(hq // hkv, dim=1)
+        keys = k_cache[layer, :b, :, : pos + 1].float().repeat_interleave(hq // hkv, dim=1)
+        vals = v_cache[layer, :b, :, : pos + 1].float().repeat_interleave(hq // hkv, dim=1)
         att = torch.softmax((keys @ q[..., None])[..., 0] / hd ** 0.5, dim=-1)
         x = x + linear((att[:, :, None, :] @ vals)[:, :, 0].reshape(b, hq * hd), lt[6:10], qmax)
         gu = linear(rms(x, lt[1], eps), lt[10:14], qmax)

@@ -57,8 +57,10 @@ def test_engine_matches_its_reference(batch, chain, act_bits):
     tok = torch.randint(0, 300, (batch,))
     for pos in range(8):
         got, want = eng.step(tok, pos), ref.step(weights, tok, pos, kc, vc, cos, sin, act_bits)
-        assert ((got - want).norm() / want.norm()) < 1e-4, pos
-        assert torch.allclose(eng.k_cache, kc, rtol=1e-3, atol=1e-4)  # 1-ulp input differences may flip a rounding
+        # a float16 cache entry (act_bits=8) may round the other way after a 1-ulp input difference
+        assert ((got - want).norm() / want.norm()) < (1e-3 if act_bits == 8 else 1e-4), pos
+        # 1-ulp input differences may flip a rounding (of an int16 code, or of a float16 cache entry)
+        assert torch.allclose(eng.k_cache.float(), kc.float(), rtol=2e-3, atol=1e-4)
         tok = want.argmax(-1)
 
 

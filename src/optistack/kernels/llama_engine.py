@@ -197,7 +197,10 @@ class EngineWeights:
         d = self.dims
         cos, sin = self.rope_tables(length)
         shape = (d["L"], batch, d["Hkv"], length, d["D"])
-        k, v = torch.zeros(shape), torch.zeros(shape)
+        # int8 activations: a float16 cache (half the bytes attention reads; llama.cpp's default too);
+        # int16, the exact mode: float32, as the model's own cache
+        dtype = torch.float16 if act_bits == 8 else torch.float32
+        k, v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
         dims = [d["L"], d["H"], d["Hq"], d["Hkv"], d["D"], d["I"], d["V"], batch, length, act_bits]
         tensors = self.tensors[:4] + [cos, sin, k, v] + self.tensors[4:]
         return Engine(cpu.lib().LlamaEngine(dims, self.eps, tensors), k, v)
@@ -205,7 +208,7 @@ class EngineWeights:
 
 @dataclass
 class Engine:
-    """One C++ engine with its KV cache [L, B, Hkv, T, D] (float32, keys after RoPE)."""
+    """One C++ engine with its KV cache [L, B, Hkv, T, D] (float16 or float32, keys after RoPE)."""
 
     impl: Any
     k_cache: torch.Tensor
