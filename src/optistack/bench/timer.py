@@ -50,7 +50,7 @@ class TimingConfig:
     max_seconds: float = 30.0
     target_half_width: float = 0.02
     noise_floor: bool = True  # A/A of the original against a copy before the pipeline (see instrument)
-    block: int = 2  # consecutive calls of one model per round; the first (after a switch) is kept apart
+    block: int = 1  # consecutive calls of one model per round; with 2+, the first (after a switch) is kept apart
 
     def __post_init__(self) -> None:
         if isinstance(self.block, bool) or not isinstance(self.block, int) or not 1 <= self.block <= MAX_BLOCK:
