@@ -26,16 +26,21 @@ namespace optistack_cpu {
 #if defined(OPTISTACK_AVX512) && defined(__AVX512VNNI__)
 bool llama_engine_supported() { return true; }
 
+// A unit's 64 activations into v[4]; returns their largest magnitude.
+static inline float load_unit(const float* xu, __m512* v) {
+  __m512 mx = _mm512_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm512_loadu_ps(xu + 16 * i);
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(v[i]));
+  }
+  return _mm512_reduce_max_ps(mx);
+}
+
 void prep_q8(const float* x, int64_t K, const XQ& o) {
   const int64_t U = K / 64, P = U / 2;
   for (int64_t u = 0; u < U; ++u) {
-    const float* xu = x + u * 64;
-    __m512 v[4], mx = _mm512_setzero_ps();
-    for (int i = 0; i < 4; ++i) {
-      v[i] = _mm512_loadu_ps(xu + 16 * i);
-      mx = _mm512_max_ps(mx, _mm512_abs_ps(v[i]));
-    }
-    const float amax = _mm512_reduce_max_ps(mx);
+    __m512 v[4];
+    const float amax = load_unit(x + u * 64, v);
     o.sx[u] = amax / 127.f;
     const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
     int8_t q[64];
@@ -136,13 +141,8 @@ static inline void q4_block(const Q4Weight& w, int64_t n, const XQ* xs, float* o
 void prep_q16(const float* x, int64_t K, const XQ& o) {
   const int64_t U = K / 64;
   for (int64_t u = 0; u < U; ++u) {
-    const float* xu = x + u * 64;
-    __m512 v[4], mx = _mm512_setzero_ps();
-    for (int i = 0; i < 4; ++i) {
-      v[i] = _mm512_loadu_ps(xu + 16 * i);
-      mx = _mm512_max_ps(mx, _mm512_abs_ps(v[i]));
-    }
-    const float amax = _mm512_reduce_max_ps(mx);
+    __m512 v[4];
+    const float amax = load_unit(x + u * 64, v);
     o.sx[u] = amax / 32767.f;
     const __m512 inv = _mm512_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
     __m512i qs = _mm512_setzero_si512();

@@ -42,7 +42,7 @@ import torch
 
 from .core.errors import WorkloadError
 from .core.hooks import CACHE_ATTR, DECODE_ATTR
-from .core.modeling import unwrap_compiled
+from .core.modeling import output_field, unwrap_compiled
 
 
 class CacheUnsupportedError(WorkloadError):
@@ -113,19 +113,7 @@ def logits_of(outputs: Any, last_only: bool = False) -> torch.Tensor:
 
     `last_only` keeps just the last position before upcasting, so decoding does not copy all logits.
     """
-    if hasattr(outputs, "logits"):
-        outputs = outputs.logits
-    elif isinstance(outputs, dict):
-        outputs = outputs["logits"] if "logits" in outputs else next(iter(outputs.values()))
-    elif isinstance(outputs, (tuple, list)) and outputs:
-        outputs = outputs[0]
-    if not isinstance(outputs, torch.Tensor):
-        try:
-            outputs = torch.as_tensor(outputs)
-        except Exception as exc:
-            raise WorkloadError(f"cannot read logits from a {type(outputs).__name__} output") from exc
-    if outputs.dim() != 3:
-        raise WorkloadError(f"expected logits of shape (batch, seq, vocab), got {tuple(outputs.shape)}")
+    outputs = output_field(outputs, "logits", "logits (batch, seq, vocab)", 3)
     return (outputs[:, -1:] if last_only else outputs).float()
 
 

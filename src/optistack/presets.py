@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from .core.errors import PipelineParseError, closest
+from .kernels.build import cpu_flags  # the one reader of /proc/cpuinfo's flags (stdlib only)
 
 ANY = "*"
 FEATURES = ("cuda", "amx", "avx512_bf16", "avx512_vnni", "avx512", "avx2")
@@ -76,7 +77,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 def machine_features() -> frozenset[str]:
     """What this machine has, from /proc/cpuinfo flags (Linux), else torch's CPU capability probes."""
     found: set[str] = set()
-    flags = _cpuinfo_flags()
+    flags = cpu_flags()
     if flags:
         found |= {"amx"} if {"amx_tile", "amx_bf16"} <= flags else set()
         found |= {"avx512_bf16"} if "avx512_bf16" in flags else set()
@@ -93,17 +94,6 @@ def machine_features() -> frozenset[str]:
     except Exception:  # no torch, or a broken CUDA install: a CPU machine as far as presets go
         pass
     return frozenset(found)
-
-
-def _cpuinfo_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def _torch_cpu_features() -> set[str]:

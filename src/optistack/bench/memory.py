@@ -8,6 +8,9 @@ from typing import Any, Callable
 
 import torch
 
+from ..core.hooks import MODEL_BYTES_ATTR
+from ..core.modeling import unwrap_compiled
+
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -32,14 +35,14 @@ def _tensor_bytes(t: torch.Tensor, seen: set[int]) -> int:
 
 def unwrap_module(model: Any) -> Any:
     """The nn.Module behind a torch.compile wrapper, if any."""
-    return getattr(model, "_orig_mod", model)
+    return unwrap_compiled(model)
 
 
 def model_bytes(model: Any) -> int | None:
     """Bytes of parameters and buffers (shared storage counted once); None when not a torch module."""
     module = unwrap_module(model)
     if not isinstance(module, torch.nn.Module):
-        size = getattr(module, "model_bytes", None)
+        size = getattr(module, MODEL_BYTES_ATTR, None)
         return int(size()) if callable(size) else None
     seen: set[int] = set()
     tensors = list(module.parameters()) + list(module.buffers())

@@ -124,3 +124,29 @@ def flatten_outputs(outputs: Any) -> Any:
     if not parts:
         raise WorkloadError(f"generic: the model's outputs ({type(outputs).__name__}) hold no tensors to compare")
     return torch.cat(parts)
+
+
+def output_field(outputs: Any, name: str, what: str, dims: int) -> Any:
+    """`name` of a model's outputs as a tensor of `dims` dimensions (its own dtype): the attribute of a
+    ModelOutput, the key of a dict (else its first value), the first item of a tuple or list (searched
+    the same way), or the tensor (or array, from an exported runtime) itself. Raises WorkloadError
+    naming `what` (e.g. "smollm2: logits") when it is none of these or has another shape."""
+    import torch
+
+    from .errors import WorkloadError
+
+    if hasattr(outputs, name):
+        outputs = getattr(outputs, name)
+    elif isinstance(outputs, dict):
+        outputs = outputs[name] if name in outputs else next(iter(outputs.values()))
+    elif isinstance(outputs, (tuple, list)) and outputs:
+        return output_field(outputs[0], name, what, dims)
+    if not isinstance(outputs, torch.Tensor):
+        try:
+            outputs = torch.as_tensor(outputs)
+        except Exception as exc:
+            raise WorkloadError(f"{what}: cannot read it from a {type(outputs).__name__} output") from exc
+    if outputs.dim() != dims:
+        raise WorkloadError(f"{what}: expected {dims} dimensions, got shape {tuple(outputs.shape)}")
+    return outputs
+

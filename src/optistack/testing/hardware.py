@@ -29,14 +29,9 @@ _COMPILERS = ("c++", "g++", "clang++")
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo; empty where there is none (macOS, Windows)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    from ..kernels.build import cpu_flags as read  # the one reader of /proc/cpuinfo
+
+    return frozenset(read())
 
 
 def cxx_compiler() -> str | None:

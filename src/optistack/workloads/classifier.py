@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import torch
 
 from ..core.errors import WorkloadError
-from ..core.modeling import model_device, to_device
+from ..core.modeling import model_device, output_field, to_device
 from .base import Inputs, Metric
 from .data_files import DataRecords, describe_split, split_records
 from .loaders import count_params
@@ -27,16 +27,7 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 def logits_of(outputs: Any) -> torch.Tensor:
     """[batch, classes] float32 logits from a ModelOutput, dict, tuple or tensor."""
-    if hasattr(outputs, "logits"):
-        outputs = outputs.logits
-    elif isinstance(outputs, dict):
-        outputs = outputs["logits"] if "logits" in outputs else next(iter(outputs.values()))
-    elif isinstance(outputs, (tuple, list)) and outputs:
-        outputs = outputs[0]
-    outputs = torch.as_tensor(outputs)
-    if outputs.dim() != 2:
-        raise WorkloadError(f"classifier: expected logits of shape (batch, classes), got {tuple(outputs.shape)}")
-    return outputs.float()
+    return output_field(outputs, "logits", "classifier: logits (batch, classes)", 2).float()
 
 
 def label_ids(labels: list[Any], config: Any, source: str) -> list[int]:

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import torch
 
 from ..core.errors import WorkloadError
-from ..core.modeling import model_device, to_device
+from ..core.modeling import model_device, output_field, to_device
 from .base import Inputs, Metric
 from .loaders import MINILM_ID, count_params, load_minilm
 
@@ -36,20 +36,7 @@ def hidden_states(outputs: Any) -> torch.Tensor:
     Accepts a ModelOutput/dict with `last_hidden_state`, a tuple/list whose first item holds them (also
     numpy arrays from exported runtimes), or a bare tensor; bf16/fp16 outputs are upcast here.
     """
-    if hasattr(outputs, "last_hidden_state"):
-        outputs = outputs.last_hidden_state
-    elif isinstance(outputs, dict):
-        outputs = outputs["last_hidden_state"] if "last_hidden_state" in outputs else next(iter(outputs.values()))
-    elif isinstance(outputs, (tuple, list)) and outputs:
-        return hidden_states(outputs[0])
-    if not isinstance(outputs, torch.Tensor):
-        try:
-            outputs = torch.as_tensor(outputs)
-        except Exception as exc:
-            raise WorkloadError(f"minilm: cannot read hidden states from a {type(outputs).__name__} output") from exc
-    if outputs.dim() != 3:
-        raise WorkloadError(f"minilm: expected hidden states of shape (batch, seq, dim), got {tuple(outputs.shape)}")
-    return outputs.float()
+    return output_field(outputs, "last_hidden_state", "minilm: hidden states (batch, seq, dim)", 3).float()
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
