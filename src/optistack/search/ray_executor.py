@@ -13,6 +13,7 @@ import contextlib
 import os
 from typing import Any, Iterator
 
+from ..core.deprecation import renamed
 from ..core.errors import OptistackError
 from .store import TrialRecord
 
@@ -107,14 +108,7 @@ class RayTimingLock:
 _RENAMED = {"GateActor": "TimingLockActor", "RayGate": "RayTimingLock", "GATE_NAME": "LOCK_NAME"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _RENAMED:
-        import warnings
-
-        warnings.warn(f"{__name__}.{name} is deprecated: use {_RENAMED[name]} (a timing lock, not a gate)",
-                      DeprecationWarning, stacklevel=2)
-        return globals()[_RENAMED[name]]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = renamed(__name__, _RENAMED, lambda new: globals()[new], " (a timing lock, not a gate)")
 
 
 class TrialWorker:

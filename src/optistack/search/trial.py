@@ -19,6 +19,7 @@ from typing import Any, ContextManager
 
 from ..bench.benchmark import BenchmarkInstrument
 from ..bench.gate import GateInstrument
+from ..core.deprecation import renamed
 from ..core.instrument import RunState
 from ..core.pass_protocol import MODULE, PassContext, pass_text
 from ..core.run import Runner, device_of
@@ -40,12 +41,7 @@ class NoLock:
 _RENAMED = {"NoGate": "NoLock"}  # names from before the timing lock was called a lock: they warn
 
 
-def __getattr__(name: str) -> Any:
-    if name in _RENAMED:
-        warnings.warn(f"{__name__}.{name} is deprecated: use {_RENAMED[name]} (a timing lock, not a gate)",
-                      DeprecationWarning, stacklevel=2)
-        return globals()[_RENAMED[name]]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = renamed(__name__, _RENAMED, lambda new: globals()[new], " (a timing lock, not a gate)")
 
 
 def resolve_workload(spec: Any) -> Any:

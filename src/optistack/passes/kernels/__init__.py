@@ -6,14 +6,8 @@ the kernels and still answers, with a DeprecationWarning, for code written again
 from __future__ import annotations
 
 import importlib
-import warnings
 
-_MOVED = ("build", "cpu", "cuda", "modules", "reference", "triton")
+from ...core.deprecation import renamed
 
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        warnings.warn(f"optistack.passes.kernels.{name} moved to optistack.kernels.{name}",
-                      DeprecationWarning, stacklevel=2)
-        return importlib.import_module(f"optistack.kernels.{name}")
-    raise AttributeError(f"module 'optistack.passes.kernels' has no attribute {name!r}")
+_MOVED = {name: f"optistack.kernels.{name}" for name in ("build", "cpu", "cuda", "modules", "reference", "triton")}
+__getattr__ = renamed(__name__, _MOVED, importlib.import_module)
