@@ -7,6 +7,7 @@ The extension builds once per session (or loads from ~/.cache/optistack/kernels)
 """
 import pytest
 import torch
+from cpu_built import built, rel_err  # noqa: F401  (built: the autouse fixture)
 
 from optistack.kernels import cpu
 from optistack.kernels import reference as ref
@@ -14,17 +15,6 @@ from optistack.kernels import reference as ref
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built():
-    avail = cpu.available()
-    if not avail:
-        pytest.skip(f"cpu-cpp unavailable: {avail.reason}")
-    cpu.ensure_built()
-
-
-def rel_err(got, want):
-    got, want = got.float(), want.float()
-    return ((got - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

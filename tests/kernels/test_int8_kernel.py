@@ -7,22 +7,10 @@ K that is no multiple of 32, and K longer than one int32 accumulation run (4096)
 """
 import pytest
 import torch
+from cpu_built import built, rel_err  # noqa: F401  (built: the autouse fixture)
 
 from optistack.kernels import cpu
 from optistack.kernels import reference as ref
-
-
-@pytest.fixture(scope="module", autouse=True)
-def built():
-    avail = cpu.available()
-    if not avail:
-        pytest.skip(f"cpu-cpp unavailable: {avail.reason}")
-    cpu.ensure_built()
-
-
-def rel_err(got, want):
-    got, want = got.float(), want.float()
-    return ((got - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
 
 
 def weights(n, k, seed=0):
