@@ -18,6 +18,7 @@ import warnings
 from typing import Any, Callable, ContextManager
 
 from .ab_timing import caller, measure_noise_floor, timing_context
+from .allocator import allocator_state, steady_allocator
 from .gate import all_finite, score_keys
 from .memory import model_bytes, peak_memory
 from .report import Accuracy
@@ -59,6 +60,8 @@ class BenchmarkInstrument:
 
     def _measure_baseline(self, state: Any) -> None:
         wl, model, device = state.workload, state.original, state.ctx.device
+        if self.timing.allocator == "steady":
+            steady_allocator()  # before the first call, so the baseline's first call sees it too
         first_ms = time_call(self._run(state, model), device)
         accuracy = wl.evaluate(model)
         tc = timing_context(state, self.timing)
@@ -90,6 +93,7 @@ class BenchmarkInstrument:
                                           "consecutive calls per model (the first, after a switch, reported apart), "
                                           "paired bootstrap"),
                                "batches": tc.batches.describe(), "reference": tc.reference_how,
+                               "allocator": allocator_state(),
                                "noise_floor": tc.floor}
         state.scratch["samples"] = {"original": samples[name]}
 

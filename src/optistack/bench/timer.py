@@ -9,8 +9,14 @@ In a round each callable gets a *block* of `TimingConfig.block` consecutive call
 block pays for the switch from the other model (its weights, packed buffers and the matrix unit's state
 were displaced: on an AMX Xeon a bf16 model's first call after an fp32 one is ~10% slower), so it is
 kept apart (`Samples.first_after_switch`); the round's sample is the median of the calls after it, the
-steady state a deployed model, running alone, sees. `block=1` is call-by-call interleaving (every
-sample is a first call after a switch).
+steady state a deployed model, running alone, sees, and what an independent timer that warms a model
+up before timing it reads. `block=1` is call-by-call interleaving (every sample is a first call after
+a switch; on the AMX Xeon it read a compiled bf16 MiniLM ~5% slower than its steady state).
+
+Before timing, `allocator="steady"` (the default) fixes glibc malloc's thresholds once per process
+(`bench.allocator`): otherwise an eager model's page faults, and so its time, depend on what the
+process allocated before. Every steady call's minor page faults are counted too
+(`latency_ms.page_faults_per_call`).
 
 With `batches`, every call of a round gets a fresh input batch (made before the round, never timed);
 every callable in the round runs the same batches in the same order, and no batch is ever timed twice
@@ -33,9 +39,11 @@ from typing import Any, Callable
 import numpy as np
 
 from ..core.errors import OptistackError
+from .allocator import minor_faults, steady_allocator
 from .stats import paired_speedup, summarize
 
 MAX_BLOCK = 64
+ALLOCATORS = ("steady", "as-is")
 
 
 class TimingConfigError(OptistackError, ValueError):
@@ -50,7 +58,8 @@ class TimingConfig:
     max_seconds: float = 30.0
     target_half_width: float = 0.02
     noise_floor: bool = True  # A/A of the original against a copy before the pipeline (see instrument)
-    block: int = 1  # consecutive calls of one model per round; with 2+, the first (after a switch) is kept apart
+    block: int = 2  # consecutive calls of one model per round; with 2+, the first (after a switch) is kept apart
+    allocator: str = "steady"  # "steady": fix glibc malloc's thresholds first (bench.allocator); "as-is": leave them
 
     def __post_init__(self) -> None:
         if isinstance(self.block, bool) or not isinstance(self.block, int) or not 1 <= self.block <= MAX_BLOCK:
@@ -58,6 +67,11 @@ class TimingConfig:
                 f"TimingConfig needs block to be a whole number from 1 to {MAX_BLOCK} (consecutive calls of one "
                 f"model per round; 1 interleaves call by call, 2 times one steady call after each switch); "
                 f"got {self.block!r}"
+            )
+        if self.allocator not in ALLOCATORS:
+            raise TimingConfigError(
+                f"TimingConfig needs allocator to be one of {ALLOCATORS} (\"steady\" fixes glibc malloc's thresholds "
+                f"so an eager model's page faults do not depend on the process's history); got {self.allocator!r}"
             )
         if self.warmup < 0 or self.min_rounds < 3 or self.max_rounds < self.min_rounds or self.max_seconds <= 0:
             raise TimingConfigError(
@@ -121,11 +135,14 @@ class Samples(dict):
         super().__init__({name: [] for name in names})
         self.calls: dict[str, list[float]] = {name: [] for name in names}
         self.first_after_switch: dict[str, list[float]] = {name: [] for name in names}
+        self.faults: dict[str, list[int]] = {name: [] for name in names}  # minor page faults per steady call
 
-    def record(self, name: str, block_ms: list[float], after_switch: bool) -> None:
+    def record(self, name: str, block_ms: list[float], after_switch: bool, block_faults: list[int] | None = None) -> None:
         steady = block_ms[1:] or block_ms  # block=1: the only call is the sample
         self[name].append(float(np.median(steady)))
         self.calls[name].extend(steady)
+        if block_faults:
+            self.faults[name].extend(block_faults[1:] or block_faults)
         if after_switch:
             self.first_after_switch[name].append(block_ms[0])
 
@@ -140,6 +157,8 @@ def interleaved(fns: dict[str, Callable[..., Any]], cfg: TimingConfig, device: s
     (a function returning a fresh batch per call), each callable is called as `fn(batch)`, every
     callable of a round on the same `cfg.block` batches; without it, as `fn()`.
     """
+    if cfg.allocator == "steady":
+        steady_allocator()
     names = list(fns)
     orders = round_orders(names, seed)
     samples = Samples(names)
@@ -153,9 +172,13 @@ def interleaved(fns: dict[str, Callable[..., Any]], cfg: TimingConfig, device: s
             args = [(batches(),) for _ in range(cfg.block)]  # made before the round: not timed
         for name in order:
             fn = fns[name]
-            block_ms = [time_call(lambda a=a: fn(*a), device) for a in args]
+            block_ms, block_faults = [], []
+            for a in args:
+                faults = minor_faults()
+                block_ms.append(time_call(lambda a=a: fn(*a), device))
+                block_faults.append(minor_faults() - faults)
             if record:
-                samples.record(name, block_ms, after_switch=last[0] not in (None, name))
+                samples.record(name, block_ms, after_switch=last[0] not in (None, name), block_faults=block_faults)
             last[0] = name
         gc.collect(0)  # the youngest generation only: cheap, and outside every timed call
 
@@ -185,7 +208,9 @@ def interleaved(fns: dict[str, Callable[..., Any]], cfg: TimingConfig, device: s
 
 def latency_summary(samples: Samples, name: str) -> dict[str, Any]:
     """The report's `latency_ms` of one callable: every steady call summarized, plus the median first
-    call after a switch (None when it never followed another callable)."""
-    first = samples.first_after_switch[name]
+    call after a switch (None when it never followed another callable) and the median minor page
+    faults of a steady call (None where they were not counted)."""
+    first, faults = samples.first_after_switch[name], samples.faults[name]
     return summarize(samples.calls[name]).to_dict() | {
-        "first_call_after_switch_ms": float(np.median(first)) if first else None}
+        "first_call_after_switch_ms": float(np.median(first)) if first else None,
+        "page_faults_per_call": float(np.median(faults)) if faults else None}
