@@ -64,8 +64,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     )),
     Preset("encoder-latency", "encoder latency at a fixed batch (bf16 on the matrix units where the CPU has them, else int8)", (
         Variant("cuda", "cast{dtype=fp16},compile", "CUDA: fp16 tensor cores (not yet measured here)"),
-        Variant("amx", _INT8_ENCODER, "MiniLM 8x128, Xeon with AMX, 2 threads, one process with OpenVINO 2026.4: 21.6 ms vs "
-                "OpenVINO bf16 26.2 ms (1.22x; 4.37x eager fp32) at cosine 0.993 (benchmarks/peers, quiet, 2026-12-02)"),
+        Variant("amx", _INT8_ENCODER, "MiniLM 8x128, Xeon with AMX, 2 threads, one process with OpenVINO 2026.4: 20.0 ms vs "
+                "OpenVINO bf16 24.0 ms (1.20x; 4.22x eager fp32) at cosine 0.993 (benchmarks/peers, quiet, 2026-12-02)"),
         Variant("avx512_bf16", _INT8_ENCODER, "no AMX (AMD Zen 4): a VNNI int8 dot product does 2x the multiply-adds of an "
                 "AVX512-BF16 one, so int8 linears + bf16 attention beat all-bf16 (reasoned, not measured; docs/export.md)"),
         Variant(ANY, "int8-dynamic,compile", "no bf16 hardware: int8 (VNNI where present), 2.2-2.3x on MiniLM"),
