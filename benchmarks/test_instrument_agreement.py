@@ -1,5 +1,5 @@
-"""The instrument checked from outside: MiniLM eager vs the best chain, timed by pytest-benchmark and by
-optistack's own benchmark instrument; the two speedups must agree within 5%.
+"""The instrument checked from outside: MiniLM eager vs the best chain (`@encoder-latency`), timed by
+pytest-benchmark and by optistack's own benchmark instrument; the two speedups must agree within 5%.
 
 Run: `pytest benchmarks/test_instrument_agreement.py --benchmark-only` (never part of `make test`).
 
@@ -31,7 +31,9 @@ import pytest
 import optistack as ost
 from optistack.bench.timer import TimingConfig
 
-CHAIN = "cast{dtype=bf16},compile"
+# the best chain on this machine by default (issue 16: "agree within 5% on the best chain"); AGREEMENT_CHAIN=...
+# for another, e.g. "cast{dtype=bf16},compile" (every pass of the chain must apply)
+CHAIN = os.environ.get("AGREEMENT_CHAIN", "@encoder-latency")
 PAIRS = 12  # alternating blocks per model: short blocks, so a shared machine's load changes little within a pair
 ROUNDS = 5  # calls per block
 TOLERANCE = 0.05
@@ -47,9 +49,9 @@ def setup():
     result = ost.Pipeline.parse(CHAIN).run(
         wl, timing=TimingConfig(warmup=3, min_rounds=20, max_rounds=60, max_seconds=60.0, block=BLOCK,
                                 allocator=ALLOCATOR), verbose=False)
-    step = result.report.steps[-1]
-    if step.status != "applied":
-        pytest.skip(f"{CHAIN} did not apply here: {step.reason}")
+    not_applied = [s for s in result.report.steps if s.status != "applied"]
+    if not_applied:
+        pytest.skip(f"{CHAIN}: {not_applied[0].text} did not apply here: {not_applied[0].reason}")
     models = {"eager": copy.deepcopy(wl.model), "fast": result.model}
     counter = iter(range(10**9, 2 * 10**9))  # indices far from the instrument's, so never a repeat
     return wl, models, result.report, (lambda: wl.timing_batch(next(counter)))
