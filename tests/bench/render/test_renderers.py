@@ -162,3 +162,14 @@ def test_json_round_trip(report: Report) -> None:
     assert again.to_dict() == report.to_dict()
     # ...and the round-tripped report (null accuracy) still renders
     assert "non-finite" in str(again) and again.to_markdown() and again._repr_html_()
+
+
+def test_every_rendering_names_a_model_whose_calls_page_faulted(report: Report) -> None:
+    """A model timed with the allocator as-is can spend its calls faulting in fresh memory: say so."""
+    assert "page faults a call" not in report.to_markdown()  # no counts: no caveat
+    report.baseline["latency_ms"] = {**report.baseline["latency_ms"], "page_faults_per_call": 12560.0}
+    report.steps[0].latency_ms = {**report.steps[0].latency_ms, "page_faults_per_call": 3.0}  # a few: no caveat
+    for text in (report.to_markdown(), report._repr_html_(), str(report)):
+        assert "page faults a call: baseline (12,560)" in text
+        assert "int8-dynamic (3)" not in text
+    assert "allocator" in report.to_markdown()

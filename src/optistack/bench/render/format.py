@@ -13,6 +13,7 @@ from ..report import Report, Step
 
 DASH = "—"
 HIGH_CV = 0.10  # same threshold as bench.stats.HIGH_CV; kept here so renderers don't import numpy
+MANY_PAGE_FAULTS = 1000  # minor page faults per steady call (4 MB of fresh pages) worth a caveat
 STATUS_STYLE = {"applied": "green", "rejected": "red", "skipped": "yellow", "failed": "bold red"}
 STATUS_HTML = {"applied": "#1a7f37", "rejected": "#cf222e", "skipped": "#9a6700", "failed": "#cf222e"}
 EXTRA_LABELS = {"ttft_ms": "TTFT ms", "tpot_ms": "TPOT ms", "tokens_per_s": "tokens/s",
@@ -244,18 +245,26 @@ def _cv(lat: dict[str, Any] | None) -> float | None:
 
 
 def noisy_line(report: Report) -> str | None:
-    flagged = []
-    cv = _cv((report.baseline or {}).get("latency_ms"))
-    if cv is not None:
-        flagged.append(f"baseline (cv {cv:.2f})")
-    for i, s in enumerate(report.steps, 1):
-        cv = _cv(s.latency_ms)
+    """The timing caveats, one line: noisy timings, and models whose calls page-faulted fresh memory in."""
+    flagged, faulted = [], []
+    timed = [("baseline", (report.baseline or {}).get("latency_ms"))]
+    timed += [(f"#{i} {s.text or s.pass_name}", s.latency_ms) for i, s in enumerate(report.steps, 1)]
+    for name, lat in timed:
+        cv = _cv(lat)
         if cv is not None:
-            flagged.append(f"#{i} {s.text or s.pass_name} (cv {cv:.2f})")
-    if not flagged:
-        return None
-    return (f"noisy timings (cv > {HIGH_CV:.2f}): " + ", ".join(flagged)
-            + "; treat these speedups with care, or rerun on a quieter machine with more rounds")
+            flagged.append(f"{name} (cv {cv:.2f})")
+        faults = (lat or {}).get("page_faults_per_call")
+        if finite(faults) and faults >= MANY_PAGE_FAULTS:
+            faulted.append(f"{name} ({faults:,.0f})")
+    parts = []
+    if flagged:
+        parts.append(f"noisy timings (cv > {HIGH_CV:.2f}): " + ", ".join(flagged)
+                     + "; treat these speedups with care, or rerun on a quieter machine with more rounds")
+    if faulted:
+        parts.append("page faults a call: " + ", ".join(faulted) + "; part of that time is the kernel handing out "
+                     "fresh memory, which depends on the process's allocation history (TimingConfig(allocator="
+                     "\"steady\") keeps it out)")
+    return "; ".join(parts) or None
 
 
 def extras_table(report: Report) -> tuple[list[str], list[list[str]]] | None:
