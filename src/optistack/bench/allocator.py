@@ -12,7 +12,9 @@ speedup over eager then moved by 15-25% with the minute it was measured in (docs
 
 `steady_allocator()` fixes both thresholds once per process (`mallopt`), so no model's time depends
 on the allocator's history, and eager runs at its best: speedups over it are the conservative ones.
-The price is memory a process keeps after a peak (up to `TRIM_BYTES` free at the top of the heap).
+The price is memory a process keeps after a peak (up to `TRIM_BYTES` free at the top of the heap);
+`release_free_memory()` hands it back (the peak-memory probe does, so that it still sees a call's
+temporaries).
 Not glibc (macOS, musl, Windows): nothing is changed and the description says so.
 """
 from __future__ import annotations
@@ -56,6 +58,15 @@ def steady_allocator() -> str:
         how = "as the process had it: glibc refused the thresholds (mallopt returned 0)"
     _state["how"] = how
     return how
+
+
+def release_free_memory() -> bool:
+    """Hand the heap's free memory back to the OS (glibc `malloc_trim(0)`), so that the next call's
+    temporaries take fresh pages again and show up as RSS growth: what `bench.memory.peak_memory`
+    measures on CPU. Without it, a steady allocator serves them from memory already counted. Returns
+    whether anything was released (False outside glibc)."""
+    libc = _glibc()
+    return bool(libc is not None and libc.malloc_trim(0))
 
 
 def allocator_state() -> str:

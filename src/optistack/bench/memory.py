@@ -10,6 +10,7 @@ import torch
 
 from ..core.hooks import MODEL_BYTES_ATTR
 from ..core.modeling import unwrap_compiled
+from .allocator import release_free_memory
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -60,7 +61,8 @@ def _rss_bytes() -> int:
 
 
 def peak_memory(fn: Callable[[], Any], device: str = "cpu") -> int:
-    """Peak extra memory during one call: CUDA allocator peak on GPU, sampled RSS growth on CPU."""
+    """Peak extra memory during one call: CUDA allocator peak on GPU, sampled RSS growth on CPU (after
+    the heap's free memory is handed back, so the call's temporaries take fresh pages)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -68,6 +70,7 @@ def peak_memory(fn: Callable[[], Any], device: str = "cpu") -> int:
         fn()
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated() - base)
+    release_free_memory()  # a steady allocator would serve the call from memory RSS already counts
     base = _rss_bytes()
     peak = [base]
     stop = threading.Event()
