@@ -21,7 +21,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
+
+try:
+    import resource  # Unix only
+except ImportError:  # Windows: no fault counts
+    resource = None
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
 MMAP_BYTES = 256 << 20  # requests below this come from the heap, not a fresh mmap each call
@@ -30,7 +36,9 @@ TRIM_BYTES = 512 << 20  # free memory at the top of the heap kept, not returned 
 _state: dict[str, str] = {}
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc() -> ctypes.CDLL | None:
+    """glibc, found once (find_library runs ldconfig), or None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -76,9 +84,9 @@ def allocator_state() -> str:
 
 def minor_faults() -> int:
     """Minor page faults of this process so far (0 where the platform does not count them)."""
+    if resource is None:
+        return 0
     try:
-        import resource
-
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
-    except (ImportError, OSError, AttributeError):
+    except (OSError, AttributeError):
         return 0
