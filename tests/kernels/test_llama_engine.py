@@ -43,43 +43,118 @@ def test_int4_unpack_inverts_prepack(n, k):
     assert torch.equal(cpu.int4_unpack(packed["qweight"], n, k), codes)
 
 
+def fresh_caches(rt):
+    return torch.zeros_like(rt.k_cache), torch.zeros_like(rt.v_cache)
+
+
+def close_rows(got, want, tight, loose=1e-2):
+    """Per-row relative error: a 1-ulp input difference may flip the rounding of one quantized activation
+    (an int8 code moves a row by ~0.5%, and the flipped key stays in the cache), so a third of the rows
+    may sit above the tight bar, none above `loose` (a wrong row, position or head is off by tens of %)."""
+    err = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    return bool(err.max() < loose) and int((err > tight).sum()) <= max(1, len(err) // 3), err.tolist()
+
+
 @pytest.mark.parametrize("act_bits", [8, 16])
 @pytest.mark.parametrize("batch", [1, 3, 7])
 @pytest.mark.parametrize("chain", ["rtn-int4{head=int8},fuse-kernels", "rtn-int4{group_size=128}"])
 def test_engine_matches_its_reference(batch, chain, act_bits):
-    """Odd unit counts (192 = 3 units, 320 = 5), grouped-query heads, fused and unfused layers; batch 7
-    takes the GEMV's pairs of activation rows three times, then its single row."""
+    """Odd unit counts (192 = 3 units, 320 = 5), grouped-query heads, fused and unfused layers; every slot
+    at its own position (slot b starts b positions later); batch 7 takes the GEMM's pairs of activation
+    rows three times, then its single row."""
     from optistack.kernels.llama_engine import EngineWeights
 
     weights = EngineWeights.from_model(quantized(tiny(), chain))
-    eng = weights.engine(batch, 16, act_bits)
-    cos, sin = weights.rope_tables(16)
-    kc, vc = torch.zeros_like(eng.k_cache), torch.zeros_like(eng.v_cache)
-    tok = torch.randint(0, 300, (batch,))
+    rt = weights.runtime(batch, 24, act_bits)
+    cos, sin = weights.rope_tables(24)
+    kc, vc = fresh_caches(rt)
+    slots = torch.arange(batch)
     tight = 1e-3 if act_bits == 8 else 1e-4
-    for pos in range(8):
-        got, want = eng.step(tok, pos), ref.step(weights, tok, pos, kc, vc, cos, sin, act_bits)
-        err = (got - want).norm(dim=-1) / want.norm(dim=-1)  # per row
-        # A 1-ulp input difference may flip the rounding of one quantized activation (an int8 code moves a
-        # row by ~0.5%, and the flipped key stays in the cache): a third of the rows may sit above the
-        # tight bar, none above 1e-2 (a wrong row, position or head would be off by tens of percent).
-        assert err.max() < 1e-2 and int((err > tight).sum()) <= batch // 3, (pos, err.tolist())
-        rows_close = [torch.allclose(eng.k_cache[:, b].float(), kc[:, b].float(), rtol=2e-3, atol=1e-4) for b in range(batch)]
-        assert rows_close.count(False) <= batch // 3 and torch.allclose(eng.k_cache.float(), kc.float(), atol=2e-2), pos
+    g = torch.Generator().manual_seed(1)
+    for b in range(batch):  # stagger the slots: slot b holds b positions before the steps start
+        if b:
+            prompt = torch.randint(0, 300, (b,), generator=g)
+            rows = (prompt, torch.full((b,), b), torch.arange(b))
+            rt.forward(*rows, torch.arange(0))
+            ref.forward(weights, *rows, kc, vc, cos, sin, act_bits)
+    tok = torch.randint(0, 300, (batch,), generator=g)
+    for step in range(6):
+        pos = slots + step
+        got = rt.forward(tok, slots, pos, torch.arange(batch))
+        want = ref.forward(weights, tok, slots, pos, kc, vc, cos, sin, act_bits)
+        ok, err = close_rows(got, want, tight)
+        assert ok, (step, err)
         tok = want.argmax(-1)
+    rows_close = [torch.allclose(rt.k_cache[:, b].float(), kc[:, b].float(), rtol=2e-3, atol=1e-4) for b in range(batch)]
+    assert rows_close.count(False) <= batch // 3 and torch.allclose(rt.k_cache.float(), kc.float(), atol=2e-2)
+
+
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_prompt_chunks_decode_rows_and_drafts_mix_in_one_call(act_bits):
+    """One call holding a 5-token prompt chunk of slot 2, a decode row of slot 0 and 3 draft rows of slot 1
+    gives each row what the reference gives it."""
+    from optistack.kernels.llama_engine import EngineWeights
+
+    weights = EngineWeights.from_model(quantized(tiny()))
+    rt = weights.runtime(3, 32, act_bits)
+    cos, sin = weights.rope_tables(32)
+    kc, vc = fresh_caches(rt)
+    g = torch.Generator().manual_seed(2)
+    first = (torch.randint(0, 300, (7,), generator=g), torch.tensor([0] * 4 + [1] * 3), torch.tensor([0, 1, 2, 3, 0, 1, 2]))
+    rt.forward(*first, torch.arange(0))
+    ref.forward(weights, *first, kc, vc, cos, sin, act_bits)
+    mixed = (torch.randint(0, 300, (9,), generator=g), torch.tensor([2] * 5 + [0] + [1] * 3),
+             torch.tensor([0, 1, 2, 3, 4, 4, 3, 4, 5]))
+    got = rt.forward(*mixed, torch.arange(9))
+    want = ref.forward(weights, *mixed, kc, vc, cos, sin, act_bits)
+    ok, err = close_rows(got, want, 1e-3 if act_bits == 8 else 1e-4)
+    assert ok, err
+    assert [rt.filled(s) for s in range(3)] == [5, 6, 5]
+
+
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_a_row_computes_the_same_alone_batched_chunked_and_on_any_thread_count(act_bits):
+    """Bitwise: a sequence decoded one row per call, as one chunk, beside other rows, or with 1 or 3 threads
+    gets the same logits (every row runs the same instructions whatever shares its call)."""
+    from optistack.kernels.llama_engine import EngineWeights
+
+    weights = EngineWeights.from_model(quantized(tiny()))
+    ids = torch.randint(0, 300, (9,), generator=torch.Generator().manual_seed(3))
+    other = torch.randint(0, 300, (9,), generator=torch.Generator().manual_seed(4))
+
+    def alone(threads: int) -> torch.Tensor:
+        torch.set_num_threads(threads)
+        rt = weights.runtime(1, 16, act_bits)
+        return torch.cat([rt.forward(ids[i:i + 1], torch.tensor([0]), torch.tensor([i]), torch.tensor([0]))
+                          for i in range(9)])
+
+    before = torch.get_num_threads()
+    try:
+        one_by_one = alone(1)
+        assert torch.equal(alone(3), one_by_one)
+    finally:
+        torch.set_num_threads(before)
+    rt = weights.runtime(2, 16, act_bits)
+    chunk = rt.forward(ids, torch.zeros(9, dtype=torch.long), torch.arange(9), torch.arange(9))
+    assert torch.equal(chunk, one_by_one)
+    rt2 = weights.runtime(2, 16, act_bits)
+    rt2.forward(other[:4], torch.ones(4, dtype=torch.long), torch.arange(4), torch.arange(0))
+    rows = torch.cat([ids[:5], other[4:7]]), torch.tensor([0] * 5 + [1] * 3), torch.tensor([0, 1, 2, 3, 4, 4, 5, 6])
+    assert torch.equal(rt2.forward(*rows, torch.arange(5)), one_by_one[:5])
 
 
 def test_engine_serves_qwen2_with_projection_bias():
     from optistack.kernels.llama_engine import EngineWeights
 
     weights = EngineWeights.from_model(quantized(tiny("qwen2")))
-    assert weights.tensors[4 + 5].numel() == (3 + 2) * 64  # the qkv bias made it into the engine
-    eng = weights.engine(1, 8)
+    assert weights.blocks[0].qkv.bias.numel() == (3 + 2) * 64  # the qkv bias made it into the engine
+    rt = weights.runtime(1, 8)
     cos, sin = weights.rope_tables(8)
-    kc, vc = torch.zeros_like(eng.k_cache), torch.zeros_like(eng.v_cache)
+    kc, vc = fresh_caches(rt)
     tok = torch.tensor([5])
     for pos in range(4):
-        got, want = eng.step(tok, pos), ref.step(weights, tok, pos, kc, vc, cos, sin)
+        rows = tok, torch.tensor([0]), torch.tensor([pos])
+        got, want = rt.forward(*rows, torch.tensor([0])), ref.forward(weights, *rows, kc, vc, cos, sin)
         assert ((got - want).norm() / want.norm()) < 1e-4
         tok = want.argmax(-1)
 
@@ -92,29 +167,88 @@ def test_engine_follows_the_model_within_its_activation_error(act_bits, toleranc
     from optistack.kernels.llama_engine import EngineWeights
 
     model = quantized(tiny(layers=1))
-    eng = EngineWeights.from_model(model).engine(1, 32, act_bits)
+    rt = EngineWeights.from_model(model).runtime(1, 32, act_bits)
     ids = torch.randint(0, 300, (1, 6))
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
         tok = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
-        eng.load_cache(cache, 1, 6)
+        rt.load_cache(cache, [0], [6])
         for i in range(4):
-            got = eng.step(tok, 6 + i)
+            got = rt.forward(tok, torch.tensor([0]), torch.tensor([6 + i]), torch.tensor([0]))
             want = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
             assert ((got - want).norm() / want.norm()) < tolerance
             tok = want.argmax(-1)
 
 
-def test_step_refuses_bad_positions_and_tokens():
+def test_forward_refuses_bad_rows_with_one_clear_error():
     from optistack.kernels.llama_engine import EngineWeights
 
-    eng = EngineWeights.from_model(quantized(tiny(layers=1))).engine(2, 8)
+    rt = EngineWeights.from_model(quantized(tiny(layers=1))).runtime(2, 8)
+    impl, t = rt.impl, torch.tensor
     with pytest.raises(RuntimeError, match="position 8 outside 0..7"):
-        eng.step(torch.tensor([1, 2]), 8)
+        impl.forward(t([1]), t([0]), t([8]), t([0]))
     with pytest.raises(RuntimeError, match="token id 300 outside"):
-        eng.step(torch.tensor([1, 300]), 0)
-    with pytest.raises(RuntimeError, match="batch 3 outside 1..2"):
-        eng.step(torch.tensor([1, 2, 3]), 0)
+        impl.forward(t([1, 300]), t([0, 1]), t([0, 0]), t([0]))
+    with pytest.raises(RuntimeError, match="slot 2 outside 0..1"):
+        impl.forward(t([1]), t([2]), t([0]), t([0]))
+    with pytest.raises(RuntimeError, match="only 0 positions are filled"):
+        impl.forward(t([1]), t([0]), t([3]), t([0]))
+    with pytest.raises(RuntimeError, match="consecutive positions"):
+        impl.forward(t([1, 2]), t([0, 0]), t([0, 2]), t([0]))
+    with pytest.raises(RuntimeError, match="not adjacent"):
+        impl.forward(t([1, 2, 3]), t([0, 1, 0]), t([0, 0, 1]), t([0]))
+    with pytest.raises(RuntimeError, match="logit row 2 outside"):
+        impl.forward(t([1, 2]), t([0, 1]), t([0, 0]), t([2]))
+    with pytest.raises(RuntimeError, match="3 logit rows for 2 rows"):
+        impl.forward(t([1, 2]), t([0, 1]), t([0, 0]), t([0, 1, 1]))
+    with pytest.raises(RuntimeError, match="one value per row"):
+        impl.forward(t([1, 2]), t([0]), t([0, 0]), t([0]))
+    with pytest.raises(RuntimeError, match="must hold integers"):
+        impl.forward(t([1.0]), t([0]), t([0]), t([0]))
+    with pytest.raises(ValueError, match="slot 1 is not in use"):
+        rt.release([1])
+    assert [rt.filled(s) for s in range(2)] == [0, 0]  # nothing above changed the cache's state
+
+
+def test_more_threads_after_building_the_engine_is_safe_and_changes_nothing():
+    """The attention scratch was once sized by the thread count at build time: raising torch's threads
+    afterwards overflowed the heap (malloc: smallbin double linked list corrupted)."""
+    from optistack.kernels.llama_engine import EngineWeights
+
+    weights = EngineWeights.from_model(quantized(tiny(layers=1)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rt = weights.runtime(1, 64)
+        ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(5))
+        want = rt.forward(ids, torch.zeros(40, dtype=torch.long), torch.arange(40), torch.arange(40))
+        torch.set_num_threads(8)
+        got = rt.forward(ids, torch.zeros(40, dtype=torch.long), torch.arange(40), torch.arange(40))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, want)
+
+
+def test_concurrent_callers_on_their_own_slots_get_what_they_get_alone():
+    import threading
+
+    from optistack.kernels.llama_engine import EngineWeights
+
+    weights = EngineWeights.from_model(quantized(tiny(layers=1)))
+    prompts = [torch.randint(0, 300, (12,), generator=torch.Generator().manual_seed(10 + i)) for i in range(4)]
+
+    def decode(rt, slot, ids):
+        return rt.forward(ids, torch.full((12,), slot), torch.arange(12), torch.arange(12))
+
+    alone = [decode(weights.runtime(1, 16), 0, p) for p in prompts]
+    shared = weights.runtime(4, 16)
+    got: dict[int, torch.Tensor] = {}
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, decode(shared, i, prompts[i]))) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert all(torch.equal(got[i], alone[i]) for i in range(4))
 
 
 def test_unsupported_says_why():

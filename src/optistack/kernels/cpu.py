@@ -7,6 +7,7 @@ other devices) go to the reference implementation, so every function here always
 """
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from . import build, reference
 BACKEND = "cpu-cpp"
 SOURCES = ["ops.cpp", "bindings.cpp", "norm_act.cpp", "int4_gemm.cpp", "int4_dequant.cpp", "int8_gemm.cpp",
            "int4_q8_gemv.cpp", "llama_decode.cpp"]
-HEADERS = ["simd.h", "kernels.h", "int4_layout.h", "llama_decode.h"]
+HEADERS = ["simd.h", "kernels.h", "int4_layout.h", "llama_decode.h", "llama_ops.h"]
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 GROUP_SIZES = (32, 64, 128, 256)
 CHUNK_K = 4096  # input channels per stored chunk of an int4 weight; must match kChunkK in int4_layout.h
@@ -47,7 +48,16 @@ def _flags() -> tuple[str, list[str]]:
     level, isa = build.x86_isa_flags()
     # -fopenmp: at::parallel_for is an inline OpenMP region, compiled serial without it. The extension
     # then links libgomp.so.1, which resolves to the copy torch already loaded (one thread pool).
-    return level, ["-O3", "-fno-math-errno", "-fopenmp", *isa]
+    return level, ["-O3", "-fno-math-errno", "-fopenmp", *isa, *_sanitizer()]
+
+
+def _sanitizer() -> list[str]:
+    """$OPTISTACK_SANITIZE=address builds the kernels with AddressSanitizer (`make asan`: the process must
+    preload libasan); its own cache directory, since the flags are part of the build key."""
+    kind = os.environ.get("OPTISTACK_SANITIZE", "")
+    if kind not in ("", "address"):
+        raise RuntimeError(f"OPTISTACK_SANITIZE must be 'address' or unset; got {kind!r}")
+    return ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"] if kind else []
 
 
 def available() -> Availability:
@@ -75,7 +85,8 @@ def ensure_built() -> None:
             raise RuntimeError(avail.reason)
         _, flags = _flags()
         try:
-            lib = build.build_and_load(BACKEND, "optistack_cpu", _paths(SOURCES), flags, _paths(HEADERS), ["-fopenmp"])
+            lib = build.build_and_load(BACKEND, "optistack_cpu", _paths(SOURCES), flags, _paths(HEADERS),
+                                       ["-fopenmp", *_sanitizer()])
         except Exception as exc:  # compiler errors arrive as long multi-line text
             lines = [ln.strip() for ln in str(exc).splitlines() if "error" in ln.lower()] or str(exc).splitlines() or [""]
             _state["error"] = lines[0][:300]

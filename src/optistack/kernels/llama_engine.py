@@ -1,10 +1,11 @@
-"""The C++ decode engine (csrc/cpu/llama_decode.cpp) built from a Llama-family model.
+"""The C++ serving engine (csrc/cpu/llama_decode.cpp) built from a Llama-family model.
 
 `EngineWeights.from_model(model)` repacks an int4-quantized LlamaForCausalLM (or Mistral, Qwen2) once:
 q, k and v into one int4 matrix, gate and up into another, every projection in the engine's unit
-layout (int4_q8_gemv.cpp), the head as int8 rows. `weights.engine(batch, length)` then gives a
-`LlamaEngine` with a float32 KV cache of that capacity; `step(tokens, pos)` runs one whole decode step
-(every layer and the head) in one C++ call and returns the logits.
+layout (int4_q8_gemv.cpp), the head as int8 rows. The result holds every tensor by name (`EngineBlock`
+per decoder layer, `Q4Projection` per matrix) and hands the C++ engine the same names (`EngineSpec`).
+`weights.runtime(slots, length)` (engine_runtime.py) then gives an engine with a KV cache of that many
+slots and positions, which runs any rows (token, slot, position) in one call.
 
 `unsupported(model)` says in one sentence why a model cannot run on the engine (None when it can):
 the engine serves what it computes exactly as transformers does (RMSNorm, RoPE from the model's own
@@ -110,18 +111,6 @@ def _units(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: 
             (z - 8 * s).repeat_interleave(rep, dim=1)[:, :units].contiguous()]
 
 
-def _projection(lins: list[nn.Module]) -> list[torch.Tensor]:
-    """One engine projection (rows of `lins` one after the other): packed, scale, zc, bias."""
-    parts = [_int4_parts(lin) for lin in lins]
-    packed, s, zc = zip(*(_units(*p) for p in parts))
-    biases = [getattr(lin, "bias", None) for lin in lins]
-    bias = torch.empty(0)
-    if any(b is not None for b in biases):
-        bias = torch.cat([b.detach().float() if b is not None else torch.zeros(lin.out_features)
-                          for b, lin in zip(biases, lins)]).contiguous()
-    return [torch.cat(packed).contiguous(), torch.cat(s).contiguous(), torch.cat(zc).contiguous(), bias]
-
-
 def _norm(m: nn.Module) -> tuple[torch.Tensor, float]:
     eps = getattr(m, "variance_epsilon", None)
     eps = getattr(m, "eps", 1e-6) if eps is None else eps
@@ -139,15 +128,85 @@ def _head(model: Any) -> list[torch.Tensor]:
     return [torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale.contiguous()]
 
 
+def _projection(lins: list[nn.Module]) -> "Q4Projection":
+    """One engine projection: the rows of `lins` one after the other."""
+    parts = [_int4_parts(lin) for lin in lins]
+    packed, s, zc = zip(*(_units(*p) for p in parts))
+    biases = [getattr(lin, "bias", None) for lin in lins]
+    bias = torch.empty(0)
+    if any(b is not None for b in biases):
+        bias = torch.cat([b.detach().float() if b is not None else torch.zeros(lin.out_features)
+                          for b, lin in zip(biases, lins)]).contiguous()
+    return Q4Projection(torch.cat(packed).contiguous(), torch.cat(s).contiguous(), torch.cat(zc).contiguous(), bias)
+
+
+@dataclass
+class Q4Projection:
+    """An int4 matrix in the engine layout: codes uint8 [N, K/2], unit scale and zc float32 [N, K/64], bias [N] or empty."""
+
+    q: torch.Tensor
+    s: torch.Tensor
+    zc: torch.Tensor
+    bias: torch.Tensor
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[0]
+
+    def native(self, lib: Any) -> Any:
+        p = lib.Q4Proj()
+        p.q, p.s, p.zc, p.bias = self.q, self.s, self.zc, self.bias
+        return p
+
+
+@dataclass
+class EngineBlock:
+    """One decoder layer: its two RMSNorm weights and four projections (q|k|v and gate|up stacked)."""
+
+    norm1: torch.Tensor
+    norm2: torch.Tensor
+    qkv: Q4Projection
+    o: Q4Projection
+    gate_up: Q4Projection
+    down: Q4Projection
+
+    def native(self, lib: Any) -> Any:
+        b = lib.EngineLayer()
+        b.norm1, b.norm2 = self.norm1, self.norm2
+        b.qkv, b.o, b.gate_up, b.down = (p.native(lib) for p in (self.qkv, self.o, self.gate_up, self.down))
+        return b
+
+
+@dataclass(frozen=True)
+class EngineDims:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Cache bytes one position of one slot takes (keys and values of every layer, float16)."""
+        return self.layers * 2 * self.kv_heads * self.head_dim * 2
+
+
 @dataclass
 class EngineWeights:
-    """Everything an engine needs but its cache, prepared once."""
+    """Everything an engine needs but its cache, prepared once, by name."""
 
-    dims: dict[str, int]
+    dims: EngineDims
     eps: float
-    tensors: list[torch.Tensor]
+    embed: torch.Tensor
+    final_norm: torch.Tensor
+    head_q: torch.Tensor
+    head_s: torch.Tensor
+    blocks: list[EngineBlock]
     rotary: Any = field(repr=False)
     head_quantized_here: bool = False
+    max_positions: int | None = None  # the model's max_position_embeddings, when it says
 
     @classmethod
     def from_model(cls, model: Any) -> "EngineWeights":
@@ -162,24 +221,38 @@ class EngineWeights:
         d = getattr(config, "head_dim", None) or config.hidden_size // hq
         emb = model.get_input_embeddings().weight.detach().float().contiguous()
         final, eps = _norm(inner.norm)
-        tensors = [emb, final, *_head(model)]
-        layer_tensors = []
+        head_q, head_s = _head(model)
+        blocks = []
         for layer in inner.layers:
             p = _layer_projections(layer)
             gate_up = [p["mlp.gate_up"]] if "mlp.gate_up" in p else [p["mlp.gate_proj"], p["mlp.up_proj"]]
-            layer_tensors += [_norm(layer.input_layernorm)[0], _norm(layer.post_attention_layernorm)[0],
-                              *_projection([p["self_attn.q_proj"], p["self_attn.k_proj"], p["self_attn.v_proj"]]),
-                              *_projection([p["self_attn.o_proj"]]), *_projection(gate_up),
-                              *_projection([p["mlp.down_proj"]])]
-        inter = layer_tensors[12].shape[0] // 2 if inner.layers else 0  # gate_up scale rows / 2
-        dims = {"L": len(inner.layers), "H": config.hidden_size, "Hq": hq, "Hkv": hkv, "D": d, "I": inter,
-                "V": emb.shape[0]}
+            blocks.append(EngineBlock(
+                _norm(layer.input_layernorm)[0], _norm(layer.post_attention_layernorm)[0],
+                _projection([p["self_attn.q_proj"], p["self_attn.k_proj"], p["self_attn.v_proj"]]),
+                _projection([p["self_attn.o_proj"]]), _projection(gate_up), _projection([p["mlp.down_proj"]])))
+        inter = blocks[0].gate_up.out_features // 2 if blocks else 0
+        dims = EngineDims(len(blocks), config.hidden_size, hq, hkv, d, inter, emb.shape[0])
         quantized_here = not isinstance(model.get_output_embeddings(), Int8Linear)
-        return cls(dims, eps, tensors + layer_tensors, inner.rotary_emb, quantized_here)
+        return cls(dims, eps, emb, final, head_q, head_s, blocks, inner.rotary_emb, quantized_here,
+                   getattr(config, "max_position_embeddings", None))
+
+    def spec(self) -> Any:
+        """The C++ `EngineSpec` naming every tensor (built on each call: cheap, tensors are shared)."""
+        from . import cpu
+
+        lib = cpu.lib()
+        s = lib.EngineSpec()
+        d = self.dims
+        s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate, s.vocab = (
+            d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate, d.vocab)
+        s.eps = float(self.eps)
+        s.embed, s.final_norm, s.head_q, s.head_s = self.embed, self.final_norm, self.head_q, self.head_s
+        s.layers = [b.native(lib) for b in self.blocks]
+        return s
 
     def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [length, D/2] from the model's own rotary embedding (its scaling included)."""
-        half = self.dims["D"] // 2
+        half = self.dims.head_dim // 2
         pos = torch.arange(length).unsqueeze(0)
         with torch.no_grad():
             cos, sin = self.rotary(torch.zeros(1, dtype=torch.float32), pos)
@@ -189,36 +262,8 @@ class EngineWeights:
             raise ValueError("the decode engine needs rotary tables of the rotate-half form over the whole head")
         return cos[:, :half].contiguous(), sin[:, :half].contiguous()
 
-    def engine(self, batch: int, length: int, act_bits: int = 8) -> "Engine":
-        """A C++ engine for `batch` rows and `length` positions; `act_bits` (8 or 16) is the precision of
-        the int4 projections' activations."""
-        from . import cpu
+    def runtime(self, slots: int, length: int, act_bits: int = 8, max_rows: int = 512) -> Any:
+        """An engine with a KV cache of `slots` sequences of `length` positions (see engine_runtime.py)."""
+        from .engine_runtime import EngineRuntime
 
-        d = self.dims
-        cos, sin = self.rope_tables(length)
-        shape = (d["L"], batch, d["Hkv"], length, d["D"])
-        # int8 activations: a float16 cache (half the bytes attention reads; llama.cpp's default too);
-        # int16, the exact mode: float32, as the model's own cache
-        dtype = torch.float16 if act_bits == 8 else torch.float32
-        k, v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
-        dims = [d["L"], d["H"], d["Hq"], d["Hkv"], d["D"], d["I"], d["V"], batch, length, act_bits]
-        tensors = self.tensors[:4] + [cos, sin, k, v] + self.tensors[4:]
-        return Engine(cpu.lib().LlamaEngine(dims, self.eps, tensors), k, v)
-
-
-@dataclass
-class Engine:
-    """One C++ engine with its KV cache [L, B, Hkv, T, D] (float16 or float32, keys after RoPE)."""
-
-    impl: Any
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-
-    def load_cache(self, cache: Any, batch: int, length: int) -> None:
-        """Copy a transformers cache's first `length` positions (after a prefill) into the engine's."""
-        for i, layer in enumerate(cache.layers):
-            self.k_cache[i, :batch, :, :length].copy_(layer.keys[:batch, :, :length])
-            self.v_cache[i, :batch, :, :length].copy_(layer.values[:batch, :, :length])
-
-    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        return self.impl.step(tokens, pos)
+        return EngineRuntime(self, slots, length, act_bits, max_rows)

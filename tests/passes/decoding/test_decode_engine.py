@@ -38,7 +38,7 @@ def test_engine_decodes_and_reports_its_agreement():
     prompt = torch.randint(0, 300, (2, 9))
     gen = greedy_decode(model, prompt, 12)
     assert gen.tokens.shape == (2, 12) and len(gen.step_ms) == 12
-    assert gen.kv_bytes_per_token == 2 * 2 * 1 * 64 * 4
+    assert gen.kv_bytes_per_token == 2 * 2 * 1 * 64 * 2  # 2 layers x (keys, values) x 1 kv head x 64 x float16
     plain = greedy_decode(model, prompt, 12, use_strategy=False)
     assert (gen.tokens[:, :1] == plain.tokens[:, :1]).all()  # the first token comes from the model's prefill
     assert 0.0 <= result.info["decode-engine.top1_agreement"] <= 1.0

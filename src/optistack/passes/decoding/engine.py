@@ -20,7 +20,6 @@ run (another architecture, a float model, a CPU without VNNI) the step is skippe
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from typing import Any, Literal
@@ -32,15 +31,15 @@ from ...core.errors import PassApplyError
 from ...core.hooks import DECODE_ATTR
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, need_packages
-from ...generation import Generation, cache_kwarg, greedy_decode, logits_of, takes_kwarg
+from ...generation import greedy_decode, install_generate
 from .common import check_prompts, require_causal_lm
-
-LENGTH_BUCKET = 256  # engines (their caches) are sized in multiples of this many tokens and reused
+from .engine_strategy import LENGTH_BUCKET, EngineDecode, EngineSession  # noqa: F401 (their old home)
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeEngineConfig(PassConfig):
     act: Literal["int8", "int16"] = "int8"  # the int4 projections' activations: int8 (fast) or int16 (exact)
+    prefill: Literal["model", "engine"] = "model"  # who runs the prompt: the model's own forward, or the engine
     check_prompts: int = 2
     check_tokens: int = 32
     min_agreement: float = 0.9
@@ -54,72 +53,6 @@ class DecodeEngineConfig(PassConfig):
 
 def _unwrap(model: Any) -> Any:
     return getattr(model, "_orig_mod", model)
-
-
-class EngineDecode:
-    """The `optistack_decode` strategy: the model's own prefill, then one engine call per token."""
-
-    def __init__(self, weights: Any, act_bits: int = 8) -> None:
-        self.weights, self.act_bits = weights, act_bits
-        self._engines: dict[tuple[int, int], Any] = {}
-
-    def __deepcopy__(self, memo: dict) -> "EngineDecode":  # engines (C++ objects) are rebuilt on use
-        return EngineDecode(copy.deepcopy(self.weights, memo), self.act_bits)
-
-    def engine(self, batch: int, length: int) -> Any:
-        """An engine for `batch` rows and `length` tokens in all (an existing one when it is big enough)."""
-        for (b, size), eng in self._engines.items():
-            if b == batch and size >= length:
-                return eng
-        self._engines.clear()  # one cache at a time: a new size replaces the old one
-        size = LENGTH_BUCKET * -(-length // LENGTH_BUCKET)
-        eng = self._engines[(batch, size)] = self.weights.engine(batch, size, self.act_bits)
-        return eng
-
-    def prefill(self, model: Any, input_ids: torch.Tensor, eng: Any) -> torch.Tensor:
-        """Run the prompt through the model (eager: prompt lengths vary) into the engine's cache;
-        returns the last position's logits."""
-        from transformers import DynamicCache
-
-        batch, length = input_ids.shape
-        target = _unwrap(model)
-        cache = DynamicCache(config=target.config)
-        kwargs = {"logits_to_keep": 1} if takes_kwarg(target, "logits_to_keep") else {}
-        out = target(input_ids=input_ids, use_cache=True, **{cache_kwarg(target): cache}, **kwargs)
-        eng.load_cache(cache, batch, length)
-        return logits_of(out, last_only=True)[:, -1]
-
-    def __call__(self, model: Any, input_ids: torch.Tensor, max_new_tokens: int) -> Generation:
-        if input_ids.device.type != "cpu":
-            raise PassApplyError(f"decode-engine: the engine runs on the CPU; the prompt is on {input_ids.device}")
-        batch, length = input_ids.shape
-        eng = self.engine(batch, length + max_new_tokens)  # sized for the whole generation before timing
-        tokens, step_ms = [], []
-        with torch.inference_mode():
-            start = time.perf_counter()
-            logits = self.prefill(model, input_ids, eng)
-            tok = logits.argmax(dim=-1)
-            step_ms.append((time.perf_counter() - start) * 1000.0)
-            tokens.append(tok)
-            for i in range(1, max_new_tokens):
-                start = time.perf_counter()
-                tok = eng.step(tok, length + i - 1).argmax(dim=-1)
-                step_ms.append((time.perf_counter() - start) * 1000.0)
-                tokens.append(tok)
-        d = self.weights.dims
-        return Generation(torch.stack(tokens, dim=1), step_ms, kv_bytes_per_token=float(d["L"] * 2 * d["Hkv"] * d["D"] * 4))
-
-    def agreement(self, model: Any, prompt: torch.Tensor, reference: torch.Tensor) -> tuple[int, int]:
-        """(matches, compared): the engine's argmax after each reference token, fed the reference's own
-        history, against the reference's next token."""
-        with torch.inference_mode():
-            eng = self.engine(prompt.shape[0], prompt.shape[1] + reference.shape[1])
-            self.prefill(model, prompt, eng)
-            matches = 0
-            for i in range(reference.shape[1] - 1):
-                pred = eng.step(reference[:, i], prompt.shape[1] + i).argmax(dim=-1)
-                matches += int((pred == reference[:, i + 1]).sum())
-        return matches, reference.shape[0] * (reference.shape[1] - 1)
 
 
 class DecodeEnginePass(ConfiguredPass):
@@ -146,11 +79,11 @@ class DecodeEnginePass(ConfiguredPass):
             return PassResult(model, modified=False, info={"reason": why})
         start = time.perf_counter()
         weights = EngineWeights.from_model(_unwrap(model))
-        decoder = EngineDecode(weights, 16 if cfg.act == "int16" else 8)
-        info: dict[str, Any] = {"act": cfg.act, "build_s": round(time.perf_counter() - start, 3),
+        decoder = EngineDecode(weights, 16 if cfg.act == "int16" else 8, cfg.prefill)
+        info: dict[str, Any] = {"act": cfg.act, "prefill": cfg.prefill, "build_s": round(time.perf_counter() - start, 3),
                                 "threads": torch.get_num_threads(),
                                 "head": "int8 (quantized by this pass)" if weights.head_quantized_here else "int8"}
-        prompts = check_prompts(ctx, cfg.check_prompts, weights.dims["V"]) if cfg.check_prompts else []
+        prompts = check_prompts(ctx, cfg.check_prompts, weights.dims.vocab) if cfg.check_prompts else []
         matches = compared = 0
         for prompt in prompts:
             reference = greedy_decode(model, prompt, cfg.check_tokens, use_strategy=False).tokens
@@ -163,4 +96,5 @@ class DecodeEnginePass(ConfiguredPass):
                 raise PassApplyError(f"decode-engine: the engine picks the model's own next token {matches} times in "
                                      f"{compared} (below min_agreement={cfg.min_agreement}); refused")
         object.__setattr__(model, DECODE_ATTR, decoder)
+        install_generate(model)  # the user's generate() decodes on the engine (generation/hf_generate.py)
         return PassResult(model, modified=True, info=info)

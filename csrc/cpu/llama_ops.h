@@ -1,0 +1,116 @@
+// The per-row operations of the serving engine (llama_decode.cpp): RMSNorm, RoPE, attention over one
+// slot's cache, SwiGLU, and how rows of a matrix are shared among threads. AVX-512 only (the engine
+// needs VNNI); included by llama_decode.cpp alone.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "simd.h"
+
+namespace optistack_cpu {
+
+#if defined(OPTISTACK_AVX512) && defined(__AVX512VNNI__)
+static void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 v = load16(x + i, tail_mask(n - i));
+    ss = _mm512_fmadd_ps(v, v, ss);
+  }
+  const __m512 r = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / float(n) + eps));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    store16(y + i, _mm512_mul_ps(_mm512_mul_ps(load16(x + i, m), r), load16(w + i, m)), m);
+  }
+}
+
+static void rope(float* v, const float* c, const float* s, int64_t D) {
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; i += 16) {
+    const __m512 a = _mm512_loadu_ps(v + i), b = _mm512_loadu_ps(v + h + i);
+    const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_loadu_ps(s + i);
+    _mm512_storeu_ps(v + i, _mm512_fmsub_ps(a, cv, _mm512_mul_ps(b, sv)));
+    _mm512_storeu_ps(v + h + i, _mm512_fmadd_ps(b, cv, _mm512_mul_ps(a, sv)));
+  }
+}
+
+// 16 cache values as float32 (the cache is float32, or float16 for the int8-activation engine).
+static inline __m512 ld(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 ld(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+static inline void st(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+static inline void st(at::Half* p, __m512 v) {
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+template <typename KV>
+static inline float dot(const float* a, const KV* b, int64_t D) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), ld(b + i), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+// out = softmax(q . k[t] / sqrt(D), t = 0..T-1) @ v, for one query head over its key/value head.
+template <typename KV>
+static void attend(const float* q, const KV* k, const KV* v, int64_t T, int64_t D, float* sc, float* out) {
+  const float scale = 1.f / std::sqrt(float(D));
+  float mx = -INFINITY;
+  int64_t t = 0;
+  if (D == 64) {  // four positions at a time, their four horizontal sums in one reduce4
+    const __m512 q0 = _mm512_loadu_ps(q), q1 = _mm512_loadu_ps(q + 16), q2 = _mm512_loadu_ps(q + 32),
+                 q3 = _mm512_loadu_ps(q + 48);
+    auto part = [&](const KV* kt) {
+      __m512 a = _mm512_mul_ps(q0, ld(kt));
+      a = _mm512_fmadd_ps(q1, ld(kt + 16), a);
+      a = _mm512_fmadd_ps(q2, ld(kt + 32), a);
+      return _mm512_fmadd_ps(q3, ld(kt + 48), a);
+    };
+    const __m128 s4 = _mm_set1_ps(scale);
+    for (; t + 4 <= T; t += 4) {
+      const KV* kt = k + t * D;
+      _mm_storeu_ps(sc + t, _mm_mul_ps(reduce4(part(kt), part(kt + 64), part(kt + 128), part(kt + 192)), s4));
+      mx = std::max(mx, std::max(std::max(sc[t], sc[t + 1]), std::max(sc[t + 2], sc[t + 3])));
+    }
+  }
+  for (; t < T; ++t) {
+    sc[t] = dot(q, k + t * D, D) * scale;
+    mx = std::max(mx, sc[t]);
+  }
+  __m512 sum = _mm512_setzero_ps();
+  const __m512 m = _mm512_set1_ps(mx);
+  for (int64_t t = 0; t < T; t += 16) {
+    const __mmask16 mk = tail_mask(T - t);
+    const __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sc + t), m)));
+    _mm512_mask_storeu_ps(sc + t, mk, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  const float inv = 1.f / _mm512_reduce_add_ps(sum);
+  __m512 acc[16];
+  const int64_t nv = D / 16;
+  for (int64_t i = 0; i < nv; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < T; ++t) {
+    const __m512 p = _mm512_set1_ps(sc[t] * inv);
+    for (int64_t i = 0; i < nv; ++i) acc[i] = _mm512_fmadd_ps(p, ld(v + t * D + 16 * i), acc[i]);
+  }
+  for (int64_t i = 0; i < nv; ++i) _mm512_storeu_ps(out + 16 * i, acc[i]);
+}
+
+static void swiglu(const float* gate, const float* up, float* out, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 g = load16(gate + i, m);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    store16(out + i, _mm512_mul_ps(_mm512_mul_ps(g, recip16(_mm512_add_ps(one, e))), load16(up + i, m)), m);
+  }
+}
+
+// [n0, n1) of N rows for thread tid of nt, in multiples of `align`.
+static inline void share(int64_t N, int tid, int nt, int64_t align, int64_t& n0, int64_t& n1) {
+  const int64_t per = ((N + nt - 1) / nt + align - 1) / align * align;
+  n0 = std::min(N, tid * per);
+  n1 = std::min(N, n0 + per);
+}
+#endif
+
+}  // namespace optistack_cpu

@@ -1,0 +1,134 @@
+"""A C++ serving engine with its KV cache and the slots callers take from it.
+
+`EngineRuntime(weights, slots, length)` holds one `LlamaEngine` (csrc/cpu/llama_decode.cpp) and its cache
+[L, slots, Hkv, length, D]: float16 for int8 activations (half the bytes attention reads; llama.cpp's
+default too), float32 for the exact int16 mode (as the model's own cache). Each sequence being decoded
+owns a slot: `acquire(n)` hands out free slots under a lock and `release` returns them, so concurrent
+callers never share a cache row. `forward(tokens, slots, positions, logit_rows)` runs any rows in one
+engine call: decode steps of many sequences, each at its own position, prompt chunks and draft tokens to
+verify (rows past the engine's `max_rows` go in several calls). The engine itself serializes calls with a
+mutex and sizes its scratch for the threads each call uses.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Sequence
+
+import torch
+
+
+class EngineRuntime:
+    def __init__(self, weights: Any, slots: int, length: int, act_bits: int = 8, max_rows: int = 512) -> None:
+        from . import cpu
+
+        if slots < 1 or length < 1:
+            raise ValueError(f"an engine needs >= 1 slot and >= 1 position; got {slots} slots of {length}")
+        if act_bits not in (8, 16):
+            raise ValueError(f"act_bits must be 8 (int8 activations) or 16 (the exact mode); got {act_bits}")
+        d = weights.dims
+        self.weights, self.act_bits, self.length = weights, act_bits, length
+        cos, sin = weights.rope_tables(length)
+        dtype = torch.float16 if act_bits == 8 else torch.float32
+        shape = (d.layers, slots, d.kv_heads, length, d.head_dim)
+        self.k_cache, self.v_cache = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        self.impl = cpu.lib().LlamaEngine(weights.spec(), cos, sin, self.k_cache, self.v_cache, act_bits, max_rows)
+        self._lock = threading.Lock()
+        self._free = list(range(slots))
+
+    # ---------------------------------------------------------------- slots
+    @property
+    def slots(self) -> int:
+        return int(self.impl.slots)
+
+    @property
+    def max_rows(self) -> int:
+        return int(self.impl.max_rows)
+
+    @property
+    def free_slots(self) -> int:
+        with self._lock:
+            return len(self._free)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Cache bytes one position of one slot takes (keys and values of every layer)."""
+        d = self.weights.dims
+        return d.layers * 2 * d.kv_heads * d.head_dim * self.k_cache.element_size()
+
+    def acquire(self, n: int = 1) -> list[int] | None:
+        """`n` free slots (emptied), or None when fewer are free."""
+        with self._lock:
+            if n > len(self._free):
+                return None
+            taken, self._free = self._free[:n], self._free[n:]
+        for s in taken:
+            self.impl.set_length(s, 0)
+        return taken
+
+    def release(self, slots: Sequence[int]) -> None:
+        with self._lock:
+            for s in slots:
+                if not 0 <= s < self.slots or s in self._free:
+                    raise ValueError(f"slot {s} is not in use in this engine (slots 0..{self.slots - 1})")
+                self._free.append(s)
+        for s in slots:
+            self.impl.set_length(s, 0)
+
+    def filled(self, slot: int) -> int:
+        return int(self.impl.length(slot))
+
+    def rewind(self, slot: int, length: int) -> None:
+        """Forget the slot's positions from `length` on (rejected draft tokens)."""
+        if not 0 <= length <= self.filled(slot):
+            raise ValueError(f"cannot rewind slot {slot} to {length} positions: it holds {self.filled(slot)}")
+        self.impl.set_length(slot, length)
+
+    # ---------------------------------------------------------------- running rows
+    def forward(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                logit_rows: torch.Tensor) -> torch.Tensor:
+        """Logits [len(logit_rows), V] after running every row (token at position of slot) in order."""
+        n = tokens.numel()
+        if n <= self.max_rows:
+            return self.impl.forward(tokens, slots, positions, logit_rows)
+        want = logit_rows.tolist()
+        out = torch.empty(len(want), self.weights.dims.vocab)
+        for start in range(0, n, self.max_rows):
+            stop = min(n, start + self.max_rows)
+            mine = [(i, r) for i, r in enumerate(want) if start <= r < stop]
+            rows = torch.tensor([r - start for _, r in mine], dtype=torch.long)
+            got = self.impl.forward(tokens[start:stop], slots[start:stop], positions[start:stop], rows)
+            for j, (i, _) in enumerate(mine):
+                out[i] = got[j]
+        return out
+
+    def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int], chunk: int | None = None) -> torch.Tensor:
+        """Each prompt into its (empty) slot by the engine itself, `chunk` rows a call; logits [B, V] of
+        each prompt's last token."""
+        chunk = chunk or self.max_rows
+        rows = [(b, p) for b, ids in enumerate(prompts) for p in range(len(ids))]
+        if not rows or any(len(ids) == 0 for ids in prompts):
+            raise ValueError("every prompt needs at least one token")
+        out = torch.empty(len(prompts), self.weights.dims.vocab)
+        for start in range(0, len(rows), chunk):
+            part = rows[start:start + chunk]
+            tokens = torch.tensor([prompts[b][p] for b, p in part], dtype=torch.long)
+            slot_t = torch.tensor([slots[b] for b, _ in part], dtype=torch.long)
+            pos_t = torch.tensor([p for _, p in part], dtype=torch.long)
+            last = [i for i, (b, p) in enumerate(part) if p == len(prompts[b]) - 1]
+            got = self.impl.forward(tokens, slot_t, pos_t, torch.tensor(last, dtype=torch.long))
+            for j, i in enumerate(last):
+                out[part[i][0]] = got[j]
+        return out
+
+    def load_cache(self, cache: Any, slots: Sequence[int], lengths: Sequence[int], offsets: Sequence[int] | None = None) -> None:
+        """Copy a transformers cache (after the model's own prefill) into the engine: row b's positions
+        offsets[b] .. offsets[b] + lengths[b] (left padding skipped) become positions 0.. of slots[b]."""
+        offsets = offsets if offsets is not None else [0] * len(slots)
+        for i, layer in enumerate(cache.layers):
+            for b, (slot, n, off) in enumerate(zip(slots, lengths, offsets)):
+                if n > self.length:
+                    raise ValueError(f"a prompt of {n} tokens does not fit this engine's {self.length} positions")
+                self.k_cache[i, slot, :, :n].copy_(layer.keys[b, :, off:off + n])
+                self.v_cache[i, slot, :, :n].copy_(layer.values[b, :, off:off + n])
+        for slot, n in zip(slots, lengths):
+            self.impl.set_length(slot, n)

@@ -1,0 +1,209 @@
+"""Continuous batching on the C++ engine: requests join and leave between steps, prompts are chunked.
+
+One worker thread runs the loop. Each step it admits waiting requests into free cache slots (FIFO),
+then builds one engine call: a row for every request that is decoding (its last token at its own
+position) and, in the token budget left (`step_tokens`), the next chunk of the oldest prompts still being
+prefilled. Rows of a slot are adjacent, so a chunk of a prompt and the decode rows of other requests
+share one pass over the weights. The logits of each request's row go to its own `TokenChooser`
+(sampling.py), its token to its handle; a request that stops, reaches its length or is cancelled gives
+its slot back at once. A failed engine call fails the requests in it, never the worker.
+
+Why a budget: a decode row waits for the whole call it is in, so a long prompt chunk raises every running
+request's time per output token; `step_tokens` caps it (the server scenario's TPOT limit is 100 ms).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+
+from ..core.hooks import DECODE_ATTR
+from .backend import RequestHandle, SamplingParams, ServingError, check_request
+from .sampling import TokenChooser
+
+DEFAULT_CONTEXT = 2048  # positions per slot unless the caller asks (the KV cache is slots x context)
+
+
+@dataclasses.dataclass
+class _Running:
+    handle: RequestHandle
+    slot: int
+    chooser: TokenChooser
+    fed: int = 0  # prompt tokens already in the cache
+    last: int | None = None  # the newest token, fed at the next step
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.handle.prompt_ids)
+
+
+class EngineBackend:
+    """`Backend` on an `EngineRuntime` (kernels/engine_runtime.py); see the module docstring."""
+
+    name = "optistack-engine"
+
+    def __init__(self, runtime: Any, *, step_tokens: int = 128, vocab_size: int | None = None) -> None:
+        if step_tokens < 1:
+            raise ServingError(f"step_tokens must be >= 1; got {step_tokens}")
+        self.runtime = runtime
+        self.max_batch = runtime.slots
+        self.max_context = runtime.length
+        self.step_tokens = step_tokens
+        self.vocab_size = vocab_size or runtime.weights.dims.vocab
+        self._waiting: collections.deque[RequestHandle] = collections.deque()
+        self._running: list[_Running] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # engine calls made
+        self.rows = 0  # rows they held
+
+    @classmethod
+    def from_model(cls, model: Any, *, max_batch: int = 8, max_context: int | None = None,
+                   step_tokens: int = 128) -> "EngineBackend":
+        """The engine the model's `decode-engine` step built, with `max_batch` slots of `max_context` positions."""
+        strategy = getattr(model, DECODE_ATTR, None)
+        weights = getattr(strategy, "weights", None)
+        if weights is None or not hasattr(weights, "runtime"):
+            have = type(strategy).__name__ if strategy else "no decode strategy"
+            raise ServingError(f"this model has no decode engine ({have}); run the decode-engine pass "
+                               "(e.g. the @llm-decode preset) first")
+        if max_batch < 1:
+            raise ServingError(f"max_batch must be >= 1; got {max_batch}")
+        limit = weights.max_positions or DEFAULT_CONTEXT
+        context = max_context or min(DEFAULT_CONTEXT, limit)
+        if context > limit:
+            raise ServingError(f"max_context {context} exceeds the model's max_position_embeddings ({limit})")
+        runtime = weights.runtime(max_batch, context, strategy.act_bits, max_rows=step_tokens + max_batch)
+        return cls(runtime, step_tokens=step_tokens)
+
+    # ---------------------------------------------------------------- the Backend contract
+    def submit(self, prompt_ids: list[int], params: SamplingParams, *, request_id: str | None = None,
+               on_token: Callable[[RequestHandle, int], None] | None = None,
+               on_done: Callable[[RequestHandle], None] | None = None) -> RequestHandle:
+        check_request(self, prompt_ids, params, self.vocab_size)
+        handle = RequestHandle([int(t) for t in prompt_ids], params, request_id, on_token, on_done)
+        with self._cond:
+            if self._closed:
+                raise ServingError("this backend is closed")
+            self._waiting.append(handle)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="optistack-engine-backend", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return handle
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        for h in list(self._waiting):
+            h.finish("error", "the backend was closed before this request ran")
+        self._waiting.clear()
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"waiting": len(self._waiting), "running": len(self._running), "max_batch": self.max_batch,
+                    "steps": self.steps, "rows": self.rows}
+
+    def __enter__(self) -> "EngineBackend":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- the worker
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._closed:
+                    break
+                self._admit()
+            self._drop_cancelled()
+            if self._running:
+                self._step()
+        for r in self._running:
+            self._end(r, "error", "the backend was closed while this request ran")
+        self._running.clear()
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.max_batch:
+            handle = self._waiting.popleft()
+            if handle.cancelled:
+                handle.finish("cancelled")
+                continue
+            slots = self.runtime.acquire(1)
+            if slots is None:
+                self._waiting.appendleft(handle)
+                return
+            chooser = TokenChooser(handle.params, handle.prompt_ids, self.vocab_size)
+            self._running.append(_Running(handle, slots[0], chooser))
+
+    def _drop_cancelled(self) -> None:
+        for r in [r for r in self._running if r.handle.cancelled]:
+            self._end(r, "cancelled")
+
+    def _end(self, r: _Running, reason: str, error: str | None = None) -> None:
+        if r in self._running:
+            self._running.remove(r)
+        self.runtime.release([r.slot])
+        r.handle.finish(reason, error)
+
+    def _rows(self) -> tuple[list[int], list[int], list[int], list[tuple[int, _Running]]]:
+        """One call's rows: every decoding request's token, then prompt chunks within the budget."""
+        tokens, slots, positions, wants = [], [], [], []
+        for r in self._running:
+            if not r.prefilling:
+                wants.append((len(tokens), r))
+                tokens.append(r.last)
+                slots.append(r.slot)
+                positions.append(len(r.handle.prompt_ids) + len(r.handle.tokens) - 1)
+        budget = max(self.step_tokens - len(tokens), 1)
+        for r in self._running:
+            if budget <= 0 or not r.prefilling:
+                continue
+            prompt = r.handle.prompt_ids
+            n = min(len(prompt) - r.fed, budget)
+            tokens += prompt[r.fed:r.fed + n]
+            slots += [r.slot] * n
+            positions += range(r.fed, r.fed + n)
+            r.fed += n
+            budget -= n
+            if not r.prefilling:
+                wants.append((len(tokens) - 1, r))
+        return tokens, slots, positions, wants
+
+    def _step(self) -> None:
+        tokens, slots, positions, wants = self._rows()
+        t = torch.tensor
+        try:
+            logits = self.runtime.forward(t(tokens, dtype=torch.long), t(slots, dtype=torch.long),
+                                          t(positions, dtype=torch.long), t([i for i, _ in wants], dtype=torch.long))
+        except Exception as exc:  # the requests in this call fail; the worker keeps serving
+            for r in {id(r): r for r in self._running if r.slot in set(slots)}.values():
+                self._end(r, "error", f"engine call failed: {type(exc).__name__}: {exc}")
+            return
+        self.steps += 1
+        self.rows += len(tokens)
+        now = time.perf_counter()
+        for j, (_, r) in enumerate(wants):
+            h = r.handle
+            try:
+                token = r.chooser.choose(logits[j], len(h.tokens))
+            except Exception as exc:
+                self._end(r, "error", f"choosing the next token failed: {type(exc).__name__}: {exc}")
+                continue
+            r.last = token
+            h.push(token, now)
+            if r.chooser.is_stop(token) and len(h.tokens) >= h.params.min_new_tokens:
+                self._end(r, "stop")
+            elif len(h.tokens) >= h.params.max_new_tokens:
+                self._end(r, "length")
