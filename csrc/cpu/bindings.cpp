@@ -55,5 +55,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_length", &LlamaEngine::set_length, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("slots", &LlamaEngine::slots)
       .def_property_readonly("capacity", &LlamaEngine::capacity)
-      .def_property_readonly("max_rows", &LlamaEngine::max_rows);
+      .def_property_readonly("max_rows", &LlamaEngine::max_rows)
+      .def_property("amx_rows", &LlamaEngine::amx_rows, &LlamaEngine::set_amx_rows);
+  m.def("amx_supported", &amx_supported);
 }

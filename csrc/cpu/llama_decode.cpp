@@ -99,12 +99,32 @@ LlamaEngine::LlamaEngine(const EngineSpec& spec, at::Tensor cos_t, at::Tensor si
   }
   Kh = (H + 31) / 32 * 32;
   filled.assign(S, 0);
+  amx_min = amx_supported() && !act16 ? 32 : 0;  // int16 activations (the exact mode) have no AMX product
 }
 
-void LlamaEngine::ensure_scratch(int64_t N, int64_t R, int nthreads) {
+void LlamaEngine::set_amx_rows(int64_t n) {
+  std::lock_guard<std::mutex> g(mu);
+  TORCH_CHECK(n >= 0, "optistack_cpu.LlamaEngine: amx_rows must be >= 0 (0: never), got ", n);
+  TORCH_CHECK(n == 0 || amx_supported(), "optistack_cpu.LlamaEngine: this CPU (or this process) has no AMX tiles");
+  TORCH_CHECK(n == 0 || !act16, "optistack_cpu.LlamaEngine: int16 activations (act_bits=16) have no AMX path");
+  amx_min = n;
+}
+
+void LlamaEngine::ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx_tiles) {
+  const int64_t Umax = std::max({H, Hq * D, I}) / 64;
   if (nthreads > threads_cap) {  // attention scores: one row of Tmax per thread actually used
     scores.assign(size_t(nthreads) * Tmax, 0.f);
     threads_cap = nthreads;
+  }
+  if (amx_tiles > 0 && nthreads > wbuf_cap) {  // the unpacked weight tiles of one AMX weight tile, per thread
+    amx_wbuf.assign(size_t(nthreads) * Umax * 1024, 0);
+    wbuf_cap = nthreads;
+  }
+  if (amx_tiles > amx_cap) {
+    amx_tiles_buf.assign(amx_tiles * Umax * 1024, 0);
+    amx_sx.assign(amx_tiles * Umax * 16, 0.f);
+    amx_xs.assign(amx_tiles * Umax * 16, 0.f);
+    amx_cap = amx_tiles;
   }
   if (R > lrows_cap) {
     q16.assign(R * Kh, 0);
@@ -174,10 +194,26 @@ at::Tensor LlamaEngine::forward(const at::Tensor& tokens_in, const at::Tensor& s
     TORCH_CHECK(pos[i] <= filled[slot[i]], "optistack_cpu.LlamaEngine: row ", i, " starts slot ", slot[i], " at position ",
                 pos[i], " but only ", filled[slot[i]], " positions are filled (no gaps)");
   }
+  // Runs of rows by GEMM path: a slot's rows go to AMX tiles when there are at least amx_min of them.
+  std::vector<Run> runs;
+  int64_t amx_tiles = 0;
+  for (int64_t i = 0; i < N;) {
+    int64_t j = i + 1;
+    while (j < N && slot[j] == slot[i]) ++j;
+    const bool amx = amx_min > 0 && j - i >= amx_min;
+    if (!runs.empty() && runs.back().amx == amx) runs.back().len += j - i;  // a row's result never depends on its run
+    else runs.push_back(Run{i, j - i, 0, amx});
+    i = j;
+  }
+  for (Run& r : runs)
+    if (r.amx) {
+      r.tile0 = amx_tiles;
+      amx_tiles += (r.len + 15) / 16;
+    }
   const int nthreads = std::max(1, at::get_num_threads());
-  ensure_scratch(N, R, nthreads);
-  if (kv16) run<at::Half>(tok, slot, pos, N, lrows, R, logits.data_ptr<float>(), nthreads);
-  else run<float>(tok, slot, pos, N, lrows, R, logits.data_ptr<float>(), nthreads);
+  ensure_scratch(N, R, nthreads, amx_tiles);
+  if (kv16) run<at::Half>(tok, slot, pos, N, lrows, R, logits.data_ptr<float>(), nthreads, runs, amx_tiles);
+  else run<float>(tok, slot, pos, N, lrows, R, logits.data_ptr<float>(), nthreads, runs, amx_tiles);
   for (int64_t i = 0; i < N; ++i)
     if (i + 1 == N || slot[i + 1] != slot[i]) filled[slot[i]] = pos[i] + 1;
   for (int64_t r = 0; r < R; ++r)  // a non-finite hidden state gives NaN logits, as the float model would
@@ -188,17 +224,44 @@ at::Tensor LlamaEngine::forward(const at::Tensor& tokens_in, const at::Tensor& s
 #if defined(OPTISTACK_AVX512) && defined(__AVX512VNNI__)
 template <typename KV>
 void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* pos, int64_t N, const int64_t* lrows,
-                      int64_t R, float* lg, int nthreads) {
+                      int64_t R, float* lg, int nthreads, const std::vector<Run>& runs, int64_t amx_tiles) {
   const int64_t Nqkv = (Hq + 2 * Hkv) * D, grp = Hq / Hkv, half = D / 2;
+  const int64_t Umax = std::max({H, Hq * D, I}) / 64;
   auto kv = [&](void* base, int64_t l, int64_t b, int64_t h) {
     return static_cast<KV*>(base) + (((l * S + b) * Hkv + h) * Tmax) * D;
   };
   auto prep = [&](const float* v, int64_t K, const XQ& o) { act16 ? prep_q16(v, K, o) : prep_q8(v, K, o); };
+  auto acts = [&](const Run& r, int64_t U) {
+    const int64_t t = r.tile0 * U;
+    return AmxActs{amx_tiles_buf.data() + t * 1024, amx_sx.data() + t * 16, amx_xs.data() + t * 16};
+  };
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
     float* sc = scores.data() + size_t(tid) * Tmax;
+    uint8_t* wbuf = amx_tiles ? amx_wbuf.data() + size_t(tid) * Umax * 1024 : nullptr;
     int64_t n0, n1;
+    // y = rows @ w.T (+= with add) for every run of rows, after the rows were prepared (and a barrier):
+    // AMX runs are packed into tiles first (all threads), then each thread takes its share of w's rows.
+    auto project = [&](const Q4Weight& w, float* y, int64_t ystride, bool add) {
+      const int64_t U = w.K / 64;
+      if (amx_tiles) {
+        for (const Run& r : runs)
+          if (r.amx) {
+            const int64_t tiles = (r.len + 15) / 16 * U;
+            int64_t t0, t1;
+            share(tiles, tid, nt, 1, t0, t1);
+            amx_pack(xq.data() + r.start, r.len, w.K, t0, t1, acts(r, U));
+          }
+#pragma omp barrier
+      }
+      for (const Run& r : runs) {
+        share(w.N, tid, nt, r.amx ? 16 : 4, n0, n1);
+        if (n0 >= n1) continue;
+        if (r.amx) q4_rows_amx(w, acts(r, U), r.len, n0, n1, y + r.start * ystride, ystride, add, wbuf);
+        else q4_rows(w, xq.data() + r.start, r.len, n0, n1, y + r.start * ystride, ystride, add, act16);
+      }
+    };
     for (int64_t b = tid; b < N; b += nt) std::copy(embed + tok[b] * H, embed + (tok[b] + 1) * H, x.data() + b * H);
     for (int64_t l = 0; l < L; ++l) {
       const Layer& ly = layers[l];
@@ -207,8 +270,7 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
         prep(xn.data() + b * H, H, xq[b]);
       }
 #pragma omp barrier
-      share(Nqkv, tid, nt, 4, n0, n1);
-      q4_rows(ly.qkv, xq.data(), N, n0, n1, qkv.data(), Nqkv, false, act16);
+      project(ly.qkv, qkv.data(), Nqkv, false);
 #pragma omp barrier
       for (int64_t j = tid; j < N * Hkv; j += nt) {  // RoPE on each new key at its row's position, both into its slot
         const int64_t b = j / Hkv, h = j % Hkv, p = pos[b];
@@ -230,24 +292,21 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
 #pragma omp barrier
       for (int64_t b = tid; b < N; b += nt) prep(attn.data() + b * Hq * D, Hq * D, xq[b]);
 #pragma omp barrier
-      share(H, tid, nt, 4, n0, n1);
-      q4_rows(ly.o, xq.data(), N, n0, n1, x.data(), H, true, act16);  // the residual add, in place
+      project(ly.o, x.data(), H, true);  // the residual add, in place
 #pragma omp barrier
       for (int64_t b = tid; b < N; b += nt) {
         rms_norm(x.data() + b * H, ly.norm2, xn.data() + b * H, H, eps);
         prep(xn.data() + b * H, H, xq[b]);
       }
 #pragma omp barrier
-      share(2 * I, tid, nt, 4, n0, n1);
-      q4_rows(ly.gate_up, xq.data(), N, n0, n1, gu.data(), 2 * I, false, act16);
+      project(ly.gate_up, gu.data(), 2 * I, false);
 #pragma omp barrier
       for (int64_t b = tid; b < N; b += nt) {
         swiglu(gu.data() + b * 2 * I, gu.data() + b * 2 * I + I, act.data() + b * I, I);
         prep(act.data() + b * I, I, xq[b]);
       }
 #pragma omp barrier
-      share(H, tid, nt, 4, n0, n1);
-      q4_rows(ly.down, xq.data(), N, n0, n1, x.data(), H, true, act16);
+      project(ly.down, x.data(), H, true);
 #pragma omp barrier
     }
     for (int64_t r = tid; r < R; r += nt) {  // the head, for the rows whose logits were asked for
@@ -261,7 +320,8 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
 }
 #else
 template <typename KV>
-void LlamaEngine::run(const int64_t*, const int64_t*, const int64_t*, int64_t, const int64_t*, int64_t, float*, int) {
+void LlamaEngine::run(const int64_t*, const int64_t*, const int64_t*, int64_t, const int64_t*, int64_t, float*, int,
+                      const std::vector<Run>&, int64_t) {
   TORCH_CHECK(false, "optistack_cpu.LlamaEngine: this build has no AVX512-VNNI");
 }
 #endif

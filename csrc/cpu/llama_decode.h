@@ -36,6 +36,20 @@ void prep_q16(const float* x, int64_t K, const XQ& out);  // fills q16, sx, xsum
 void q4_rows(const Q4Weight& w, const XQ* xs, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ystride, bool add,
              bool act16);
 
+// The AMX path (int4_amx.cpp) for prompt chunks: activation rows packed once per call into 1 KB tiles of 16
+// rows x one 64-channel unit (VNNI tile layout), with their unit scales and sums transposed per tile.
+struct AmxActs {
+  int8_t* tiles;  // [m-tiles * U][16 x 64]
+  float* sxT;     // [m-tiles * U][16]
+  float* xsT;     // [m-tiles * U][16]
+};
+bool amx_supported();  // the CPU has AMX-INT8 and the kernel granted this process the tile state
+// Tiles [t0, t1) (tile t = m-tile t / U, unit t % U) of rows xs[0, M) with K channels.
+void amx_pack(const XQ* xs, int64_t M, int64_t K, int64_t t0, int64_t t1, const AmxActs& a);
+// As q4_rows for the M rows packed in `a`; wbuf: this thread's K / 64 KB for the unpacked weight tiles.
+void q4_rows_amx(const Q4Weight& w, const AmxActs& a, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ystride,
+                 bool add, uint8_t* wbuf);
+
 // The int8 head kernel on raw pointers (int8_gemm.cpp): quantize one float32 row to int16 (returns its
 // scale, -1 for inf/NaN), then rows [n0, n1) of y (row stride N) for M activation rows.
 float int8_quantize_f32(const float* x, int64_t K, int64_t Kp, int16_t* out);
@@ -87,17 +101,24 @@ class LlamaEngine {
   int64_t slots() const { return S; }
   int64_t capacity() const { return Tmax; }
   int64_t max_rows() const { return Nmax; }
+  // Rows of one slot in one call from which its projections run on AMX tiles (0: never; the CPU must have AMX).
+  int64_t amx_rows() const { return amx_min; }
+  void set_amx_rows(int64_t n);
 
  private:
+  struct Run {  // consecutive rows that take the same GEMM path
+    int64_t start, len, tile0;  // tile0: first m-tile of an AMX run in the packed buffer
+    bool amx;
+  };
   template <typename KV>
   void run(const int64_t* tok, const int64_t* slot, const int64_t* pos, int64_t N, const int64_t* lrows, int64_t R,
-           float* logits, int nthreads);
-  void ensure_scratch(int64_t N, int64_t R, int nthreads);
+           float* logits, int nthreads, const std::vector<Run>& runs, int64_t amx_tiles);
+  void ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx_tiles);
   struct Layer {
     const float *norm1, *norm2;
     Q4Weight qkv, o, gate_up, down;
   };
-  int64_t L, H, Hq, Hkv, D, I, V, S, Tmax, Kh, Nmax;
+  int64_t L, H, Hq, Hkv, D, I, V, S, Tmax, Kh, Nmax, amx_min = 0;
   float eps;
   bool act16, kv16;
   std::vector<at::Tensor> keep;  // holds every tensor the pointers below point into
@@ -108,7 +129,10 @@ class LlamaEngine {
   std::vector<int64_t> filled;  // per slot
   std::mutex mu;
   // scratch, grown on demand under `mu`
-  int64_t rows_cap = 0, lrows_cap = 0, threads_cap = 0;
+  int64_t rows_cap = 0, lrows_cap = 0, threads_cap = 0, amx_cap = 0, wbuf_cap = 0;
+  std::vector<int8_t> amx_tiles_buf;
+  std::vector<float> amx_sx, amx_xs;
+  std::vector<uint8_t> amx_wbuf;  // per thread
   std::vector<float> x, xn, qkv, attn, gu, act, scores;
   std::vector<int8_t> q8;
   std::vector<float> sxp, sx, xsum, sx16;

@@ -1,4 +1,4 @@
-"""`optistack` command line: demo, run, passes, presets, workloads, report, search."""
+"""`optistack` command line: demo, run, passes, presets, workloads, report, search, serve."""
 from __future__ import annotations
 
 import argparse
@@ -28,16 +28,22 @@ def _write_outputs(report, args) -> None:
 def cmd_run(args) -> int:
     from .checks import check_pipeline, check_pipeline_text
     from .core.pipeline import Pipeline
+    from .serving.scenario_cli import check_workload, options_from_args, run_cli_scenario
     from .workloads import load
 
     check_pipeline_text(args.pipeline)
     pipeline = Pipeline.parse(args.pipeline)  # parse first: a typo fails before a model loads
     check_pipeline(pipeline)
+    scenario = options_from_args(args)  # --scenario flags too, before a model loads
     workload = load(args.model, data=args.data, task=args.task)
+    if scenario is not None:
+        check_workload(workload, scenario)
     result = pipeline.run(workload, max_accuracy_drop=args.max_accuracy_drop, timing=_timing(args.quick))
     result.report.print()
     if getattr(args, "verbose", False):
         _print_tracebacks(result.report)
+    if scenario is not None:  # stock vs optimized under MLPerf LoadGen; the report gains its `scenario` section
+        run_cli_scenario(args, workload, result, scenario)
     _write_outputs(result.report, args)
     if args.save:  # after the report: a model transformers cannot load still leaves the report written
         print(f"saved (transformers / vLLM loadable): {result.save_pretrained(args.save)}", file=sys.stderr)
@@ -121,8 +127,12 @@ def cmd_report(args) -> int:
         print(report.plot(out))
         return 0
     text = {"md": report.to_markdown, "html": report._repr_html_, "json": report.to_json}.get(fmt)
-    if text is None:  # "text": the rich table
+    if text is None:  # "text": the rich table (and the server scenario's tables, when it ran)
         report.print()
+        if report.scenario:
+            from .serving.scenario_render import print_scenario
+
+            print_scenario(report.scenario)
         return 0
     if args.output:
         Path(args.output).write_text(text())
@@ -169,7 +179,15 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="fewer timing rounds per trial (wider CIs)")
 
 
+def cmd_serve(args) -> int:
+    from .serving.launch import serve_from_args
+
+    return serve_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .serving.scenario_cli import add_scenario_args
+
     parser = argparse.ArgumentParser(prog="optistack", description="Optimize PyTorch models, measured after every pass.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -191,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--markdown", help="write the report as markdown here")
         p.add_argument("--plot", help="write a speedup/accuracy PNG here")
         p.add_argument("--quick", action="store_true", help="fewer timing rounds (wider CIs)")
+        add_scenario_args(p)
         p.add_argument("--verbose", "-v", action="store_true",
                        help="after the report, print the full traceback of every failed step")
 
@@ -206,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "md", "html", "json", "png"), default="text")
     p.add_argument("--output", "-o", help="file to write (default: stdout; png: next to the JSON)")
     add_search_args(sub.add_parser("search", help="search pass combinations for the fastest within an accuracy budget"))
+    from .serving.launch import add_serve_args
+
+    add_serve_args(sub.add_parser("serve", help="serve a saved optimized model over an OpenAI-compatible HTTP API"))
     return parser
 
 
@@ -214,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "demo": cmd_demo, "passes": cmd_passes, "presets": cmd_presets, "workloads": cmd_workloads,
-               "report": cmd_report, "search": cmd_search}[args.command]
+               "report": cmd_report, "search": cmd_search, "serve": cmd_serve}[args.command]
     try:
         return handler(args)
     except (OptistackError, FileNotFoundError, ValueError) as exc:

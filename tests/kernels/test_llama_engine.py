@@ -260,3 +260,45 @@ def test_unsupported_says_why():
 
     assert "gpt2" in unsupported(GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=50)))
     assert unsupported(quantized(tiny())) is None
+
+
+@pytest.mark.skipif(not cpu.available() or not cpu.lib().amx_supported(), reason="needs AMX tiles")
+@pytest.mark.parametrize("rows", [32, 45, 70])
+def test_prompt_chunks_on_amx_tiles_match_the_reference_and_the_vnni_path(rows):
+    """A slot's chunk of >= 32 rows runs its projections on AMX tiles: partial tiles of activation rows
+    (45, 70) and of weight rows (qkv has 5 heads x 64 = 320 rows: 20 tiles; gate_up 640), beside decode rows
+    of another slot on the VNNI path in the same call."""
+    from optistack.kernels.llama_engine import EngineWeights
+
+    weights = EngineWeights.from_model(quantized(tiny(layers=2)))
+    ids = torch.randint(0, 300, (rows,), generator=torch.Generator().manual_seed(rows))
+    mixed = (torch.cat([torch.tensor([7]), ids]), torch.tensor([1] + [0] * rows),
+             torch.cat([torch.tensor([0]), torch.arange(rows)]))
+    cos, sin = weights.rope_tables(96)
+    rt = weights.runtime(2, 96)
+    assert rt.impl.amx_rows == 32
+    kc, vc = fresh_caches(rt)
+    got = rt.forward(*mixed, torch.arange(rows + 1))
+    want = ref.forward(weights, *mixed, kc, vc, cos, sin)
+    # A flipped rounding of one int8 activation (a 1-ulp difference in a float sum) moves its row by ~0.5%
+    # and, in a key, every later row of the chunk with it: rows may sit near 0.5%, none near a wrong
+    # tile, row or head (tens of percent).
+    err = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    assert err.max() < 2e-2 and err.median() < 1e-2, err.tolist()
+    vnni = weights.runtime(2, 96)
+    vnni.impl.amx_rows = 0
+    other = vnni.forward(*mixed, torch.arange(rows + 1))
+    assert torch.equal(got[0], other[0])  # the decode row took the VNNI path in both
+    assert ((got - other).norm(dim=-1) / other.norm(dim=-1)).max() < 2e-2  # same integer products, other float sums
+
+
+def test_amx_rows_is_refused_where_it_cannot_run():
+    from optistack.kernels.llama_engine import EngineWeights
+
+    rt = EngineWeights.from_model(quantized(tiny(layers=1))).runtime(1, 8, act_bits=16)
+    assert rt.impl.amx_rows == 0  # int16 activations never take AMX tiles
+    with pytest.raises(RuntimeError, match="amx_rows must be >= 0"):
+        rt.impl.amx_rows = -1
+    if cpu.lib().amx_supported():
+        with pytest.raises(RuntimeError, match="int16 activations"):
+            rt.impl.amx_rows = 32

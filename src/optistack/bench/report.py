@@ -92,6 +92,7 @@ class Report:
     created: str | None = None
     timing: dict[str, Any] = field(default_factory=dict)
     preset: str | None = None  # the pipeline text as written when it named a preset; `pipeline` is its expansion
+    scenario: dict[str, Any] | None = None  # `run --scenario server`: serving.ScenarioResult.to_dict() (optistack.scenario/1)
     schema: str = SCHEMA
 
     @property

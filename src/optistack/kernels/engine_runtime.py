@@ -30,7 +30,8 @@ class EngineRuntime:
         cos, sin = weights.rope_tables(length)
         dtype = torch.float16 if act_bits == 8 else torch.float32
         shape = (d.layers, slots, d.kv_heads, length, d.head_dim)
-        self.k_cache, self.v_cache = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        with torch.inference_mode(False):  # plain tensors, whatever mode the first caller is in: load_cache writes them
+            self.k_cache, self.v_cache = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
         self.impl = cpu.lib().LlamaEngine(weights.spec(), cos, sin, self.k_cache, self.v_cache, act_bits, max_rows)
         self._lock = threading.Lock()
         self._free = list(range(slots))
@@ -124,11 +125,15 @@ class EngineRuntime:
         """Copy a transformers cache (after the model's own prefill) into the engine: row b's positions
         offsets[b] .. offsets[b] + lengths[b] (left padding skipped) become positions 0.. of slots[b]."""
         offsets = offsets if offsets is not None else [0] * len(slots)
+        with torch.no_grad():
+            self._copy_cache(cache, slots, lengths, offsets)
+        for slot, n in zip(slots, lengths):
+            self.impl.set_length(slot, n)
+
+    def _copy_cache(self, cache: Any, slots: Sequence[int], lengths: Sequence[int], offsets: Sequence[int]) -> None:
         for i, layer in enumerate(cache.layers):
             for b, (slot, n, off) in enumerate(zip(slots, lengths, offsets)):
                 if n > self.length:
                     raise ValueError(f"a prompt of {n} tokens does not fit this engine's {self.length} positions")
                 self.k_cache[i, slot, :, :n].copy_(layer.keys[b, :, off:off + n])
                 self.v_cache[i, slot, :, :n].copy_(layer.values[b, :, off:off + n])
-        for slot, n in zip(slots, lengths):
-            self.impl.set_length(slot, n)

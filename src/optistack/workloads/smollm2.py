@@ -115,6 +115,10 @@ class SmolLM2Workload:
         """Tokens whose probability is scored: each chunk predicts all but its first token."""
         return self.ppl_chunks * (self.ppl_chunk - 1)
 
+    def eval_token_ids(self) -> list[int]:
+        """The scored evaluation text as token ids (what the serving load test cuts its prompts from)."""
+        return self._chunks.reshape(-1).tolist()
+
     def timing_batch(self, index: int) -> Inputs:
         """The index-th timing batch: a 1 x seq_len window of calibration text at a seeded offset."""
         if self._calib_ids is None:

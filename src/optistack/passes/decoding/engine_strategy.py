@@ -22,6 +22,7 @@ import torch
 
 from ...core.errors import PassApplyError
 from ...generation import Generation, cache_kwarg, logits_of, takes_kwarg
+from ...generation.sessions import SessionUnavailable
 
 LENGTH_BUCKET = 256  # runtimes (their caches) are sized in multiples of this many positions and reused
 SHARED_SLOTS = 4  # slots of the shared runtime: four concurrent single-row callers without a private cache
@@ -41,7 +42,7 @@ def _left_pads(mask: torch.Tensor | None, batch: int, length: int) -> list[int]:
     pads = (length - ones).tolist()
     for b, pad in enumerate(pads):
         if pad >= length or not bool((mask[b, pad:] != 0).all()):
-            raise ValueError(f"row {b} of attention_mask is not left padding followed by >= 1 real token")
+            raise SessionUnavailable(f"row {b} of attention_mask is not left padding followed by >= 1 real token")
     return [int(p) for p in pads]
 
 
@@ -57,6 +58,8 @@ class EngineSession:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, length = input_ids.shape
+        if input_ids.device.type != "cpu":
+            raise SessionUnavailable(f"the decode engine runs on the CPU; the prompt is on {input_ids.device}")
         if batch != self.batch:
             raise ValueError(f"this session holds {self.batch} rows; the prompt has {batch}")
         self.pads = _left_pads(attention_mask, batch, length)
@@ -149,7 +152,8 @@ class EngineDecode:
             raise ValueError(f"an engine session needs >= 1 row and >= 1 position; got {batch} x {length}")
         limit = self.weights.max_positions
         if limit is not None and length > limit:
-            raise ValueError(f"{length} positions exceed the model's max_position_embeddings ({limit})")
+            raise SessionUnavailable(f"the engine holds up to the model's max_position_embeddings ({limit}) "
+                                     f"positions; this call needs {length}")
         size = LENGTH_BUCKET * -(-length // LENGTH_BUCKET)
         if limit is not None:
             size = min(size, max(limit, length))
