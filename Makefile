@@ -49,13 +49,25 @@ bench: setup
 # (llama-cpp-python compiles llama.cpp for this CPU: minutes). Tables print at the end and land in
 # .benchmarks/peers/*.json. A peer that is not installed is skipped with the reason.
 # llm-compressor pins an older transformers, so it gets a venv of its own and runs as a subprocess.
-bench-peers: setup .venv-llmcompressor/.installed
+bench-peers: setup .venv-llmcompressor/.installed .venv-optimum-intel/.installed
 	$(PIP) install --quiet -c constraints.txt -e ".[peers]"
 	$(BIN)/python -m pytest benchmarks/peers -s
 
 .venv-llmcompressor/.installed:
 	$(PYTHON) -m venv .venv-llmcompressor
 	.venv-llmcompressor/bin/python -m pip install --quiet torch==2.13.0 llmcompressor==0.14.0.1
+	touch $@
+
+# optimum-intel exports the OpenVINO GenAI peer's int4 model; it pins transformers<5.6, so its own venv.
+# PyPI's torchvision is built against CUDA torch and fails to import beside the CPU build, taking optimum-intel
+# with it; the export does not use it, so it is removed when it does not import.
+.venv-optimum-intel/.installed:
+	$(PYTHON) -m venv .venv-optimum-intel
+	.venv-optimum-intel/bin/python -m pip install --quiet -c constraints.txt torch
+	.venv-optimum-intel/bin/python -m pip install --quiet -c constraints.txt "optimum-intel[openvino]==2.2.0" \
+		openvino==2026.4.0 openvino-tokenizers==2026.4.0.0
+	.venv-optimum-intel/bin/python -c "import torchvision" 2>/dev/null || \
+		.venv-optimum-intel/bin/python -m pip uninstall --quiet -y torchvision
 	touch $@
 
 clean:

@@ -35,6 +35,7 @@ class ResultsTable:
     rows: list[dict[str, Any]] = field(default_factory=list)
     ratios: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)  # anything more the JSON should carry (written when given)
 
     def add(self, engine: str, setting: str, **values: Any) -> dict[str, Any]:
         """A row: `engine` (who ran), `setting` (build, options), and the measured values (None: not
@@ -57,9 +58,12 @@ class ResultsTable:
     def to_dict(self) -> dict[str, Any]:
         from optistack.bench.environment import machine_info, package_versions
 
-        return {"name": self.name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "settings": self.settings, "rows": self.rows, "ratios": self.ratios, "notes": self.notes,
-                "machine": machine_info(), "versions": package_versions(), "load_average": _loadavg()}
+        out = {"name": self.name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "settings": self.settings, "rows": self.rows, "ratios": self.ratios, "notes": self.notes,
+               "machine": machine_info(), "versions": package_versions(), "load_average": _loadavg()}
+        if self.details:
+            out["details"] = self.details
+        return out
 
     def write(self, folder: str | Path | None = None) -> Path:
         folder = Path(folder or os.environ.get(OUT_ENV) or ".benchmarks/peers")

@@ -50,9 +50,9 @@ struct alignas(64) TileConfig {
 };
 
 __attribute__((target("amx-tile")))
-static void tile_config() {  // C: tile 0, A: tile 1, B: tile 2, each 16 rows of 64 bytes
+static void tile_config() {  // C: tiles 0..3 (four units in flight), A and B: 4, 5 and 6, 7; 16 rows x 64 bytes
   TileConfig cfg;
-  for (int t = 0; t < 3; ++t) {
+  for (int t = 0; t < 8; ++t) {
     cfg.colsb[t] = 64;
     cfg.rows[t] = 16;
   }
@@ -107,16 +107,43 @@ void amx_pack(const XQ* xs, int64_t M, int64_t K, int64_t t0, int64_t t1, const 
   }
 }
 
+// Unit u's exact products C = A_u . B_u into C tile u % 4 (A and B in tiles 4, 5 or 6, 7 by u % 2), stored
+// to `out`: four products in flight, and the next unit's loads never wait for this one's product to read
+// its inputs (tiles are not renamed; one set made every product wait for the previous one).
+__attribute__((target("amx-tile,amx-int8")))
+static inline void unit_product(int c, const uint8_t* a_tile, const int8_t* b_tile, int32_t* out) {
+#define OPTISTACK_UNIT(C, A, B)  \
+  _tile_loadd(A, a_tile, 64);    \
+  _tile_loadd(B, b_tile, 64);    \
+  _tile_zero(C);                 \
+  _tile_dpbusd(C, A, B);         \
+  _tile_stored(C, out, 64);      \
+  break;
+  switch (c) {
+    case 0: OPTISTACK_UNIT(0, 4, 5)
+    case 1: OPTISTACK_UNIT(1, 6, 7)
+    case 2: OPTISTACK_UNIT(2, 4, 5)
+    default: OPTISTACK_UNIT(3, 6, 7)
+  }
+#undef OPTISTACK_UNIT
+}
+
 __attribute__((target("amx-tile,amx-int8")))
 void q4_rows_amx(const Q4Weight& w, const AmxActs& a, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ystride,
                  bool add, uint8_t* wbuf) {
   const int64_t U = w.K / 64, rb = w.K / 2, mtiles = (M + 15) / 16;
   const __m512i nib = _mm512_set1_epi8(0x0F);
-  alignas(64) int32_t cb[256];
-  alignas(64) float out[256];
+  float* st = reinterpret_cast<float*>(wbuf + U * 1024);  // [U][16] scales of this weight tile's rows
+  float* zt = st + U * 16;                                // [U][16] their zc (0 beyond the last row)
+  int32_t* cbuf = reinterpret_cast<int32_t*>(zt + U * 16);  // [U][16 x 16] one m-tile's unit products
   tile_config();
   for (int64_t nt = n0; nt < n1; nt += 16) {
     const int64_t nr = std::min<int64_t>(16, n1 - nt);
+    for (int64_t u = 0; u < U; ++u)
+      for (int i = 0; i < 16; ++i) {
+        st[u * 16 + i] = i < nr ? w.s[(nt + i) * U + u] : 0.f;
+        zt[u * 16 + i] = i < nr ? w.zc[(nt + i) * U + u] : 0.f;
+      }
     for (int64_t u = 0; u < U; ++u)  // this weight tile's A tiles, every unit: 16 rows x 64 codes
       for (int i = 0; i < 16; ++i) {
         __m512i v = _mm512_setzero_si512();
@@ -127,31 +154,33 @@ void q4_rows_amx(const Q4Weight& w, const AmxActs& a, int64_t M, int64_t n0, int
         }
         _mm512_storeu_si512(wbuf + u * 1024 + i * 64, v);
       }
+    __m512 bias = _mm512_setzero_ps();
+    const __mmask16 nmask = __mmask16((1u << nr) - 1);
+    if (w.bias) bias = _mm512_maskz_loadu_ps(nmask, w.bias + nt);
     for (int64_t mt = 0; mt < mtiles; ++mt) {
+      for (int64_t u = 0; u < U; ++u) unit_product(int(u & 3), wbuf + u * 1024, a.tiles + (mt * U + u) * 1024, cbuf + u * 256);
       __m512 acc[16];
       for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-      for (int64_t u = 0; u < U; ++u) {
+      for (int64_t u = 0; u < U; ++u) {  // acc[n][m] += C[n][m] * s[n] * sx[m] + zc[n] * xsum[m]
         const int64_t t = mt * U + u;
-        _tile_zero(0);
-        _tile_loadd(1, wbuf + u * 1024, 64);
-        _tile_loadd(2, a.tiles + t * 1024, 64);
-        _tile_dpbusd(0, 1, 2);
-        _tile_stored(0, cb, 64);
+        const int32_t* c = cbuf + u * 256;
         const __m512 sx = _mm512_loadu_ps(a.sxT + t * 16), xsum = _mm512_loadu_ps(a.xsT + t * 16);
-        for (int i = 0; i < nr; ++i) {
-          const __m512 c = _mm512_cvtepi32_ps(_mm512_load_si512(cb + i * 16));
-          acc[i] = _mm512_fmadd_ps(c, _mm512_mul_ps(sx, _mm512_set1_ps(w.s[(nt + i) * U + u])), acc[i]);
-          acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(w.zc[(nt + i) * U + u]), xsum, acc[i]);
+        const float *s = st + u * 16, *zc = zt + u * 16;
+        for (int i = 0; i < 16; ++i) {  // all 16 (rows past the weight's end are zeros): acc stays in registers
+          const __m512 cv = _mm512_cvtepi32_ps(_mm512_load_si512(c + i * 16));
+          acc[i] = _mm512_fmadd_ps(cv, _mm512_mul_ps(sx, _mm512_set1_ps(s[i])), acc[i]);
+          acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(zc[i]), xsum, acc[i]);
         }
       }
-      for (int i = 0; i < 16; ++i) _mm512_store_ps(out + i * 16, acc[i]);  // out[n][m]
+      __m512i r[16];  // acc[n] holds 16 m values: transpose so r[m] holds 16 n values, a slice of y's row m
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(acc[i]);
+      transpose16(r);
       const int64_t mr = std::min<int64_t>(16, M - mt * 16);
       for (int64_t j = 0; j < mr; ++j) {
         float* dst = y + (mt * 16 + j) * ystride + nt;
-        for (int64_t i = 0; i < nr; ++i) {
-          float v = out[i * 16 + j] + (w.bias ? w.bias[nt + i] : 0.f);
-          dst[i] = add ? dst[i] + v : v;
-        }
+        __m512 v = _mm512_add_ps(_mm512_castsi512_ps(r[j]), bias);
+        if (add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(nmask, dst));
+        _mm512_mask_storeu_ps(dst, nmask, v);
       }
     }
   }

@@ -19,6 +19,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 
 #include "llama_ops.h"
 #include "simd.h"
@@ -117,7 +119,7 @@ void LlamaEngine::ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx
     threads_cap = nthreads;
   }
   if (amx_tiles > 0 && nthreads > wbuf_cap) {  // the unpacked weight tiles of one AMX weight tile, per thread
-    amx_wbuf.assign(size_t(nthreads) * Umax * 1024, 0);
+    amx_wbuf.assign(size_t(nthreads) * Umax * 2176, 0);
     wbuf_cap = nthreads;
   }
   if (amx_tiles > amx_cap) {
@@ -235,11 +237,16 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
     const int64_t t = r.tile0 * U;
     return AmxActs{amx_tiles_buf.data() + t * 1024, amx_sx.data() + t * 16, amx_xs.data() + t * 16};
   };
+  static double pacc[32] = {0};
+  static int pcalls = 0;
+  static const bool prof = getenv("OPTISTACK_ENGINE_PROFILE") != nullptr;
+  double plast = omp_get_wtime(), pstart = plast;
+#define PROF(i) if (prof && tid == 0) { double _t = omp_get_wtime(); pacc[i] += _t - plast; plast = _t; }
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
     float* sc = scores.data() + size_t(tid) * Tmax;
-    uint8_t* wbuf = amx_tiles ? amx_wbuf.data() + size_t(tid) * Umax * 1024 : nullptr;
+    uint8_t* wbuf = amx_tiles ? amx_wbuf.data() + size_t(tid) * Umax * 2176 : nullptr;
     int64_t n0, n1;
     // y = rows @ w.T (+= with add) for every run of rows, after the rows were prepared (and a barrier):
     // AMX runs are packed into tiles first (all threads), then each thread takes its share of w's rows.
@@ -254,6 +261,7 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
             amx_pack(xq.data() + r.start, r.len, w.K, t0, t1, acts(r, U));
           }
 #pragma omp barrier
+      PROF(0);
       }
       for (const Run& r : runs) {
         share(w.N, tid, nt, r.amx ? 16 : 4, n0, n1);
@@ -270,8 +278,10 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
         prep(xn.data() + b * H, H, xq[b]);
       }
 #pragma omp barrier
+      PROF(1);
       project(ly.qkv, qkv.data(), Nqkv, false);
 #pragma omp barrier
+      PROF(2);
       for (int64_t j = tid; j < N * Hkv; j += nt) {  // RoPE on each new key at its row's position, both into its slot
         const int64_t b = j / Hkv, h = j % Hkv, p = pos[b];
         float* k = qkv.data() + b * Nqkv + (Hq + h) * D;
@@ -283,6 +293,7 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
         }
       }
 #pragma omp barrier
+      PROF(3);
       for (int64_t j = tid; j < N * Hq; j += nt) {  // each row attends to its slot's positions 0..its own
         const int64_t b = j / Hq, h = j % Hq, p = pos[b];
         float* q = qkv.data() + b * Nqkv + h * D;
@@ -290,32 +301,48 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
         attend(q, kv(kc, l, slot[b], h / grp), kv(vc, l, slot[b], h / grp), p + 1, D, sc, attn.data() + (b * Hq + h) * D);
       }
 #pragma omp barrier
+      PROF(4);
       for (int64_t b = tid; b < N; b += nt) prep(attn.data() + b * Hq * D, Hq * D, xq[b]);
 #pragma omp barrier
+      PROF(5);
       project(ly.o, x.data(), H, true);  // the residual add, in place
 #pragma omp barrier
+      PROF(6);
       for (int64_t b = tid; b < N; b += nt) {
         rms_norm(x.data() + b * H, ly.norm2, xn.data() + b * H, H, eps);
         prep(xn.data() + b * H, H, xq[b]);
       }
 #pragma omp barrier
+      PROF(7);
       project(ly.gate_up, gu.data(), 2 * I, false);
 #pragma omp barrier
+      PROF(8);
       for (int64_t b = tid; b < N; b += nt) {
         swiglu(gu.data() + b * 2 * I, gu.data() + b * 2 * I + I, act.data() + b * I, I);
         prep(act.data() + b * I, I, xq[b]);
       }
 #pragma omp barrier
+      PROF(9);
       project(ly.down, x.data(), H, true);
 #pragma omp barrier
+      PROF(10);
     }
     for (int64_t r = tid; r < R; r += nt) {  // the head, for the rows whose logits were asked for
       rms_norm(x.data() + lrows[r] * H, final_norm, xn.data() + r * H, H, eps);
       sx16[r] = int8_quantize_f32(xn.data() + r * H, H, Kh, q16.data() + r * Kh);
     }
 #pragma omp barrier
+      PROF(11);
     share(V, tid, nt, 64, n0, n1);
     if (n0 < n1 && R > 0) int8_rows_f32(head_q, head_s, H, q16.data(), Kh, sx16.data(), R, n0, n1, lg, V);
+  }
+  if (prof) {
+    pacc[31] += omp_get_wtime() - pstart;
+    if (++pcalls % 20 == 0) {
+      fprintf(stderr, "engine profile over %d calls (ms/call):", pcalls);
+      for (int i = 0; i < 16; ++i) fprintf(stderr, " p%d=%.2f", i, pacc[i] * 1000 / pcalls);
+      fprintf(stderr, " total=%.2f\n", pacc[31] * 1000 / pcalls);
+    }
   }
 }
 #else

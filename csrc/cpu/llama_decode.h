@@ -46,7 +46,8 @@ struct AmxActs {
 bool amx_supported();  // the CPU has AMX-INT8 and the kernel granted this process the tile state
 // Tiles [t0, t1) (tile t = m-tile t / U, unit t % U) of rows xs[0, M) with K channels.
 void amx_pack(const XQ* xs, int64_t M, int64_t K, int64_t t0, int64_t t1, const AmxActs& a);
-// As q4_rows for the M rows packed in `a`; wbuf: this thread's K / 64 KB for the unpacked weight tiles.
+// As q4_rows for the M rows packed in `a`; wbuf: this thread's K / 64 * 2176 bytes (unpacked weight tiles, their
+// scales, one m-tile's unit products).
 void q4_rows_amx(const Q4Weight& w, const AmxActs& a, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ystride,
                  bool add, uint8_t* wbuf);
 

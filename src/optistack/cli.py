@@ -59,6 +59,13 @@ def _print_tracebacks(report) -> None:
 
 
 def cmd_demo(args) -> int:
+    if args.pipeline is None and args.model == "minilm":  # the tour: presets, MiniLM, SmolLM2 through generate()
+        from .demo import run_tour
+
+        if args.tokens < 2:
+            raise SystemExit(f"optistack: error: --tokens must be >= 2 (a first token and a decode rate); got {args.tokens}")
+        args.timing = _timing(True)
+        return run_tour(args)
     args.pipeline = DEMO_PIPELINE if args.pipeline is None else args.pipeline
     print(f"optistack demo: optimizing the bundled {args.model} with '{args.pipeline}', "
           f"accuracy budget {args.max_accuracy_drop:g}", file=sys.stderr)
@@ -214,7 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="after the report, print the full traceback of every failed step")
 
     add_run_args(sub.add_parser("run", help="run a pipeline on a workload and print the report"), True)
-    add_run_args(sub.add_parser("demo", help="optimize a bundled real model and print the report"), False)
+    p = sub.add_parser("demo", help="the tour: presets, MiniLM @encoder-latency, SmolLM2 answering through generate() "
+                                    "original vs optimized (or, with --pipeline, one pipeline's report)")
+    add_run_args(p, False)
+    from .demo import DEMO_LLM_PIPELINE, DEMO_PROMPT
+
+    p.add_argument("--llm-pipeline", default=DEMO_LLM_PIPELINE,
+                   help="the chain SmolLM2 gets in the tour (default: @llm-decode with round-to-nearest int4 "
+                        "instead of AWQ's minutes of calibration)")
+    p.add_argument("--prompt", default=DEMO_PROMPT, help="what SmolLM2 is asked in the tour")
+    p.add_argument("--tokens", type=int, default=64, help="tokens SmolLM2 generates in the tour")
+    p.add_argument("--skip-encoder", action="store_true", help="leave MiniLM out of the tour")
     p = sub.add_parser("passes", help="list every pass, available or not, with the reason")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("presets", help="list the named pipelines (@name) and what they expand to here")

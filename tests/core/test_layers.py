@@ -65,6 +65,18 @@ def test_passes_never_import_workloads():
     assert not offenders, f"passes import workloads (use optistack.core.modeling / optistack.generation): {offenders}"
 
 
+def test_generation_stands_on_core_below_passes():
+    """optistack.generation (greedy_decode, sessions, generate()) is imported by passes and workloads, so it
+    imports none of the layers above it."""
+    above = {"passes", "workloads", "bench", "serving", "search", "cli", "wiring", "api", "presets", "checkpoints"}
+    offenders = {}
+    for path in (SRC / "generation").rglob("*.py"):
+        bad = crosses(imported_modules(path, package_of(path)), above)
+        if bad:
+            offenders[path.relative_to(SRC).as_posix()] = bad
+    assert (SRC / "generation" / "__init__.py").is_file() and not offenders, offenders
+
+
 def test_core_imports_nothing_above_it_resolved():
     """The same rule as below, with relative imports resolved exactly (`from .. import x` included)."""
     offenders = {}

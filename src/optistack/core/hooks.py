@@ -11,7 +11,11 @@ Hook (set by -> read by):
 - `save_to(folder)` / `session_options()` / `load_from(...)` / `model_bytes()` (runtime forms: ONNX
   Runtime, OpenVINO, TensorRT models -> `core.persist`, `core.loading`, `bench.memory`);
 - `optistack_cache` (`kv-cache` -> `generation.new_cache` / `greedy_decode`, `speculative`);
-- `optistack_decode` (`speculative` -> `generation.greedy_decode`);
+- `optistack_decode` (`speculative`, `decode-engine` -> `generation.greedy_decode`, and generate() through
+  the strategy's `open_session`);
+- `generate` (`speculative`, `kv-cache`, `decode-engine` via `generation.install_generate` -> users and
+  transformers pipelines calling `model.generate`): transformers' generate() with our decoding loop. Not in
+  HOOKS: it is transformers' public name, which other code reads as such;
 - `optistack_prepare_context()` / `optistack_prepare_ms()` (`prompt-compress`'s wrapper model -> the
   long-QA workload);
 - `rewrites_prompts`, on the workload (the long-QA workload -> `prompt-compress`, which notes when
@@ -82,18 +86,31 @@ class SavableRuntime(Protocol):
 @runtime_checkable
 class CacheFactory(Protocol):
     """`model.optistack_cache`, set by `kv-cache`: `factory(model, max_len)` returns the transformers Cache
-    for a prompt plus new tokens of `max_len` in all. Optional attributes: `bytes_per_token(model)`, and
+    for a prompt plus new tokens of `max_len` in all. Optional attributes: `bytes_per_token(model)`,
     `eager_prefill = True` to have the prefill run by the module under a torch.compile wrapper (only the
-    fixed-shape decode step is compiled). Read by `generation.new_cache` and every decode strategy."""
+    fixed-shape decode step is compiled), and `acquire(model, max_len)` / `release(cache)` for a factory
+    that reuses its caches: a cache is then lent to one caller at a time (`generation.lease_cache`), so
+    concurrent generate() calls never share one. Read by `generation.new_cache` and every decode strategy."""
 
     def __call__(self, model: Any, max_len: int) -> Any: ...
 
 
 @runtime_checkable
 class DecodeStrategy(Protocol):
-    """`model.optistack_decode`, set by `speculative`: `strategy(model, input_ids, max_new_tokens)`
-    returns a `generation.Generation` with exactly the tokens plain greedy decoding gives. Called by
-    `generation.greedy_decode` with the very callable it was given (a compiled wrapper, if any)."""
+    """`model.optistack_decode`, set by `speculative` and `decode-engine`.
+
+    `strategy(model, input_ids, max_new_tokens)` returns a `generation.Generation` with the greedy tokens
+    (exactly plain greedy decoding's for a lossless strategy). Called by `generation.greedy_decode` with
+    the very callable it was given (a compiled wrapper, if any).
+
+    `open_session(model, batch, max_len)` (optional, but what makes generate() fast) returns a
+    `generation.sessions.DecodeSession` for one generate() call of `batch` rows and at most `max_len`
+    positions (prompt with padding + new tokens): prefill / extend / rewind / close. generate() keeps
+    sampling, logits processors and stopping criteria, the session only runs the model. A strategy
+    without it is served by `generation.ModelSession` (the model's own forward). A session that cannot
+    serve a request (another device, a size it cannot hold) raises `generation.SessionUnavailable` from
+    `open_session` or `prefill`; a strategy may also declare `device_types = ("cpu",)`. generate() then
+    runs transformers' own loop with one warning."""
 
     def __call__(self, model: Any, input_ids: Any, max_new_tokens: int) -> Any: ...
 

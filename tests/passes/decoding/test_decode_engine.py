@@ -32,7 +32,7 @@ def apply(model, text: str):
 
 @needs_engine
 def test_engine_decodes_and_reports_its_agreement():
-    result = apply(tiny_llama(), "rtn-int4{head=int8},decode-engine{min_agreement=0}")
+    result = apply(tiny_llama(), "rtn-int4{head=int8},decode-engine{min_agreement=0,prefill=model}")
     model = result.model
     assert getattr(model, "optistack_decode", None) is not None
     prompt = torch.randint(0, 300, (2, 9))

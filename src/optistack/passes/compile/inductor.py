@@ -130,4 +130,7 @@ class CompilePass(ConfiguredPass):
             patch_when_compiling(compiled, **settings)
         info: dict[str, Any] = {"backend": cfg.backend, "mode": cfg.mode, "freezing": cfg.freezing,
                                 "cpp_wrapper": cfg.cpp_wrapper, "lazy": True}
-        return PassResult(compiled, modified=True, info=info)
+        from ...generation.hf_generate import carry_generate
+
+        # a decode strategy's generate() on the module decodes through the compiled wrapper (the compiled step)
+        return PassResult(carry_generate(compiled), modified=True, info=info)

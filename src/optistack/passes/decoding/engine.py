@@ -1,22 +1,29 @@
-"""`decode-engine`: decode tokens with optistack's C++ engine, one call per token for the whole model.
+"""`decode-engine`: decode (and serve) with optistack's C++ engine, one call per step for the whole model.
 
-The model keeps doing the prefill (its own forward: batched, on the matrix units, the time to first
-token); every following token is one call into csrc/cpu/llama_decode.cpp, which runs all layers,
-attention over the filled cache slots only, and the head inside one parallel region: no Python, no
-graph guards, no fork/join per operator. It serves int4-quantized Llama, Mistral and Qwen2 models
-(run `awq` or `rtn-int4` first; `fuse-kernels` before it is fine) on x86 CPUs with AVX512-VNNI.
+Every step is one call into csrc/cpu/llama_decode.cpp, which runs all layers, attention over each row's
+own filled cache positions, and the head inside one parallel region: no Python, no graph guards, no
+fork/join per operator. A call takes any rows (token, cache slot, position): the decode steps of many
+requests at once, prompt chunks (on AMX int8 tiles where the CPU has them) and draft tokens to verify.
+It serves int4-quantized Llama, Mistral and Qwen2 models (run `awq` or `rtn-int4` first; `fuse-kernels`
+before it is fine) on x86 CPUs with AVX512-VNNI.
+
+The prompt (time to first token) runs where it is fastest: `prefill=auto` gives it to the engine on
+AMX tiles where the CPU has them and the activations are int8, else to the model's own forward (its
+batched kernels), whose cache is copied into the engine; `model` and `engine` force one.
 
 Numerics: the int4 projections take int8 activations (per 64 channels, as llama.cpp's Q8 blocks; or
-int16 with `act=int16`: twice the dot-product work, 15 significant bits like the model's own kernel),
-the head int16 ones (as the int8 head); everything else is float32. So with int8 the tokens can differ
-from the model's own float32-activation decoding where two logits are close. At apply the pass measures, on the
-workload's calibration prompts, how often the engine picks the token the model's own loop picks when
-both see the same history (teacher-forced top-1 agreement), records it, and refuses the engine below
-`min_agreement`.
+int16 with `act=int16`: twice the dot-product work, 15 significant bits like the model's own kernel, the
+exact mode), the head int16 ones (as the int8 head); everything else is float32. So with int8 the tokens
+can differ from the model's own float32-activation decoding where two logits are close. At apply the pass
+measures, on the workload's calibration prompts, how often the engine picks the token the model's own
+loop picks when both see the same history (teacher-forced top-1 agreement), records it, and refuses the
+engine below `min_agreement`.
 
-The strategy is set as the model's `optistack_decode` hook, so `greedy_decode`, the causal-LM
-workloads and the report's decode tokens/s use it; the weights are untouched. Where the engine cannot
-run (another architecture, a float model, a CPU without VNNI) the step is skipped with the reason.
+The strategy is set as the model's `optistack_decode` hook and `generate()` is installed on the model,
+so `model.generate()`, `greedy_decode`, the causal-LM workloads and the report's decode tokens/s all
+use it, and `serving.EngineBackend` serves it with continuous batching; the weights are untouched. Where
+the engine cannot run (another architecture, a float model, a CPU without VNNI) the step is skipped with
+the reason.
 """
 from __future__ import annotations
 
@@ -39,7 +46,7 @@ from .engine_strategy import LENGTH_BUCKET, EngineDecode, EngineSession  # noqa:
 @dataclasses.dataclass(frozen=True)
 class DecodeEngineConfig(PassConfig):
     act: Literal["int8", "int16"] = "int8"  # the int4 projections' activations: int8 (fast) or int16 (exact)
-    prefill: Literal["model", "engine"] = "model"  # who runs the prompt: the model's own forward, or the engine
+    prefill: Literal["auto", "model", "engine"] = "auto"  # who runs the prompt (see the module docstring)
     check_prompts: int = 2
     check_tokens: int = 32
     min_agreement: float = 0.9
@@ -79,8 +86,13 @@ class DecodeEnginePass(ConfiguredPass):
             return PassResult(model, modified=False, info={"reason": why})
         start = time.perf_counter()
         weights = EngineWeights.from_model(_unwrap(model))
-        decoder = EngineDecode(weights, 16 if cfg.act == "int16" else 8, cfg.prefill)
-        info: dict[str, Any] = {"act": cfg.act, "prefill": cfg.prefill, "build_s": round(time.perf_counter() - start, 3),
+        prefill = cfg.prefill
+        if prefill == "auto":
+            from ...kernels import cpu
+
+            prefill = "engine" if cfg.act == "int8" and cpu.lib().amx_supported() else "model"
+        decoder = EngineDecode(weights, 16 if cfg.act == "int16" else 8, prefill)
+        info: dict[str, Any] = {"act": cfg.act, "prefill": prefill, "build_s": round(time.perf_counter() - start, 3),
                                 "threads": torch.get_num_threads(),
                                 "head": "int8 (quantized by this pass)" if weights.head_quantized_here else "int8"}
         prompts = check_prompts(ctx, cfg.check_prompts, weights.dims.vocab) if cfg.check_prompts else []

@@ -10,8 +10,9 @@
   Not compileable (its cache grows), and slower per step: memory, not speed, is what it buys.
 - `impl=dynamic`: the default transformers `DynamicCache` (useful to undo an earlier choice).
 
-The pass sets the cache factory (`optistack_cache`, see `core/hooks.py` and `generation.py`) on the model: the
-weights are untouched and every decode strategy (plain greedy, `speculative`) uses the chosen cache.
+The pass sets the cache factory (`optistack_cache`, see `core/hooks.py` and `generation/`) on the model: the
+weights are untouched and every decode strategy (plain greedy, `speculative`) uses the chosen cache, and so
+does the model's `generate()`, which the pass installs (`generation.install_generate`).
 Generations report the cache's bytes per token (`Generation.kv_bytes_per_token`); the pass's info
 gives the same number computed from the model's shape.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 from typing import Any, Literal, Optional
 
 import torch
@@ -29,6 +31,7 @@ from ...core.errors import PassApplyError
 from ...core.hooks import CACHE_ATTR
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, need_packages
+from ...generation import install_generate
 from .common import require_causal_lm
 
 
@@ -49,32 +52,58 @@ class KvCacheConfig(PassConfig):
 
 
 class StaticCacheFactory:
-    """One `StaticCache` per size, reset and reused across generations (same tensors: no recompiles).
-    The prefill runs eagerly (`eager_prefill`): prompt lengths vary, the decode step's shapes do not."""
+    """`StaticCache`s per size, reset and reused across generations (same tensors: no recompiles).
+    The prefill runs eagerly (`eager_prefill`): prompt lengths vary, the decode step's shapes do not.
+
+    A cache is shared mutable state, so callers lease one: `acquire` lends a cache no one else holds
+    (creating a second one of the size when every existing one is lent, e.g. two concurrent generate()
+    calls) until `release`. `factory(model, max_len)` (the plain protocol) returns one that is not lent,
+    without lending it. Sequential callers keep getting the same cache, so a compiled step replays."""
 
     eager_prefill = True
 
     def __init__(self, max_cache_len: int | None, bucket: int) -> None:
         self.max_cache_len, self.bucket = max_cache_len, bucket
-        self._caches: dict[int, Any] = {}
+        self._caches: dict[int, list[Any]] = {}  # size -> its caches
+        self._lent: set[int] = set()  # ids of the caches lent out
+        self._lock = threading.Lock()
 
     def __call__(self, model: Any, max_len: int) -> Any:
+        return self._get(model, max_len, lend=False)
+
+    def acquire(self, model: Any, max_len: int) -> Any:
+        return self._get(model, max_len, lend=True)
+
+    def release(self, cache: Any) -> None:
+        with self._lock:
+            self._lent.discard(id(cache))
+
+    def _get(self, model: Any, max_len: int, lend: bool) -> Any:
         from transformers import StaticCache
 
         size = self.max_cache_len or self.bucket * math.ceil(max_len / self.bucket)
         if max_len > size:
             raise PassApplyError(f"kv-cache: a generation needs {max_len} cache slots but max_cache_len={size}; "
                                  "raise max_cache_len or leave it unset")
-        cache = self._caches.get(size)
-        if cache is None:
-            cache = self._caches[size] = batch_aware(StaticCache(config=model.config, max_cache_len=size))
-        else:
+        with self._lock:
+            pool = self._caches.setdefault(size, [])
+            cache = next((c for c in pool if id(c) not in self._lent), None)
+            fresh = cache is None
+            if fresh:
+                cache = batch_aware(StaticCache(config=model.config, max_cache_len=size))
+                pool.append(cache)
+            if lend:
+                self._lent.add(id(cache))
+        if not fresh:
             with torch.inference_mode():  # its tensors were made in inference mode by the first decode
                 cache.reset()
         return cache
 
+    def __reduce__(self) -> tuple:  # caches (and the lock) are rebuilt, not copied or pickled
+        return StaticCacheFactory, (self.max_cache_len, self.bucket)
+
     def __deepcopy__(self, memo: dict) -> "StaticCacheFactory":
-        return StaticCacheFactory(self.max_cache_len, self.bucket)  # caches are rebuilt, not copied
+        return StaticCacheFactory(self.max_cache_len, self.bucket)
 
 
 def batch_aware(cache: Any) -> Any:
@@ -186,4 +215,5 @@ class KvCachePass(ConfiguredPass):
                 "kv_bytes_per_token_full": bytes_per_token(model.config, "dynamic", dtype_bytes)}
         if cfg.impl == "static" and cfg.max_cache_len:
             info["max_cache_len"] = cfg.max_cache_len
+        install_generate(model)  # the user's generate() decodes on this cache (generation/hf_generate.py)
         return PassResult(model, modified=True, info=info)

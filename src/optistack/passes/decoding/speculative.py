@@ -13,10 +13,12 @@ one target forward over k+1 positions, which on a memory-bound decode costs litt
   folder (`draft=/path`), or, without one, a layer-skipping draft built from the target's first
   `draft_layers` layers and its own head (weights shared, no extra memory).
 
-The pass sets the decode strategy (`optistack_decode`, see `core/hooks.py` and `generation.py`), then checks
+The pass sets the decode strategy (`optistack_decode`, see `core/hooks.py` and `generation/`), then checks
 that strategy against plain greedy decoding on `check_prompts` prompts of `check_tokens` new tokens
 and refuses (the step fails, the model before it is kept) on the first differing token. Batch size 1
-only: larger batches decode plainly.
+only in greedy_decode: larger batches decode plainly. The pass also installs the model's `generate`
+(`generation.install_generate`): greedy batch-1 calls verify drafts on a `SpeculativeSession`, sampling
+and batches decode one token a step on it.
 """
 from __future__ import annotations
 
@@ -35,11 +37,11 @@ from ...core.pass_protocol import COMPILED, MODULE, ConfiguredPass, PassContext,
 from ...core.requirements import Availability, need_packages
 from ...generation import (
     Generation,
+    ModelSession,
     cache_bytes_per_token,
-    cache_kwarg,
     greedy_decode,
-    logits_of,
-    new_cache,
+    install_generate,
+    uninstall_generate,
 )
 from .common import check_prompts, require_causal_lm, verify_identical
 from .lookup import DraftModel, PromptLookup
@@ -75,54 +77,92 @@ class SpeculativeConfig(PassConfig):
 
 
 class SpeculativeDecoder:
-    """The decode strategy: `decoder(model, input_ids, max_new_tokens) -> Generation`."""
+    """The decode strategy: `decoder(model, input_ids, max_new_tokens) -> Generation` (greedy_decode's
+    path), and `open_session(model, batch, max_len)` for generate(): a `SpeculativeSession`."""
 
     def __init__(self, proposer: Any, num_draft_tokens: int) -> None:
         self.proposer, self.k = proposer, num_draft_tokens
 
+    def open_session(self, model: Any, batch: int, max_len: int) -> "SpeculativeSession":
+        return SpeculativeSession(ModelSession(model, batch, max_len), copy.copy(self.proposer), self.k)
+
     def __call__(self, model: Any, input_ids: torch.Tensor, max_new_tokens: int) -> Generation:
         if input_ids.shape[0] != 1:
             return greedy_decode(model, input_ids, max_new_tokens, use_strategy=False)
-        cache = new_cache(model, input_ids.shape[-1] + max_new_tokens + self.k)
-        arg = cache_kwarg(model)
-        eager_prefill = getattr(getattr(model, CACHE_ATTR, None), "eager_prefill", False)
-        prefill = unwrap_compiled(model) if eager_prefill else model
         sync = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
-        seq = input_ids[0]
         step_ms: list[float] = []
         counts: list[int] = []
-        made = 0
-        with torch.inference_mode():
-            self.proposer.reset(model, input_ids)
-            feed = input_ids
-            drafts: list[int] = []
-            while made < max_new_tokens:
+        session = self.open_session(model, 1, input_ids.shape[-1] + max_new_tokens + self.k)
+        try:
+            with torch.inference_mode():
                 sync()
                 start = time.perf_counter()
-                if step_ms:  # the prefill has no proposals; every later step may
-                    drafts = self.proposer.propose(seq, min(self.k, max_new_tokens - made - 1))
-                    feed = torch.tensor([[int(seq[-1])] + drafts], dtype=seq.dtype, device=seq.device)
-                out = (model if step_ms else prefill)(input_ids=feed, use_cache=True, **{arg: cache})
-                logits = logits_of(out, last_only=not drafts)  # the prefill needs its last position only
-                best = logits[0, -len(drafts) - 1 :].argmax(dim=-1)  # target's choice after each fed token
-                n = _matching_prefix(drafts, best)
-                new = best[: n + 1]
-                if len(drafts) > n:
-                    cache.crop(-(len(drafts) - n))
-                seq = torch.cat([seq, new.to(seq.dtype)])
+                seq = torch.cat([input_ids[0], session.prefill(input_ids).argmax(dim=-1)])
                 sync()
                 step_ms.append((time.perf_counter() - start) * 1000.0)
-                counts.append(n + 1)
-                made += n + 1
-                self.proposer.accepted(seq.numel())
+                counts.append(1)
+                while len(seq) - input_ids.shape[-1] < max_new_tokens:
+                    session.accepted(seq.numel())
+                    sync()
+                    start = time.perf_counter()
+                    made = seq.numel() - input_ids.shape[-1]
+                    drafts = session.propose(seq, min(self.k, max_new_tokens - made - 1))
+                    feed = torch.tensor([[int(seq[-1])] + drafts], dtype=seq.dtype, device=seq.device)
+                    best = session.extend(feed)[0].argmax(dim=-1)  # the target's choice after each fed token
+                    n = _matching_prefix(drafts, best)
+                    if len(drafts) > n:  # drop the rejected proposals' cache entries
+                        session.rewind(seq.numel() + n)
+                    seq = torch.cat([seq, best[: n + 1].to(seq.dtype)])
+                    sync()
+                    step_ms.append((time.perf_counter() - start) * 1000.0)
+                    counts.append(n + 1)
+            kv = cache_bytes_per_token(session.cache)
+        finally:
+            session.close()
         tokens = seq[input_ids.shape[-1] :].view(1, -1)
-        return Generation(tokens, step_ms, tokens_per_step=counts, kv_bytes_per_token=cache_bytes_per_token(cache))
+        return Generation(tokens, step_ms, tokens_per_step=counts, kv_bytes_per_token=kv)
 
     def __deepcopy__(self, memo: dict) -> "SpeculativeDecoder":
         new = SpeculativeDecoder(copy.deepcopy(self.proposer, memo), self.k)
         if isinstance(new.proposer, DraftModel):
             new.proposer.cache = None
         return new
+
+
+class SpeculativeSession:
+    """A `ModelSession` plus this session's own proposer (a shallow copy of the strategy's: a draft model's
+    weights are shared, its cache is not), for generate()'s speculative loop (`generation/hf_loop.py`)."""
+
+    def __init__(self, inner: ModelSession, proposer: Any, num_draft_tokens: int) -> None:
+        self.inner, self.proposer, self.num_draft_tokens = inner, proposer, num_draft_tokens
+        self.batch = inner.batch
+
+    @property
+    def cache(self) -> Any:
+        return self.inner.cache
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self.proposer.reset(self.inner.model, input_ids)
+        return self.inner.prefill(input_ids, attention_mask)
+
+    def extend(self, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner.extend(tokens, active)
+
+    def rewind(self, length: int) -> None:
+        self.inner.rewind(length)
+
+    def close(self) -> None:
+        self.inner.close()
+        if isinstance(self.proposer, DraftModel):
+            self.proposer.cache = None
+
+    def propose(self, seq: torch.Tensor, k: int) -> list[int]:
+        """Up to `k` next tokens for the 1-D sequence so far (prompt + accepted tokens)."""
+        return self.proposer.propose(seq, k) if k > 0 else []
+
+    def accepted(self, seq_len: int) -> None:
+        """The sequence now has `seq_len` tokens (the proposer forgets proposals beyond them)."""
+        self.proposer.accepted(seq_len)
 
 
 def _matching_prefix(drafts: list[int], best: torch.Tensor) -> int:
@@ -148,6 +188,7 @@ def layer_skip_draft(model: Any, layers: int) -> Any:
     draft, draft_inner = copy.copy(model), copy.copy(inner)
     for attr in (DECODE_ATTR, CACHE_ATTR):
         draft.__dict__.pop(attr, None)
+    uninstall_generate(draft)  # a generate() installed on the target serves the target, not its draft
     draft._modules = dict(model._modules)
     draft_inner._modules = dict(inner._modules)
     draft_inner.layers = torch.nn.ModuleList(list(blocks)[:layers])
@@ -214,4 +255,5 @@ class SpeculativePass(ConfiguredPass):
         except Exception:
             object.__delattr__(model, DECODE_ATTR)
             raise
+        install_generate(model)  # the user's generate() speculates too (generation/hf_generate.py)
         return PassResult(model, modified=True, info=info)

@@ -1,22 +1,24 @@
-"""Our own greedy decode loop with a KV cache, timing every model call.
+"""Our own greedy decode loop with a KV cache, timing every model call (what the workloads measure).
 
 Where this lives, and why: decoding is shared by the causal-LM workloads (which time and score it)
 and by the decoding passes (kv-cache, speculative, prompt-compress), which must not import
 workloads. It is not core either: core is the model-agnostic pass manager (protocol, pipeline,
 runner, hooks) and imports no torch at module level, while this is torch code about transformers
-caches. So it stands beside `workloads` and `kernels`, on core (`core.hooks` names the attributes it
-reads), and both passes and workloads import it. `optistack.workloads.generation` re-exports it.
+caches. So the `generation` package stands beside `workloads` and `kernels`, on core (`core.hooks`
+names the attributes it reads), and both passes and workloads import it.
+`optistack.workloads.generation` re-exports this module.
 
-We do not use `model.generate`: the loop calls `model(...)` directly, so whatever callable an
-optimization pass produced (a torch.compile'd module, a wrapper) is what gets timed. Speculative
-decoding reuses `greedy_decode` as its reference output.
+`greedy_decode` does not use `model.generate`: it calls `model(...)` directly, so whatever callable an
+optimization pass produced (a torch.compile'd module, a wrapper) is what gets timed. Users' own
+`model.generate(...)` reaches the same strategies through `generation.hf_generate` (sessions).
 
 Decode protocol (how a pass changes decoding without owning the workload; the names and Protocols
 are in `core.hooks`). A pass sets attributes on the model; attribute reads pass through torch.compile
 wrappers, so they survive a later `compile`:
 
 - `model.optistack_cache` -- a cache factory: `factory(model, max_len) -> transformers Cache` (the
-  cache for a prompt plus new tokens of `max_len` in all), optionally with `bytes_per_token(model)`.
+  cache for a prompt plus new tokens of `max_len` in all), optionally with `bytes_per_token(model)`,
+  and `acquire` / `release` when its caches are pooled (lent to one caller at a time).
   `new_cache` asks it, so the plain loop and every decode strategy use the pass's cache (static,
   quantized). Without one the cache is a `DynamicCache`. A factory with `eager_prefill = True` has
   the prefill run by the module under a torch.compile wrapper (`_orig_mod`): only the fixed-shape
@@ -24,6 +26,7 @@ wrappers, so they survive a later `compile`:
 - `model.optistack_decode` -- a decode strategy: `strategy(model, input_ids, max_new_tokens) ->
   Generation`, called by `greedy_decode` with the very callable it was given (the compiled wrapper,
   if any) in place of the one-token loop. It must return the same greedy tokens (speculative decoding).
+  Its `open_session(model, batch, max_len)` serves generate() (`generation.sessions`).
 
 A `Generation` records one wall time per model call: `step_ms[0]` is the prefill, which yields the
 first token (time to first token). A call may yield several tokens (speculation accepts several draft
@@ -40,9 +43,9 @@ from typing import Any
 
 import torch
 
-from .core.errors import WorkloadError
-from .core.hooks import CACHE_ATTR, DECODE_ATTR
-from .core.modeling import output_field, unwrap_compiled
+from ..core.errors import WorkloadError
+from ..core.hooks import CACHE_ATTR, DECODE_ATTR
+from ..core.modeling import output_field, unwrap_compiled
 
 
 class CacheUnsupportedError(WorkloadError):
@@ -131,6 +134,21 @@ def new_cache(model: Any, max_len: int | None = None) -> Any:
     return DynamicCache(config=config) if isinstance(config, PreTrainedConfig) else DynamicCache()
 
 
+def lease_cache(model: Any, max_len: int) -> Any:
+    """A cache that this caller alone uses until `return_cache`: from the factory's `acquire` when it
+    pools its caches (kv-cache's StaticCache, reused across generations so a compiled step replays),
+    else a fresh one from `new_cache`. Concurrent decodes then never write into one cache."""
+    acquire = getattr(getattr(model, CACHE_ATTR, None), "acquire", None)
+    return acquire(model, max_len) if acquire is not None else new_cache(model, max_len)
+
+
+def return_cache(model: Any, cache: Any) -> None:
+    """Give a leased cache back to its factory's pool (a no-op for caches that are not pooled)."""
+    release = getattr(getattr(model, CACHE_ATTR, None), "release", None)
+    if release is not None and cache is not None:
+        release(cache)
+
+
 def cache_bytes_per_token(cache: Any) -> float | None:
     """Bytes a cache spends per token slot: each layer's own `bytes_per_token()` when it has one (a
     quantized layer counts codes + scales), else its tensors' bytes / capacity (static) or / cached
@@ -193,7 +211,16 @@ def greedy_decode(model: Any, input_ids: torch.Tensor, max_new_tokens: int, cach
     strategy = getattr(model, DECODE_ATTR, None) if use_strategy and cache is None else None
     if strategy is not None:
         return strategy(model, input_ids, max_new_tokens)
-    cache = new_cache(model, input_ids.shape[-1] + max_new_tokens) if cache is None else cache
+    leased = cache is None
+    cache = lease_cache(model, input_ids.shape[-1] + max_new_tokens) if leased else cache
+    try:
+        return _greedy_loop(model, input_ids, max_new_tokens, cache)
+    finally:
+        if leased:
+            return_cache(model, cache)
+
+
+def _greedy_loop(model: Any, input_ids: torch.Tensor, max_new_tokens: int, cache: Any) -> Generation:
     cache_arg = {cache_kwarg(model): cache}
     eager_prefill = getattr(getattr(model, CACHE_ATTR, None), "eager_prefill", False)
     prefill = unwrap_compiled(model) if eager_prefill else model
