@@ -67,13 +67,13 @@ class EngineRuntime:
         return taken
 
     def release(self, slots: Sequence[int]) -> None:
-        with self._lock:
+        with self._lock:  # emptied before it is free: once free, another caller may own it at once
             for s in slots:
                 if not 0 <= s < self.slots or s in self._free:
                     raise ValueError(f"slot {s} is not in use in this engine (slots 0..{self.slots - 1})")
+            for s in slots:
+                self.impl.set_length(s, 0)
                 self._free.append(s)
-        for s in slots:
-            self.impl.set_length(s, 0)
 
     def filled(self, slot: int) -> int:
         return int(self.impl.length(slot))

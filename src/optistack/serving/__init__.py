@@ -35,3 +35,23 @@ def backends_for(model: Any, tokenizer: Any = None, *, max_batch: int = 8, max_c
     from .simple_backend import SimpleBackend
 
     return SimpleBackend(model, max_context)
+
+
+_LAZY = {
+    "Backend": ("backend", "Backend"),
+    "RequestHandle": ("backend", "RequestHandle"),
+    "SamplingParams": ("backend", "SamplingParams"),
+    "ServingError": ("backend", "ServingError"),
+    "EngineBackend": ("engine_backend", "EngineBackend"),
+    "StockBackend": ("stock", "StockBackend"),
+    "SimpleBackend": ("simple_backend", "SimpleBackend"),
+}
+
+
+def __getattr__(name: str) -> Any:  # lean: nothing heavy is imported until a name is used
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
