@@ -42,8 +42,9 @@ def test_four_threads_get_their_single_caller_outputs():
             except Exception as exc:  # a crash in any thread fails the test with its message
                 errors.append(f"thread {k}: {type(exc).__name__}: {exc}")
                 return
-            if not torch.equal(got, alone[i % len(asks)]):
-                errors.append(f"thread {k}, prompt {i % len(asks)}: {got[0, -n:].tolist()} != {alone[i % len(asks)][0, -n:].tolist()}")
+            want = alone[i % len(asks)]
+            if not torch.equal(got, want):
+                errors.append(f"thread {k}, prompt {i % len(asks)}: {got[0, -n:].tolist()} != {want[0, -n:].tolist()}")
             calls[k] += 1
             i += 3
 
