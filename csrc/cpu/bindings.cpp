@@ -56,6 +56,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("slots", &LlamaEngine::slots)
       .def_property_readonly("capacity", &LlamaEngine::capacity)
       .def_property_readonly("max_rows", &LlamaEngine::max_rows)
-      .def_property("amx_rows", &LlamaEngine::amx_rows, &LlamaEngine::set_amx_rows);
+      .def_property("amx_rows", &LlamaEngine::amx_rows, &LlamaEngine::set_amx_rows)
+      .def_property("amx_batch", &LlamaEngine::amx_batch, &LlamaEngine::set_amx_batch);
   m.def("amx_supported", &amx_supported);
 }

@@ -112,6 +112,14 @@ void LlamaEngine::set_amx_rows(int64_t n) {
   amx_min = n;
 }
 
+void LlamaEngine::set_amx_batch(int64_t n) {
+  std::lock_guard<std::mutex> g(mu);
+  TORCH_CHECK(n >= 0, "optistack_cpu.LlamaEngine: amx_batch must be >= 0 (0: never), got ", n);
+  TORCH_CHECK(n == 0 || amx_supported(), "optistack_cpu.LlamaEngine: this CPU (or this process) has no AMX tiles");
+  TORCH_CHECK(n == 0 || !act16, "optistack_cpu.LlamaEngine: int16 activations (act_bits=16) have no AMX path");
+  amx_batch_min = n;
+}
+
 void LlamaEngine::ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx_tiles) {
   const int64_t Umax = std::max({H, Hq * D, I}) / 64;
   if (nthreads > threads_cap) {  // attention scores: one row of Tmax per thread actually used
@@ -206,6 +214,14 @@ at::Tensor LlamaEngine::forward(const at::Tensor& tokens_in, const at::Tensor& s
     if (!runs.empty() && runs.back().amx == amx) runs.back().len += j - i;  // a row's result never depends on its run
     else runs.push_back(Run{i, j - i, 0, amx});
     i = j;
+  }
+  if (amx_batch_min > 0) {  // a long enough run of short segments (a batch of decode rows) takes the tiles too
+    for (Run& r : runs) r.amx = r.amx || r.len >= amx_batch_min;
+    std::vector<Run> merged;
+    for (const Run& r : runs)
+      if (!merged.empty() && merged.back().amx && r.amx) merged.back().len += r.len;
+      else merged.push_back(r);
+    runs.swap(merged);
   }
   for (Run& r : runs)
     if (r.amx) {

@@ -105,6 +105,10 @@ class LlamaEngine {
   // Rows of one slot in one call from which its projections run on AMX tiles (0: never; the CPU must have AMX).
   int64_t amx_rows() const { return amx_min; }
   void set_amx_rows(int64_t n);
+  // Rows of different slots in one call (decode rows of a batch) from which they too run on AMX tiles (0:
+  // never, the default: a row then computes the same bits alone or batched; a server trades that for speed).
+  int64_t amx_batch() const { return amx_batch_min; }
+  void set_amx_batch(int64_t n);
 
  private:
   struct Run {  // consecutive rows that take the same GEMM path
@@ -119,7 +123,7 @@ class LlamaEngine {
     const float *norm1, *norm2;
     Q4Weight qkv, o, gate_up, down;
   };
-  int64_t L, H, Hq, Hkv, D, I, V, S, Tmax, Kh, Nmax, amx_min = 0;
+  int64_t L, H, Hq, Hkv, D, I, V, S, Tmax, Kh, Nmax, amx_min = 0, amx_batch_min = 0;
   float eps;
   bool act16, kv16;
   std::vector<at::Tensor> keep;  // holds every tensor the pointers below point into

@@ -302,3 +302,27 @@ def test_amx_rows_is_refused_where_it_cannot_run():
     if cpu.lib().amx_supported():
         with pytest.raises(RuntimeError, match="int16 activations"):
             rt.impl.amx_rows = 32
+
+
+@pytest.mark.skipif(not cpu.available() or not cpu.lib().amx_supported(), reason="needs AMX tiles")
+def test_a_batch_of_decode_rows_on_amx_tiles_matches_the_reference():
+    """amx_batch=8: eight slots' decode rows (one each, each at its own position) take the tiles together."""
+    from optistack.kernels.llama_engine import EngineWeights
+
+    weights = EngineWeights.from_model(quantized(tiny(layers=2)))
+    rt = weights.runtime(9, 32)
+    rt.impl.amx_batch = 8
+    cos, sin = weights.rope_tables(32)
+    kc, vc = fresh_caches(rt)
+    g = torch.Generator().manual_seed(9)
+    for b in range(9):  # slot b holds b + 1 positions
+        rows = torch.randint(0, 300, (b + 1,), generator=g), torch.full((b + 1,), b), torch.arange(b + 1)
+        rt.forward(*rows, torch.arange(0))
+        ref.forward(weights, *rows, kc, vc, cos, sin)
+    step = torch.randint(0, 300, (9,), generator=g), torch.arange(9), torch.arange(9) + 1
+    got = rt.forward(*step, torch.arange(9))
+    want = ref.forward(weights, *step, kc, vc, cos, sin)
+    err = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    assert err.max() < 2e-2 and err.median() < 1e-2, err.tolist()
+    with pytest.raises(RuntimeError, match="amx_batch must be >= 0"):
+        rt.impl.amx_batch = -1

@@ -7,6 +7,8 @@
 - `stock`: the unoptimized model served by transformers' own continuous batching (the baseline).
 - `loadgen_scenario`: MLPerf LoadGen Offline and Server scenarios over any backend.
 - `http`: `optistack serve`, an OpenAI-compatible API on Starlette/uvicorn.
+- `http_client`: `HttpBackend`, the contract over any OpenAI-compatible server, so the LoadGen scenario
+  can drive `optistack serve` (or a peer's server) over HTTP.
 
 `generate()` itself (one caller, transformers' own API) is served by `optistack.generation`, which the
 decoding passes install; this package sits above the passes.
@@ -45,6 +47,7 @@ _LAZY = {
     "EngineBackend": ("engine_backend", "EngineBackend"),
     "StockBackend": ("stock", "StockBackend"),
     "SimpleBackend": ("simple_backend", "SimpleBackend"),
+    "HttpBackend": ("http_client", "HttpBackend"),
 }
 
 
