@@ -5,7 +5,8 @@
 
 Every round times, one after the other (so machine drift hits all alike):
 - one engine call of B decode rows, each request at its own position after a 128-token prompt, for
-  B = 1, 2, 4, 8 (median of 32 steps): tokens/s = B / step time;
+  B = 1, 2, 4, 8 (median of 32 steps): tokens/s = B / step time; where the CPU has AMX, B = 8 once more
+  with the rows on AMX tiles (`amx_batch=8`, what the serving backend uses);
 - the prefill of a 128-token prompt: the engine on AMX tiles, the engine on VNNI only, and the model's own
   forward (the `prefill=model` path, cache copied into the engine);
 - `model.generate()` (greedy, 128 new tokens) and `greedy_decode` on the same prompt: decode tokens/s.
@@ -32,10 +33,11 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def decode_step_ms(runtime, batch: int, g) -> float:
+def decode_step_ms(runtime, batch: int, g, amx_batch: int = 0) -> float:
     import torch
 
     slots = runtime.acquire(batch)
+    runtime.impl.amx_batch = amx_batch
     try:
         runtime.prefill([torch.randint(100, 40000, (128,), generator=g).tolist() for _ in range(batch)], slots)
         tok, slot_t, pos = torch.randint(100, 40000, (batch,), generator=g), torch.tensor(slots), [128] * batch
@@ -47,6 +49,7 @@ def decode_step_ms(runtime, batch: int, g) -> float:
             pos = [p + 1 for p in pos]
         return statistics.median(times)
     finally:
+        runtime.impl.amx_batch = 0
         runtime.release(slots)
 
 
@@ -72,16 +75,29 @@ def prefill_ms(model, prompt, mode: str, amx: bool) -> float:
 
 
 def generate_tokens_per_s(model, prompt, tokens: int) -> float:
+    """Decode tokens/s of `model.generate()`: tokens after the first over the time from the first to the
+    last, stamped by a streamer as transformers hands them out (what a streaming user sees)."""
     import torch
+    from transformers.generation.streamers import BaseStreamer
 
-    mask = torch.ones_like(prompt)
-    start = time.perf_counter()
-    out = model.generate(prompt, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-    first = time.perf_counter()
-    assert out.shape[1] == prompt.shape[1] + tokens
-    # tokens after the first over the time after the prefill: the prefill is timed apart (TTFT)
-    prefill = median_ms(lambda: model.generate(prompt, attention_mask=mask, max_new_tokens=1, do_sample=False), 3)
-    return (tokens - 1) / max(1e-9, (first - start) - prefill / 1000.0)
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.times, self.prompt = [], True
+
+        def put(self, value):
+            if not self.prompt:
+                self.times.append(time.perf_counter())
+            self.prompt = False
+
+        def end(self):
+            pass
+
+    stamps = Stamps()
+    with torch.inference_mode():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens, min_new_tokens=tokens,
+                             do_sample=False, streamer=stamps)
+    assert out.shape[1] == prompt.shape[1] + tokens and len(stamps.times) == tokens
+    return (tokens - 1) / (stamps.times[-1] - stamps.times[0])
 
 
 def main() -> None:
@@ -109,6 +125,8 @@ def main() -> None:
     rows: list[dict] = []
     for r in range(args.rounds):
         row = {f"decode_b{b}_ms": decode_step_ms(runtime, b, g) for b in (1, 2, 4, 8)}
+        if runtime.impl.amx_rows:  # the CPU has AMX: the batch of 8 decode rows on tiles too
+            row["decode_b8_amx_ms"] = decode_step_ms(runtime, 8, g, amx_batch=8)
         row["prefill_engine_amx_ms"] = prefill_ms(model, prompt, "engine", True)
         row["prefill_engine_vnni_ms"] = prefill_ms(model, prompt, "engine", False)
         row["prefill_model_ms"] = prefill_ms(model, prompt, "model", False)
@@ -121,6 +139,9 @@ def main() -> None:
     for b in (1, 2, 4, 8):
         print(f"  decode batch {b}: {med[f'decode_b{b}_ms']:.2f} ms a step, {1000 * b / med[f'decode_b{b}_ms']:.0f} tokens/s")
     print(f"  batch 8 / batch 1 tokens/s: {8 * med['decode_b1_ms'] / med['decode_b8_ms']:.2f}x")
+    if "decode_b8_amx_ms" in med:
+        print(f"  batch 8 on AMX tiles: {med['decode_b8_amx_ms']:.2f} ms a step, "
+              f"{8 * med['decode_b1_ms'] / med['decode_b8_amx_ms']:.2f}x batch 1")
     for k in ("prefill_engine_amx_ms", "prefill_engine_vnni_ms", "prefill_model_ms"):
         print(f"  {k}: {med[k]:.1f}")
     print(f"  generate() {med['generate_tok_s']:.0f} tokens/s, greedy_decode {med['greedy_decode_tok_s']:.0f}: "

@@ -8,8 +8,8 @@ SmolLM2-135M-Instruct, one after the other in one process, on the same requests 
   `lm_head` in NNCF's int8 backup) on `ContinuousBatchingPipeline` (`openvino_genai_backend.py`), twice:
   `openvino` with `INFERENCE_PRECISION_HINT=f32`, which is what turns on OpenVINO's dynamic int8 quantization of
   activations (int4 weights x int8 activations, the arithmetic of optistack's engine; on the AMX Xeon here it
-  stepped 1.3-1.6x faster than the default), and `openvino-default` with the CPU's default properties (bf16
-  activations where the CPU has AMX or AVX512-BF16, which skips the int8 path).
+  decodes faster than the default), and `openvino-default` with the CPU's default properties (bf16 activations
+  where the CPU has AMX, which skips the int8 path; its prompt chunks run faster). docs/peers.md has the numbers.
 
 Every backend serves `max_batch` requests at once with a KV cache for `max_batch` x `max_context` tokens, chunks
 prompts into the running batch, and runs on `OPTISTACK_PEER_THREADS` threads (2). The requests are built once
@@ -24,9 +24,9 @@ Environment (defaults finish in ~10-15 min on 2 cores):
 
 | variable | default | meaning |
 |---|---|---|
-| `OPTISTACK_SERVER_SAMPLES` | 8 | requests built; the Offline run issues all of them |
+| `OPTISTACK_SERVER_SAMPLES` | 32 | requests built; the Offline run issues all of them |
 | `OPTISTACK_SERVER_RUN_SAMPLES` | = samples | requests per Server run |
-| `OPTISTACK_SERVER_STEPS` | 3 | Server runs in each backend's QPS search |
+| `OPTISTACK_SERVER_STEPS` | 4 | Server runs in each backend's QPS search |
 | `OPTISTACK_SERVER_RUN_SECONDS` | 30 | a Server run stops issuing after this |
 | `OPTISTACK_SERVER_QPS_MIN` / `_MAX` | max / 8, Offline requests/s | the QPS search's bounds (each backend's own) |
 | `OPTISTACK_SERVER_INPUT_TOKENS` / `_OUTPUT_TOKENS` | 32,256 / 16,64 | prompt and new-token lengths drawn (LO,HI) |
@@ -85,12 +85,12 @@ def _env_range(name: str, default: tuple[int, int]) -> tuple[int, int]:
 def scenario_options() -> Any:
     from optistack.serving.loadgen_scenario import ScenarioOptions
 
-    samples = _env("OPTISTACK_SERVER_SAMPLES", int, 8)
+    samples = _env("OPTISTACK_SERVER_SAMPLES", int, 32)
     return ScenarioOptions(
         ttft_limit_s=_env("OPTISTACK_SERVER_TTFT_LIMIT", float, 2.0),
         tpot_limit_s=_env("OPTISTACK_SERVER_TPOT_LIMIT", float, 0.1),
         samples=samples, server_samples=_env("OPTISTACK_SERVER_RUN_SAMPLES", int, samples),
-        max_run_s=_env("OPTISTACK_SERVER_RUN_SECONDS", float, 30.0), search_steps=_env("OPTISTACK_SERVER_STEPS", int, 3),
+        max_run_s=_env("OPTISTACK_SERVER_RUN_SECONDS", float, 30.0), search_steps=_env("OPTISTACK_SERVER_STEPS", int, 4),
         qps_min=_env("OPTISTACK_SERVER_QPS_MIN", float, None), qps_max=_env("OPTISTACK_SERVER_QPS_MAX", float, None),
         seed=_env("OPTISTACK_SERVER_SEED", int, 0), max_batch=_env("OPTISTACK_SERVER_MAX_BATCH", int, 8),
         input_tokens=_env_range("OPTISTACK_SERVER_INPUT_TOKENS", (32, 256)),

@@ -60,8 +60,9 @@ LlamaEngine::LlamaEngine(const EngineSpec& spec, at::Tensor cos_t, at::Tensor si
   act16 = act_bits == 16;
   Nmax = max_rows;
   eps = float(spec.eps);
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && D % 32 == 0 && D <= 256,
-              "optistack_cpu.LlamaEngine: needs Hq a multiple of Hkv and a head size that is a multiple of 32 up to 256");
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= 32 && D % 32 == 0 && D <= 256,
+              "optistack_cpu.LlamaEngine: needs Hq a multiple of Hkv (at most 32 query heads a key/value head) and a "
+              "head size that is a multiple of 32 up to 256");
   embed = f32(spec.embed, V * H, "embed");
   final_norm = f32(spec.final_norm, H, "final_norm");
   TORCH_CHECK(spec.head_q.defined() && spec.head_q.scalar_type() == at::kChar && spec.head_q.is_contiguous() &&
@@ -121,19 +122,17 @@ void LlamaEngine::set_amx_batch(int64_t n) {
 }
 
 void LlamaEngine::ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx_tiles) {
-  const int64_t Umax = std::max({H, Hq * D, I}) / 64;
-  if (nthreads > threads_cap) {  // attention scores: one row of Tmax per thread actually used
-    scores.assign(size_t(nthreads) * Tmax, 0.f);
+  const int64_t Kmax = std::max({H, Hq * D, I});
+  if (nthreads > threads_cap) {  // attention scores: a row of Tmax per query head of a group, per thread used
+    scores.assign(size_t(nthreads) * (Hq / Hkv) * Tmax, 0.f);
     threads_cap = nthreads;
   }
-  if (amx_tiles > 0 && nthreads > wbuf_cap) {  // the unpacked weight tiles of one AMX weight tile, per thread
-    amx_wbuf.assign(size_t(nthreads) * Umax * 2176, 0);
+  if (amx_tiles > 0 && nthreads > wbuf_cap) {  // one weight tile dequantized, and its products, per thread
+    amx_wbuf.assign(size_t(nthreads) * (Kmax * 64 + 4096 + 64), 0);
     wbuf_cap = nthreads;
   }
-  if (amx_tiles > amx_cap) {
-    amx_tiles_buf.assign(amx_tiles * Umax * 1024, 0);
-    amx_sx.assign(amx_tiles * Umax * 16, 0.f);
-    amx_xs.assign(amx_tiles * Umax * 16, 0.f);
+  if (amx_tiles > amx_cap) {  // the activation rows of the AMX runs as bf16 tiles
+    amx_tiles_buf.assign(amx_tiles * (Kmax / 32) * 512, 0);
     amx_cap = amx_tiles;
   }
   if (R > lrows_cap) {
@@ -142,7 +141,7 @@ void LlamaEngine::ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx
     lrows_cap = R;
   }
   if (N <= rows_cap) return;
-  const int64_t Nqkv = (Hq + 2 * Hkv) * D, Kmax = std::max({H, Hq * D, I}), U = Kmax / 64 + 1;
+  const int64_t Nqkv = (Hq + 2 * Hkv) * D, U = Kmax / 64 + 1;
   x.assign(N * H, 0.f); xn.assign(N * H, 0.f); qkv.assign(N * Nqkv, 0.f); attn.assign(N * Hq * D, 0.f);
   gu.assign(N * 2 * I, 0.f); act.assign(N * I, 0.f);
   q8.assign(N * U * 64 + 64, 0); sxp.assign(N * U * 8 + 16, 0.f); sx.assign(N * U, 0.f); xsum.assign(N * U, 0.f);
@@ -223,10 +222,12 @@ at::Tensor LlamaEngine::forward(const at::Tensor& tokens_in, const at::Tensor& s
       else merged.push_back(r);
     runs.swap(merged);
   }
+  row_amx.assign(N, 0);
   for (Run& r : runs)
     if (r.amx) {
       r.tile0 = amx_tiles;
       amx_tiles += (r.len + 15) / 16;
+      std::fill(row_amx.begin() + r.start, row_amx.begin() + r.start + r.len, 1);
     }
   const int nthreads = std::max(1, at::get_num_threads());
   ensure_scratch(N, R, nthreads, amx_tiles);
@@ -240,49 +241,62 @@ at::Tensor LlamaEngine::forward(const at::Tensor& tokens_in, const at::Tensor& s
 }
 
 #if defined(OPTISTACK_AVX512) && defined(__AVX512VNNI__)
+#ifdef OPTISTACK_ENGINE_PROFILE  // a build for tuning (OPTISTACK_ENGINE_PROFILE=1): ms per phase, printed every 20 calls
+static double prof_ms[16];
+static int prof_calls;
+#define PHASE(i)                                                       \
+  if (tid == 0) {                                                      \
+    const double now = omp_get_wtime();                                \
+    prof_ms[i] += (now - prof_last) * 1e3;                             \
+    prof_last = now;                                                   \
+  }
+#else
+#define PHASE(i)
+#endif
+
 template <typename KV>
 void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* pos, int64_t N, const int64_t* lrows,
                       int64_t R, float* lg, int nthreads, const std::vector<Run>& runs, int64_t amx_tiles) {
   const int64_t Nqkv = (Hq + 2 * Hkv) * D, grp = Hq / Hkv, half = D / 2;
-  const int64_t Umax = std::max({H, Hq * D, I}) / 64;
+  const int64_t Kmax = std::max({H, Hq * D, I});
+  const int64_t parts = std::min<int64_t>(grp, std::max<int64_t>(1, (2 * nthreads + N * Hkv - 1) / (N * Hkv)));
   auto kv = [&](void* base, int64_t l, int64_t b, int64_t h) {
     return static_cast<KV*>(base) + (((l * S + b) * Hkv + h) * Tmax) * D;
   };
-  auto prep = [&](const float* v, int64_t K, const XQ& o) { act16 ? prep_q16(v, K, o) : prep_q8(v, K, o); };
-  auto acts = [&](const Run& r, int64_t U) {
-    const int64_t t = r.tile0 * U;
-    return AmxActs{amx_tiles_buf.data() + t * 1024, amx_sx.data() + t * 16, amx_xs.data() + t * 16};
+  // rows on AMX tiles take float activations; the others are quantized for the VNNI path
+  auto prep = [&](int64_t b, const float* v, int64_t K) {
+    if (!row_amx[b]) act16 ? prep_q16(v, K, xq[b]) : prep_q8(v, K, xq[b]);
   };
-  static double pacc[32] = {0};
-  static int pcalls = 0;
-  static const bool prof = getenv("OPTISTACK_ENGINE_PROFILE") != nullptr;
-  double plast = omp_get_wtime(), pstart = plast;
-#define PROF(i) if (prof && tid == 0) { double _t = omp_get_wtime(); pacc[i] += _t - plast; plast = _t; }
+#ifdef OPTISTACK_ENGINE_PROFILE
+  double prof_last = omp_get_wtime();
+  const double prof_start = prof_last;
+#endif
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-    float* sc = scores.data() + size_t(tid) * Tmax;
-    uint8_t* wbuf = amx_tiles ? amx_wbuf.data() + size_t(tid) * Umax * 2176 : nullptr;
+    float* sc = scores.data() + size_t(tid) * (Hq / Hkv) * Tmax;
+    uint8_t* wbuf = amx_tiles ? amx_wbuf.data() + size_t(tid) * (Kmax * 64 + 4096 + 64) : nullptr;
     int64_t n0, n1;
     // y = rows @ w.T (+= with add) for every run of rows, after the rows were prepared (and a barrier):
-    // AMX runs are packed into tiles first (all threads), then each thread takes its share of w's rows.
-    auto project = [&](const Q4Weight& w, float* y, int64_t ystride, bool add) {
-      const int64_t U = w.K / 64;
+    // AMX runs are packed into tiles first (all threads, from the float rows src), then each thread takes
+    // its share of w's rows.
+    auto project = [&](const Q4Weight& w, const float* src, int64_t sstride, float* y, int64_t ystride, bool add) {
+      const int64_t chunks = w.K / 32;
       if (amx_tiles) {
         for (const Run& r : runs)
           if (r.amx) {
-            const int64_t tiles = (r.len + 15) / 16 * U;
             int64_t t0, t1;
-            share(tiles, tid, nt, 1, t0, t1);
-            amx_pack(xq.data() + r.start, r.len, w.K, t0, t1, acts(r, U));
+            share((r.len + 15) / 16 * chunks, tid, nt, 1, t0, t1);
+            amx_pack(src + r.start * sstride, sstride, r.len, w.K, t0, t1, amx_tiles_buf.data() + r.tile0 * chunks * 512);
           }
 #pragma omp barrier
-      PROF(0);
       }
       for (const Run& r : runs) {
-        share(w.N, tid, nt, r.amx ? 16 : 4, n0, n1);
+        share(w.N, tid, nt, r.amx ? 32 : 4, n0, n1);
         if (n0 >= n1) continue;
-        if (r.amx) q4_rows_amx(w, acts(r, U), r.len, n0, n1, y + r.start * ystride, ystride, add, wbuf);
+        if (r.amx)
+          q4_rows_amx(w, amx_tiles_buf.data() + r.tile0 * chunks * 512, r.len, n0, n1, y + r.start * ystride, ystride,
+                      add, wbuf);
         else q4_rows(w, xq.data() + r.start, r.len, n0, n1, y + r.start * ystride, ystride, add, act16);
       }
     };
@@ -291,13 +305,13 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
       const Layer& ly = layers[l];
       for (int64_t b = tid; b < N; b += nt) {  // each row's owner: norm and quantize
         rms_norm(x.data() + b * H, ly.norm1, xn.data() + b * H, H, eps);
-        prep(xn.data() + b * H, H, xq[b]);
+        prep(b, xn.data() + b * H, H);
       }
 #pragma omp barrier
-      PROF(1);
-      project(ly.qkv, qkv.data(), Nqkv, false);
+      PHASE(0);
+      project(ly.qkv, xn.data(), H, qkv.data(), Nqkv, false);
 #pragma omp barrier
-      PROF(2);
+      PHASE(1);
       for (int64_t j = tid; j < N * Hkv; j += nt) {  // RoPE on each new key at its row's position, both into its slot
         const int64_t b = j / Hkv, h = j % Hkv, p = pos[b];
         float* k = qkv.data() + b * Nqkv + (Hq + h) * D;
@@ -309,57 +323,63 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
         }
       }
 #pragma omp barrier
-      PROF(3);
-      for (int64_t j = tid; j < N * Hq; j += nt) {  // each row attends to its slot's positions 0..its own
-        const int64_t b = j / Hq, h = j % Hq, p = pos[b];
-        float* q = qkv.data() + b * Nqkv + h * D;
-        rope(q, cos + p * half, sin + p * half, D);
-        attend(q, kv(kc, l, slot[b], h / grp), kv(vc, l, slot[b], h / grp), p + 1, D, sc, attn.data() + (b * Hq + h) * D);
+      PHASE(2);
+      // each row attends to its slot's positions 0..its own: one item is a row's query heads of one key/value
+      // head (split in parts when there are fewer items than twice the threads, so none waits idle)
+      for (int64_t j = tid; j < N * Hkv * parts; j += nt) {
+        const int64_t b = j / (Hkv * parts), h = (j / parts) % Hkv, part = j % parts, p = pos[b];
+        const int64_t g0 = part * grp / parts, g1 = (part + 1) * grp / parts;
+        float* q = qkv.data() + b * Nqkv + (h * grp + g0) * D;
+        for (int64_t g = 0; g < g1 - g0; ++g) rope(q + g * D, cos + p * half, sin + p * half, D);
+        attend(q, kv(kc, l, slot[b], h), kv(vc, l, slot[b], h), p + 1, D, g1 - g0, sc,
+               attn.data() + (b * Hq + h * grp + g0) * D);
       }
 #pragma omp barrier
-      PROF(4);
-      for (int64_t b = tid; b < N; b += nt) prep(attn.data() + b * Hq * D, Hq * D, xq[b]);
+      PHASE(3);
+      for (int64_t b = tid; b < N; b += nt) prep(b, attn.data() + b * Hq * D, Hq * D);
 #pragma omp barrier
-      PROF(5);
-      project(ly.o, x.data(), H, true);  // the residual add, in place
+      project(ly.o, attn.data(), Hq * D, x.data(), H, true);  // the residual add, in place
 #pragma omp barrier
-      PROF(6);
+      PHASE(4);
       for (int64_t b = tid; b < N; b += nt) {
         rms_norm(x.data() + b * H, ly.norm2, xn.data() + b * H, H, eps);
-        prep(xn.data() + b * H, H, xq[b]);
+        prep(b, xn.data() + b * H, H);
       }
 #pragma omp barrier
-      PROF(7);
-      project(ly.gate_up, gu.data(), 2 * I, false);
+      PHASE(5);
+      project(ly.gate_up, xn.data(), H, gu.data(), 2 * I, false);
 #pragma omp barrier
-      PROF(8);
+      PHASE(6);
       for (int64_t b = tid; b < N; b += nt) {
         swiglu(gu.data() + b * 2 * I, gu.data() + b * 2 * I + I, act.data() + b * I, I);
-        prep(act.data() + b * I, I, xq[b]);
+        prep(b, act.data() + b * I, I);
       }
 #pragma omp barrier
-      PROF(9);
-      project(ly.down, x.data(), H, true);
+      PHASE(7);
+      project(ly.down, act.data(), I, x.data(), H, true);
 #pragma omp barrier
-      PROF(10);
+      PHASE(8);
     }
     for (int64_t r = tid; r < R; r += nt) {  // the head, for the rows whose logits were asked for
       rms_norm(x.data() + lrows[r] * H, final_norm, xn.data() + r * H, H, eps);
       sx16[r] = int8_quantize_f32(xn.data() + r * H, H, Kh, q16.data() + r * Kh);
     }
 #pragma omp barrier
-      PROF(11);
     share(V, tid, nt, 64, n0, n1);
     if (n0 < n1 && R > 0) int8_rows_f32(head_q, head_s, H, q16.data(), Kh, sx16.data(), R, n0, n1, lg, V);
+#pragma omp barrier
+    PHASE(9);
   }
-  if (prof) {
-    pacc[31] += omp_get_wtime() - pstart;
-    if (++pcalls % 20 == 0) {
-      fprintf(stderr, "engine profile over %d calls (ms/call):", pcalls);
-      for (int i = 0; i < 16; ++i) fprintf(stderr, " p%d=%.2f", i, pacc[i] * 1000 / pcalls);
-      fprintf(stderr, " total=%.2f\n", pacc[31] * 1000 / pcalls);
-    }
+#ifdef OPTISTACK_ENGINE_PROFILE
+  prof_ms[15] += (omp_get_wtime() - prof_start) * 1e3;
+  if (++prof_calls % 20 == 0) {
+    static const char* names[] = {"norm1", "qkv", "rope+kv", "attention", "o", "norm2", "gate_up", "swiglu", "down",
+                                  "head"};
+    fprintf(stderr, "engine profile, ms a call over %d calls:", prof_calls);
+    for (int i = 0; i < 10; ++i) fprintf(stderr, " %s %.2f", names[i], prof_ms[i] / prof_calls);
+    fprintf(stderr, " | total %.2f\n", prof_ms[15] / prof_calls);
   }
+#endif
 }
 #else
 template <typename KV>

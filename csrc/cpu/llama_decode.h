@@ -36,20 +36,14 @@ void prep_q16(const float* x, int64_t K, const XQ& out);  // fills q16, sx, xsum
 void q4_rows(const Q4Weight& w, const XQ* xs, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ystride, bool add,
              bool act16);
 
-// The AMX path (int4_amx.cpp) for prompt chunks: activation rows packed once per call into 1 KB tiles of 16
-// rows x one 64-channel unit (VNNI tile layout), with their unit scales and sums transposed per tile.
-struct AmxActs {
-  int8_t* tiles;  // [m-tiles * U][16 x 64]
-  float* sxT;     // [m-tiles * U][16]
-  float* xsT;     // [m-tiles * U][16]
-};
-bool amx_supported();  // the CPU has AMX-INT8 and the kernel granted this process the tile state
-// Tiles [t0, t1) (tile t = m-tile t / U, unit t % U) of rows xs[0, M) with K channels.
-void amx_pack(const XQ* xs, int64_t M, int64_t K, int64_t t0, int64_t t1, const AmxActs& a);
-// As q4_rows for the M rows packed in `a`; wbuf: this thread's K / 64 * 2176 bytes (unpacked weight tiles, their
-// scales, one m-tile's unit products).
-void q4_rows_amx(const Q4Weight& w, const AmxActs& a, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ystride,
-                 bool add, uint8_t* wbuf);
+// The AMX path (int4_amx.cpp): bf16 tile products on int4 weights dequantized 16 rows at a time. Activation
+// rows (float32, row stride xstride) are packed once per call into 1 KB tiles of 16 rows x 32 channels in
+// bf16 pairs; tile t = (m-tile t / (K / 32), chunk t % (K / 32)).
+bool amx_supported();  // the CPU has AMX-BF16 and AVX512-BF16 and the kernel granted this process the tile state
+void amx_pack(const float* x, int64_t xstride, int64_t M, int64_t K, int64_t t0, int64_t t1, uint16_t* tiles);
+// As q4_rows for the M rows packed in `tiles`; wbuf: this thread's K * 64 + 4096 bytes.
+void q4_rows_amx(const Q4Weight& w, const uint16_t* tiles, int64_t M, int64_t n0, int64_t n1, float* y,
+                 int64_t ystride, bool add, uint8_t* wbuf);
 
 // The int8 head kernel on raw pointers (int8_gemm.cpp): quantize one float32 row to int16 (returns its
 // scale, -1 for inf/NaN), then rows [n0, n1) of y (row stride N) for M activation rows.
@@ -135,9 +129,9 @@ class LlamaEngine {
   std::mutex mu;
   // scratch, grown on demand under `mu`
   int64_t rows_cap = 0, lrows_cap = 0, threads_cap = 0, amx_cap = 0, wbuf_cap = 0;
-  std::vector<int8_t> amx_tiles_buf;
-  std::vector<float> amx_sx, amx_xs;
+  std::vector<uint16_t> amx_tiles_buf;
   std::vector<uint8_t> amx_wbuf;  // per thread
+  std::vector<char> row_amx;      // per row of the current call: its projections run on AMX tiles
   std::vector<float> x, xn, qkv, attn, gu, act, scores;
   std::vector<int8_t> q8;
   std::vector<float> sxp, sx, xsum, sx16;

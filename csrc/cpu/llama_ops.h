@@ -50,12 +50,12 @@ static inline float dot(const float* a, const KV* b, int64_t D) {
   return _mm512_reduce_add_ps(acc);
 }
 
-// out = softmax(q . k[t] / sqrt(D), t = 0..T-1) @ v, for one query head over its key/value head.
+// sc[t] = q . k[t] * scale for t in [t0, t1) (t0 and t1 - t0 multiples of 4 except at the end); returns
+// their maximum. A position's score is the same whatever the range around it.
 template <typename KV>
-static void attend(const float* q, const KV* k, const KV* v, int64_t T, int64_t D, float* sc, float* out) {
-  const float scale = 1.f / std::sqrt(float(D));
+static inline float scores(const float* q, const KV* k, int64_t t0, int64_t t1, int64_t D, float scale, float* sc) {
   float mx = -INFINITY;
-  int64_t t = 0;
+  int64_t t = t0;
   if (D == 64) {  // four positions at a time, their four horizontal sums in one reduce4
     const __m512 q0 = _mm512_loadu_ps(q), q1 = _mm512_loadu_ps(q + 16), q2 = _mm512_loadu_ps(q + 32),
                  q3 = _mm512_loadu_ps(q + 48);
@@ -66,33 +66,60 @@ static void attend(const float* q, const KV* k, const KV* v, int64_t T, int64_t 
       return _mm512_fmadd_ps(q3, ld(kt + 48), a);
     };
     const __m128 s4 = _mm_set1_ps(scale);
-    for (; t + 4 <= T; t += 4) {
+    for (; t + 4 <= t1; t += 4) {
       const KV* kt = k + t * D;
       _mm_storeu_ps(sc + t, _mm_mul_ps(reduce4(part(kt), part(kt + 64), part(kt + 128), part(kt + 192)), s4));
       mx = std::max(mx, std::max(std::max(sc[t], sc[t + 1]), std::max(sc[t + 2], sc[t + 3])));
     }
   }
-  for (; t < T; ++t) {
+  for (; t < t1; ++t) {
     sc[t] = dot(q, k + t * D, D) * scale;
     mx = std::max(mx, sc[t]);
   }
-  __m512 sum = _mm512_setzero_ps();
-  const __m512 m = _mm512_set1_ps(mx);
-  for (int64_t t = 0; t < T; t += 16) {
-    const __mmask16 mk = tail_mask(T - t);
-    const __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sc + t), m)));
-    _mm512_mask_storeu_ps(sc + t, mk, e);
-    sum = _mm512_add_ps(sum, e);
+  return mx;
+}
+
+// out[g] = softmax(q[g] . k[t] / sqrt(D), t = 0..T-1) @ v for G query heads (q and out: G rows of D) sharing
+// one key/value head. The keys and values are read in blocks that stay in L1 while every head uses them,
+// so a grouped-query head's cache is read from memory once, not once per query head; each head's numbers
+// are the same as attending alone. sc: G rows of T scores.
+template <typename KV>
+static void attend(const float* q, const KV* k, const KV* v, int64_t T, int64_t D, int64_t G, float* sc, float* out) {
+  const float scale = 1.f / std::sqrt(float(D));
+  const int64_t block = std::max<int64_t>(16, 16384 / D);  // positions per block: 32 KB of float16 keys
+  float mx[32], inv[32];  // G <= 32 (the engine refuses larger groups)
+  for (int64_t g = 0; g < G; ++g) mx[g] = -INFINITY;
+  for (int64_t t0 = 0; t0 < T; t0 += block)
+    for (int64_t g = 0; g < G; ++g)
+      mx[g] = std::max(mx[g], scores(q + g * D, k, t0, std::min(T, t0 + block), D, scale, sc + g * T));
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = sc + g * T;
+    __m512 sum = _mm512_setzero_ps();
+    const __m512 m = _mm512_set1_ps(mx[g]);
+    for (int64_t t = 0; t < T; t += 16) {
+      const __mmask16 mk = tail_mask(T - t);
+      const __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + t), m)));
+      _mm512_mask_storeu_ps(s + t, mk, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    inv[g] = 1.f / _mm512_reduce_add_ps(sum);
   }
-  const float inv = 1.f / _mm512_reduce_add_ps(sum);
-  __m512 acc[16];
   const int64_t nv = D / 16;
-  for (int64_t i = 0; i < nv; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < T; ++t) {
-    const __m512 p = _mm512_set1_ps(sc[t] * inv);
-    for (int64_t i = 0; i < nv; ++i) acc[i] = _mm512_fmadd_ps(p, ld(v + t * D + 16 * i), acc[i]);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < nv; ++i) _mm512_storeu_ps(out + g * D + 16 * i, _mm512_setzero_ps());
+  for (int64_t t0 = 0; t0 < T; t0 += block) {
+    const int64_t t1 = std::min(T, t0 + block);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* s = sc + g * T;
+      __m512 acc[16];
+      for (int64_t i = 0; i < nv; ++i) acc[i] = _mm512_loadu_ps(out + g * D + 16 * i);
+      for (int64_t t = t0; t < t1; ++t) {
+        const __m512 p = _mm512_set1_ps(s[t] * inv[g]);
+        for (int64_t i = 0; i < nv; ++i) acc[i] = _mm512_fmadd_ps(p, ld(v + t * D + 16 * i), acc[i]);
+      }
+      for (int64_t i = 0; i < nv; ++i) _mm512_storeu_ps(out + g * D + 16 * i, acc[i]);
+    }
   }
-  for (int64_t i = 0; i < nv; ++i) _mm512_storeu_ps(out + 16 * i, acc[i]);
 }
 
 static void swiglu(const float* gate, const float* up, float* out, int64_t n) {

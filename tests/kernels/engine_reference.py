@@ -27,8 +27,15 @@ def dequant(p) -> torch.Tensor:
     return (codes.reshape(n, -1, 64) * p.s[..., None] + p.zc[..., None]).reshape(n, -1)
 
 
-def linear(x: torch.Tensor, p, qmax: int = 127) -> torch.Tensor:
-    y = q8(x, qmax) @ dequant(p).T
+def linear(x: torch.Tensor, p, qmax: int = 127, bf16_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The engine's projection: int8 (int16) activations per 64 channels on the VNNI path; rows in
+    `bf16_rows` (a bool mask) take the AMX path instead: bf16 activations times the dequantized weights
+    rounded to bf16, summed in float32."""
+    w = dequant(p)
+    y = q8(x, qmax) @ w.T
+    if bf16_rows is not None and bool(bf16_rows.any()):
+        bf = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+        y[bf16_rows] = bf(x[bf16_rows]) @ bf(w).T
     return y + p.bias if p.bias.numel() else y
 
 
@@ -42,18 +49,21 @@ def rope(v: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.cat([a * c - b * s, b * c + a * s], dim=-1)
 
 
-def forward(weights, tokens, slots, positions, k_cache, v_cache, cos, sin, act_bits: int = 8) -> torch.Tensor:
+def forward(weights, tokens, slots, positions, k_cache, v_cache, cos, sin, act_bits: int = 8,
+            amx_rows: int = 0, amx_batch: int = 0) -> torch.Tensor:
     """Logits [N, V] of every row; writes each row's key and value at its slot and position of the caches
-    [L, S, Hkv, T, D] like the engine, and attends each row over its slot's positions 0..its own."""
+    [L, S, Hkv, T, D] like the engine, and attends each row over its slot's positions 0..its own. With
+    `amx_rows` (`amx_batch`) as set on the engine, the rows it runs on AMX tiles are computed that way."""
     qmax = 127 if act_bits == 8 else 32767
     d, eps = weights.dims, weights.eps
     hq, hkv, hd = d.heads, d.kv_heads, d.head_dim
     tokens, slots, positions = (torch.as_tensor(t).long() for t in (tokens, slots, positions))
     x = weights.embed[tokens].float()
     n = x.shape[0]
+    bf16_rows = amx_mask(slots, amx_rows, amx_batch) if act_bits == 8 else None
     c, s = cos[positions][:, None], sin[positions][:, None]
     for layer, blk in enumerate(weights.blocks):
-        qkv = linear(rms(x, blk.norm1, eps), blk.qkv, qmax)
+        qkv = linear(rms(x, blk.norm1, eps), blk.qkv, qmax, bf16_rows)
         q = rope(qkv[:, : hq * hd].reshape(n, hq, hd), c, s)
         k = rope(qkv[:, hq * hd: (hq + hkv) * hd].reshape(n, hkv, hd), c, s)
         v = qkv[:, (hq + hkv) * hd:].reshape(n, hkv, hd)
@@ -67,9 +77,33 @@ def forward(weights, tokens, slots, positions, k_cache, v_cache, cos, sin, act_b
             vals = v_cache[layer, slots[i], :, :t].float().repeat_interleave(hq // hkv, dim=0)
             att = torch.softmax((keys @ q[i][..., None])[..., 0] / hd ** 0.5, dim=-1)
             out[i] = (att[:, None, :] @ vals)[:, 0]
-        x = x + linear(out.reshape(n, hq * hd), blk.o, qmax)
-        gu = linear(rms(x, blk.norm2, eps), blk.gate_up, qmax)
+        x = x + linear(out.reshape(n, hq * hd), blk.o, qmax, bf16_rows)
+        gu = linear(rms(x, blk.norm2, eps), blk.gate_up, qmax, bf16_rows)
         inter = gu.shape[-1] // 2
-        x = x + linear(torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:], blk.down, qmax)
+        x = x + linear(torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:], blk.down, qmax, bf16_rows)
     h = q16(rms(x, weights.final_norm, eps))
     return h @ (weights.head_q.float() * weights.head_s[:, None]).T
+
+
+def amx_mask(slots: torch.Tensor, amx_rows: int, amx_batch: int) -> torch.Tensor:
+    """Which rows the engine runs on AMX tiles: a slot's adjacent rows from `amx_rows` on; then, with
+    `amx_batch`, every run of other rows at least that long (a batch of decode rows)."""
+    n = slots.numel()
+    mask = torch.zeros(n, dtype=torch.bool)
+    segments, i = [], 0
+    while i < n:
+        j = i + 1
+        while j < n and slots[j] == slots[i]:
+            j += 1
+        segments.append((i, j, bool(amx_rows) and j - i >= amx_rows))
+        i = j
+    runs: list[list] = []
+    for a, b, amx in segments:
+        if runs and runs[-1][2] == amx:
+            runs[-1][1] = b
+        else:
+            runs.append([a, b, amx])
+    for a, b, amx in runs:
+        if amx or (amx_batch and b - a >= amx_batch):
+            mask[a:b] = True
+    return mask

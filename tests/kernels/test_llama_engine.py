@@ -279,17 +279,15 @@ def test_prompt_chunks_on_amx_tiles_match_the_reference_and_the_vnni_path(rows):
     assert rt.impl.amx_rows == 32
     kc, vc = fresh_caches(rt)
     got = rt.forward(*mixed, torch.arange(rows + 1))
-    want = ref.forward(weights, *mixed, kc, vc, cos, sin)
-    # A flipped rounding of one int8 activation (a 1-ulp difference in a float sum) moves its row by ~0.5%
-    # and, in a key, every later row of the chunk with it: rows may sit near 0.5%, none near a wrong
-    # tile, row or head (tens of percent).
-    err = (got - want).norm(dim=-1) / want.norm(dim=-1)
-    assert err.max() < 2e-2 and err.median() < 1e-2, err.tolist()
+    want = ref.forward(weights, *mixed, kc, vc, cos, sin, amx_rows=32)
+    ok, err = close_rows(got, want, 1e-3)
+    assert ok, err
     vnni = weights.runtime(2, 96)
     vnni.impl.amx_rows = 0
     other = vnni.forward(*mixed, torch.arange(rows + 1))
     assert torch.equal(got[0], other[0])  # the decode row took the VNNI path in both
-    assert ((got - other).norm(dim=-1) / other.norm(dim=-1)).max() < 2e-2  # same integer products, other float sums
+    # the chunk's rows: bf16 activations and weights against int8 activations per 64 channels
+    assert ((got - other).norm(dim=-1) / other.norm(dim=-1)).max() < 5e-2
 
 
 def test_amx_rows_is_refused_where_it_cannot_run():
@@ -321,8 +319,8 @@ def test_a_batch_of_decode_rows_on_amx_tiles_matches_the_reference():
         ref.forward(weights, *rows, kc, vc, cos, sin)
     step = torch.randint(0, 300, (9,), generator=g), torch.arange(9), torch.arange(9) + 1
     got = rt.forward(*step, torch.arange(9))
-    want = ref.forward(weights, *step, kc, vc, cos, sin)
-    err = (got - want).norm(dim=-1) / want.norm(dim=-1)
-    assert err.max() < 2e-2 and err.median() < 1e-2, err.tolist()
+    want = ref.forward(weights, *step, kc, vc, cos, sin, amx_batch=8)
+    ok, err = close_rows(got, want, 1e-3)
+    assert ok, err
     with pytest.raises(RuntimeError, match="amx_batch must be >= 0"):
         rt.impl.amx_batch = -1

@@ -48,7 +48,8 @@ def _flags() -> tuple[str, list[str]]:
     level, isa = build.x86_isa_flags()
     # -fopenmp: at::parallel_for is an inline OpenMP region, compiled serial without it. The extension
     # then links libgomp.so.1, which resolves to the copy torch already loaded (one thread pool).
-    return level, ["-O3", "-fno-math-errno", "-fopenmp", *isa, *_sanitizer()]
+    profile = ["-DOPTISTACK_ENGINE_PROFILE"] if os.environ.get("OPTISTACK_ENGINE_PROFILE") == "1" else []
+    return level, ["-O3", "-fno-math-errno", "-fopenmp", *isa, *_sanitizer(), *profile]
 
 
 def _sanitizer() -> list[str]:

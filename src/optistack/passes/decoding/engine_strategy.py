@@ -55,6 +55,7 @@ class EngineSession:
         self.lengths = [0] * batch
         self.pads = [0] * batch
         self.calls = 0  # engine calls made (prefill chunks and steps)
+        self._all: tuple[torch.Tensor, torch.Tensor] | None = None  # (slots, logit rows) of a step of every row
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, length = input_ids.shape
@@ -86,18 +87,27 @@ class EngineSession:
     def extend(self, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, n, V] after feeding tokens [B, n]; rows not `active` are skipped (their logits are zeros)."""
         batch, n = tokens.shape
-        rows = [b for b in range(batch) if active is None or bool(active[b])]
-        out = torch.zeros(batch, n, self.runtime.weights.dims.vocab)
+        rows = list(range(batch)) if active is None else [b for b in range(batch) if bool(active[b])]
         if not rows:
-            return out
+            return torch.zeros(batch, n, self.runtime.weights.dims.vocab)
+        if n == 1 and len(rows) == batch:  # a decode step of every row: no index building beyond the positions
+            if self._all is None:
+                self._all = (torch.tensor(self.slots, dtype=torch.long), torch.arange(batch))
+            logits = self.runtime.forward(tokens.reshape(-1), self._all[0], torch.tensor(self.lengths), self._all[1])
+            self.calls += 1
+            self.lengths = [length + 1 for length in self.lengths]
+            return logits.view(batch, 1, -1)
         tok = tokens[rows].reshape(-1)
         slots = torch.tensor([self.slots[b] for b in rows for _ in range(n)], dtype=torch.long)
         pos = torch.tensor([self.lengths[b] + j for b in rows for j in range(n)], dtype=torch.long)
         logits = self.runtime.forward(tok, slots, pos, torch.arange(len(rows) * n))
         self.calls += 1
-        out[rows] = logits.view(len(rows), n, -1)
         for b in rows:
             self.lengths[b] += n
+        if len(rows) == batch:
+            return logits.view(batch, n, -1)
+        out = torch.zeros(batch, n, logits.shape[-1])
+        out[rows] = logits.view(len(rows), n, -1)
         return out
 
     def rewind(self, length: int) -> None:
