@@ -21,15 +21,13 @@
 #include <algorithm>
 #include <cstring>
 
+#include "amx_tiles.h"
 #include "llama_decode.h"
-#include "simd.h"
 
-#if defined(__x86_64__) && defined(OPTISTACK_AVX512)
+#ifdef OPTISTACK_AMX_BUILD
 #include <cpuid.h>
-#include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-#define OPTISTACK_AMX_BUILD 1
 #endif
 
 namespace optistack_cpu {
@@ -38,9 +36,9 @@ namespace optistack_cpu {
 static bool amx_probe() {
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  const bool bf16 = d & (1u << 22), tile = d & (1u << 24);
+  const bool bf16 = d & (1u << 22), tile = d & (1u << 24), int8 = d & (1u << 25);
   const bool avx512_bf16 = __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5));
-  if (!bf16 || !tile || !avx512_bf16) return false;
+  if (!bf16 || !tile || !int8 || !avx512_bf16) return false;
   // Linux hands out the tile state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 18).
   return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
 }
@@ -48,46 +46,6 @@ static bool amx_probe() {
 bool amx_supported() {
   static const bool ok = amx_probe();
   return ok;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-__attribute__((target("amx-tile")))
-static void tile_config() {  // C: tiles 0..3, A: tiles 4 and 5, B: tiles 6 and 7; 16 rows x 64 bytes each
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
-}
-
-// 16 x 16 transpose of 32-bit elements: r[i] becomes column i.
-static inline void transpose16(__m512i* r) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int i = 0; i < 16; i += 8)
-    for (int j = 0; j < 4; ++j) {
-      t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
-      t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xDD);
-    }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
-    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xDD);
-  }
 }
 
 __attribute__((target("avx512bf16")))

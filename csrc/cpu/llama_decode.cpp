@@ -18,9 +18,11 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <new>
 
 #include "llama_ops.h"
 #include "simd.h"
@@ -121,13 +123,13 @@ void LlamaEngine::set_amx_batch(int64_t n) {
   amx_batch_min = n;
 }
 
-void LlamaEngine::ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx_tiles) {
+void LlamaEngine::ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx_tiles, int64_t amx8_tiles) {
   const int64_t Kmax = std::max({H, Hq * D, I});
   if (nthreads > threads_cap) {  // attention scores: a row of Tmax per query head of a group, per thread used
     scores.assign(size_t(nthreads) * (Hq / Hkv) * Tmax, 0.f);
     threads_cap = nthreads;
   }
-  if (amx_tiles > 0 && nthreads > wbuf_cap) {  // one weight tile dequantized, and its products, per thread
+  if (amx_tiles + amx8_tiles > 0 && nthreads > wbuf_cap) {  // one weight tile dequantized, and its products, per thread
     amx_wbuf.assign(size_t(nthreads) * (Kmax * 64 + 4096 + 64), 0);
     wbuf_cap = nthreads;
   }
@@ -135,9 +137,18 @@ void LlamaEngine::ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx
     amx_tiles_buf.assign(amx_tiles * (Kmax / 32) * 512, 0);
     amx_cap = amx_tiles;
   }
+  if (amx8_tiles > amx8_cap) {  // and as int8 tiles
+    amx8_tiles_buf.assign(amx8_tiles * (Kmax / 64) * 1024, 0);
+    amx8_sx.assign(amx8_tiles * (Kmax / 64) * 16, 0.f);
+    amx8_xs.assign(amx8_tiles * (Kmax / 64) * 16, 0.f);
+    amx8_cap = amx8_tiles;
+  }
   if (R > lrows_cap) {
     q16.assign(R * Kh, 0);
     sx16.assign(R, 0.f);
+    head8.assign(R * H + 64, 0);
+    sx8.assign(R, 0.f);
+    head8_tiles.assign((R + 15) / 16 * (H / 64 + 1) * 1024, 0);
     lrows_cap = R;
   }
   if (N <= rows_cap) return;
@@ -203,36 +214,32 @@ at::Tensor LlamaEngine::forward(const at::Tensor& tokens_in, const at::Tensor& s
     TORCH_CHECK(pos[i] <= filled[slot[i]], "optistack_cpu.LlamaEngine: row ", i, " starts slot ", slot[i], " at position ",
                 pos[i], " but only ", filled[slot[i]], " positions are filled (no gaps)");
   }
-  // Runs of rows by GEMM path: a slot's rows go to AMX tiles when there are at least amx_min of them.
+  // Runs of rows by GEMM path: a slot's rows go to AMX bf16 tiles when there are at least amx_min of them;
+  // with amx_batch, a run of other rows (a batch of decode rows) at least that long goes to AMX int8 tiles.
   std::vector<Run> runs;
-  int64_t amx_tiles = 0;
   for (int64_t i = 0; i < N;) {
     int64_t j = i + 1;
     while (j < N && slot[j] == slot[i]) ++j;
-    const bool amx = amx_min > 0 && j - i >= amx_min;
-    if (!runs.empty() && runs.back().amx == amx) runs.back().len += j - i;  // a row's result never depends on its run
-    else runs.push_back(Run{i, j - i, 0, amx});
+    const int path = amx_min > 0 && j - i >= amx_min ? AMX_BF16 : VNNI;
+    if (!runs.empty() && runs.back().path == path) runs.back().len += j - i;  // a row's result never depends on its run
+    else runs.push_back(Run{i, j - i, 0, path});
     i = j;
   }
-  if (amx_batch_min > 0) {  // a long enough run of short segments (a batch of decode rows) takes the tiles too
-    for (Run& r : runs) r.amx = r.amx || r.len >= amx_batch_min;
-    std::vector<Run> merged;
-    for (const Run& r : runs)
-      if (!merged.empty() && merged.back().amx && r.amx) merged.back().len += r.len;
-      else merged.push_back(r);
-    runs.swap(merged);
-  }
-  row_amx.assign(N, 0);
-  for (Run& r : runs)
-    if (r.amx) {
-      r.tile0 = amx_tiles;
-      amx_tiles += (r.len + 15) / 16;
-      std::fill(row_amx.begin() + r.start, row_amx.begin() + r.start + r.len, 1);
+  int64_t amx_tiles = 0, amx8_tiles = 0;
+  row_path.assign(N, VNNI);
+  for (Run& r : runs) {
+    if (r.path == VNNI && amx_batch_min > 0 && r.len >= amx_batch_min) r.path = AMX_INT8;
+    int64_t& count = r.path == AMX_BF16 ? amx_tiles : amx8_tiles;
+    if (r.path != VNNI) {
+      r.tile0 = count;
+      count += (r.len + 15) / 16;
     }
+    std::fill(row_path.begin() + r.start, row_path.begin() + r.start + r.len, char(r.path));
+  }
   const int nthreads = std::max(1, at::get_num_threads());
-  ensure_scratch(N, R, nthreads, amx_tiles);
-  if (kv16) run<at::Half>(tok, slot, pos, N, lrows, R, logits.data_ptr<float>(), nthreads, runs, amx_tiles);
-  else run<float>(tok, slot, pos, N, lrows, R, logits.data_ptr<float>(), nthreads, runs, amx_tiles);
+  ensure_scratch(N, R, nthreads, amx_tiles, amx8_tiles);
+  if (kv16) run<at::Half>(tok, slot, pos, N, lrows, R, logits.data_ptr<float>(), nthreads, runs, amx_tiles, amx8_tiles);
+  else run<float>(tok, slot, pos, N, lrows, R, logits.data_ptr<float>(), nthreads, runs, amx_tiles, amx8_tiles);
   for (int64_t i = 0; i < N; ++i)
     if (i + 1 == N || slot[i + 1] != slot[i]) filled[slot[i]] = pos[i] + 1;
   for (int64_t r = 0; r < R; ++r)  // a non-finite hidden state gives NaN logits, as the float model would
@@ -256,48 +263,67 @@ static int prof_calls;
 
 template <typename KV>
 void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* pos, int64_t N, const int64_t* lrows,
-                      int64_t R, float* lg, int nthreads, const std::vector<Run>& runs, int64_t amx_tiles) {
+                      int64_t R, float* lg, int nthreads, const std::vector<Run>& runs, int64_t amx_tiles,
+                      int64_t amx8_tiles) {
   const int64_t Nqkv = (Hq + 2 * Hkv) * D, grp = Hq / Hkv, half = D / 2;
   const int64_t Kmax = std::max({H, Hq * D, I});
   const int64_t parts = std::min<int64_t>(grp, std::max<int64_t>(1, (2 * nthreads + N * Hkv - 1) / (N * Hkv)));
   auto kv = [&](void* base, int64_t l, int64_t b, int64_t h) {
     return static_cast<KV*>(base) + (((l * S + b) * Hkv + h) * Tmax) * D;
   };
-  // rows on AMX tiles take float activations; the others are quantized for the VNNI path
+  // rows on AMX bf16 tiles take float activations; the others are quantized (VNNI and AMX int8 paths)
   auto prep = [&](int64_t b, const float* v, int64_t K) {
-    if (!row_amx[b]) act16 ? prep_q16(v, K, xq[b]) : prep_q8(v, K, xq[b]);
+    if (row_path[b] != AMX_BF16) act16 ? prep_q16(v, K, xq[b]) : prep_q8(v, K, xq[b]);
   };
 #ifdef OPTISTACK_ENGINE_PROFILE
   double prof_last = omp_get_wtime();
   const double prof_start = prof_last;
 #endif
+  // the team may be smaller than asked (OMP_THREAD_LIMIT, nesting): the barrier learns its size from the team
+  std::atomic<SpinBarrier*> barrier{nullptr};
+  alignas(64) unsigned char barrier_store[sizeof(SpinBarrier)];
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+#pragma omp single
+    barrier.store(new (barrier_store) SpinBarrier(nt), std::memory_order_release);
+    SpinBarrier& bar = *barrier.load(std::memory_order_acquire);
     float* sc = scores.data() + size_t(tid) * (Hq / Hkv) * Tmax;
-    uint8_t* wbuf = amx_tiles ? amx_wbuf.data() + size_t(tid) * (Kmax * 64 + 4096 + 64) : nullptr;
+    uint8_t* wbuf = amx_tiles + amx8_tiles ? amx_wbuf.data() + size_t(tid) * (Kmax * 64 + 4096 + 64) : nullptr;
     int64_t n0, n1;
     // y = rows @ w.T (+= with add) for every run of rows, after the rows were prepared (and a barrier):
     // AMX runs are packed into tiles first (all threads, from the float rows src), then each thread takes
     // its share of w's rows.
     auto project = [&](const Q4Weight& w, const float* src, int64_t sstride, float* y, int64_t ystride, bool add) {
-      const int64_t chunks = w.K / 32;
-      if (amx_tiles) {
-        for (const Run& r : runs)
-          if (r.amx) {
-            int64_t t0, t1;
+      const int64_t chunks = w.K / 32, U = w.K / 64;
+      if (amx_tiles + amx8_tiles) {
+        for (const Run& r : runs) {
+          int64_t t0, t1;
+          if (r.path == AMX_BF16) {
             share((r.len + 15) / 16 * chunks, tid, nt, 1, t0, t1);
             amx_pack(src + r.start * sstride, sstride, r.len, w.K, t0, t1, amx_tiles_buf.data() + r.tile0 * chunks * 512);
+          } else if (r.path == AMX_INT8) {
+            share((r.len + 15) / 16 * U, tid, nt, 1, t0, t1);
+            const int64_t t = r.tile0 * U;
+            amx8_pack(xq.data() + r.start, r.len, w.K, t0, t1, amx8_tiles_buf.data() + t * 1024, amx8_sx.data() + t * 16,
+                      amx8_xs.data() + t * 16);
           }
-#pragma omp barrier
+        }
+        bar.wait();
       }
       for (const Run& r : runs) {
-        share(w.N, tid, nt, r.amx ? 32 : 4, n0, n1);
+        share(w.N, tid, nt, r.path == AMX_BF16 ? 32 : r.path == AMX_INT8 ? 16 : 4, n0, n1);
         if (n0 >= n1) continue;
-        if (r.amx)
-          q4_rows_amx(w, amx_tiles_buf.data() + r.tile0 * chunks * 512, r.len, n0, n1, y + r.start * ystride, ystride,
-                      add, wbuf);
-        else q4_rows(w, xq.data() + r.start, r.len, n0, n1, y + r.start * ystride, ystride, add, act16);
+        float* yr = y + r.start * ystride;
+        if (r.path == AMX_BF16) {
+          q4_rows_amx(w, amx_tiles_buf.data() + r.tile0 * chunks * 512, r.len, n0, n1, yr, ystride, add, wbuf);
+        } else if (r.path == AMX_INT8) {
+          const int64_t t = r.tile0 * U;
+          q4_rows_amx8(w, amx8_tiles_buf.data() + t * 1024, amx8_sx.data() + t * 16, amx8_xs.data() + t * 16, r.len,
+                       n0, n1, yr, ystride, add, wbuf);
+        } else {
+          q4_rows(w, xq.data() + r.start, r.len, n0, n1, yr, ystride, add, act16);
+        }
       }
     };
     for (int64_t b = tid; b < N; b += nt) std::copy(embed + tok[b] * H, embed + (tok[b] + 1) * H, x.data() + b * H);
@@ -307,10 +333,10 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
         rms_norm(x.data() + b * H, ly.norm1, xn.data() + b * H, H, eps);
         prep(b, xn.data() + b * H, H);
       }
-#pragma omp barrier
+      bar.wait();
       PHASE(0);
       project(ly.qkv, xn.data(), H, qkv.data(), Nqkv, false);
-#pragma omp barrier
+      bar.wait();
       PHASE(1);
       for (int64_t j = tid; j < N * Hkv; j += nt) {  // RoPE on each new key at its row's position, both into its slot
         const int64_t b = j / Hkv, h = j % Hkv, p = pos[b];
@@ -322,7 +348,7 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
           st(vd + i, _mm512_loadu_ps(k + Hkv * D + i));
         }
       }
-#pragma omp barrier
+      bar.wait();
       PHASE(2);
       // each row attends to its slot's positions 0..its own: one item is a row's query heads of one key/value
       // head (split in parts when there are fewer items than twice the threads, so none waits idle)
@@ -334,40 +360,63 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
         attend(q, kv(kc, l, slot[b], h), kv(vc, l, slot[b], h), p + 1, D, g1 - g0, sc,
                attn.data() + (b * Hq + h * grp + g0) * D);
       }
-#pragma omp barrier
+      bar.wait();
       PHASE(3);
       for (int64_t b = tid; b < N; b += nt) prep(b, attn.data() + b * Hq * D, Hq * D);
-#pragma omp barrier
+      bar.wait();
       project(ly.o, attn.data(), Hq * D, x.data(), H, true);  // the residual add, in place
-#pragma omp barrier
+      bar.wait();
       PHASE(4);
       for (int64_t b = tid; b < N; b += nt) {
         rms_norm(x.data() + b * H, ly.norm2, xn.data() + b * H, H, eps);
         prep(b, xn.data() + b * H, H);
       }
-#pragma omp barrier
+      bar.wait();
       PHASE(5);
       project(ly.gate_up, xn.data(), H, gu.data(), 2 * I, false);
-#pragma omp barrier
+      bar.wait();
       PHASE(6);
       for (int64_t b = tid; b < N; b += nt) {
         swiglu(gu.data() + b * 2 * I, gu.data() + b * 2 * I + I, act.data() + b * I, I);
         prep(b, act.data() + b * I, I);
       }
-#pragma omp barrier
+      bar.wait();
       PHASE(7);
       project(ly.down, act.data(), I, x.data(), H, true);
-#pragma omp barrier
+      bar.wait();
       PHASE(8);
     }
-    for (int64_t r = tid; r < R; r += nt) {  // the head, for the rows whose logits were asked for
+    // the head, for the rows whose logits were asked for: int16 activations on VNNI, or, for a batch of at
+    // least amx_batch rows, int8 ones on AMX tiles (the 16 x ... weight rows past the last multiple of 16 on VNNI)
+    const bool head_amx = amx_batch_min > 0 && R >= amx_batch_min && H % 64 == 0 && V >= 16;
+    for (int64_t r = tid; r < R; r += nt) {  // sx16[r] < 0 marks a row with inf/NaN (its logits become NaN)
       rms_norm(x.data() + lrows[r] * H, final_norm, xn.data() + r * H, H, eps);
-      sx16[r] = int8_quantize_f32(xn.data() + r * H, H, Kh, q16.data() + r * Kh);
+      if (head_amx) {
+        sx8[r] = quantize_i8_row(xn.data() + r * H, H, head8.data() + r * H);
+        sx16[r] = sx8[r] < 0.f ? -1.f : 0.f;
+      } else {
+        sx16[r] = int8_quantize_f32(xn.data() + r * H, H, Kh, q16.data() + r * Kh);
+      }
     }
-#pragma omp barrier
-    share(V, tid, nt, 64, n0, n1);
-    if (n0 < n1 && R > 0) int8_rows_f32(head_q, head_s, H, q16.data(), Kh, sx16.data(), R, n0, n1, lg, V);
-#pragma omp barrier
+    bar.wait();
+    if (head_amx) {
+      int64_t t0, t1;
+      share((R + 15) / 16 * (H / 64), tid, nt, 1, t0, t1);
+      amx8_pack_rows(head8.data(), H, R, H, t0, t1, head8_tiles.data());
+      bar.wait();
+      share(V / 16 * 16, tid, nt, 16, n0, n1);
+      if (n0 < n1) head_amx8(head_q, head_s, H, head8_tiles.data(), sx8.data(), R, n0, n1, lg, V);
+      for (int64_t n = V / 16 * 16 + tid; n < V; n += nt)  // the last V % 16 rows: the same int8 products
+        for (int64_t m = 0; m < R; ++m) {
+          int32_t d = 0;
+          for (int64_t k = 0; k < H; ++k) d += int32_t(head_q[n * H + k]) * int32_t(head8[m * H + k]);
+          lg[m * V + n] = float(d) * (head_s[n] * sx8[m]);
+        }
+    } else {
+      share(V, tid, nt, 64, n0, n1);
+      if (n0 < n1 && R > 0) int8_rows_f32(head_q, head_s, H, q16.data(), Kh, sx16.data(), R, n0, n1, lg, V);
+    }
+    bar.wait();
     PHASE(9);
   }
 #ifdef OPTISTACK_ENGINE_PROFILE
@@ -384,7 +433,7 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
 #else
 template <typename KV>
 void LlamaEngine::run(const int64_t*, const int64_t*, const int64_t*, int64_t, const int64_t*, int64_t, float*, int,
-                      const std::vector<Run>&, int64_t) {
+                      const std::vector<Run>&, int64_t, int64_t) {
   TORCH_CHECK(false, "optistack_cpu.LlamaEngine: this build has no AVX512-VNNI");
 }
 #endif

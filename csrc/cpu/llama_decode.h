@@ -39,11 +39,25 @@ void q4_rows(const Q4Weight& w, const XQ* xs, int64_t M, int64_t n0, int64_t n1,
 // The AMX path (int4_amx.cpp): bf16 tile products on int4 weights dequantized 16 rows at a time. Activation
 // rows (float32, row stride xstride) are packed once per call into 1 KB tiles of 16 rows x 32 channels in
 // bf16 pairs; tile t = (m-tile t / (K / 32), chunk t % (K / 32)).
-bool amx_supported();  // the CPU has AMX-BF16 and AVX512-BF16 and the kernel granted this process the tile state
+bool amx_supported();  // the CPU has AMX-BF16, AMX-INT8 and AVX512-BF16 and the kernel granted this process the tiles
 void amx_pack(const float* x, int64_t xstride, int64_t M, int64_t K, int64_t t0, int64_t t1, uint16_t* tiles);
 // As q4_rows for the M rows packed in `tiles`; wbuf: this thread's K * 64 + 4096 bytes.
 void q4_rows_amx(const Q4Weight& w, const uint16_t* tiles, int64_t M, int64_t n0, int64_t n1, float* y,
                  int64_t ystride, bool add, uint8_t* wbuf);
+
+// The AMX int8 path (int4_amx_int8.cpp) for batches of decode rows: rows prepared by prep_q8, packed per
+// (m-tile, unit) into 1 KB int8 tiles in the VNNI tile layout with their unit scales and sums transposed.
+void amx8_pack(const XQ* xs, int64_t M, int64_t K, int64_t t0, int64_t t1, int8_t* tiles, float* sxT, float* xsT);
+// As q4_rows for the M rows packed by amx8_pack; wbuf: this thread's K / 64 * 2176 bytes.
+void q4_rows_amx8(const Q4Weight& w, const int8_t* tiles, const float* sxT, const float* xsT, int64_t M, int64_t n0,
+                  int64_t n1, float* y, int64_t ystride, bool add, uint8_t* wbuf);
+
+// The int8 head on AMX int8 tiles for a batch of rows (K a multiple of 64, rows [n0, n1) in multiples of 16):
+// each row quantized to int8 with one scale (-1 for inf/NaN), packed per (m-tile, 64 channels), then y.
+float quantize_i8_row(const float* x, int64_t K, int8_t* out);
+void amx8_pack_rows(const int8_t* x, int64_t xstride, int64_t M, int64_t K, int64_t t0, int64_t t1, int8_t* tiles);
+void head_amx8(const int8_t* qw, const float* sc, int64_t K, const int8_t* tiles, const float* sx, int64_t M, int64_t n0,
+               int64_t n1, float* y, int64_t N);
 
 // The int8 head kernel on raw pointers (int8_gemm.cpp): quantize one float32 row to int16 (returns its
 // scale, -1 for inf/NaN), then rows [n0, n1) of y (row stride N) for M activation rows.
@@ -105,14 +119,15 @@ class LlamaEngine {
   void set_amx_batch(int64_t n);
 
  private:
+  enum Path { VNNI = 0, AMX_BF16 = 1, AMX_INT8 = 2 };
   struct Run {  // consecutive rows that take the same GEMM path
-    int64_t start, len, tile0;  // tile0: first m-tile of an AMX run in the packed buffer
-    bool amx;
+    int64_t start, len, tile0;  // tile0: first m-tile of an AMX run in its packed buffer
+    int path;
   };
   template <typename KV>
   void run(const int64_t* tok, const int64_t* slot, const int64_t* pos, int64_t N, const int64_t* lrows, int64_t R,
-           float* logits, int nthreads, const std::vector<Run>& runs, int64_t amx_tiles);
-  void ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx_tiles);
+           float* logits, int nthreads, const std::vector<Run>& runs, int64_t amx_tiles, int64_t amx8_tiles);
+  void ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx_tiles, int64_t amx8_tiles);
   struct Layer {
     const float *norm1, *norm2;
     Q4Weight qkv, o, gate_up, down;
@@ -128,10 +143,14 @@ class LlamaEngine {
   std::vector<int64_t> filled;  // per slot
   std::mutex mu;
   // scratch, grown on demand under `mu`
-  int64_t rows_cap = 0, lrows_cap = 0, threads_cap = 0, amx_cap = 0, wbuf_cap = 0;
-  std::vector<uint16_t> amx_tiles_buf;
+  int64_t rows_cap = 0, lrows_cap = 0, threads_cap = 0, amx_cap = 0, amx8_cap = 0, wbuf_cap = 0;
+  std::vector<uint16_t> amx_tiles_buf;  // bf16 activation tiles
+  std::vector<int8_t> amx8_tiles_buf;   // int8 activation tiles, with their scales and sums
+  std::vector<float> amx8_sx, amx8_xs;
+  std::vector<int8_t> head8, head8_tiles;  // the head's rows as int8 (AMX head), and as tiles
+  std::vector<float> sx8;                  // their scales
   std::vector<uint8_t> amx_wbuf;  // per thread
-  std::vector<char> row_amx;      // per row of the current call: its projections run on AMX tiles
+  std::vector<char> row_path;     // per row of the current call: its GEMM path
   std::vector<float> x, xn, qkv, attn, gu, act, scores;
   std::vector<int8_t> q8;
   std::vector<float> sxp, sx, xsum, sx16;

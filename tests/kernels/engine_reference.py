@@ -50,17 +50,19 @@ def rope(v: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def forward(weights, tokens, slots, positions, k_cache, v_cache, cos, sin, act_bits: int = 8,
-            amx_rows: int = 0, amx_batch: int = 0) -> torch.Tensor:
+            amx_rows: int = 0, head_bits: int = 16) -> torch.Tensor:
     """Logits [N, V] of every row; writes each row's key and value at its slot and position of the caches
     [L, S, Hkv, T, D] like the engine, and attends each row over its slot's positions 0..its own. With
-    `amx_rows` (`amx_batch`) as set on the engine, the rows it runs on AMX tiles are computed that way."""
+    `amx_rows` as set on the engine, the rows it runs on AMX bf16 tiles are computed that way (rows on AMX
+    int8 tiles, `amx_batch`, take the same int8 codes as the VNNI path: the same numbers here); `head_bits=8`:
+    the head's activations as int8 with one scale a row, as the AMX head of a batch of `amx_batch` rows."""
     qmax = 127 if act_bits == 8 else 32767
     d, eps = weights.dims, weights.eps
     hq, hkv, hd = d.heads, d.kv_heads, d.head_dim
     tokens, slots, positions = (torch.as_tensor(t).long() for t in (tokens, slots, positions))
     x = weights.embed[tokens].float()
     n = x.shape[0]
-    bf16_rows = amx_mask(slots, amx_rows, amx_batch) if act_bits == 8 else None
+    bf16_rows = amx_mask(slots, amx_rows) if act_bits == 8 else None
     c, s = cos[positions][:, None], sin[positions][:, None]
     for layer, blk in enumerate(weights.blocks):
         qkv = linear(rms(x, blk.norm1, eps), blk.qkv, qmax, bf16_rows)
@@ -81,29 +83,22 @@ def forward(weights, tokens, slots, positions, k_cache, v_cache, cos, sin, act_b
         gu = linear(rms(x, blk.norm2, eps), blk.gate_up, qmax, bf16_rows)
         inter = gu.shape[-1] // 2
         x = x + linear(torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:], blk.down, qmax, bf16_rows)
-    h = q16(rms(x, weights.final_norm, eps))
+    h = rms(x, weights.final_norm, eps)
+    amax = h.abs().amax(-1, keepdim=True)
+    h = q16(h) if head_bits == 16 else torch.round(h * 127 / amax) * amax / 127
     return h @ (weights.head_q.float() * weights.head_s[:, None]).T
 
 
-def amx_mask(slots: torch.Tensor, amx_rows: int, amx_batch: int) -> torch.Tensor:
-    """Which rows the engine runs on AMX tiles: a slot's adjacent rows from `amx_rows` on; then, with
-    `amx_batch`, every run of other rows at least that long (a batch of decode rows)."""
+def amx_mask(slots: torch.Tensor, amx_rows: int) -> torch.Tensor:
+    """Which rows the engine runs on AMX bf16 tiles: each slot's adjacent rows when there are `amx_rows` of them."""
     n = slots.numel()
     mask = torch.zeros(n, dtype=torch.bool)
-    segments, i = [], 0
+    i = 0
     while i < n:
         j = i + 1
         while j < n and slots[j] == slots[i]:
             j += 1
-        segments.append((i, j, bool(amx_rows) and j - i >= amx_rows))
+        if amx_rows and j - i >= amx_rows:
+            mask[i:j] = True
         i = j
-    runs: list[list] = []
-    for a, b, amx in segments:
-        if runs and runs[-1][2] == amx:
-            runs[-1][1] = b
-        else:
-            runs.append([a, b, amx])
-    for a, b, amx in runs:
-        if amx or (amx_batch and b - a >= amx_batch):
-            mask[a:b] = True
     return mask

@@ -304,7 +304,9 @@ def test_amx_rows_is_refused_where_it_cannot_run():
 
 @pytest.mark.skipif(not cpu.available() or not cpu.lib().amx_supported(), reason="needs AMX tiles")
 def test_a_batch_of_decode_rows_on_amx_tiles_matches_the_reference():
-    """amx_batch=8: eight slots' decode rows (one each, each at its own position) take the tiles together."""
+    """amx_batch=8: nine slots' decode rows (one each, each at its own position) take the int8 tiles together:
+    the same int8 codes and exact integer products as the VNNI path, the float sums in another order; the
+    head takes them as int8 rows on AMX tiles too (V = 300: 18 tiles of 16 rows and a VNNI tail of 12)."""
     from optistack.kernels.llama_engine import EngineWeights
 
     weights = EngineWeights.from_model(quantized(tiny(layers=2)))
@@ -319,8 +321,8 @@ def test_a_batch_of_decode_rows_on_amx_tiles_matches_the_reference():
         ref.forward(weights, *rows, kc, vc, cos, sin)
     step = torch.randint(0, 300, (9,), generator=g), torch.arange(9), torch.arange(9) + 1
     got = rt.forward(*step, torch.arange(9))
-    want = ref.forward(weights, *step, kc, vc, cos, sin, amx_batch=8)
-    ok, err = close_rows(got, want, 1e-3)
+    want = ref.forward(weights, *step, kc, vc, cos, sin, head_bits=8)  # a batch of >= amx_batch: the AMX int8 head
+    ok, err = close_rows(got, want, 1e-3, loose=2e-2)  # one int8 code of the head's row moves a row by up to ~1%
     assert ok, err
     with pytest.raises(RuntimeError, match="amx_batch must be >= 0"):
         rt.impl.amx_batch = -1

@@ -64,8 +64,14 @@ class EngineBackend:
 
     @classmethod
     def from_model(cls, model: Any, *, max_batch: int = 8, max_context: int | None = None,
-                   step_tokens: int = 128) -> "EngineBackend":
-        """The engine the model's `decode-engine` step built, with `max_batch` slots of `max_context` positions."""
+                   step_tokens: int = 128, amx_batch: int | None = None) -> "EngineBackend":
+        """The engine the model's `decode-engine` step built, with `max_batch` slots of `max_context` positions.
+
+        `amx_batch`: from this many decode rows in one step, they (and the head) run on AMX int8 tiles (the
+        same int8 codes, their float sums in another order; the head's rows as int8 instead of int16). The
+        default, 16 where the CPU has AMX, keeps smaller batches computing exactly what generate() computes
+        (measured on SmolLM2, 2 cores: at 16 rows the tiles take a step from 30 to 22 ms, at 8 they gain ~4%).
+        """
         strategy = getattr(model, DECODE_ATTR, None)
         weights = getattr(strategy, "weights", None)
         if weights is None or not hasattr(weights, "runtime"):
@@ -79,6 +85,15 @@ class EngineBackend:
         if context > limit:
             raise ServingError(f"max_context {context} exceeds the model's max_position_embeddings ({limit})")
         runtime = weights.runtime(max_batch, context, strategy.act_bits, max_rows=step_tokens + max_batch)
+        from ..kernels import cpu
+
+        amx = cpu.lib().amx_supported() and strategy.act_bits == 8
+        if amx_batch is None:
+            amx_batch = 16 if amx else 0
+        if amx_batch < 0 or (amx_batch and not amx):
+            raise ServingError(f"amx_batch must be >= 0, and 0 where the CPU has no AMX tiles or the engine runs int16 "
+                               f"activations; got {amx_batch}")
+        runtime.impl.amx_batch = amx_batch
         return cls(runtime, step_tokens=step_tokens)
 
     # ---------------------------------------------------------------- the Backend contract
