@@ -94,7 +94,9 @@ def generate_tokens_per_s(model, prompt, tokens: int) -> float:
 
     stamps = Stamps()
     with torch.inference_mode():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens, min_new_tokens=tokens,
+        # eos_token_id=[]: every call makes `tokens` tokens, as greedy_decode does (min_new_tokens would add a
+        # logits processor that greedy_decode does not run)
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens, eos_token_id=[],
                              do_sample=False, streamer=stamps)
     assert out.shape[1] == prompt.shape[1] + tokens and len(stamps.times) == tokens
     return (tokens - 1) / (stamps.times[-1] - stamps.times[0])
