@@ -23,17 +23,7 @@ from optistack.serving.simple_backend import SimpleBackend  # noqa: E402
 LONG = 3500  # tokens: far more than the test waits for
 
 
-class RecordingBackend(SimpleBackend):
-    """SimpleBackend that keeps every handle it returns, so the test can watch how each one ends."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.handles = []
-
-    def submit(self, *args, **kwargs):
-        handle = super().submit(*args, **kwargs)
-        self.handles.append(handle)
-        return handle
+RecordingBackend = tiny_serving.recording(SimpleBackend)
 
 
 @pytest.fixture(scope="module")

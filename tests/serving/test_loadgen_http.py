@@ -50,15 +50,7 @@ class Recorded:
         self.inner.close()
 
 
-class RecordingHttpBackend(HttpBackend):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.handles = []
-
-    def submit(self, *args, **kwargs):
-        handle = super().submit(*args, **kwargs)
-        self.handles.append(handle)
-        return handle
+RecordingHttpBackend = tiny_serving.recording(HttpBackend)
 
 
 @pytest.fixture(scope="module")

@@ -24,17 +24,8 @@ from optistack.serving.scenario_plot import plot_scenario  # noqa: E402
 from optistack.serving.scenario_render import render_text  # noqa: E402
 from optistack.serving.server_metrics import percentile  # noqa: E402
 from optistack.serving.stock import StockBackend  # noqa: E402
-from optistack.testing.models import tiny_llama  # noqa: E402
 
 IN, OUT = (8, 40), (6, 20)
-
-
-@pytest.fixture(scope="module")
-def model():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model on one thread keeps its pace when the machine's other cores are busy
-    yield tiny_llama()
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,8 @@ import torch
 
 from optistack.serving.backend import Backend, SamplingParams, ServingError
 from optistack.serving.stock import StockBackend
-from optistack.testing.models import tiny_llama
 
 PROMPTS = [[1, 5, 7, 9, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [20, 21], list(range(30, 70))]
-
-
-@pytest.fixture(scope="module")
-def model():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model on one thread keeps its pace when the machine's other cores are busy
-    yield tiny_llama()
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture()

@@ -41,3 +41,21 @@ def greedy(model, ids: list[int], max_new_tokens: int, eos: int | None = None) -
 
 def text_of(tok, ids: list[int]) -> str:
     return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def recording(backend_class):
+    """A subclass of `backend_class` that keeps every handle it returns (`.handles`), so a test can watch how
+    each request ends."""
+
+    class Recording(backend_class):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.handles = []
+
+        def submit(self, *args, **kwargs):
+            handle = super().submit(*args, **kwargs)
+            self.handles.append(handle)
+            return handle
+
+    Recording.__name__ = f"Recording{backend_class.__name__}"
+    return Recording
