@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from optistack.kernels import cpu
-from optistack.passes.quant.int4_linear import Int4Linear
+from optistack.layers.int4 import Int4Linear
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NORM_SHAPES = [(1, 576), (128, 576), (1, 4096), (128, 4096)]

@@ -5,7 +5,7 @@ from typing import Any, Callable
 
 from .core.pipeline import Pipeline
 from .core.registry import get_pass_class, pass_names
-from .core.run import RunResult
+from .wiring import RunResult
 
 
 def optimize(model: Any, example_inputs: Any, pipeline: str | Pipeline, *,

@@ -2,27 +2,66 @@
 
 Core's runner knows nothing of workloads, benchmarks or reports; this module resolves a workload
 name, picks the default instruments (benchmark, progress, and the gate, which is always on and always
-last), records environment facts in a `Report`, and hands all of it to `core.run.Runner`.
+last), records environment facts in a `Report`, hands all of it to `core.run.Runner`, and returns a
+`RunResult` (the model, its report, `save` and `save_pretrained`).
 `optistack/__init__.py` installs `run_pipeline` as core's default (`core.run.set_default_wiring`).
 """
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .core.errors import OptistackError
 from .core.instrument import RunState
 from .core.pass_protocol import MODULE, PassContext
-from .core.run import Runner, RunResult, device_of
+from .core.run import Runner, device_of
 
 
-def resolve_workload(workload: Any) -> Any:
-    """A workload object from itself or its registered name."""
-    if isinstance(workload, str):
+@dataclass
+class RunResult:
+    model: Any  # the last accepted model, callable like the original
+    report: Any  # bench.report.Report
+    original: Any  # the untouched original model
+    pipeline: Any
+
+    def _repr_html_(self) -> str:
+        return self.report._repr_html_()
+
+    def save(self, path: Any) -> Any:
+        """Write the optimized model (safetensors + manifest, no pickle); `optistack.load_model(path)` reads it."""
+        from .core.persist import save_model
+
+        return save_model(path, self.model, self.original, self.report.steps, self.report.workload)
+
+    def save_pretrained(self, path: Any, **options: Any) -> Any:
+        """Write the model as a Hugging Face folder that transformers and vLLM load (compressed-tensors
+        for int4/int8/fp8 weights, plain otherwise; tokenizer beside); see optistack.checkpoints."""
+        from .checkpoints import save_pretrained
+
+        return save_pretrained(path, self, **options)
+
+    def __repr__(self) -> str:
+        return f"<RunResult pipeline={str(self.pipeline)!r} final_speedup={self.report.final_speedup}>"
+
+
+def resolve_workload(spec: Any) -> Any:
+    """A workload from its registered name, itself (an object with `run`, `evaluate` and `model`), or a
+    zero-argument factory returning one (search sends picklable factories to its workers). Anything
+    else is one WorkloadError. The one resolver: `Pipeline.run`, `optimize` and search all use it."""
+    from .core.errors import WorkloadError
+
+    if isinstance(spec, str):
         from .workloads import load
 
-        return load(workload)
-    return workload
+        return load(spec)
+    if all(hasattr(spec, attr) for attr in ("run", "evaluate", "model")):
+        return spec
+    if callable(spec) and not hasattr(spec, "parameters"):  # a factory, not a torch model
+        return resolve_workload(spec())
+    raise WorkloadError(f"expected a workload name, a workload object or a factory returning one; got "
+                        f"{type(spec).__name__}" + (" (a model: wrap it with optistack.optimize(model, inputs, ...) "
+                                                    "or workloads.GenericWorkload)" if hasattr(spec, "parameters") else ""))
 
 
 def with_gate(instruments: Sequence[Any], max_accuracy_drop: float | None) -> list[Any]:

@@ -124,8 +124,8 @@ def test_noise_floor_can_be_turned_off():
 
 def test_batches_never_repeat_across_streams_and_a_repeating_stream_says_so():
     from optistack.bench.ab_timing import BatchStream
+    from optistack.core.workload import batch_digest
     from optistack.workloads import GenericWorkload
-    from optistack.workloads.base import batch_digest
 
     wl = GenericWorkload(mlp(), torch.randn(4, 256))
     first, second = BatchStream(wl), BatchStream(wl)  # e.g. a search trial after the baseline run

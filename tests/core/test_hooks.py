@@ -6,9 +6,11 @@ from pathlib import Path
 import pytest
 
 import optistack
+from optistack.checkpoints.loadables import register_loadables
 from optistack.core import hooks
 from optistack.core.load_registry import MODULES, RUNTIMES
 
+register_loadables()  # what optistack.load_model does first: every loadable class registers itself
 SRC = Path(optistack.__file__).parent
 # bench/ is another owner's: bench/memory.py still reads "model_bytes" by name (to switch to MODEL_BYTES_ATTR).
 NOT_YET: set[str] = set()

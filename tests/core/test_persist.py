@@ -77,9 +77,9 @@ def test_not_a_saved_model_is_a_clear_error(tmp_path):
 
 
 def test_load_model_is_the_name_and_load_a_deprecated_alias_that_warns(tmp_path):
-    import optistack.core.persist
+    import optistack.checkpoints.loadables
 
-    assert ost.load_model is optistack.core.persist.load_model and "load" not in dir(ost) and "load_model" in dir(ost)
+    assert ost.load_model is optistack.checkpoints.loadables.load_model and "load" not in dir(ost) and "load_model" in dir(ost)
     with pytest.warns(DeprecationWarning, match=r"optistack\.load is deprecated: use optistack\.load_model .*workload"):
         old = ost.load
     assert old is ost.load_model

@@ -15,9 +15,10 @@ from test_persist_tampering import IDS, no_side_effects, onnx_graph, refresh_che
 from tiny_models import tiny_llama
 
 from optistack.bench.report import Step
+from optistack.checkpoints.loadables import load_model
 from optistack.core.errors import LoadError, OptistackError
 from optistack.core.pass_protocol import PassContext
-from optistack.core.persist import load_model, save_model
+from optistack.core.persist import save_model
 from optistack.passes.quant.rtn import RtnInt4Pass
 
 

@@ -26,10 +26,11 @@ from hypothesis import strategies as st
 from tiny_models import tiny_llama
 
 from optistack.bench.report import Step
+from optistack.checkpoints.loadables import load_model
 from optistack.core.checksums import manifest_digest, sha256_file
 from optistack.core.errors import LoadError
 from optistack.core.pass_protocol import PassContext
-from optistack.core.persist import load_model, save_model
+from optistack.core.persist import save_model
 from optistack.passes.quant.rtn import RtnInt4Pass
 
 SETTINGS = settings(max_examples=40, deadline=None, database=None, derandomize=True,

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from optistack.kernels import reference as ref
-from optistack.passes.quant.int4_linear import DEQUANT, Int4Linear
+from optistack.layers.int4 import DEQUANT, Int4Linear
 
 
 def test_rms_norm_matches_llama_rmsnorm_fp32():
@@ -58,7 +58,7 @@ def test_int4_rejects_k_not_multiple_of_group():
 
 
 def test_fp8_scaled_matmul_matches_dequantized_product():
-    from optistack.passes.quant.fp8 import quantize_rows
+    from optistack.layers.fp8 import quantize_rows
 
     x, w = torch.randn(5, 64), torch.randn(24, 64)
     xq, xs = quantize_rows(x)

@@ -76,7 +76,7 @@ def test_calibration_is_separate_from_eval(wl):
 
 @pytest.mark.slow
 def test_timing_batches_are_fresh_same_shape_and_never_eval_sentences(wl):
-    from optistack.workloads.base import batch_digest
+    from optistack.core.workload import batch_digest
 
     batches = [wl.timing_batch(i) for i in range(8)]
     assert len({batch_digest(b) for b in batches}) == 8

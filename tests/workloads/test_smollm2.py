@@ -78,7 +78,7 @@ def test_calibration_text_is_disjoint_from_eval_text(wl):
 
 
 def test_timing_batches_are_fresh_windows_of_calibration_text(wl):
-    from optistack.workloads.base import batch_digest
+    from optistack.core.workload import batch_digest
 
     batches = [wl.timing_batch(i) for i in range(6)]
     assert len({batch_digest(b) for b in batches}) == 6

@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from optistack.core.workload import batch_digest, run_on, timing_batch
 from optistack.workloads import GenericWorkload
-from optistack.workloads.base import batch_digest, run_on, timing_batch, vary_inputs
+from optistack.workloads.base import vary_inputs
 
 
 class Embedder(nn.Module):

@@ -30,7 +30,7 @@ class BatchStream:
     """Fresh timing batches: index i of the workload's stream, i never used before in this process."""
 
     def __init__(self, workload: Any, device: str = "cpu") -> None:
-        from ..workloads.base import timing_batch
+        from ..core.workload import timing_batch
 
         self.workload, self.device = workload, device
         self._make = lambda i: timing_batch(workload, i)
@@ -42,8 +42,8 @@ class BatchStream:
         """The next fresh batch on the device, or None when the workload has no timing stream."""
         if not self.available:
             return None
-        from ..workloads.base import batch_digest
-        from ..workloads.loaders import to_device
+        from ..core.modeling import to_device
+        from ..core.workload import batch_digest
 
         for _ in range(16):  # a workload whose stream repeats itself: skip the repeats
             batch = self._make(next(_INDICES))
@@ -67,7 +67,7 @@ class BatchStream:
 
 def caller(workload: Any, model: Any) -> Callable[[Any], Any]:
     """fn(batch) -> outputs: `workload.run(model, batch)`, or `workload.run(model)` for a None batch."""
-    from ..workloads.base import run_on
+    from ..core.workload import run_on
 
     return lambda batch: run_on(workload, model, batch)
 

@@ -40,7 +40,7 @@ class BenchmarkInstrument:
 
     def _run(self, state: Any, model: Any):
         """One call of `model` on a fresh timing batch (made here, outside any timed call)."""
-        from ..workloads.base import run_on
+        from ..core.workload import run_on
 
         batch = timing_context(state, self.timing).batches()
         return lambda: run_on(state.workload, model, batch)

@@ -163,8 +163,8 @@ def quantization_config(schemes: dict[str, list[str]], ignore: list[str]) -> dic
 def quantized_tensors(name: str, module: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None | str:
     """Tensors + scheme for a quantized layer; "dense" for an Int4Linear the format cannot hold;
     None for a module that is not one of ours (plain layers are handled by the caller)."""
-    from ..passes.quant.fp8 import Fp8Linear
-    from ..passes.quant.int4_linear import Int4Linear
+    from ..layers.fp8 import Fp8Linear
+    from ..layers.int4 import Int4Linear
 
     if isinstance(module, Int4Linear):
         return int4_tensors(name, module) or "dense"

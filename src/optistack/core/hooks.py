@@ -55,7 +55,7 @@ class SavableLayer(Protocol):
     """A replacement layer `optistack.load` can rebuild: `optistack_spec()` is JSON (checked against the
     class's schema in `core.load_registry` on save and load), `from_optistack_spec(spec)` builds the
     empty layer whose tensors the saved state dict then fills. Called by `core.persist` (save) and
-    `core.load_registry` (load); the class must also be listed in `load_registry.MODULES`."""
+    `core.load_registry` (load); the class registers itself with `load_registry.register_module`."""
 
     def optistack_spec(self) -> dict[str, Any]: ...
 
@@ -71,7 +71,7 @@ class SavableRuntime(Protocol):
     is the JSON the folder records; `load_from(folder, file, options)` rebuilds it from both, taking only
     the keys `session_options` writes. `model_bytes()` is its size (the benchmark reports it, since a
     runtime form has no torch parameters to count). Called by `core.persist`, `core.loading` and
-    `bench.memory`; the class must also be listed in `load_registry.RUNTIMES`."""
+    `bench.memory`; the class registers itself with `load_registry.register_runtime`."""
 
     def save_to(self, folder: str) -> str | list[str]: ...
 

@@ -1,6 +1,6 @@
 """`optistack.load_model`: rebuild a saved model, trusting nothing in the folder (docs/saving-and-loading.md).
 
-Checksums first (checksums.py), then only classes, spec keys and options named in load_registry.py,
+Checksums first (checksums.py), then only classes, spec keys and options registered in load_registry.py,
 then the weights checked against the model built on the meta device (load_tensors.py) before anything
 is allocated or filled. Every refusal is one `LoadError` naming the file or manifest key; nothing the
 folder says is imported, executed or written.

@@ -6,9 +6,10 @@ replaced, and a SHA-256 of every file and of itself. A model that is no longer a
 ONNX Runtime session, a TensorRT engine) saves itself through `save_to` / `session_options` /
 `load_from` (`core.hooks.SavableRuntime`); a replacement layer through `optistack_spec` (`SavableLayer`).
 
-Loading (loading.py, re-exported here as `load_model`) trusts nothing in the folder: see
-docs/saving-and-loading.md. `save` writes only what loading accepts: classes and specs of
-load_registry.py, file names checksums.py calls safe.
+Loading (loading.py; `optistack.load_model` registers every loadable class first, see
+checkpoints/loadables.py) trusts nothing in the folder: see docs/saving-and-loading.md. `save`
+writes only what loading accepts: classes and specs registered in load_registry.py, file names
+checksums.py calls safe.
 """
 from __future__ import annotations
 
@@ -22,11 +23,11 @@ from .errors import LoadError, OptistackError
 from .hooks import SAVE_TO_ATTR, SESSION_OPTIONS_ATTR, SavableLayer
 from .load_registry import MODULES, RUNTIMES, class_name, registered, spec_fields, transformers_model_names
 from .load_schema import check_fields
-from .loading import check_steps, load_model
+from .loading import check_steps
 from .modeling import unwrap_compiled
 from .registry import get_pass_class
 
-__all__ = ["FORMAT", "MANIFEST", "WEIGHTS", "save_model", "load_model"]
+__all__ = ["FORMAT", "MANIFEST", "WEIGHTS", "save_model"]
 
 
 def _module(model: Any) -> torch.nn.Module:
@@ -68,12 +69,12 @@ def _replacements(original: torch.nn.Module, final: torch.nn.Module) -> dict[str
             if key is None or not isinstance(mod, SavableLayer):
                 raise OptistackError(
                     f"cannot save: module '{name}' became {type(mod).__module__}.{type(mod).__qualname__}, which "
-                    "optistack.load_model cannot rebuild (loadable classes are listed in optistack/core/load_registry.py)")
+                    "optistack.load_model cannot rebuild (loadable classes register with optistack.core.load_registry)")
             entry = {"class": key, "spec": mod.optistack_spec()}
         try:
             spec_fields(MODULES[entry["class"]], entry["spec"], f"replaced[{name!r}].spec")
         except LoadError as exc:
-            raise OptistackError(f"cannot save: {exc} (update the schema in core/load_registry.py)") from None
+            raise OptistackError(f"cannot save: {exc} (update the schema its class registers with core.load_registry)") from None
         out[name] = entry
     return out
 
@@ -121,7 +122,7 @@ def _save_runtime(out: Path, model: Any, applied: list[Any], workload: dict[str,
     try:
         check_fields(options, entry.fields, entry.required, "runtime.options", entry.attr)
     except LoadError as exc:
-        raise OptistackError(f"cannot save: {exc} (update the schema in core/load_registry.py)") from None
+        raise OptistackError(f"cannot save: {exc} (update the schema its class registers with core.load_registry)") from None
     out = _folder(out)
     written = model.save_to(str(out))
     files = [written] if isinstance(written, str) else list(written)

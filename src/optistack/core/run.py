@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .errors import OptistackError, PassApplyError, PreconditionError
@@ -21,33 +20,6 @@ from .instrument import RunState, notify
 from .modeling import device_type as device_of  # noqa: F401  (wiring and search import it from here)
 from .outcome import APPLIED, FAILED, NOTHING_TO_CHANGE, REJECTED, SKIPPED, Outcome, Reject
 from .pass_protocol import COMPILED, MODULE, config_of, form_after, pass_text
-
-
-@dataclass
-class RunResult:
-    model: Any  # the last accepted model, callable like the original
-    report: Any  # bench.report.Report
-    original: Any  # the untouched original model
-    pipeline: Any
-
-    def _repr_html_(self) -> str:
-        return self.report._repr_html_()
-
-    def save(self, path: Any) -> Any:
-        """Write the optimized model (safetensors + manifest, no pickle); `optistack.load_model(path)` reads it."""
-        from .persist import save_model
-
-        return save_model(path, self.model, self.original, self.report.steps, self.report.workload)
-
-    def save_pretrained(self, path: Any, **options: Any) -> Any:
-        """Write the model as a Hugging Face folder that transformers and vLLM load (compressed-tensors
-        for int4/int8/fp8 weights, plain otherwise; tokenizer beside); see optistack.checkpoints."""
-        from ..checkpoints import save_pretrained
-
-        return save_pretrained(path, self, **options)
-
-    def __repr__(self) -> str:
-        return f"<RunResult pipeline={str(self.pipeline)!r} final_speedup={self.report.final_speedup}>"
 
 
 def private_copy(model: Any, form: str) -> Any:
@@ -213,17 +185,18 @@ class Runner:
         self.finish(state)
 
 
-_default_wiring: Callable[..., RunResult] | None = None
+_default_wiring: Callable[..., Any] | None = None
 
 
-def set_default_wiring(fn: Callable[..., RunResult]) -> None:
+def set_default_wiring(fn: Callable[..., Any]) -> None:
     """Called by the API layer: how `Pipeline.run` finds workloads, default instruments and the report."""
     global _default_wiring
     _default_wiring = fn
 
 
-def run_pipeline(pipeline: Any, workload: Any, **options: Any) -> RunResult:
-    """`pipeline` on `workload` with the default wiring (`optistack.wiring.run_pipeline`)."""
+def run_pipeline(pipeline: Any, workload: Any, **options: Any) -> Any:
+    """`pipeline` on `workload` with the default wiring (`optistack.wiring.run_pipeline`): a
+    `wiring.RunResult`."""
     if _default_wiring is None:
         raise OptistackError("no run wiring installed: import optistack (the package sets it up)")
     return _default_wiring(pipeline, workload, **options)

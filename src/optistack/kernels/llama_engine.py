@@ -26,11 +26,11 @@ UNIT = 64  # input channels per scale unit of the engine layout
 
 def _int4_parts(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
     """(codes uint8 [N, K], scale, zero float32 [N, K/g], g) of an int4 layer, or None for another kind."""
-    from ..passes.quant.int4_linear import Int4Linear
+    from ..layers.int4 import Int4Linear
     from .modules import FusedInt4Linear
 
     if isinstance(lin, Int4Linear):
-        from ..passes.kernels.fuse import int4_parts
+        from ..layers.int4 import int4_parts
 
         codes, scale, zero = int4_parts(lin)
         return codes[:, : lin.in_features], scale, zero, lin.group_size
@@ -44,7 +44,7 @@ def _int4_parts(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def _projection_reason(name: str, lin: Any) -> str | None:
-    from ..passes.quant.int4_linear import Int4Linear
+    from ..layers.int4 import Int4Linear
     from .modules import FusedInt4Linear
 
     if isinstance(lin, Int4Linear) or (isinstance(lin, FusedInt4Linear) and lin.backend == "cpu-cpp"):
@@ -118,7 +118,7 @@ def _norm(m: nn.Module) -> tuple[torch.Tensor, float]:
 
 
 def _head(model: Any) -> list[torch.Tensor]:
-    from ..passes.quant.head import Int8Linear
+    from ..layers.int8 import Int8Linear
 
     head = model.get_output_embeddings()
     if isinstance(head, Int8Linear):
@@ -213,7 +213,7 @@ class EngineWeights:
         why = unsupported(model)
         if why:
             raise ValueError(why)
-        from ..passes.quant.head import Int8Linear
+        from ..layers.int8 import Int8Linear
 
         config, inner = model.config, model.model
         hq = config.num_attention_heads

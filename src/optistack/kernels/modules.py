@@ -2,8 +2,9 @@
 
 `backend` names a module with the reference.py API: "cpu-cpp" (cpu.py), "triton" (triton/),
 "cuda" (cuda.py) or "torch" (reference.py). All three modules save and load through optistack's
-persist (`optistack_spec` / `from_optistack_spec`); the int4 layout is the backend's own, so the
-spec records the buffers' shapes and dtypes and a load rebuilds them empty before the state dict.
+persist (`optistack_spec` / `from_optistack_spec`, registered with core.load_registry below); the int4
+layout is the backend's own, so the spec records the buffers' shapes and dtypes and a load rebuilds
+them empty before the state dict.
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.load_registry import FEATURES, LINEAR_FIELDS, register_module, required_keys
+from ..core.load_schema import choice, dtype_name, integer, number, optional, record, short, text
+from ..core.load_schema import shape as shape_check
 from .backend import BACKENDS as BACKEND_MODULES
 
 _loaded: dict[str, Any] = {}
@@ -173,3 +177,38 @@ def _linear_from_spec(spec: dict) -> nn.Module:
     if spec.pop("kind") == "int4":
         return FusedInt4Linear.from_optistack_spec(spec)
     return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], dtype=getattr(torch, spec["dtype"]))
+
+
+_BACKEND = choice(*BACKEND_MODULES)
+_FLOAT_DTYPE = choice("float32", "float16", "bfloat16", "float64")
+
+
+def _buffers(v: Any) -> str | None:
+    if type(v) is not dict or not 0 < len(v) <= 16:
+        return f"must be an object of 1..16 packed buffers, got {short(v)}"
+    for key, entry in v.items():
+        if type(key) is not str or not key.isidentifier():
+            return f"buffer name {short(key)} must be an identifier"
+        if type(entry) is not list or len(entry) != 2 or shape_check(entry[0]) or dtype_name(entry[1]):
+            return f"buffer {key!r} must be [shape, dtype name], got {short(entry)}"
+    return None
+
+
+_FUSED_INT4 = {**LINEAR_FIELDS, "group_size": integer(1, 1 << 20), "packed_k": FEATURES, "backend": _BACKEND,
+               "layout": optional(text(128)), "buffers": _buffers}
+_FUSED_LINEAR = {**LINEAR_FIELDS, "dtype": _FLOAT_DTYPE}
+
+
+def _fused_projection(v: Any) -> str | None:
+    kind = v.get("kind") if type(v) is dict else None
+    if kind == "int4":
+        return record({"kind": choice("int4"), **_FUSED_INT4}, required_keys(_FUSED_INT4, ("layout",)))(v)
+    if kind == "linear":
+        return record({"kind": choice("linear"), **_FUSED_LINEAR}, required_keys(_FUSED_LINEAR))(v)
+    return f"must be a projection spec with kind 'int4' or 'linear', got {short(v)}"
+
+
+register_module(FusedRMSNorm, {"hidden_size": FEATURES, "eps": number(0.0, 1.0), "backend": _BACKEND,
+                               "dtype": _FLOAT_DTYPE})
+register_module(FusedInt4Linear, _FUSED_INT4, optional_keys=("layout",))
+register_module(FusedGatedMLP, {"backend": _BACKEND, "gate_up": _fused_projection, "down": _fused_projection})

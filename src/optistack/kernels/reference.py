@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_MID = 8  # int4 middle code: w = (q - 8) * scale + zero (optistack.passes.quant.int4's convention)
+from ..layers.int8 import int8_matmul_reference
+
+_MID = 8  # int4 middle code: w = (q - 8) * scale + zero (optistack.layers.int4_grid's convention)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -73,7 +75,6 @@ def available():
 
 
 def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x @ w.T with w = qweight * scale[:, None] (int8 [N, K], one scale per output row), in float32,
-    cast to x.dtype. (The cpu-cpp kernel also rounds x to 15 bits per row; see int8_gemm.cpp.)"""
-    w = qweight.float() * scale.float().unsqueeze(1)
-    return F.linear(x.float(), w.to(x.device)).to(x.dtype)
+    """x @ w.T with w = qweight * scale[:, None] (int8 [N, K], one scale per output row): the int8
+    layer's own reference (optistack.layers.int8)."""
+    return int8_matmul_reference(x, qweight, scale)

@@ -12,13 +12,13 @@ import time
 from typing import Any, Callable, Sequence
 
 from ..core.errors import OptistackError
+from ..wiring import resolve_workload
 from .executors import make_executor
 from .objective import check_objective, parse_budget
 from .propose import WAIT, make_proposer
 from .result import SearchResult
 from .space import SearchSpace, parse_candidates
 from .store import TrialRecord, TrialStore
-from .trial import resolve_workload
 
 DEFAULT_MAX_LENGTH = 3
 

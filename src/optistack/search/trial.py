@@ -23,6 +23,7 @@ from ..core.deprecation import renamed
 from ..core.instrument import RunState
 from ..core.pass_protocol import MODULE, PassContext, pass_text
 from ..core.run import Runner, device_of
+from ..wiring import resolve_workload
 from .store import TrialRecord
 
 
@@ -42,21 +43,6 @@ _RENAMED = {"NoGate": "NoLock"}  # names from before the timing lock was called 
 
 
 __getattr__ = renamed(__name__, _RENAMED, lambda new: globals()[new], " (a timing lock, not a gate)")
-
-
-def resolve_workload(spec: Any) -> Any:
-    """A workload from its name, itself, or a picklable zero-argument factory."""
-    from ..core.errors import WorkloadError
-    from ..workloads import load
-
-    if isinstance(spec, str):
-        return load(spec)
-    if all(hasattr(spec, attr) for attr in ("run", "evaluate", "model")):
-        return spec
-    if callable(spec):
-        return resolve_workload(spec())
-    raise WorkloadError(f"search needs a workload name, a workload object or a factory returning one; "
-                        f"got {type(spec).__name__}")
 
 
 @dataclass

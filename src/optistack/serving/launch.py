@@ -86,8 +86,8 @@ def load_folder(path: str | Path) -> tuple[Any, dict[str, Any] | None]:
     from ..core.checksums import MANIFEST
 
     if (folder / MANIFEST).is_file():
+        from ..checkpoints.loadables import load_model
         from ..core.checksums import read_manifest
-        from ..core.loading import load_model
 
         model = load_model(folder)
         workload = read_manifest(Path(os.path.realpath(folder))).get("workload")

@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..core.errors import WorkloadError
+from ..core.modeling import Inputs
 from ..core.registry import get_workload_factory, workload_names
-from .base import Inputs, Metric, Workload
+from ..core.workload import Metric, Workload
 
 __all__ = ["GenericWorkload", "Inputs", "Metric", "Workload", "load", "names"]
 

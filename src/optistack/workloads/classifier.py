@@ -17,8 +17,8 @@ from typing import Any, Iterable
 import torch
 
 from ..core.errors import WorkloadError
-from ..core.modeling import model_device, output_field, to_device
-from .base import Inputs, Metric
+from ..core.modeling import Inputs, model_device, output_field, to_device
+from ..core.workload import Metric
 from .data_files import DataRecords, describe_split, split_records
 from .loaders import count_params
 

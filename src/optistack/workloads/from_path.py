@@ -151,7 +151,7 @@ def _from_factory(spec: str, data: Any, task: str | None, options: dict[str, Any
 
 
 def _workload_of(made: Any, spec: str, options: dict[str, Any]) -> Any:
-    from .base import Workload
+    from ..core.workload import Workload
     from .generic import GenericWorkload
 
     if isinstance(made, Workload):

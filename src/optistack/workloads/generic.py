@@ -20,8 +20,9 @@ import torch
 from ..core.errors import WorkloadError
 
 # normalize_inputs and flatten_outputs moved to core.modeling (passes use them too); re-exported here
-from ..core.modeling import flatten_outputs, model_device, normalize_inputs, to_device  # noqa: F401
-from .base import Inputs, Metric, batch_digest, vary_inputs
+from ..core.modeling import Inputs, flatten_outputs, model_device, normalize_inputs, to_device  # noqa: F401
+from ..core.workload import Metric, batch_digest
+from .base import vary_inputs
 
 
 class GenericWorkload:

@@ -33,9 +33,9 @@ import torch
 
 from ..core.errors import WorkloadError
 from ..core.hooks import PREPARE_CONTEXT_ATTR, PREPARE_MS_ATTR
-from ..core.modeling import model_device, to_device
+from ..core.modeling import Inputs, model_device, to_device
+from ..core.workload import Metric
 from ..generation import greedy_decode, percentile
-from .base import Inputs, Metric
 from .loaders import SMOLLM2_ID, count_params, load_smollm2
 
 FACTS_FILE = Path(__file__).parent / "data" / "longqa_facts.txt"

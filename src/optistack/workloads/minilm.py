@@ -19,8 +19,8 @@ from typing import Any, Iterable
 import torch
 
 from ..core.errors import WorkloadError
-from ..core.modeling import model_device, output_field, to_device
-from .base import Inputs, Metric
+from ..core.modeling import Inputs, model_device, output_field, to_device
+from ..core.workload import Metric
 from .loaders import MINILM_ID, count_params, load_minilm
 
 

@@ -19,9 +19,9 @@ from typing import Any, Iterable
 import torch
 
 from ..core.errors import WorkloadError
-from ..core.modeling import model_device, to_device
+from ..core.modeling import Inputs, model_device, to_device
+from ..core.workload import Metric
 from ..generation import CacheUnsupportedError, generation_measurements, logits_of
-from .base import Inputs, Metric
 from .loaders import SMOLLM2_ID, count_params, load_smollm2
 
 _SEP = "\n\n"

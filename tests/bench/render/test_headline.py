@@ -116,7 +116,7 @@ class TinyCausalLM:
     def __init__(self) -> None:
         from tiny_models import tiny_llama
 
-        from optistack.workloads.base import Metric
+        from optistack.core.workload import Metric
 
         self.metric = Metric("perplexity", higher_is_better=False)
         self.model = tiny_llama(vocab_size=128)

@@ -96,7 +96,8 @@ def test_options_are_checked():
 
 @needs_engine
 def test_a_saved_model_gets_its_engine_back_on_load(tmp_path):
-    from optistack.core.persist import load_model, save_model
+    from optistack.checkpoints.loadables import load_model
+    from optistack.core.persist import save_model
 
     original = tiny_llama(1)
     quant = apply(original, "rtn-int4").model

@@ -9,8 +9,8 @@ from optistack.core.errors import PassConfigError
 from optistack.core.pass_protocol import PassContext
 from optistack.kernels import cpu
 from optistack.kernels.modules import FusedGatedMLP, FusedInt4Linear, FusedRMSNorm
+from optistack.layers.int4 import Int4Linear
 from optistack.passes.kernels.fuse import FuseKernelsPass
-from optistack.passes.quant.int4_linear import Int4Linear
 from tests.tiny_models import tiny_llama
 
 needs_cpp = pytest.mark.skipif(not cpu.available(), reason=f"cpu-cpp unavailable: {cpu.available().reason}")
@@ -81,7 +81,7 @@ def test_bad_options_and_nothing_to_fuse():
 
 
 def test_fp8_linears_are_left_with_a_reason():
-    from optistack.passes.quant.fp8 import Fp8Linear
+    from optistack.layers.fp8 import Fp8Linear
 
     model = torch.nn.Sequential(Fp8Linear.from_linear(torch.nn.Linear(32, 32)))
     res = FuseKernelsPass(patterns="fp8", backend="torch").apply(model, PassContext())
@@ -93,7 +93,8 @@ def test_fp8_linears_are_left_with_a_reason():
 def test_save_and_load_roundtrip(tmp_path):
     model = int4_llama()
     fused = FuseKernelsPass().apply(copy.deepcopy(model), PassContext()).model
-    from optistack.core.persist import load_model, save_model
+    from optistack.checkpoints.loadables import load_model
+    from optistack.core.persist import save_model
 
     class Step:
         status, pass_name, text, info = "applied", "fuse-kernels", "fuse-kernels", {}

@@ -12,9 +12,9 @@ from torch import nn
 from optistack.core.errors import PassConfigError, PreconditionError
 from optistack.core.pass_protocol import PassContext
 from optistack.core.pipeline import Pipeline
+from optistack.layers.int4 import Int4Linear
 from optistack.passes.quant.awq import AwqPass
 from optistack.passes.quant.awq_search import fold_scale, llama_groups
-from optistack.passes.quant.int4_linear import Int4Linear
 from optistack.passes.quant.rtn import RtnInt4Pass
 
 VOCAB = 128

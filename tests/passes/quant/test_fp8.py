@@ -14,7 +14,8 @@ from optistack.bench.memory import model_bytes
 from optistack.core.errors import PassApplyError, PassConfigError
 from optistack.core.pass_protocol import PassContext
 from optistack.core.syntax import parse_pipeline_text
-from optistack.passes.quant.fp8 import E4M3, Fp8Linear, Fp8Pass
+from optistack.layers.fp8 import E4M3, Fp8Linear
+from optistack.passes.quant.fp8 import Fp8Pass
 from optistack.testing import sqnr
 
 CTX = PassContext()

@@ -10,8 +10,9 @@ from torch import nn
 from optistack.core.errors import PassConfigError
 from optistack.core.pass_protocol import PassContext
 from optistack.core.syntax import parse_pipeline_text
-from optistack.passes.quant.head import Int8Linear, find_head, quantize_head
-from optistack.passes.quant.int4_linear import Int4Linear
+from optistack.layers.int4 import Int4Linear
+from optistack.layers.int8 import Int8Linear
+from optistack.passes.quant.head import find_head, quantize_head
 from optistack.passes.quant.rtn import RtnInt4Pass
 from optistack.testing import sqnr, tiny_llama
 
@@ -80,7 +81,8 @@ def test_a_head_the_skip_pattern_let_through_is_left_to_the_body_pass():
 
 
 def test_int8_head_saves_and_loads(tmp_path):
-    from optistack.core.persist import load_model, save_model
+    from optistack.checkpoints.loadables import load_model
+    from optistack.core.persist import save_model
 
     model = tiny_llama(vocab_size=128, tie_word_embeddings=True)
     q = RtnInt4Pass(group_size=32, head="int8").apply(copy.deepcopy(model), CTX).model

@@ -8,18 +8,8 @@ import torch
 from torch import nn
 
 from optistack.bench.memory import model_bytes
-from optistack.passes.quant.int4_linear import (
-    CPU_KERNEL,
-    CUDA_KERNEL,
-    DEQUANT,
-    Int4Linear,
-    choose_kernel,
-    dequantize,
-    fake_quantize,
-    padded_size,
-    param_dtype_for,
-    quantize,
-)
+from optistack.layers.int4 import CPU_KERNEL, CUDA_KERNEL, DEQUANT, Int4Linear, choose_kernel, param_dtype_for
+from optistack.layers.int4_grid import dequantize, fake_quantize, padded_size, quantize
 
 
 def seeded_linear(k: int, n: int, bias: bool = True, seed: int = 0) -> nn.Linear:
@@ -207,7 +197,7 @@ def test_fused_int4_linear_weight_matches_the_int4_layer():
 
 
 def test_int8_head_linear_weight_is_dequantized_and_read_only():
-    from optistack.passes.quant.head import Int8Linear
+    from optistack.layers.int8 import Int8Linear
 
     lin = seeded_linear(64, 32)
     head = Int8Linear.from_linear(lin)
@@ -221,7 +211,7 @@ def test_int8_head_linear_weight_is_dequantized_and_read_only():
 def test_float_zero_grid_is_never_worse_than_the_integer_one(k, group):
     """zero_point="float" keeps each group's own offset: every weight within half a step (no extra
     clipping at the extremes), and a lower total error than the whole-step grid."""
-    from optistack.passes.quant.int4_linear import FLOAT_ZERO
+    from optistack.layers.int4_grid import FLOAT_ZERO
 
     torch.manual_seed(3)
     w = torch.randn(48, k) * torch.rand(48, 1) * 3 + torch.rand(48, 1)  # off-centre groups
@@ -243,26 +233,22 @@ def test_zero_grid_option_reaches_the_quantizer():
     assert Pipeline.parse("rtn-int4{zero_point=false,zero_grid=float}").passes[0].config.zero_mode is False
 
 
-def test_the_old_module_path_is_a_deprecated_alias_that_warns():
+def test_the_old_module_paths_are_gone():
+    """The layer moved to optistack.layers; no module shim is left in passes (old saves load by name, below)."""
     import importlib
-    import sys
 
-    import optistack.passes.quant as quant_pkg
-
-    sys.modules.pop("optistack.passes.quant.int4", None)
-    quant_pkg.__dict__.pop("int4", None)
-    with pytest.warns(DeprecationWarning, match="int4_linear"):
-        old = importlib.import_module("optistack.passes.quant.int4")
-    assert old.Int4Linear is Int4Linear and old.quantize is quantize
+    for old in ("optistack.passes.quant.int4", "optistack.passes.quant.int4_linear"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(old)
 
 
-def test_a_folder_saved_under_the_old_class_path_still_loads(tmp_path):
-    """New saves name `int4_linear:Int4Linear`; a manifest naming the old `int4:Int4Linear` loads too."""
+@pytest.mark.parametrize("old", ["optistack.passes.quant.int4:Int4Linear", "optistack.passes.quant.int4_linear:Int4Linear"])
+def test_a_folder_saved_under_an_old_class_path_still_loads(tmp_path, old):
+    """New saves name `optistack.layers.int4:Int4Linear`; manifests naming the layer's old homes load too."""
     import json
 
     import optistack as ost
     from optistack.core.checksums import write_manifest
-    from optistack.core.persist import load_model
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
@@ -271,12 +257,12 @@ def test_a_folder_saved_under_the_old_class_path_still_loads(tmp_path):
         ost.workloads.GenericWorkload(model, x), instruments=[], verbose=False)
     result.save(tmp_path)
     manifest = json.loads((tmp_path / "optistack.json").read_text())
-    assert {e["class"] for e in manifest["replaced"].values()} == {"optistack.passes.quant.int4_linear:Int4Linear"}
+    assert {e["class"] for e in manifest["replaced"].values()} == {"optistack.layers.int4:Int4Linear"}
     for entry in manifest["replaced"].values():
-        entry["class"] = "optistack.passes.quant.int4:Int4Linear"
+        entry["class"] = old
     files = list(manifest.pop("integrity")["files"])
     write_manifest(tmp_path, manifest, files)
     fresh = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
-    loaded = load_model(tmp_path, model=fresh)
+    loaded = ost.load_model(tmp_path, model=fresh)
     assert type(loaded[0]) is Int4Linear
     assert torch.equal(loaded(x), result.model(x))

@@ -13,7 +13,7 @@ from optistack.core.pass_protocol import PassContext
 from optistack.core.pipeline import Pipeline
 from optistack.core.syntax import parse_pipeline_text
 from optistack.generation import greedy_decode
-from optistack.passes.quant.int4_linear import Int4Linear
+from optistack.layers.int4 import Int4Linear
 from optistack.passes.quant.rtn import RtnInt4Pass
 from optistack.testing import sqnr
 from optistack.testing import tiny_llama as _tiny_llama
@@ -100,7 +100,8 @@ def test_text_form_round_trips():
 
 def test_saved_model_loads_back_bit_identical(tmp_path):
     from optistack.bench.report import Step
-    from optistack.core.persist import load_model, save_model
+    from optistack.checkpoints.loadables import load_model
+    from optistack.core.persist import save_model
 
     model = tiny_llama()
     p = RtnInt4Pass(group_size=32)

@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional
 
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError, closest
+from ...core.load_registry import register_reapply
+from ...core.load_schema import choice
 from ...core.pass_protocol import COMPILED, MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability
 
@@ -134,3 +136,6 @@ class CompilePass(ConfiguredPass):
 
         # a decode strategy's generate() on the module decodes through the compiled wrapper (the compiled step)
         return PassResult(carry_generate(compiled), modified=True, info=info)
+
+
+register_reapply(CompilePass, {"backend": choice("inductor", "eager", "aot_eager")})

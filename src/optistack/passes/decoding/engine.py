@@ -11,6 +11,14 @@ The prompt (time to first token) runs where it is fastest: `prefill=auto` gives 
 AMX tiles where the CPU has them and the activations are int8, else to the model's own forward (its
 batched kernels), whose cache is copied into the engine; `model` and `engine` force one.
 
+With int8 activations the int4 unit scales and zero terms are stored in float16 (`scales`; a projection
+whose scales float16 cannot hold within 1% of a quantization step keeps float32): a tenth fewer bytes a
+decode step streams. The exact mode keeps float32, the model's own weights.
+
+The KV cache is float16 (float32 in the exact mode); `kv=int8` holds each key and value as int8 codes
+with one scale per position and head: ~0.53x float16's bytes, so a server holds about twice the
+requests (or contexts) in the same memory.
+
 Numerics: the int4 projections take int8 activations (per 64 channels, as llama.cpp's Q8 blocks; or
 int16 with `act=int16`: twice the dot-product work, 15 significant bits like the model's own kernel, the
 exact mode), the head int16 ones (as the int8 head); everything else is float32. So with int8 the tokens
@@ -36,6 +44,7 @@ import torch
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
 from ...core.hooks import DECODE_ATTR
+from ...core.load_registry import register_reapply
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, need_packages
 from ...generation import greedy_decode, install_generate
@@ -47,6 +56,12 @@ from .engine_strategy import LENGTH_BUCKET, EngineDecode, EngineSession  # noqa:
 class DecodeEngineConfig(PassConfig):
     act: Literal["int8", "int16"] = "int8"  # the int4 projections' activations: int8 (fast) or int16 (exact)
     prefill: Literal["auto", "model", "engine"] = "auto"  # who runs the prompt (see the module docstring)
+    # the KV cache: auto = float16 (float32 with act=int16); int8 = one scale per position and head, about half
+    # float16's bytes (twice the requests in the same memory; measured cost in docs/decoding.md)
+    kv: Literal["auto", "float16", "float32", "int8"] = "auto"
+    # the int4 unit scales and zero terms: auto = float16 with act=int8 (36 bytes a 64-weight unit instead of 40,
+    # each weight within 1% of a quantization step), float32 with act=int16 (the model's own weights, exactly)
+    scales: Literal["auto", "float16", "float32"] = "auto"
     check_prompts: int = 2
     check_tokens: int = 32
     min_agreement: float = 0.9
@@ -85,14 +100,17 @@ class DecodeEnginePass(ConfiguredPass):
         if why:
             return PassResult(model, modified=False, info={"reason": why})
         start = time.perf_counter()
-        weights = EngineWeights.from_model(_unwrap(model))
+        scales = cfg.scales if cfg.scales != "auto" else ("float16" if cfg.act == "int8" else "float32")
+        weights = EngineWeights.from_model(_unwrap(model), scales=scales)
         prefill = cfg.prefill
         if prefill == "auto":
             from ...kernels import cpu
 
             prefill = "engine" if cfg.act == "int8" and cpu.lib().amx_supported() else "model"
-        decoder = EngineDecode(weights, 16 if cfg.act == "int16" else 8, prefill)
-        info: dict[str, Any] = {"act": cfg.act, "prefill": prefill, "build_s": round(time.perf_counter() - start, 3),
+        decoder = EngineDecode(weights, 16 if cfg.act == "int16" else 8, prefill, None if cfg.kv == "auto" else cfg.kv)
+        info: dict[str, Any] = {"act": cfg.act, "prefill": prefill, "kv_cache": decoder.kv, "scales": scales,
+                                "weight_mb": round(weights.nbytes / 2**20, 1),
+                                "build_s": round(time.perf_counter() - start, 3),
                                 "threads": torch.get_num_threads(),
                                 "head": "int8 (quantized by this pass)" if weights.head_quantized_here else "int8"}
         prompts = check_prompts(ctx, cfg.check_prompts, weights.dims.vocab) if cfg.check_prompts else []
@@ -110,3 +128,6 @@ class DecodeEnginePass(ConfiguredPass):
         object.__setattr__(model, DECODE_ATTR, decoder)
         install_generate(model)  # the user's generate() decodes on the engine (generation/hf_generate.py)
         return PassResult(model, modified=True, info=info)
+
+
+register_reapply(DecodeEnginePass)  # numbers only, checked by its config; the engine is rebuilt from the loaded weights

@@ -29,6 +29,7 @@ import torch
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
 from ...core.hooks import CACHE_ATTR
+from ...core.load_registry import register_reapply
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, need_packages
 from ...generation import install_generate
@@ -217,3 +218,6 @@ class KvCachePass(ConfiguredPass):
             info["max_cache_len"] = cfg.max_cache_len
         install_generate(model)  # the user's generate() decodes on this cache (generation/hf_generate.py)
         return PassResult(model, modified=True, info=info)
+
+
+register_reapply(KvCachePass)

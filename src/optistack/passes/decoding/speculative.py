@@ -32,6 +32,7 @@ import torch
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
 from ...core.hooks import CACHE_ATTR, DECODE_ATTR
+from ...core.load_registry import register_reapply
 from ...core.modeling import unwrap_compiled
 from ...core.pass_protocol import COMPILED, MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, need_packages
@@ -257,3 +258,11 @@ class SpeculativePass(ConfiguredPass):
             raise
         install_generate(model)  # the user's generate() speculates too (generation/hf_generate.py)
         return PassResult(model, modified=True, info=info)
+
+
+def _no_draft(v: Any) -> str | None:
+    return None if v is None else ("a draft model path is not followed from a saved folder; "
+                                   "apply speculative{draft=...} after loading")
+
+
+register_reapply(SpeculativePass, {"draft": _no_draft})

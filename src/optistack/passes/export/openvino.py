@@ -21,8 +21,11 @@ from typing import Any, Literal
 
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
+from ...core.load_registry import register_runtime
+from ...core.load_schema import boolean, choice, integer
 from ...core.pass_protocol import ENGINE, MODULE, ONNX, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, all_of, need_packages
+from .graph_files import ir_references
 from .onnx import _first_lines, check_against, example_inputs, hf_export_kwargs
 
 _PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
@@ -244,3 +247,7 @@ class OpenVINOPass(ConfiguredPass):
         info.update(engine.runtime_facts())
         info["weight_bytes"] = engine.model_bytes()
         return PassResult(engine, modified=True, info=info)
+
+
+register_runtime(OvModel, {"precision": choice(*_PRECISIONS), "threads": integer(0, 4096),
+                           "hint": choice("latency", "throughput"), "pinning": boolean}, references=ir_references)

@@ -19,6 +19,10 @@ from typing import Any
 
 import torch
 
+from ...core.load_registry import register_runtime
+from ...core.load_schema import boolean, choice, integer, scalar_map
+from .graph_files import onnx_references
+
 _NP_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
     "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(int8)": "int8",
@@ -26,7 +30,7 @@ _NP_TYPES = {
 }
 
 
-# What `session_options` writes and `load_from` takes back (core/load_registry.py checks their values)
+# What `session_options` writes and `load_from` takes back (the schema registered below checks their values)
 _LOADED_OPTIONS = ("intra_op_threads", "inter_op_threads", "execution_mode", "graph_optimization", "spin", "provider",
                    "meta")
 
@@ -224,3 +228,12 @@ def one_onnxruntime() -> "Any":
                                "pip uninstall -y onnxruntime onnxruntime-gpu, then install one: "
                                "'optistack[onnx]' (CPU) or 'optistack[gpu]'")
     return Availability.yes()
+
+
+# Options an OrtModel is rebuilt with. Deliberately absent: `optimized_model_path` (ONNX Runtime
+# would write the optimized graph there), `providers`, `keepalive`, `path`.
+register_runtime(OrtModel, {
+    "intra_op_threads": integer(0, 4096), "inter_op_threads": integer(0, 4096),
+    "execution_mode": choice("sequential", "parallel"), "graph_optimization": choice("disable", "basic", "extended", "all"),
+    "spin": boolean, "provider": choice("auto", "cpu", "cuda", "tensorrt"), "meta": scalar_map()},
+    references=onnx_references)

@@ -25,8 +25,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+from ...core import load_schema
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
+from ...core.load_registry import register_runtime
 from ...core.pass_protocol import ENGINE, ONNX, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, all_of, need_cuda, need_packages
 from .onnx import _first_lines, check_against, example_inputs
@@ -246,3 +248,6 @@ def _torch_dtype(trt_dtype: Any) -> Any:
         if hasattr(trt, name):
             table[getattr(trt, name)] = dtype
     return table[trt_dtype]
+
+
+register_runtime(EngineModel, {"output_names": load_schema.list_of(load_schema.text(1024), 4096)}, required=("output_names",))

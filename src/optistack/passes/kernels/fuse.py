@@ -6,7 +6,7 @@ Patterns (option `patterns`, any of rmsnorm,swiglu,int4,fp8):
 - swiglu: modules with `gate_proj`, `up_proj`, `down_proj` and a SiLU `act_fn` (LlamaMLP) whose gate and
   up projections are the same kind (both float nn.Linear of one dtype, or both Int4Linear with one
   group size) -> `FusedGatedMLP`: gate and up concatenated into one projection, then fused SwiGLU.
-- int4: `optistack.passes.quant.int4.Int4Linear` -> `FusedInt4Linear` in the backend's own layout.
+- int4: `optistack.layers.int4.Int4Linear` -> `FusedInt4Linear` in the backend's own layout.
 - fp8: `Fp8Linear`s are left as they are on every backend here: the CPU has no fp8 kernel faster than
   the emulation, and the Triton fp8 matmul is not wired into a module yet.
 
@@ -28,6 +28,8 @@ from ...core.modeling import model_device as core_model_device
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability
 from ...kernels.modules import BACKEND_MODULES, FusedGatedMLP, FusedInt4Linear, FusedRMSNorm, backend_module
+from ...layers.fp8 import Fp8Linear
+from ...layers.int4 import Int4Linear, int4_parts
 from ..linears import set_module
 
 PATTERNS = ("rmsnorm", "swiglu", "int4", "fp8")
@@ -99,8 +101,6 @@ def _is_silu(act: Any) -> bool:
 
 def gated_mlp_kind(m: nn.Module) -> str | None:
     """"float" / "int4" when `m` is a SiLU-gated MLP whose gate and up can be concatenated, else None."""
-    from ..quant.int4_linear import Int4Linear
-
     gate, up, down = (getattr(m, a, None) for a in ("gate_proj", "up_proj", "down_proj"))
     if gate is None or up is None or down is None or not _is_silu(getattr(m, "act_fn", None)):
         return None
@@ -111,20 +111,6 @@ def gated_mlp_kind(m: nn.Module) -> str | None:
             and gate.in_features == up.in_features and gate.out_features == up.out_features:
         return "int4"
     return None
-
-
-def int4_parts(lin: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes uint8 [N, Kp], scale, zero [N, Kp/g] float32) of an Int4Linear, whatever its kernel."""
-    sz = lin.scales_and_zeros.float()
-    scale, zero = sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous()
-    try:
-        codes = lin.codes()
-    except NotImplementedError:  # CUDA tile layout: codes from the exact dequantized values
-        w = torch.nn.functional.pad(lin.dequantized_weight(), (0, lin.padded_in_features - lin.in_features))
-        g = lin.group_size
-        q = (w.reshape(w.shape[0], -1, g) - zero[..., None]) / scale[..., None] + 8
-        codes = q.round().clamp(0, 15).to(torch.uint8).reshape(w.shape)
-    return codes, scale, zero
 
 
 def int4_supported(lin: Any, backend: str) -> bool:
@@ -153,17 +139,9 @@ def fused_mlp(m: nn.Module, kind: str, backend: str) -> FusedGatedMLP:
         gate_up = FusedInt4Linear.from_parts(torch.cat([cg, cu]), torch.cat([sg, su]), torch.cat([zg, zu]),
                                              gate.group_size, gate.in_features, bias, backend)
     down = m.down_proj
-    if int4_linear_type() is not None and isinstance(down, int4_linear_type()) and int4_supported(down, backend):
+    if isinstance(down, Int4Linear) and int4_supported(down, backend):
         down = fused_int4(down, backend)
     return FusedGatedMLP(gate_up, down, backend)
-
-
-def int4_linear_type() -> type | None:
-    try:
-        from ..quant.int4_linear import Int4Linear
-    except ImportError:
-        return None
-    return Int4Linear
 
 
 class FuseKernelsPass(ConfiguredPass):
@@ -211,9 +189,6 @@ class FuseKernelsPass(ConfiguredPass):
 
     @staticmethod
     def _find(model: nn.Module, patterns: set[str]) -> dict[str, dict[str, Any]]:
-        from ..quant.fp8 import Fp8Linear
-
-        int4_type = int4_linear_type()
         found: dict[str, dict[str, Any]] = {p: {} for p in PATTERNS}
         inside_mlp: set[str] = set()
         for name, m in model.named_modules():
@@ -224,7 +199,7 @@ class FuseKernelsPass(ConfiguredPass):
             elif "swiglu" in patterns and gated_mlp_kind(m) in ({"float", "int4"} if "int4" in patterns else {"float"}):
                 found["swiglu"][name] = m
                 inside_mlp.add(name)  # its int4 projections are fused as part of it
-            elif "int4" in patterns and int4_type is not None and isinstance(m, int4_type):
+            elif "int4" in patterns and isinstance(m, Int4Linear):
                 found["int4"][name] = m
             elif "fp8" in patterns and isinstance(m, Fp8Linear):
                 found["fp8"][name] = m

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from ...core.config import PassConfig
 from ...core.errors import PassApplyError
+from ...core.load_registry import register_reapply
 from ...core.modeling import device_type
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 
@@ -183,3 +184,6 @@ class CastPass(ConfiguredPass):
             model.register_forward_hook(functools.partial(leave, state), always_call=True)
             info["device_type"] = state.device_type
         return PassResult(model, modified=True, info=info)
+
+
+register_reapply(CastPass)

@@ -10,7 +10,7 @@ Our own implementation of the method (not AutoAWQ's code). For each decoder bloc
    unchanged, search a clipping range per group (`clip`), and swap in `Int4Linear` layers;
 4. run the quantized block to get the next block's inputs.
 
-Details of the search are in `awq_search.py`, storage and kernels in `int4.py`. Which layers share
+Details of the search are in `awq_search.py`, storage and kernels in `optistack.layers.int4`. Which layers share
 an input, per architecture, is the table in `awq_mappings.py` (Llama/Mistral/Qwen2/SmolLM2, Phi-3
 with fused qkv_proj/gate_up_proj, GPT-NeoX, GPT-2 with Conv1D layers, OPT); any other model is left
 unchanged with the reason (`rtn-int4` needs no such table). Linear layers outside the groups (e.g.
@@ -43,6 +43,9 @@ class AwqConfig(Int4Config):
     n_grid: int = 20
     clip: bool = True
     search_samples: int = 8
+    # false: search and fold the scales only, leaving the layers float for a rounding pass after it
+    # (`awq{quantize=false},gptq`: AWQ's scales, GPTQ's rounding)
+    quantize: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -116,10 +119,10 @@ class AwqPass(ConfiguredPass):
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
         import torch
 
+        from ...layers.int4 import choose_kernel, param_dtype_for
         from .awq_mappings import find_mapping, resolve_groups
         from .awq_search import Quantizer, ScaleGroup, awq_layer
         from .head import quantize_head
-        from .int4_linear import choose_kernel, param_dtype_for
 
         start = time.perf_counter()
         cfg = self.config
@@ -149,6 +152,7 @@ class AwqPass(ConfiguredPass):
         grouped: set[str] = set()
         alphas: dict[str, list[float]] = {}
         rtn_mse = awq_mse = 0.0
+        scaled = 0
         with torch.no_grad(), progress_bar(len(blocks), f"{self.name}: calibrating blocks") as advance:
             for block in blocks:
                 groups = [ScaleGroup(g.label, g.prev, g.linears, g.inspect, g.prev_rows)
@@ -162,7 +166,9 @@ class AwqPass(ConfiguredPass):
                 def swap(rel: str, lin: Any, wmin: Any, wmax: Any, block: Any = block, full: dict = full) -> None:
                     swap_to_int4(block, rel, lin, tally, wmin, wmax, label=full[rel])
 
-                report = awq_layer(block, inp, mine, quantizer, cfg.n_grid, cfg.search_samples, swap, groups, no_clip)
+                report = awq_layer(block, inp, mine, quantizer, cfg.n_grid, cfg.search_samples,
+                                   swap if cfg.quantize else None, groups, no_clip)
+                scaled += sum(1 for g in groups if g.prev is not None for rel in g.linears if rel in mine)
                 for label, alpha in report.alphas.items():
                     alphas.setdefault(label, []).append(alpha)
                 rtn_mse += report.rtn_mse
@@ -171,6 +177,9 @@ class AwqPass(ConfiguredPass):
                 inp = with_hidden(inp, out[0] if isinstance(out, (tuple, list)) else out)
                 advance()
             del inp
+            if not cfg.quantize:
+                return PassResult(model, modified=True, info=self._scales_info(
+                    scaled, plan, mapping, ids, alphas, rtn_mse, awq_mse, start))
             modules = dict(model.named_modules())
             for name in [n for n in plan.chosen if n not in grouped]:  # outside the groups: round-to-nearest
                 layer = swap_to_int4(model, name, modules[name], tally)
@@ -178,13 +187,25 @@ class AwqPass(ConfiguredPass):
                     set_module(model, alias, layer)
             head = quantize_head(model, cfg.head, lambda n, lin: swap_to_int4(model, n, lin, tally),
                                  plan.skipped)
-        info = {**tally.info(len(plan.skipped)), **plan.info(), **head}
-        info.update({
+        info = {**tally.info(len(plan.skipped)), **plan.info(), **head,
+                **self._search_info(mapping, ids, alphas, rtn_mse, awq_mse, start)}
+        return PassResult(model, modified=True, info=info)
+
+    def _search_info(self, mapping: Any, ids: Any, alphas: dict[str, list[float]], rtn_mse: float, awq_mse: float,
+                     start: float) -> dict[str, Any]:
+        cfg = self.config
+        return {
             "architecture": mapping.name,
             "calib_samples": int(ids.shape[0]), "calib_seq_len": int(ids.shape[1]), "n_grid": cfg.n_grid,
             "search_samples": min(cfg.search_samples, int(ids.shape[0])),
             "clip": cfg.clip, "block_mse_ratio": round(awq_mse / rtn_mse, 4) if rtn_mse > 0 else 1.0,
             **{f"alpha_{k}": round(sum(v) / len(v), 3) for k, v in alphas.items()},
             "quantize_seconds": round(time.perf_counter() - start, 2),
-        })
-        return PassResult(model, modified=True, info=info)
+        }
+
+    def _scales_info(self, scaled: int, plan: Any, mapping: Any, ids: Any, alphas: dict[str, list[float]],
+                     rtn_mse: float, awq_mse: float, start: float) -> dict[str, Any]:
+        """`quantize=false`: scales folded, every layer still float (`head` is the rounding pass's to apply)."""
+        return {"quantize": False, "layers_scaled": scaled, "layers_skipped": len(plan.skipped),
+                "group_size": self.config.group_size, "zero_point": self.config.zero_mode, **plan.info(),
+                **self._search_info(mapping, ids, alphas, rtn_mse, awq_mse, start)}

@@ -33,8 +33,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ...layers.int4_grid import fake_quantize, fake_quantize_groups, pad_to_groups, qparams
 from ..calibration import input_channel_stats
-from .int4_linear import fake_quantize, fake_quantize_groups, pad_to_groups, qparams
 
 SEARCH_CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6)
 FINAL_CLIP_RATIOS = tuple(1 - i / 20 for i in range(10))
@@ -232,10 +232,11 @@ class LayerReport:
 
 @torch.no_grad()
 def awq_layer(layer: nn.Module, inp: Inputs, quantized: set[str], q: Quantizer, n_grid: int, search_samples: int,
-              swap: Callable[[str, nn.Linear, Any, Any], None], groups: list[ScaleGroup] | None = None,
+              swap: Callable[[str, nn.Linear, Any, Any], None] | None, groups: list[ScaleGroup] | None = None,
               no_clip: NoClip | None = None) -> LayerReport:
     """Search and fold scales for every group of `layer` (default: Llama's), clip, then
-    `swap(name, linear, wmin, wmax)` each quantized linear (names relative to the layer). `inp` is
+    `swap(name, linear, wmin, wmax)` each quantized linear (names relative to the layer); with `swap`
+    None, stop after folding (no final clipping search: the layers stay float). `inp` is
     what the layer is called with, on every calibration sequence: statistics and clipping use all
     of them, the alpha search the first `search_samples`."""
     groups = llama_groups(layer) if groups is None else groups
@@ -272,6 +273,8 @@ def awq_layer(layer: nn.Module, inp: Inputs, quantized: set[str], q: Quantizer, 
         report.rtn_mse += rtn_err
         report.awq_mse += err
         final_moments.update({name: scaled_moments(moments, s) for name in g.linears})
+    if swap is None:
+        return report
     for name in sorted(quantized):
         lin = layer.get_submodule(name)
         wmin = wmax = None

@@ -4,8 +4,9 @@ A small LM streams its head every token, and the head is large: SmolLM2-135M's i
 in float32, more than the whole int4 body (~57 MB). `awq` and `rtn-int4` therefore take
 `head=int8|int4|keep`:
 
-- `int8` (default): symmetric int8 with one float32 scale per output channel (`Int8Linear`): 4x fewer
-  bytes, run by our int8 kernel on CPU (`optistack_cpu::int8_matmul`). Measured on SmolLM2 it moves
+- `int8` (default): symmetric int8 with one float32 scale per output channel (`Int8Linear`,
+  optistack.layers.int8): 4x fewer bytes, run by our int8 kernel on CPU (`optistack_cpu::int8_matmul`,
+  built here when a compiler is found). Measured on SmolLM2 it moves
   perplexity by well under 0.5% (docs/decoding.md).
 - `int4`: the same group-wise round-to-nearest int4 as the body (8x fewer bytes; +8% perplexity on
   SmolLM2).
@@ -24,61 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...layers.int8 import Int8Linear
+
 HEAD_CHOICES = ("int8", "int4", "keep")
 
 
-class Int8Linear(nn.Module):
-    """y = x W^T + b, W = qweight * scale[:, None] (int8 [N, K], float32 scale per output row)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.kernel = _choose_kernel()  # decided once: forward must not probe files (a graph break)
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scale", torch.ones(out_features))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None).to(w.device)
-        new.qweight = torch.round(w / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8).contiguous()
-        new.scale = scale.contiguous()
-        if linear.bias is not None:
-            new.bias = linear.bias.detach().float().clone()
-        return new
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.qweight.float() * self.scale.unsqueeze(1)).to(dtype)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """Read-only dequantized [out, in] weight (the bias dtype, else float32), for model code that reads
-        `layer.weight`; each read dequantizes (see passes/linears.py)."""
-        return self.dequantized_weight(self.bias.dtype if self.bias is not None else torch.float32)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ...kernels import cpu, reference
-
-        if self.kernel == "cpu-cpp" and x.device.type == "cpu":
-            y = cpu.int8_matmul(x, self.qweight, self.scale)
-        else:
-            y = reference.int8_matmul(x, self.qweight, self.scale)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    def optistack_spec(self) -> dict:
-        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
-
-    @classmethod
-    def from_optistack_spec(cls, spec: dict) -> "Int8Linear":
-        return cls(spec["in_features"], spec["out_features"], spec["bias"])
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
-
-
-def _choose_kernel() -> str:
+def int8_kernel() -> str:
     """"cpu-cpp" (our int8 GEMV, built or loaded from the cache now) when it builds here, else "torch"
     (dequantize and multiply: right everywhere, fast nowhere). CUDA inputs always take "torch"."""
     from ...kernels import cpu
@@ -139,7 +91,7 @@ def quantize_head(model: nn.Module, mode: str, swap_int4: Any = None, skipped: A
     tied = embed is not None and getattr(embed, "weight", None) is head.weight
     with torch.no_grad():
         if mode == "int8":
-            set_module(model, name, Int8Linear.from_linear(head))
+            set_module(model, name, Int8Linear.from_linear(head, kernel=int8_kernel()))
         else:
             if swap_int4 is None:
                 raise ValueError("head=int4 needs the calling pass's int4 quantizer")

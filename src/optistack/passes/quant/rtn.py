@@ -61,7 +61,7 @@ class Int4Tally:
         self.bytes += sum(t.numel() * t.element_size() for n, t in layer.named_buffers() if n != "bias")
 
     def info(self, skipped: int) -> dict[str, Any]:
-        from .int4_linear import DEQUANT
+        from ...layers.int4 import DEQUANT
 
         out: dict[str, Any] = {
             "layers_quantized": self.quantized,
@@ -83,7 +83,8 @@ def swap_to_int4(model: Any, name: str, linear: Any, tally: Int4Tally,
                  wmin: Any = None, wmax: Any = None, label: str | None = None) -> Any:
     """Replace `model.<name>` (an nn.Linear or Conv1D) by an Int4Linear; `wmin`/`wmax` clip its groups'
     ranges. `label` names the layer in reports (default `name`)."""
-    from .int4_linear import Int4Linear, choose_kernel, param_dtype_for, quantize
+    from ...layers.int4 import Int4Linear, choose_kernel, param_dtype_for
+    from ...layers.int4_grid import quantize
 
     w = weight_rows(linear).detach()
     kernel, reason = choose_kernel(w.device, w.shape[0], w.shape[1], tally.group_size)

@@ -19,6 +19,8 @@ import torch
 
 from ...core.config import PassConfig, check
 from ...core.errors import PassApplyError
+from ...core.load_registry import register_reapply
+from ...core.load_schema import choice
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ...core.requirements import Availability, need_cuda, need_packages
 from .causal import refuse_unless_causal_lm
@@ -114,3 +116,6 @@ class AttentionPass(ConfiguredPass):
         if cfg.backend != "auto":
             SdpaBackendHooks(cfg.backend).attach(model)
         return PassResult(model, modified=before != cfg.impl or cfg.backend != "auto", info=info)
+
+
+register_reapply(AttentionPass, {"impl": choice("sdpa", "eager")})

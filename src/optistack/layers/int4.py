@@ -1,16 +1,5 @@
-"""Group-wise int4 weights, and `Int4Linear`: an nn.Linear replacement that runs torch's int4 kernels.
-
-Per output row, groups of `group_size` consecutive input channels, one scale and one offset per
-group, in the convention of torch's int4 kernels ("tinygemm"; checked numerically on torch 2.13):
-`w = (q - 8) * scale + zero`, q in 0..15, `zero` the float value of the middle code 8.
-Asymmetric (`zero_point=True`): scale = (max - min) / 15 over the range widened to take in 0, zero =
-round(min / scale + 8) * scale: a whole number of steps, so w = (q - zp) * scale with an integer zero
-point zp = -zero / scale, the form compressed-tensors, vLLM, AutoAWQ and GPTQ store (a float zero would
-not survive `save_pretrained`). The rounding shifts the grid by under half a step, so the group's
-extreme values may clip by up to scale/2 more. `zero_point="float"` (the passes' `zero_grid=float`)
-keeps the float zero of the group's own range instead: lower error (SmolLM2 AWQ g64 perplexity 15.88
-vs 16.42 with integer zeros), saved only by `result.save`. Symmetric: scale = max|w| / 7, zero = 0.
-Every other weight inside its group's range is within scale/2 of its dequantized value.
+"""`Int4Linear`: an nn.Linear replacement that stores group-wise int4 weights (int4_grid.py) and runs
+torch's int4 kernels.
 
 Kernels (chosen per layer by `choose_kernel`):
 
@@ -25,118 +14,23 @@ Kernels (chosen per layer by `choose_kernel`):
 - `dequant`: the fallback where no kernel fits: nibble-packed uint8 codes plus fp32 scales/zeros,
   dequantized to x's dtype in every call, then a plain matmul. Memory is still int4; speed is not.
 
-An in_features that is not a multiple of `group_size` is padded up to one (the padded weight columns
-copy real columns of the same group, so they do not widen its range; the input gets zero columns,
-so they contribute nothing). Packed weights, scales/zeros and bias are buffers, so `model_bytes`
-(parameters + buffers) sees the true storage.
+A padded in_features (see int4_grid.py) gives the input zero columns, so they contribute nothing.
+Packed weights, scales/zeros and bias are buffers, so `model_bytes` (parameters + buffers) sees the
+true storage. `int4_parts(layer)` gives the codes, scales and zeros back whatever the kernel, for the
+kernels layer to repack.
 """
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.load_registry import LINEAR_FIELDS, register_module
+from ..core.load_schema import choice, integer
+from .int4_grid import MID, GroupQuant, dequantize, padded_size, quantize
+
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 CPU_KERNEL, CUDA_KERNEL, DEQUANT = "cpu-int4pack", "cuda-int4pack", "dequant"
-_MID = 8  # the middle code of 4-bit: w = (q - 8) * scale + zero
-
-
-@dataclass
-class GroupQuant:
-    """Int4 codes (uint8 0..15, [N, K padded]) with per-group scale and zero ([N, K padded / g])."""
-
-    q: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    group_size: int
-    in_features: int
-
-    @property
-    def padded_in_features(self) -> int:
-        return self.q.shape[1]
-
-
-def padded_size(in_features: int, group_size: int) -> int:
-    return math.ceil(in_features / group_size) * group_size
-
-
-def pad_to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[N, K] -> [N, K padded]: extra columns repeat the real columns of the last group."""
-    k = w.shape[1]
-    kp = padded_size(k, group_size)
-    if kp == k:
-        return w
-    start = kp - group_size  # the last group holds columns start..k-1 for real
-    idx = start + torch.arange(kp - k, device=w.device) % (k - start)
-    return torch.cat([w, w[:, idx]], dim=1)
-
-
-FLOAT_ZERO = "float"  # `zero_point` value for float (not whole-step) zero points
-
-
-def qparams(wmin: torch.Tensor, wmax: torch.Tensor, zero_point: bool = True,
-            param_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) for groups whose values lie in [wmin, wmax]; rounded to `param_dtype` if given
-    (the dtype the kernel keeps them in), returned as float32."""
-    if zero_point == FLOAT_ZERO:  # any offset: the tightest grid, but only optistack's own save keeps it
-        scale = ((wmax - wmin) / 15).clamp(min=1e-8)
-        if param_dtype is not None and param_dtype != torch.float32:
-            scale = scale.to(param_dtype).float().clamp(min=1e-8)
-        zero = wmin + _MID * scale
-    elif zero_point:  # the range takes in 0, so the zero point is a whole code in 0..15 (see the docstring)
-        wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
-        scale = ((wmax - wmin) / 15).clamp(min=1e-8)
-        if param_dtype is not None and param_dtype != torch.float32:
-            scale = scale.to(param_dtype).float().clamp(min=1e-8)
-        zero = torch.round(wmin / scale + _MID).clamp_(_MID - 15, _MID) * scale
-    else:
-        scale = (torch.maximum(wmin.abs(), wmax.abs()) / 7).clamp(min=1e-8)
-        zero = torch.zeros_like(scale)
-    if param_dtype is not None and param_dtype != torch.float32:
-        scale, zero = scale.to(param_dtype).float().clamp(min=1e-8), zero.to(param_dtype).float()
-    return scale.float(), zero.float()
-
-
-def quantize(w: torch.Tensor, group_size: int, zero_point: bool = True, param_dtype: torch.dtype | None = None,
-             wmin: torch.Tensor | None = None, wmax: torch.Tensor | None = None) -> GroupQuant:
-    """Group-wise int4 of a [N, K] weight. `wmin`/`wmax` ([N, groups]) override the groups' own range
-    (clipping); values outside it saturate."""
-    n, k = w.shape
-    wg = pad_to_groups(w.detach().float(), group_size).reshape(n, -1, group_size)
-    if wmin is None or wmax is None:
-        wmin, wmax = torch.aminmax(wg, dim=-1)
-    scale, zero = qparams(wmin, wmax, zero_point, param_dtype)
-    q = torch.round((wg - zero[..., None]) / scale[..., None]) + _MID
-    q = q.clamp_(0, 15).to(torch.uint8).reshape(n, -1)
-    return GroupQuant(q, scale, zero, group_size, k)
-
-
-def dequantize(gq: GroupQuant, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    n, g = gq.q.shape[0], gq.group_size
-    w = (gq.q.reshape(n, -1, g).to(dtype) - _MID) * gq.scale[..., None].to(dtype) + gq.zero[..., None].to(dtype)
-    return w.reshape(n, -1)[:, : gq.in_features]
-
-
-def fake_quantize(w: torch.Tensor, group_size: int, zero_point: bool = True, param_dtype: torch.dtype | None = None,
-                  wmin: torch.Tensor | None = None, wmax: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantize then dequantize (float32, same shape): what the int4 layer will compute with.
-    Equal to `dequantize(quantize(...))`, in fewer passes over memory (AWQ calls it in its searches)."""
-    n, k = w.shape
-    wg = pad_to_groups(w.detach().float(), group_size).reshape(n, -1, group_size)
-    if wmin is None or wmax is None:
-        wmin, wmax = torch.aminmax(wg, dim=-1)
-    scale, zero = qparams(wmin, wmax, zero_point, param_dtype)
-    return fake_quantize_groups(wg, scale, zero).reshape(n, -1)[:, :k]
-
-
-def fake_quantize_groups(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """Dequantized values of grouped weights `wg` [..., g] for `scale`/`zero` [...] (broadcasting)."""
-    scale, zero = scale[..., None], zero[..., None]
-    q = (wg - zero).div_(scale).round_().clamp_(-_MID, 15 - _MID)
-    return q.mul_(scale).add_(zero)
 
 
 def choose_kernel(device: torch.device | str, out_features: int, in_features: int, group_size: int) -> tuple[str, str | None]:
@@ -327,8 +221,26 @@ class Int4Linear(nn.Module):
         n, g = self.out_features, self.group_size
         sz = self.scales_and_zeros.to(dtype)
         q = _unnibble(self.qweight).reshape(n, -1, g).to(dtype)
-        return ((q - _MID) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]).reshape(n, -1)
+        return ((q - MID) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]).reshape(n, -1)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
                 f"kernel={self.kernel}, bias={self.bias is not None}")
+
+
+def int4_parts(lin: Int4Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes uint8 [N, Kp], scale, zero [N, Kp/g] float32) of an Int4Linear, whatever its kernel."""
+    sz = lin.scales_and_zeros.float()
+    scale, zero = sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous()
+    try:
+        codes = lin.codes()
+    except NotImplementedError:  # CUDA tile layout: codes from the exact dequantized values
+        w = F.pad(lin.dequantized_weight(), (0, lin.padded_in_features - lin.in_features))
+        g = lin.group_size
+        q = (w.reshape(w.shape[0], -1, g) - zero[..., None]) / scale[..., None] + MID
+        codes = q.round().clamp(0, 15).to(torch.uint8).reshape(w.shape)
+    return codes, scale, zero
+
+
+register_module(Int4Linear, {**LINEAR_FIELDS, "group_size": integer(1, 1 << 20),
+                             "kernel": choice(CPU_KERNEL, CUDA_KERNEL, DEQUANT)})
