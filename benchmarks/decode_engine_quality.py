@@ -1,13 +1,14 @@
 """What the decode engine's int8 activations cost, measured where decoding happens: token by token.
 
     python benchmarks/decode_engine_quality.py [--pipeline "awq{head=int8,zero_grid=float},fuse-kernels"]
-        [--chunks 4] [--prompt 32] [--tokens 256]
+        [--chunks 4] [--prompt 32] [--tokens 256] [--kv float16,int8] [--scales float32|float16]
 
 The workload's perplexity is computed by the model's forward over whole chunks: the engine never runs
 there. Here each evaluation chunk is prefilled for `--prompt` tokens, then decoded teacher-forced, one
 token per call, by the quantized model's own loop (float32 activations) and by the engine (int8
 activations), and both perplexities of the true next tokens are printed, with the top-1 agreement of
-the two. The fp32 model's decode perplexity is the baseline.
+the two. The fp32 model's decode perplexity is the baseline. The engine runs once per KV cache type of
+`--kv` (float16, the default cache, and int8: what the int8 cache costs, token by token).
 """
 from __future__ import annotations
 
@@ -54,9 +55,11 @@ def engine_stepper(model, decoder, length: int):
 
     def step(tok, pos):
         if tok is None:
-            state["eng"] = decoder.engine(1, length)
-            return decoder.prefill(model, pos, state["eng"])
-        return state["eng"].step(tok, pos)
+            if "session" in state:
+                state["session"].close()
+            state["session"] = decoder.open_session(model, 1, length)
+            return state["session"].prefill(pos)
+        return state["session"].extend(tok[:, None])[:, 0]
     return step
 
 
@@ -66,37 +69,51 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--kv", default="float16,int8", help="KV cache types the engine runs with, comma-separated")
+    ap.add_argument("--scales", default="float32", choices=["float32", "float16"],
+                    help="the engine's int4 unit scales (float16: what decode-engine uses with act=int8)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(2)
     from optistack.core.pass_protocol import PassContext
     from optistack.core.pipeline import Pipeline
     from optistack.kernels.llama_engine import EngineWeights
-    from optistack.passes.decoding.engine import EngineDecode
+    from optistack.passes.decoding.engine_strategy import EngineDecode
     from optistack.workloads import load
 
     wl = load("smollm2")
     quant = Pipeline.parse(args.pipeline).apply(copy.deepcopy(wl.model), PassContext(workload=wl)).model
-    decoder = EngineDecode(EngineWeights.from_model(quant))
+    weights = EngineWeights.from_model(quant, scales=args.scales)
+    kvs = args.kv.split(",")
+    decoders = {kv: EngineDecode(weights, 8, "engine", kv) for kv in kvs}
     length = args.prompt + args.tokens
-    sums = {"fp32 model": 0.0, "quantized model": 0.0, "engine": 0.0}
-    agree = total = 0
+    sums = {"fp32 model": 0.0, "quantized model": 0.0, **{f"engine, {kv} cache": 0.0 for kv in kvs}}
+    agree = {kv: 0 for kv in kvs}
+    total = 0
     with torch.inference_mode():
         for c in range(args.chunks):
             chunk = wl._chunks[c % len(wl._chunks)][:, :length]
             sums["fp32 model"] += decode_nll(wl.model, chunk, args.prompt, model_stepper(wl.model))[0]
             nq, pq = decode_nll(quant, chunk, args.prompt, model_stepper(quant))
-            # the engine's positions: the prompt is 0..prompt-1, token i sits at position i
-            ne, pe = decode_nll(quant, chunk, args.prompt, engine_stepper(quant, decoder, length))
             sums["quantized model"] += nq
-            sums["engine"] += ne
-            agree += sum(a == b for a, b in zip(pq, pe))
             total += len(pq)
+            for kv, decoder in decoders.items():  # token i sits at the engine's position i
+                ne, pe = decode_nll(quant, chunk, args.prompt, engine_stepper(quant, decoder, length))
+                sums[f"engine, {kv} cache"] += ne
+                agree[kv] += sum(a == b for a, b in zip(pq, pe))
     n = args.chunks * (args.tokens - 1)
-    print(f"pipeline: {args.pipeline}; {args.chunks} chunks, prompt {args.prompt}, {args.tokens} teacher-forced tokens each")
-    for name, s in sums.items():
-        print(f"  decode perplexity, {name:16s}: {math.exp(s / n):.3f}")
-    print(f"  top-1 agreement, engine vs quantized model: {agree / total:.4f} ({agree}/{total})")
+    print(f"pipeline: {args.pipeline}; engine scales {args.scales}; {args.chunks} chunks, prompt {args.prompt}, {args.tokens} teacher-forced tokens each")
+    ppl = {name: math.exp(s / n) for name, s in sums.items()}
+    for name, value in ppl.items():
+        print(f"  decode perplexity, {name:24s}: {value:.4f}")
+    for kv in kvs:
+        rt = weights.runtime(1, 1, kv=kv)
+        print(f"  {kv} cache: {rt.kv_bytes_per_token} bytes a token; top-1 agreement with the quantized model "
+              f"{agree[kv] / total:.4f} ({agree[kv]}/{total})")
+    if len(kvs) > 1:
+        base = ppl[f"engine, {kvs[0]} cache"]
+        for kv in kvs[1:]:
+            print(f"  {kv} cache vs {kvs[0]}: perplexity {100 * (ppl[f'engine, {kv} cache'] / base - 1):+.3f}%")
     return 0
 
 

@@ -46,9 +46,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("head_s", &EngineSpec::head_s)
       .def_readwrite("layers", &EngineSpec::layers);
   py::class_<LlamaEngine>(m, "LlamaEngine")
-      .def(py::init<const EngineSpec&, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t>(),
-           py::arg("spec"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("act_bits"),
-           py::arg("max_rows"))
+      .def(py::init<const EngineSpec&, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t,
+                    int64_t>(),
+           py::arg("spec"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale"),
+           py::arg("v_scale"), py::arg("act_bits"), py::arg("max_rows"))
       .def("forward", &LlamaEngine::forward, py::arg("tokens"), py::arg("slots"), py::arg("positions"),
            py::arg("logit_rows"), py::call_guard<py::gil_scoped_release>())
       .def("length", &LlamaEngine::length, py::call_guard<py::gil_scoped_release>())

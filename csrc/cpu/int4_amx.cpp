@@ -78,9 +78,9 @@ static void dequant_rows(const Q4Weight& w, int64_t nt, int64_t n1, uint16_t* a)
       continue;
     }
     const uint8_t* q = w.q + (nt + i) * rb;
-    const float *s = w.s + (nt + i) * U, *zc = w.zc + (nt + i) * U;
+    const int64_t row = (nt + i) * U;
     for (int64_t u = 0; u < U; ++u) {  // byte j of a unit: channel j (low nibble) and j + 32 (high nibble)
-      const __m512 sv = _mm512_set1_ps(s[u]), zv = _mm512_set1_ps(zc[u]);
+      const __m512 sv = _mm512_set1_ps(w.scale(row + u)), zv = _mm512_set1_ps(w.zero(row + u));
       __m512 f[4];
       for (int h = 0; h < 2; ++h) {
         const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q + u * 32 + 16 * h)));

@@ -73,8 +73,8 @@ void q4_rows_amx8(const Q4Weight& w, const int8_t* tiles, const float* sxT, cons
     const int64_t nr = std::min<int64_t>(16, n1 - nt);
     for (int i = 0; i < 16; ++i)
       for (int64_t u = 0; u < U; ++u) {
-        st[u * 16 + i] = i < nr ? w.s[(nt + i) * U + u] : 0.f;
-        zt[u * 16 + i] = i < nr ? w.zc[(nt + i) * U + u] : 0.f;
+        st[u * 16 + i] = i < nr ? w.scale((nt + i) * U + u) : 0.f;
+        zt[u * 16 + i] = i < nr ? w.zero((nt + i) * U + u) : 0.f;
       }
     for (int64_t u = 0; u < U; ++u)  // this weight tile's A tiles, every unit: 16 rows x 64 codes 0..15
       for (int i = 0; i < 16; ++i) {

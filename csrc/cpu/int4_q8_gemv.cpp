@@ -74,12 +74,14 @@ template <int R, int MB>
 static inline void zero_term_and_reduce(const Q4Weight& w, int64_t n, const XQ* xs, __m512* acc, float* out) {
   const int64_t U = w.K / 64;
   for (int r = 0; r < R; ++r) {
-    const float* zc = w.zc + (n + r) * U;
+    const int64_t row = (n + r) * U;
     for (int mb = 0; mb < MB; ++mb) {
       __m512 z = _mm512_setzero_ps();
       for (int64_t u = 0; u < U; u += 16) {
         const __mmask16 m = tail_mask(U - u);
-        z = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, zc + u), _mm512_maskz_loadu_ps(m, xs[mb].xsum + u), z);
+        const __m512 zc = w.zc16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, w.zc16 + row + u))
+                                 : _mm512_maskz_loadu_ps(m, w.zc + row + u);
+        z = _mm512_fmadd_ps(zc, _mm512_maskz_loadu_ps(m, xs[mb].xsum + u), z);
       }
       acc[mb * R + r] = _mm512_add_ps(acc[mb * R + r], z);
     }
@@ -110,7 +112,8 @@ static inline void q4_block(const Q4Weight& w, int64_t n, const XQ* xs, float* o
       _mm_prefetch((const char*)(qb + 4 * rb), _MM_HINT_T0);
       const __m512i b = _mm512_loadu_si512(qb);
       const __m512i lo = _mm512_and_si512(b, nib), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
-      const __m128 s2 = _mm_castpd_ps(_mm_load_sd((const double*)(w.s + (n + r) * U + 2 * p)));
+      const __m128 s2 = w.s16 ? _mm_cvtph_ps(_mm_cvtsi32_si128(*(const int32_t*)(w.s16 + (n + r) * U + 2 * p)))
+                              : _mm_castpd_ps(_mm_load_sd((const double*)(w.s + (n + r) * U + 2 * p)));
       const __m512 sw = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s2));
       for (int mb = 0; mb < MB; ++mb) {
         __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl[mb]);
@@ -124,7 +127,7 @@ static inline void q4_block(const Q4Weight& w, int64_t n, const XQ* xs, float* o
     for (int r = 0; r < R; ++r) {
       const __m256i b = _mm256_loadu_si256((const __m256i*)(w.q + (n + r) * rb + P * 64));
       const __m256i lo = _mm256_and_si256(b, nib8), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib8);
-      const float s = w.s[(n + r) * U + U - 1];
+      const float s = w.scale((n + r) * U + U - 1);
       for (int mb = 0; mb < MB; ++mb) {
         const int8_t* xq = xs[mb].q + P * 128;
         __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i*)xq));
@@ -163,7 +166,7 @@ static inline void q4_block16(const Q4Weight& w, int64_t n, const XQ* xs, float*
   __m512 acc[R * MB];
   for (int i = 0; i < R * MB; ++i) acc[i] = _mm512_setzero_ps();
   auto unit = [&](int r, int64_t u, __m512i wlo, __m512i whi) {
-    const float s = w.s[(n + r) * U + u];
+    const float s = w.scale((n + r) * U + u);
     for (int mb = 0; mb < MB; ++mb) {
       const int16_t* xq = xs[mb].q16 + u * 64;
       __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wlo, _mm512_loadu_si512(xq));

@@ -2,19 +2,41 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cstring>
 #include <mutex>
 #include <vector>
 
 namespace optistack_cpu {
 
-// An int4 projection in the engine layout (see int4_q8_gemv.cpp): q [N, K/2] bytes, s and zc float32
-// [N, K/64], optional float32 bias [N].
+// An int4 projection in the engine layout (see int4_q8_gemv.cpp): q [N, K/2] bytes, s and zc [N, K/64] float32
+// (s, zc) or float16 (s16, zc16: 36 bytes a unit of 64 weights instead of 40, what a memory-bound decode
+// step is paid in), optional float32 bias [N].
 struct Q4Weight {
   const uint8_t* q = nullptr;
   const float* s = nullptr;
   const float* zc = nullptr;
+  const uint16_t* s16 = nullptr;
+  const uint16_t* zc16 = nullptr;
   const float* bias = nullptr;
   int64_t N = 0, K = 0;
+  float scale(int64_t i) const { return s16 ? half_to_float(s16[i]) : s[i]; }
+  float zero(int64_t i) const { return zc16 ? half_to_float(zc16[i]) : zc[i]; }
+  static float half_to_float(uint16_t h) {  // IEEE half to float (F16C does this in one instruction)
+    const uint32_t sign = uint32_t(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF;
+    uint32_t bits;
+    if (e == 0x1F) bits = sign | 0x7F800000 | (m << 13);
+    else if (e) bits = sign | ((e + 112) << 23) | (m << 13);
+    else if (!m) bits = sign;
+    else {  // subnormal: normalize
+      int shift = 0;
+      uint32_t mm = m;
+      while (!(mm & 0x400)) { mm <<= 1; ++shift; }
+      bits = sign | ((113 - shift) << 23) | ((mm & 0x3FF) << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
 };
 
 // One activation row quantized for q4_rows (buffers owned by the caller).
@@ -66,7 +88,8 @@ void int8_rows_f32(const int8_t* qw, const float* sc, int64_t K, const int16_t* 
                    int64_t M, int64_t n0, int64_t n1, float* y, int64_t N);
 
 // ---------------------------------------------------------------- what an engine is built from, by name
-// One int4 projection: codes uint8 [N, K/2], unit scale and zc float32 [N, K/64], bias float32 [N] or empty.
+// One int4 projection: codes uint8 [N, K/2], unit scale and zc [N, K/64] (both float32 or both float16), bias
+// float32 [N] or empty.
 struct Q4Proj {
   at::Tensor q, s, zc, bias;
 };
@@ -94,10 +117,12 @@ struct EngineSpec {
 // is sized for the threads and rows of each call.
 class LlamaEngine {
  public:
-  // cos, sin [Tmax, D/2] float32; k_cache, v_cache [L, S, Hkv, Tmax, D], both float32 or both float16;
-  // act_bits 8 or 16 (the int4 projections' activations); max_rows: the most rows one call may take.
+  // cos, sin [Tmax, D/2] float32; k_cache, v_cache [L, S, Hkv, Tmax, D], both float32, float16 or int8;
+  // int8 codes come with k_scale, v_scale [L, S, Hkv, Tmax] float32, one per position and head (its largest
+  // magnitude / 127; ignored, may be empty, for the other types); act_bits 8 or 16 (the int4 projections'
+  // activations); max_rows: the most rows one call may take.
   LlamaEngine(const EngineSpec& spec, at::Tensor cos, at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache,
-              int64_t act_bits, int64_t max_rows);
+              at::Tensor k_scale, at::Tensor v_scale, int64_t act_bits, int64_t max_rows);
   // tokens, slots, positions [N] int64: row i is token tokens[i] at position positions[i] of slot slots[i].
   // A slot's rows must be adjacent with consecutive positions, the first at most the slot's filled length
   // (less rewinds it: later positions are forgotten). Returns logits [R, V] for rows logit_rows [R].
@@ -134,11 +159,13 @@ class LlamaEngine {
   };
   int64_t L, H, Hq, Hkv, D, I, V, S, Tmax, Kh, Nmax, amx_min = 0, amx_batch_min = 0;
   float eps;
-  bool act16, kv16;
+  bool act16;
+  enum KvType { KV_F32 = 0, KV_F16 = 1, KV_I8 = 2 } kv_type;
   std::vector<at::Tensor> keep;  // holds every tensor the pointers below point into
   const float *embed, *final_norm, *head_s, *cos, *sin;
   const int8_t* head_q;
-  void *kc, *vc;  // float32, or float16: half the bytes attention reads
+  void *kc, *vc;  // float32, float16 (half the bytes attention reads) or int8 codes (a quarter, plus scales)
+  float *ks = nullptr, *vs = nullptr;  // int8 codes' scale per (layer, slot, head, position)
   std::vector<Layer> layers;
   std::vector<int64_t> filled;  // per slot
   std::mutex mu;

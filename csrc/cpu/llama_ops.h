@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <type_traits>
 
 #include "simd.h"
 
@@ -65,12 +66,39 @@ static void rope(float* v, const float* c, const float* s, int64_t D) {
   }
 }
 
-// 16 cache values as float32 (the cache is float32, or float16 for the int8-activation engine).
+// 16 cache values as float32: the cache is float32, float16 (the int8-activation engine's default), or int8
+// codes whose scale per position the caller applies.
+template <typename KV>
+constexpr bool kv_int8 = std::is_same<KV, int8_t>::value;
 static inline __m512 ld(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 ld(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
 static inline __m512 ld(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 static inline void st(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 static inline void st(at::Half* p, __m512 v) {
   _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// One key or value (D floats) into the cache at dst; an int8 cache also stores its scale (largest magnitude
+// / 127; codes round half to even, as torch.round does, so a cache filled from Python holds the same bytes).
+static inline void put(float* dst, float*, const float* x, int64_t D) {
+  for (int64_t i = 0; i < D; i += 16) st(dst + i, _mm512_loadu_ps(x + i));
+}
+static inline void put(at::Half* dst, float*, const float* x, int64_t D) {
+  for (int64_t i = 0; i < D; i += 16) st(dst + i, _mm512_loadu_ps(x + i));
+}
+static inline void put(int8_t* dst, float* scale, const float* x, int64_t D) {
+  __m512 mx = _mm512_setzero_ps();
+  for (int64_t i = 0; i < D; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+  const float s = _mm512_reduce_max_ps(mx) / 127.f;
+  *scale = s;
+  const __m512 sv = _mm512_set1_ps(s > 0.f ? s : 1.f);
+  for (int64_t i = 0; i < D; i += 16) {
+    const __m512i q = _mm512_cvt_roundps_epi32(_mm512_div_ps(_mm512_loadu_ps(x + i), sv),
+                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128((__m128i*)(dst + i), _mm512_cvtsepi32_epi8(q));
+  }
 }
 
 template <typename KV>
@@ -80,10 +108,11 @@ static inline float dot(const float* a, const KV* b, int64_t D) {
   return _mm512_reduce_add_ps(acc);
 }
 
-// sc[t] = q . k[t] * scale for t in [t0, t1) (t0 and t1 - t0 multiples of 4 except at the end); returns
-// their maximum. A position's score is the same whatever the range around it.
+// sc[t] = q . k[t] * scale (times ks[t], an int8 cache's scale) for t in [t0, t1) (t0 and t1 - t0 multiples of
+// 4 except at the end); returns their maximum. A position's score is the same whatever the range around it.
 template <typename KV>
-static inline float scores(const float* q, const KV* k, int64_t t0, int64_t t1, int64_t D, float scale, float* sc) {
+static inline float scores(const float* q, const KV* k, const float* ks, int64_t t0, int64_t t1, int64_t D, float scale,
+                           float* sc) {
   float mx = -INFINITY;
   int64_t t = t0;
   if (D == 64) {  // four positions at a time, their four horizontal sums in one reduce4
@@ -98,12 +127,15 @@ static inline float scores(const float* q, const KV* k, int64_t t0, int64_t t1, 
     const __m128 s4 = _mm_set1_ps(scale);
     for (; t + 4 <= t1; t += 4) {
       const KV* kt = k + t * D;
-      _mm_storeu_ps(sc + t, _mm_mul_ps(reduce4(part(kt), part(kt + 64), part(kt + 128), part(kt + 192)), s4));
+      __m128 r = _mm_mul_ps(reduce4(part(kt), part(kt + 64), part(kt + 128), part(kt + 192)), s4);
+      if constexpr (kv_int8<KV>) r = _mm_mul_ps(r, _mm_loadu_ps(ks + t));
+      _mm_storeu_ps(sc + t, r);
       mx = std::max(mx, std::max(std::max(sc[t], sc[t + 1]), std::max(sc[t + 2], sc[t + 3])));
     }
   }
   for (; t < t1; ++t) {
     sc[t] = dot(q, k + t * D, D) * scale;
+    if constexpr (kv_int8<KV>) sc[t] *= ks[t];
     mx = std::max(mx, sc[t]);
   }
   return mx;
@@ -112,16 +144,17 @@ static inline float scores(const float* q, const KV* k, int64_t t0, int64_t t1, 
 // out[g] = softmax(q[g] . k[t] / sqrt(D), t = 0..T-1) @ v for G query heads (q and out: G rows of D) sharing
 // one key/value head. The keys and values are read in blocks that stay in L1 while every head uses them,
 // so a grouped-query head's cache is read from memory once, not once per query head; each head's numbers
-// are the same as attending alone. sc: G rows of T scores.
+// are the same as attending alone. sc: G rows of T scores. ks, vs: an int8 cache's scales per position.
 template <typename KV>
-static void attend(const float* q, const KV* k, const KV* v, int64_t T, int64_t D, int64_t G, float* sc, float* out) {
+static void attend(const float* q, const KV* k, const KV* v, const float* ks, const float* vs, int64_t T, int64_t D,
+                   int64_t G, float* sc, float* out) {
   const float scale = 1.f / std::sqrt(float(D));
   const int64_t block = std::max<int64_t>(16, 16384 / D);  // positions per block: 32 KB of float16 keys
   float mx[32], inv[32];  // G <= 32 (the engine refuses larger groups)
   for (int64_t g = 0; g < G; ++g) mx[g] = -INFINITY;
   for (int64_t t0 = 0; t0 < T; t0 += block)
     for (int64_t g = 0; g < G; ++g)
-      mx[g] = std::max(mx[g], scores(q + g * D, k, t0, std::min(T, t0 + block), D, scale, sc + g * T));
+      mx[g] = std::max(mx[g], scores(q + g * D, k, ks, t0, std::min(T, t0 + block), D, scale, sc + g * T));
   for (int64_t g = 0; g < G; ++g) {
     float* s = sc + g * T;
     __m512 sum = _mm512_setzero_ps();
@@ -144,7 +177,9 @@ static void attend(const float* q, const KV* k, const KV* v, int64_t T, int64_t 
       __m512 acc[16];
       for (int64_t i = 0; i < nv; ++i) acc[i] = _mm512_loadu_ps(out + g * D + 16 * i);
       for (int64_t t = t0; t < t1; ++t) {
-        const __m512 p = _mm512_set1_ps(s[t] * inv[g]);
+        float pt = s[t] * inv[g];
+        if constexpr (kv_int8<KV>) pt *= vs[t];
+        const __m512 p = _mm512_set1_ps(pt);
         for (int64_t i = 0; i < nv; ++i) acc[i] = _mm512_fmadd_ps(p, ld(v + t * D + 16 * i), acc[i]);
       }
       for (int64_t i = 0; i < nv; ++i) _mm512_storeu_ps(out + g * D + 16 * i, acc[i]);

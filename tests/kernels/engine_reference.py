@@ -50,12 +50,14 @@ def rope(v: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def forward(weights, tokens, slots, positions, k_cache, v_cache, cos, sin, act_bits: int = 8,
-            amx_rows: int = 0, head_bits: int = 16) -> torch.Tensor:
+            amx_rows: int = 0, head_bits: int = 16, kv_int8: bool = False) -> torch.Tensor:
     """Logits [N, V] of every row; writes each row's key and value at its slot and position of the caches
     [L, S, Hkv, T, D] like the engine, and attends each row over its slot's positions 0..its own. With
     `amx_rows` as set on the engine, the rows it runs on AMX bf16 tiles are computed that way (rows on AMX
     int8 tiles, `amx_batch`, take the same int8 codes as the VNNI path: the same numbers here); `head_bits=8`:
-    the head's activations as int8 with one scale a row, as the AMX head of a batch of `amx_batch` rows."""
+    the head's activations as int8 with one scale a row, as the AMX head of a batch of `amx_batch` rows;
+    `kv_int8`: each key and value is stored as the engine's int8 cache holds it (codes of its largest
+    magnitude / 127, here kept dequantized in the float caches)."""
     qmax = 127 if act_bits == 8 else 32767
     d, eps = weights.dims, weights.eps
     hq, hkv, hd = d.heads, d.kv_heads, d.head_dim
@@ -69,6 +71,8 @@ def forward(weights, tokens, slots, positions, k_cache, v_cache, cos, sin, act_b
         q = rope(qkv[:, : hq * hd].reshape(n, hq, hd), c, s)
         k = rope(qkv[:, hq * hd: (hq + hkv) * hd].reshape(n, hkv, hd), c, s)
         v = qkv[:, (hq + hkv) * hd:].reshape(n, hkv, hd)
+        if kv_int8:
+            k, v = int8_roundtrip(k), int8_roundtrip(v)
         for i in range(n):
             k_cache[layer, slots[i], :, positions[i]] = k[i]
             v_cache[layer, slots[i], :, positions[i]] = v[i]
@@ -87,6 +91,13 @@ def forward(weights, tokens, slots, positions, k_cache, v_cache, cos, sin, act_b
     amax = h.abs().amax(-1, keepdim=True)
     h = q16(h) if head_bits == 16 else torch.round(h * 127 / amax) * amax / 127
     return h @ (weights.head_q.float() * weights.head_s[:, None]).T
+
+
+def int8_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    """Vectors [..., D] through int8 with one scale each (largest magnitude / 127), back to float."""
+    step = x.abs().amax(-1, keepdim=True) / 127
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    return torch.round(x / step) * step
 
 
 def amx_mask(slots: torch.Tensor, amx_rows: int) -> torch.Tensor:

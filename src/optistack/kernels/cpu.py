@@ -19,7 +19,8 @@ from . import build, reference
 
 BACKEND = "cpu-cpp"
 SOURCES = ["ops.cpp", "bindings.cpp", "norm_act.cpp", "int4_gemm.cpp", "int4_dequant.cpp", "int8_gemm.cpp",
-           "int4_q8_gemv.cpp", "int4_amx.cpp", "int4_amx_int8.cpp", "llama_decode.cpp"]
+           "int4_q8_gemv.cpp", "int4_amx.cpp", "int4_amx_int8.cpp", "llama_setup.cpp",
+           "llama_decode.cpp"]
 HEADERS = ["simd.h", "kernels.h", "int4_layout.h", "llama_decode.h", "llama_ops.h", "amx_tiles.h"]
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 GROUP_SIZES = (32, 64, 128, 256)

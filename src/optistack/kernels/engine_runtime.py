@@ -2,7 +2,9 @@
 
 `EngineRuntime(weights, slots, length)` holds one `LlamaEngine` (csrc/cpu/llama_decode.cpp) and its cache
 [L, slots, Hkv, length, D]: float16 for int8 activations (half the bytes attention reads; llama.cpp's
-default too), float32 for the exact int16 mode (as the model's own cache). Each sequence being decoded
+default too), float32 for the exact int16 mode (as the model's own cache), or, asked for with `kv="int8"`,
+int8 codes with a float32 scale per position and head (about half float16's bytes: a server holds twice
+the requests in the same memory, and long contexts read half as much). Each sequence being decoded
 owns a slot: `acquire(n)` hands out free slots under a lock and `release` returns them, so concurrent
 callers never share a cache row. `forward(tokens, slots, positions, logit_rows)` runs any rows in one
 engine call: decode steps of many sequences, each at its own position, prompt chunks and draft tokens to
@@ -17,22 +19,40 @@ from typing import Any, Sequence
 import torch
 
 
+KV_TYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys or values [..., D] as the engine stores them in an int8 cache: codes and one scale per vector
+    (largest magnitude / 127, codes rounded half to even: the bytes the engine itself writes)."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1) / 127
+    codes = torch.round(x / torch.where(scale > 0, scale, 1).unsqueeze(-1)).clamp(-128, 127).to(torch.int8)
+    return codes, scale
+
+
 class EngineRuntime:
-    def __init__(self, weights: Any, slots: int, length: int, act_bits: int = 8, max_rows: int = 512) -> None:
+    def __init__(self, weights: Any, slots: int, length: int, act_bits: int = 8, max_rows: int = 512,
+                 kv: str | None = None) -> None:
         from . import cpu
 
         if slots < 1 or length < 1:
             raise ValueError(f"an engine needs >= 1 slot and >= 1 position; got {slots} slots of {length}")
         if act_bits not in (8, 16):
             raise ValueError(f"act_bits must be 8 (int8 activations) or 16 (the exact mode); got {act_bits}")
+        kv = kv or ("float16" if act_bits == 8 else "float32")
+        if kv not in KV_TYPES:
+            raise ValueError(f"kv must be one of {', '.join(KV_TYPES)} (the KV cache's type); got {kv!r}")
         d = weights.dims
-        self.weights, self.act_bits, self.length = weights, act_bits, length
+        self.weights, self.act_bits, self.length, self.kv = weights, act_bits, length, kv
         cos, sin = weights.rope_tables(length)
-        dtype = torch.float16 if act_bits == 8 else torch.float32
         shape = (d.layers, slots, d.kv_heads, length, d.head_dim)
         with torch.inference_mode(False):  # plain tensors, whatever mode the first caller is in: load_cache writes them
-            self.k_cache, self.v_cache = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
-        self.impl = cpu.lib().LlamaEngine(weights.spec(), cos, sin, self.k_cache, self.v_cache, act_bits, max_rows)
+            self.k_cache, self.v_cache = torch.zeros(shape, dtype=KV_TYPES[kv]), torch.zeros(shape, dtype=KV_TYPES[kv])
+            scales = shape[:-1] if kv == "int8" else (0,)
+            self.k_scale, self.v_scale = torch.zeros(scales), torch.zeros(scales)
+        self.impl = cpu.lib().LlamaEngine(weights.spec(), cos, sin, self.k_cache, self.v_cache, self.k_scale,
+                                          self.v_scale, act_bits, max_rows)
         self._lock = threading.Lock()
         self._free = list(range(slots))
 
@@ -52,9 +72,10 @@ class EngineRuntime:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """Cache bytes one position of one slot takes (keys and values of every layer)."""
+        """Cache bytes one position of one slot takes (keys and values of every layer, with an int8 cache's scales)."""
         d = self.weights.dims
-        return d.layers * 2 * d.kv_heads * d.head_dim * self.k_cache.element_size()
+        per_head = d.head_dim * self.k_cache.element_size() + (4 if self.kv == "int8" else 0)
+        return d.layers * 2 * d.kv_heads * per_head
 
     def acquire(self, n: int = 1) -> list[int] | None:
         """`n` free slots (emptied), or None when fewer are free."""
@@ -135,5 +156,13 @@ class EngineRuntime:
             for b, (slot, n, off) in enumerate(zip(slots, lengths, offsets)):
                 if n > self.length:
                     raise ValueError(f"a prompt of {n} tokens does not fit this engine's {self.length} positions")
-                self.k_cache[i, slot, :, :n].copy_(layer.keys[b, :, off:off + n])
-                self.v_cache[i, slot, :, :n].copy_(layer.values[b, :, off:off + n])
+                keys, values = layer.keys[b, :, off:off + n], layer.values[b, :, off:off + n]
+                if self.kv == "int8":
+                    (kq, ks), (vq, vs) = quantize_kv(keys), quantize_kv(values)
+                    self.k_cache[i, slot, :, :n].copy_(kq)
+                    self.v_cache[i, slot, :, :n].copy_(vq)
+                    self.k_scale[i, slot, :, :n].copy_(ks)
+                    self.v_scale[i, slot, :, :n].copy_(vs)
+                else:
+                    self.k_cache[i, slot, :, :n].copy_(keys)
+                    self.v_cache[i, slot, :, :n].copy_(values)

@@ -128,8 +128,21 @@ def _head(model: Any) -> list[torch.Tensor]:
     return [torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale.contiguous()]
 
 
-def _projection(lins: list[nn.Module]) -> "Q4Projection":
-    """One engine projection: the rows of `lins` one after the other."""
+def _halved(s: torch.Tensor, zc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """s and zc as float16 when that moves no weight by more than 1% of its quantization step (scales in
+    float16's normal range: a relative error of 2^-11), else None (the projection keeps float32)."""
+    s16, zc16 = s.half(), zc.half()
+    if not (torch.isfinite(s16).all() and torch.isfinite(zc16).all()):
+        return None
+    step = s.abs()
+    # a weight is q * s + zc, q <= 15: its error is at most 15 |ds| + |dzc|
+    err = 15 * (s16.float() - s).abs() + (zc16.float() - zc).abs()
+    return (s16, zc16) if bool((err <= 0.01 * step).all()) else None
+
+
+def _projection(lins: list[nn.Module], scales: str = "float32") -> "Q4Projection":
+    """One engine projection: the rows of `lins` one after the other; unit scales and zc in `scales`
+    (float16 where every unit's weights stay within 1% of a quantization step of float32's)."""
     parts = [_int4_parts(lin) for lin in lins]
     packed, s, zc = zip(*(_units(*p) for p in parts))
     biases = [getattr(lin, "bias", None) for lin in lins]
@@ -137,12 +150,16 @@ def _projection(lins: list[nn.Module]) -> "Q4Projection":
     if any(b is not None for b in biases):
         bias = torch.cat([b.detach().float() if b is not None else torch.zeros(lin.out_features)
                           for b, lin in zip(biases, lins)]).contiguous()
-    return Q4Projection(torch.cat(packed).contiguous(), torch.cat(s).contiguous(), torch.cat(zc).contiguous(), bias)
+    s_all, zc_all = torch.cat(s).contiguous(), torch.cat(zc).contiguous()
+    if scales == "float16":
+        s_all, zc_all = _halved(s_all, zc_all) or (s_all, zc_all)
+    return Q4Projection(torch.cat(packed).contiguous(), s_all, zc_all, bias)
 
 
 @dataclass
 class Q4Projection:
-    """An int4 matrix in the engine layout: codes uint8 [N, K/2], unit scale and zc float32 [N, K/64], bias [N] or empty."""
+    """An int4 matrix in the engine layout: codes uint8 [N, K/2], unit scale and zc [N, K/64] (float32, or
+    float16: 36 bytes a unit of 64 weights instead of 40), bias [N] or empty."""
 
     q: torch.Tensor
     s: torch.Tensor
@@ -209,10 +226,15 @@ class EngineWeights:
     max_positions: int | None = None  # the model's max_position_embeddings, when it says
 
     @classmethod
-    def from_model(cls, model: Any) -> "EngineWeights":
+    def from_model(cls, model: Any, scales: str = "float32") -> "EngineWeights":
+        """`scales="float16"`: each projection's unit scales and zc in 16 bits where that keeps every weight
+        within 1% of its quantization step (a tenth fewer bytes a decode step reads); float32 keeps the
+        model's own weights exactly (the exact mode)."""
         why = unsupported(model)
         if why:
             raise ValueError(why)
+        if scales not in ("float32", "float16"):
+            raise ValueError(f"scales must be 'float32' or 'float16'; got {scales!r}")
         from ..layers.int8 import Int8Linear
 
         config, inner = model.config, model.model
@@ -228,13 +250,22 @@ class EngineWeights:
             gate_up = [p["mlp.gate_up"]] if "mlp.gate_up" in p else [p["mlp.gate_proj"], p["mlp.up_proj"]]
             blocks.append(EngineBlock(
                 _norm(layer.input_layernorm)[0], _norm(layer.post_attention_layernorm)[0],
-                _projection([p["self_attn.q_proj"], p["self_attn.k_proj"], p["self_attn.v_proj"]]),
-                _projection([p["self_attn.o_proj"]]), _projection(gate_up), _projection([p["mlp.down_proj"]])))
+                _projection([p["self_attn.q_proj"], p["self_attn.k_proj"], p["self_attn.v_proj"]], scales),
+                _projection([p["self_attn.o_proj"]], scales), _projection(gate_up, scales),
+                _projection([p["mlp.down_proj"]], scales)))
         inter = blocks[0].gate_up.out_features // 2 if blocks else 0
         dims = EngineDims(len(blocks), config.hidden_size, hq, hkv, d, inter, emb.shape[0])
         quantized_here = not isinstance(model.get_output_embeddings(), Int8Linear)
         return cls(dims, eps, emb, final, head_q, head_s, blocks, inner.rotary_emb, quantized_here,
                    getattr(config, "max_position_embeddings", None))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the engine's weights take (embedding, head and blocks)."""
+        tensors = [self.embed, self.final_norm, self.head_q, self.head_s]
+        for b in self.blocks:
+            tensors += [b.norm1, b.norm2] + [t for p in (b.qkv, b.o, b.gate_up, b.down) for t in (p.q, p.s, p.zc, p.bias)]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def spec(self) -> Any:
         """The C++ `EngineSpec` naming every tensor (built on each call: cheap, tensors are shared)."""
@@ -262,8 +293,9 @@ class EngineWeights:
             raise ValueError("the decode engine needs rotary tables of the rotate-half form over the whole head")
         return cos[:, :half].contiguous(), sin[:, :half].contiguous()
 
-    def runtime(self, slots: int, length: int, act_bits: int = 8, max_rows: int = 512) -> Any:
-        """An engine with a KV cache of `slots` sequences of `length` positions (see engine_runtime.py)."""
+    def runtime(self, slots: int, length: int, act_bits: int = 8, max_rows: int = 512, kv: str | None = None) -> Any:
+        """An engine with a KV cache of `slots` sequences of `length` positions, of type `kv` (float16 by
+        default, float32 for act_bits=16, or int8; see engine_runtime.py)."""
         from .engine_runtime import EngineRuntime
 
-        return EngineRuntime(self, slots, length, act_bits, max_rows)
+        return EngineRuntime(self, slots, length, act_bits, max_rows, kv)

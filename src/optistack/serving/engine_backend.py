@@ -64,13 +64,15 @@ class EngineBackend:
 
     @classmethod
     def from_model(cls, model: Any, *, max_batch: int = 8, max_context: int | None = None,
-                   step_tokens: int = 128, amx_batch: int | None = None) -> "EngineBackend":
+                   step_tokens: int = 128, amx_batch: int | None = None, kv: str | None = None) -> "EngineBackend":
         """The engine the model's `decode-engine` step built, with `max_batch` slots of `max_context` positions.
 
         `amx_batch`: from this many decode rows in one step, they (and the head) run on AMX int8 tiles (the
         same int8 codes, their float sums in another order; the head's rows as int8 instead of int16, so a
         request's greedy tokens may differ from generate()'s where two logits are close). The default, 8 where
         the CPU has AMX (measured on SmolLM2, 2 cores: a step of 8 rows 15.2 -> 12.4 ms, of 16 rows 30 -> 22 ms).
+        `kv`: the KV cache's type (float16, float32 or int8: about half float16's bytes, twice the slots in
+        the same memory); by default the one the decode-engine step chose.
         """
         strategy = getattr(model, DECODE_ATTR, None)
         weights = getattr(strategy, "weights", None)
@@ -84,7 +86,11 @@ class EngineBackend:
         context = max_context or min(DEFAULT_CONTEXT, limit)
         if context > limit:
             raise ServingError(f"max_context {context} exceeds the model's max_position_embeddings ({limit})")
-        runtime = weights.runtime(max_batch, context, strategy.act_bits, max_rows=step_tokens + max_batch)
+        try:
+            runtime = weights.runtime(max_batch, context, strategy.act_bits, max_rows=step_tokens + max_batch,
+                                      kv=kv or getattr(strategy, "kv", None))
+        except ValueError as e:
+            raise ServingError(str(e)) from None
         from ..kernels import cpu
 
         amx = cpu.lib().amx_supported() and strategy.act_bits == 8

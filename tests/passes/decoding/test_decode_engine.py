@@ -46,6 +46,20 @@ def test_engine_decodes_and_reports_its_agreement():
 
 
 @needs_engine
+def test_an_int8_cache_takes_about_half_the_bytes_and_keeps_the_tokens():
+    """kv=int8: the cache holds codes and a scale per position and head; greedy tokens from a short prompt
+    follow the float16 cache's (a tiny random model's logits are far apart)."""
+    base = apply(tiny_llama(), "rtn-int4{head=int8},decode-engine{check_prompts=0,prefill=engine}").model
+    result = apply(tiny_llama(), "rtn-int4{head=int8},decode-engine{kv=int8,prefill=engine}")
+    assert result.info["decode-engine.kv_cache"] == "int8"
+    assert result.info["decode-engine.top1_agreement"] >= 0.9
+    prompt = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    gen, want = greedy_decode(result.model, prompt, 12), greedy_decode(base, prompt, 12)
+    assert gen.kv_bytes_per_token == 2 * 2 * 1 * (64 + 4)  # 2 layers x (keys, values) x 1 kv head x (64 codes + scale)
+    assert (gen.tokens == want.tokens).float().mean() >= 0.9
+
+
+@needs_engine
 def test_engine_grows_its_cache_for_longer_generations():
     model = apply(tiny_llama(1), "rtn-int4,decode-engine{check_prompts=0}").model
     short = greedy_decode(model, torch.randint(0, 300, (1, 4)), 3)
@@ -89,7 +103,7 @@ def test_options_are_checked():
     from optistack.core.errors import PassConfigError
     from optistack.passes.decoding.engine import DecodeEnginePass
 
-    for bad in ({"min_agreement": 1.5}, {"check_tokens": 1}, {"check_prompts": -1}):
+    for bad in ({"min_agreement": 1.5}, {"check_tokens": 1}, {"check_prompts": -1}, {"kv": "int4"}):
         with pytest.raises(PassConfigError, match="decode-engine"):
             DecodeEnginePass(**bad)
 
