@@ -102,7 +102,8 @@ def main() -> int:
                 sums[f"engine, {kv} cache"] += ne
                 agree[kv] += sum(a == b for a, b in zip(pq, pe))
     n = args.chunks * (args.tokens - 1)
-    print(f"pipeline: {args.pipeline}; engine scales {args.scales}; {args.chunks} chunks, prompt {args.prompt}, {args.tokens} teacher-forced tokens each")
+    print(f"pipeline: {args.pipeline}; engine scales {args.scales}; {args.chunks} chunks, prompt {args.prompt}, "
+          f"{args.tokens} teacher-forced tokens each")
     ppl = {name: math.exp(s / n) for name, s in sums.items()}
     for name, value in ppl.items():
         print(f"  decode perplexity, {name:24s}: {value:.4f}")

@@ -55,7 +55,8 @@ def decode_ms(runtime, tokens: int) -> float:
     tok, times = torch.tensor([7]), []
     for i in range(tokens):
         start = time.perf_counter()
-        tok = runtime.forward(tok, torch.zeros(1, dtype=torch.long), torch.tensor([16 + i]), torch.zeros(1, dtype=torch.long)).argmax(-1)
+        zero = torch.zeros(1, dtype=torch.long)
+        tok = runtime.forward(tok, zero, torch.tensor([16 + i]), zero).argmax(-1)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 

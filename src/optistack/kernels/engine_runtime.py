@@ -18,7 +18,6 @@ from typing import Any, Sequence
 
 import torch
 
-
 KV_TYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
 
 
