@@ -26,9 +26,11 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/optistack demo
 
-# ruff first (line length, import order, unused code: pyproject's [tool.ruff]), then the suite.
+# ruff first (line length, import order, unused code: pyproject's [tool.ruff]), mypy on core/ (pyproject's
+# [tool.mypy]), then the suite.
 test: setup
 	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 # The C++ kernel and engine tests once more with the kernels built under AddressSanitizer (a separate

@@ -63,11 +63,11 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     if name in _DEPRECATED:
-        import warnings
+        from .core.deprecation import warn_deprecated
 
         new = _DEPRECATED[name]
-        warnings.warn(f"optistack.{name} is deprecated: use optistack.{new} (it loads a saved optimized model; "
-                      "optistack.workloads.load builds a workload)", DeprecationWarning, stacklevel=2)
+        warn_deprecated(f"optistack.{name}", f"use optistack.{new} (it loads a saved optimized model; "
+                        "optistack.workloads.load builds a workload)")
         return __getattr__(new)
     if name in _SUBMODULES:
         return importlib.import_module(f"optistack.{name}")

@@ -80,7 +80,8 @@ def test_load_model_is_the_name_and_load_a_deprecated_alias_that_warns(tmp_path)
     import optistack.checkpoints.loadables
 
     assert ost.load_model is optistack.checkpoints.loadables.load_model and "load" not in dir(ost) and "load_model" in dir(ost)
-    with pytest.warns(DeprecationWarning, match=r"optistack\.load is deprecated: use optistack\.load_model .*workload"):
+    removal = r"optistack\.load is deprecated and will be removed in optistack 0\.2\.0: "
+    with pytest.warns(DeprecationWarning, match=removal + r"use optistack\.load_model .*workload"):
         old = ost.load
     assert old is ost.load_model
     with pytest.warns(DeprecationWarning):  # every use warns, not only the first

@@ -116,6 +116,11 @@ def test_compile_before_a_weight_pass_is_refused_when_parsed(arch):
 
 
 SAVE_ARCHS = ["llama", "gpt2", "cnn"]
+# What does not apply, and why: every other (arch, pass) of SAVE_ARCHS x PASSES applies.
+NOT_APPLIED = {("gpt2", "fuse-kernels"): "nothing to fuse", ("cnn", "fuse-kernels"): "nothing to fuse",
+               ("cnn", AWQ): "no AWQ mapping"}
+# torchao keeps int8 weights as tensor subclasses, which `result.save` refuses (save_pretrained writes them).
+UNSAVABLE = {"int8-dynamic": "tensor subclass", "int8-weight": "tensor subclass"}
 
 
 def _fresh(arch: str):
@@ -129,29 +134,34 @@ def test_applied_pass_saves_and_loads_back(arch, text, tmp_path):
         _optimize(arch, text)
     result = _RESULTS[arch, text]
     step = result.report.steps[0]
-    if step.status != "applied":
-        pytest.skip(f"{arch} {text}: {step.status} ({step.reason})")
+    if (arch, text) in NOT_APPLIED:
+        assert step.status == "skipped" and NOT_APPLIED[arch, text] in step.reason, (step.status, step.reason)
+        return
+    if text == "fuse-kernels" and step.status == "skipped" and "no kernel backend" in (step.reason or ""):
+        pytest.skip(f"{arch} {text}: {step.reason}")  # a machine without a C++ compiler
+    assert step.status == "applied", f"{arch} {text}: {step.status} ({step.reason})"
     _, batches, _ = _arch(arch)
     folder = tmp_path / "saved"
-    try:
-        result.save(folder)
-    except ost.OptistackError as exc:  # a result that cannot be saved says why, in one line
-        assert str(exc).strip() and "\n" not in str(exc).strip(), repr(str(exc))
+    if text in UNSAVABLE:  # refused up front, in one line that says why
+        with pytest.raises(ost.OptistackError) as excinfo:
+            result.save(folder)
+        message = str(excinfo.value).strip()
+        assert UNSAVABLE[text] in message and "\n" not in message, message
         return
+    result.save(folder)
     loaded = ost.load_model(folder, model=_fresh(arch))
     for batch in batches:
         got, want = call(loaded, batch), call(result.model, batch)
         assert rel_error(got, want) <= 1e-5, f"{arch} {text}: loaded model gives other outputs"
 
-    weights = folder / "model.safetensors"
-    if weights.exists():
-        data = bytearray(weights.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        weights.write_bytes(bytes(data))
-        with pytest.raises(ost.OptistackError) as excinfo:
-            ost.load_model(folder, model=_fresh(arch))
-        from optistack.core.errors import LoadError
+    weights = folder / "model.safetensors"  # every result here is a torch module: its weights are this file
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ost.OptistackError) as excinfo:
+        ost.load_model(folder, model=_fresh(arch))
+    from optistack.core.errors import LoadError
 
-        assert isinstance(excinfo.value, LoadError), type(excinfo.value)
-        msg = str(excinfo.value).strip()
-        assert msg and "\n" not in msg and "model.safetensors" in msg, msg
+    assert isinstance(excinfo.value, LoadError), type(excinfo.value)
+    msg = str(excinfo.value).strip()
+    assert msg and "\n" not in msg and "model.safetensors" in msg, msg

@@ -78,7 +78,7 @@ def test_the_timing_lock_names_and_the_old_gate_names_that_warn():
     assert not [name for name in (*vars(trial), *vars(ray_executor)) if "gate" in name.lower() and name != "GateInstrument"]
     for module, old, new in [(trial, "NoGate", "NoLock"), (ray_executor, "GateActor", "TimingLockActor"),
                              (ray_executor, "RayGate", "RayTimingLock"), (ray_executor, "GATE_NAME", "LOCK_NAME")]:
-        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated: use {new}"):
+        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated and will be removed in optistack 0.2.0: use {new}"):
             assert getattr(module, old) is getattr(module, new)
     with pytest.raises(AttributeError):
         trial.NoSuchLock

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from typing import Any, Callable, ContextManager
 
+from ..core.deprecation import warn_deprecated
 from .ab_timing import caller, measure_noise_floor, timing_context
 from .allocator import allocator_state, steady_allocator
 from .gate import all_finite, score_keys
@@ -30,9 +30,8 @@ class BenchmarkInstrument:
     def __init__(self, max_accuracy_drop: float | None = None, timing: TimingConfig | None = None,
                  measure_extras: bool = True, lock: Callable[[], ContextManager[Any]] | None = None) -> None:
         if max_accuracy_drop is not None:
-            warnings.warn("BenchmarkInstrument(max_accuracy_drop=...) is deprecated: the budget belongs to the "
-                          "gate; pass max_accuracy_drop to run()/optimize() or GateInstrument",
-                          DeprecationWarning, stacklevel=2)
+            warn_deprecated("BenchmarkInstrument(max_accuracy_drop=...)", "the budget belongs to the gate; "
+                            "pass max_accuracy_drop to run()/optimize() or GateInstrument")
         self.max_accuracy_drop = max_accuracy_drop  # read by the wiring for the gate; not used here
         self.timing = timing or TimingConfig()
         self.measure_extras = measure_extras

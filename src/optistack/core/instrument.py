@@ -8,7 +8,7 @@ Benchmarking, gating and progress output are instruments; passes hold no timing 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 from .pass_protocol import PassContext
 
@@ -43,7 +43,7 @@ class Instrument(Protocol):
     def after_pipeline(self, state: RunState) -> None: ...
 
 
-def notify(instruments: list[Any], hook: str, *args: Any) -> None:
+def notify(instruments: Sequence[Any], hook: str, *args: Any) -> None:
     for inst in instruments:
         fn = getattr(inst, hook, None)
         if fn is not None:

@@ -28,10 +28,11 @@ class Loadable:
     attr: str
     fields: Mapping[str, Check]
     required: frozenset[str]
-    build: Callable[[type, dict[str, Any]], Any] = lambda cls, spec: cls.from_optistack_spec(spec)
+    build: Callable[[Any, dict[str, Any]], Any] = lambda cls, spec: cls.from_optistack_spec(spec)
 
     def resolve(self) -> type:
-        return getattr(importlib.import_module(self.module), self.attr)
+        cls: type = getattr(importlib.import_module(self.module), self.attr)
+        return cls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +45,8 @@ class RuntimeLoadable:
     references: Callable[[Any, str], list[str]] | None = None
 
     def resolve(self) -> type:
-        return getattr(importlib.import_module(self.module), self.attr)
+        cls: type = getattr(importlib.import_module(self.module), self.attr)
+        return cls
 
 
 def required_keys(fields: Mapping[str, Check], optional_keys: tuple[str, ...] = ()) -> frozenset[str]:
@@ -64,7 +66,7 @@ MODULES: dict[str, Loadable] = {
 RUNTIMES: dict[str, RuntimeLoadable] = {}
 # Passes whose effect is not in tensors and that run again on load: name -> (the class, checks of the
 # values its options may take then).
-REAPPLY: dict[str, tuple[type, dict[str, Check]]] = {}
+REAPPLY: dict[str, tuple[Any, dict[str, Check]]] = {}  # (a pass class, checks)
 
 
 def _key(cls: type) -> str:
@@ -76,7 +78,7 @@ def _add(table: dict[str, Any], key: str, entry: Any) -> None:
 
 
 def register_module(cls: type, fields: Mapping[str, Check], optional_keys: tuple[str, ...] = (),
-                    build: Callable[[type, dict[str, Any]], Any] | None = None) -> None:
+                    build: Callable[[Any, dict[str, Any]], Any] | None = None) -> None:
     """Let `load_model` rebuild `cls` (a `core.hooks.SavableLayer`) from a spec with these fields."""
     extra = {} if build is None else {"build": build}
     _add(MODULES, _key(cls), Loadable(cls.__module__, cls.__qualname__, dict(fields),
@@ -100,7 +102,7 @@ def register_renamed(old: str, new: str) -> None:
     _add(table, old, table[new])
 
 
-def register_reapply(pass_cls: type, checks: Mapping[str, Check] | None = None) -> None:
+def register_reapply(pass_cls: Any, checks: Mapping[str, Check] | None = None) -> None:
     """`pass_cls` (its effect is not in tensors) runs again on load; `checks` limit the values its
     options may take then (its own config checks the rest)."""
     old = REAPPLY.get(pass_cls.name)
@@ -148,7 +150,7 @@ def transformers_model_names() -> frozenset[str]:
     return frozenset(names)
 
 
-def transformers_class(name: Any, where: str) -> type:
+def transformers_class(name: Any, where: str) -> Any:
     if type(name) is not str or not name.isidentifier() or name not in transformers_model_names():
         raise LoadError(f"{where}: {short(name)} is not a transformers model class (only names in transformers' "
                         "auto-model mappings load, e.g. LlamaForCausalLM, BertModel)")
@@ -170,7 +172,7 @@ _CODE_KEYS = frozenset({"attn_implementation", "_attn_implementation", "_attn_im
                         "experts_implementation", "_experts_implementation", "_experts_implementation_internal"})
 
 
-def check_config(cls: type, config: Any, where: str) -> dict[str, Any]:
+def check_config(cls: Any, config: Any, where: str) -> dict[str, Any]:
     if type(config) is not dict:
         raise LoadError(f"{where}: must be an object (the model's config), got {short(config)}")
     want = getattr(cls.config_class, "model_type", "")

@@ -105,9 +105,9 @@ def _load_runtime(folder: Path, manifest: dict[str, Any], files: dict[str, Path]
         return entry.resolve().load_from(str(folder), runtime["file"], dict(options))
 
 
-def check_steps(steps: list[dict[str, Any]], reapply: bool) -> list[tuple[type, dict[str, Any]]]:
+def check_steps(steps: list[dict[str, Any]], reapply: bool) -> list[tuple[Any, dict[str, Any]]]:
     """The steps to run again on load, each checked against REAPPLY; the others are only validated."""
-    out: list[tuple[type, dict[str, Any]]] = []
+    out: list[tuple[Any, dict[str, Any]]] = []
     form = MODULE
     for i, step in enumerate(steps):
         where = f"steps[{i}]"
@@ -138,12 +138,13 @@ def _load_module(manifest: dict[str, Any], files: dict[str, Path], model: torch.
         if base["library"] != "transformers":
             raise LoadError(f"this model was saved from a user module ({short(base['class'])}); "
                             "pass a freshly built instance: optistack.load_model(path, model=MyModel(...))")
-        cls = transformers_class(base["class"], "base.class")
+        cls: Any = transformers_class(base["class"], "base.class")
         config = check_config(cls, base.get("config"), "base.config")
 
         def build_base() -> torch.nn.Module:
             with _guard(f"base: building {cls.__name__} from base.config"):
-                return cls(cls.config_class.from_dict(_copy(config)))
+                built: torch.nn.Module = cls(cls.config_class.from_dict(_copy(config)))
+                return built
 
         with torch.device("meta"):
             skeleton = build_base()

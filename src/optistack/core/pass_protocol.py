@@ -92,7 +92,7 @@ class ConfiguredPass:
         return Availability.yes()
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.config == self.config  # type: ignore[attr-defined]
+        return type(other) is type(self) and getattr(other, "config", None) == self.config
 
     def __hash__(self) -> int:
         return hash((self.name, self.config))
@@ -109,7 +109,7 @@ def pass_text(p: Any) -> str:
     cfg = getattr(p, "config", None)
     opts = cfg.to_dict(non_default_only=True) if isinstance(cfg, PassConfig) else {}
     if not opts:
-        return p.name
+        return str(p.name)
     body = ",".join(f"{k}={_quote(format_value(v))}" for k, v in opts.items())
     return f"{p.name}{{{body}}}"
 
@@ -122,7 +122,7 @@ def _quote(text: str) -> str:
 
 def config_of(p: Any) -> dict[str, Any]:
     cfg = getattr(p, "config", None)
-    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type) else {}
 
 
 def form_after(p: Any, form_in: str) -> str:

@@ -48,7 +48,7 @@ def _shape_spec(mod: torch.nn.Module) -> dict[str, Any] | None:
         return {"class": name, "spec": {"in_features": mod.in_features, "out_features": mod.out_features,
                                         "bias": mod.bias is not None}}
     if name == "transformers.pytorch_utils:Conv1D" and registered(MODULES, mod):
-        nx, nf = mod.weight.shape
+        nx, nf = mod.get_parameter("weight").shape
         return {"class": name, "spec": {"nf": int(nf), "nx": int(nx)}}
     return None
 
@@ -144,7 +144,7 @@ def save_model(path: str | Path, model: Any, original: Any, steps: list[Any], wo
         return _save_runtime(Path(path), model, applied, workload)
     final, base = _module(model), _module(original)
     tensors, aliases = _plain_state(final)
-    manifest = {"format": FORMAT, "pipeline": ",".join(s.text for s in applied), "steps": _steps(applied),
+    manifest: dict[str, Any] = {"format": FORMAT, "pipeline": ",".join(s.text for s in applied), "steps": _steps(applied),
                 "base": _base_entry(base), "replaced": _replacements(base, final), "aliases": aliases,
                 "workload": workload}
     try:  # steps that run again on load must be ones load accepts, or the folder would not load

@@ -42,7 +42,8 @@ def get_pass_class(name: str) -> type:
         raise OptistackError(f"pass '{name}' is registered by {eps[name].value} but failed to load: {exc}") from exc
     if getattr(cls, "name", None) != name:
         raise OptistackError(f"entry point '{name}' points to {eps[name].value}, whose name is {getattr(cls, 'name', None)!r}")
-    return cls
+    loaded: type = cls  # an entry point loads Any; its name was checked above
+    return loaded
 
 
 def make_pass(name: str, options: dict[str, Any] | None = None) -> Any:

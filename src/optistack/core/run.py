@@ -12,9 +12,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-import warnings
 from typing import Any, Callable, Sequence
 
+from .deprecation import warn_deprecated
 from .errors import OptistackError, PassApplyError, PreconditionError
 from .instrument import RunState, notify
 from .modeling import device_type as device_of  # noqa: F401  (wiring and search import it from here)
@@ -105,8 +105,8 @@ def _attempt(p: Any, step: Any, state: RunState, instruments: Sequence[Any]) -> 
             if hook is not None:
                 hook(p, step, result.model, state)
             if getattr(step, "status", None) == REJECTED:  # an instrument written before `Reject` existed
-                warnings.warn(f"{type(inst).__name__}.after_pass set step.status = 'rejected': raise "
-                              "optistack.core.outcome.Reject(reason) instead", DeprecationWarning, stacklevel=2)
+                warn_deprecated(f"{type(inst).__name__}.after_pass setting step.status = 'rejected'",
+                                "raise optistack.core.outcome.Reject(reason) instead", stacklevel=2)
                 return Outcome(REJECTED, getattr(step, "reason", None) or "rejected by an instrument"), None
     except Reject as verdict:
         return Outcome(REJECTED, verdict.reason), None

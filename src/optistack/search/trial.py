@@ -12,14 +12,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ContextManager
 
 from ..bench.benchmark import BenchmarkInstrument
 from ..bench.gate import GateInstrument
-from ..core.deprecation import renamed
+from ..core.deprecation import renamed, warn_deprecated
 from ..core.instrument import RunState
 from ..core.pass_protocol import MODULE, PassContext, pass_text
 from ..core.run import Runner, device_of
@@ -78,8 +77,7 @@ class TrialRunner:
     def __init__(self, workload: Any, timing: Any, lock: Any = None, cache_size: int = 8, name: str = "local",
                  *, gate: Any = None) -> None:
         if gate is not None:
-            warnings.warn("TrialRunner(gate=...) is deprecated: it is a timing lock; pass lock=...",
-                          DeprecationWarning, stacklevel=2)
+            warn_deprecated("TrialRunner(gate=...)", "it is a timing lock; pass lock=...")
             lock = lock or gate
         self.workload = resolve_workload(workload)
         self.timing = timing

@@ -41,7 +41,8 @@ def test_engine_decodes_and_reports_its_agreement():
     assert gen.kv_bytes_per_token == 2 * 2 * 1 * 64 * 2  # 2 layers x (keys, values) x 1 kv head x 64 x float16
     plain = greedy_decode(model, prompt, 12, use_strategy=False)
     assert (gen.tokens[:, :1] == plain.tokens[:, :1]).all()  # the first token comes from the model's prefill
-    assert 0.0 <= result.info["decode-engine.top1_agreement"] <= 1.0
+    # teacher-forced on the check prompts, the engine (int8 activations) picks the model's own next token
+    assert result.info["decode-engine.top1_agreement"] >= 0.9
     assert result.info["decode-engine.agreement_tokens"] == 2 * 31  # two check prompts, 32 tokens each
 
 
