@@ -178,3 +178,10 @@ def test_no_class_overrides_a_private_method_of_a_class_in_another_package():
                 if overridden:
                     bad.append(f"{name} ({package}) overrides {sorted(overridden)} of {base} ({classes[base][0]})")
     assert not bad, bad
+
+
+def test_no_source_file_is_over_400_lines():
+    """Small files (DESIGN.md: aim for 300 lines a file); 400 is the bar no file may cross."""
+    long = {p.relative_to(SRC).as_posix(): n for p in SRC.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, f"split these: {long}"
