@@ -116,3 +116,36 @@ def test_a_bad_budget_or_timing_is_one_clear_error(kw, what):
 def test_an_original_that_already_outputs_nan_is_one_clear_error():
     with pytest.raises(OptistackError, match="original model's outputs .* not finite"):
         optimize(Net().eval(), torch.full((4, 16), float("nan")))
+
+
+@pytest.mark.parametrize("budget", ["0.1", True, float("nan"), -0.5])
+def test_a_bad_budget_is_one_error_type_from_every_entry_point(budget, tmp_path, capsys):
+    """run, optimize, search, a GateInstrument and the CLI all refuse it with BudgetError, the same words."""
+    from optistack.bench.gate import GateInstrument
+    from optistack.cli import main
+    from optistack.core.errors import BudgetError
+    from optistack.workloads.generic import GenericWorkload
+
+    net, x = Net().eval(), torch.randn(4, 16)
+    calls = {
+        "optimize": lambda: ost.optimize(net, x, "identity", verbose=False, max_accuracy_drop=budget),
+        "Pipeline.run": lambda: ost.Pipeline.parse("identity").run(GenericWorkload(net, x), max_accuracy_drop=budget),
+        "search": lambda: ost.search(GenericWorkload(net, x), ["identity"], max_accuracy_drop=budget,
+                                     store=tmp_path / "s.db", verbose=False),
+        "GateInstrument": lambda: GateInstrument(budget),
+    }
+    for where, call in calls.items():
+        with pytest.raises(BudgetError, match=r"max_accuracy_drop must be a number >= 0"):
+            call()
+    if isinstance(budget, float):  # the CLI's flag is a float: the same check, one line, exit 2, no model loaded
+        assert main(["run", "--model", "nosuchmodel", "--pipeline", "identity", "--max-accuracy-drop", str(budget)]) == 2
+        assert "max_accuracy_drop must be a number >= 0" in capsys.readouterr().err
+
+
+def test_the_cli_and_optimize_go_straight_to_the_wiring(monkeypatch):
+    """One entry path: cli / api -> wiring.run_pipeline -> Runner, never back through core's installed default."""
+    import optistack.core.run as core_run
+
+    monkeypatch.setattr(core_run, "_default_wiring", None)  # Pipeline.run would now raise
+    result = ost.optimize(Net().eval(), torch.randn(4, 16), "identity", verbose=False)
+    assert [s.status for s in result.report.steps] == ["applied"] and result.workload is not None

@@ -20,20 +20,20 @@ def optimize(model: Any, example_inputs: Any, pipeline: str | Pipeline, *,
     the optimized copy (your model itself when no pass applied). Bad input (an empty pipeline, an empty
     batch, weights or inputs on the meta device) is refused before anything runs, with one error.
     """
-    from .checks import ModelState, check_inputs, check_model, check_pipeline, check_pipeline_text
+    from .checks import ModelState, check_inputs, check_model
+    from .wiring import run_pipeline
     from .workloads.generic import GenericWorkload
 
-    check_pipeline_text(pipeline)
-    pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline.parse(pipeline)
-    check_pipeline(pipe)
-    check_model(model)
-    check_inputs(example_inputs)
-    for i, batch in enumerate(eval_inputs if isinstance(eval_inputs, (list, tuple)) else []):
-        check_inputs(batch, f"eval_inputs[{i}]")
+    def workload() -> GenericWorkload:  # built by the wiring once the pipeline, budget and timing passed
+        check_model(model)
+        check_inputs(example_inputs)
+        for i, batch in enumerate(eval_inputs if isinstance(eval_inputs, (list, tuple)) else []):
+            check_inputs(batch, f"eval_inputs[{i}]")
+        return GenericWorkload(model, example_inputs, eval_fn=eval_fn, higher_is_better=higher_is_better,
+                               metric_name=metric_name, eval_inputs=eval_inputs)
+
     with ModelState(model):  # the workload runs it in eval mode; the caller gets it back as it was
-        workload = GenericWorkload(model, example_inputs, eval_fn=eval_fn, higher_is_better=higher_is_better,
-                                   metric_name=metric_name, eval_inputs=eval_inputs)
-        return pipe.run(workload, max_accuracy_drop=max_accuracy_drop, timing=timing, verbose=verbose)
+        return run_pipeline(pipeline, workload, max_accuracy_drop=max_accuracy_drop, timing=timing, verbose=verbose)
 
 
 def list_passes() -> list[dict[str, Any]]:

@@ -1,8 +1,10 @@
-"""Checks `optimize()` and the CLI make before anything runs, and the caller's model kept as it was.
+"""Checks the one entry path (`wiring.run_pipeline`, which `optistack run`, `optimize()` and `Pipeline.run`
+take) makes before anything runs, and the caller's model kept as it was.
 
 Each bad input gets one `OptistackError` naming what is wrong and what would be valid: an empty
-pipeline, a model or inputs on the meta device (no data to run), an empty batch, a budget or timing of
-the wrong type, an original model whose outputs are already NaN/inf. `ModelState` records
+pipeline (`PipelineParseError`), a model or inputs on the meta device (no data to run), an empty batch,
+a timing of the wrong type, an original model whose outputs are already NaN/inf. The budget's check is
+the gate's (`bench.gate.check_budget`, a `BudgetError`). `ModelState` records
 what a run may flip on the caller's model (train/eval mode of every submodule, `requires_grad` of every
 parameter) and puts it back, whatever happens.
 """
@@ -25,16 +27,6 @@ def check_pipeline(pipeline: Any) -> None:
     """Refuse a pipeline object with no passes."""
     if len(getattr(pipeline, "passes", ())) == 0:
         raise PipelineParseError(f"the pipeline has no passes: name at least one, e.g. {PIPELINE_EXAMPLE}")
-
-
-def check_budget(max_accuracy_drop: Any) -> None:
-    """None (no budget) or a number >= 0, e.g. 0.01 for 1%."""
-    if max_accuracy_drop is None:
-        return
-    if isinstance(max_accuracy_drop, bool) or not isinstance(max_accuracy_drop, (int, float)) \
-            or not max_accuracy_drop >= 0:
-        raise OptistackError(f"max_accuracy_drop must be a number >= 0 (e.g. 0.01 for 1%) or None; "
-                             f"got {max_accuracy_drop!r}")
 
 
 def check_timing(timing: Any) -> None:

@@ -26,19 +26,21 @@ def _write_outputs(report, args) -> None:
 
 
 def cmd_run(args) -> int:
-    from .checks import check_pipeline, check_pipeline_text
-    from .core.pipeline import Pipeline
     from .serving.scenario_cli import check_workload, options_from_args, run_cli_scenario
+    from .wiring import run_pipeline
     from .workloads import load
 
-    check_pipeline_text(args.pipeline)
-    pipeline = Pipeline.parse(args.pipeline)  # parse first: a typo fails before a model loads
-    check_pipeline(pipeline)
-    scenario = options_from_args(args)  # --scenario flags too, before a model loads
-    workload = load(args.model, data=args.data, task=args.task)
-    if scenario is not None:
-        check_workload(workload, scenario)
-    result = pipeline.run(workload, max_accuracy_drop=args.max_accuracy_drop, timing=_timing(args.quick))
+    scenario = options_from_args(args)  # --scenario flags, before a model loads
+
+    def make_workload():  # loaded by the wiring once the pipeline, budget and timing passed: a typo fails first
+        loaded = load(args.model, data=args.data, task=args.task)
+        if scenario is not None:
+            check_workload(loaded, scenario)
+        return loaded
+
+    result = run_pipeline(args.pipeline, make_workload, max_accuracy_drop=args.max_accuracy_drop,
+                          timing=_timing(args.quick))
+    workload = result.workload
     result.report.print()
     if getattr(args, "verbose", False):
         _print_tracebacks(result.report)

@@ -24,6 +24,7 @@ class RunResult:
     report: Any  # bench.report.Report
     original: Any  # the untouched original model
     pipeline: Any
+    workload: Any = None  # the workload it ran on
 
     def _repr_html_(self) -> str:
         return self.report._repr_html_()
@@ -110,13 +111,31 @@ def new_report(workload: Any, pipeline_text: str, max_accuracy_drop: float | Non
     )
 
 
+def pipeline_of(pipeline: Any) -> Any:
+    """The one pipeline check: text is parsed (empty or whitespace-only text, an unknown pass, a bad option
+    or an order that cannot work is a `PipelineParseError` or the pass's own config error), and a
+    pipeline must name at least one pass."""
+    from .checks import check_pipeline, check_pipeline_text
+    from .core.pipeline import Pipeline
+
+    if isinstance(pipeline, str):
+        check_pipeline_text(pipeline)
+        pipeline = Pipeline.parse(pipeline)
+    check_pipeline(pipeline)
+    return pipeline
+
+
 def run_pipeline(pipeline: Any, workload: Any, *, max_accuracy_drop: float | None = None,
                  timing: Any = None, instruments: Sequence[Any] | None = None, verbose: bool = True) -> RunResult:
-    """Run `pipeline` on `workload` (a name or a workload), measured and gated; see `Pipeline.run`."""
+    """Run `pipeline` (text or a `Pipeline`) on `workload`, measured and gated: the one entry path, which
+    `optistack run`, `optimize()` and `Pipeline.run` take. Every input is checked once, here, before
+    anything loads: the pipeline (`pipeline_of`), the budget (`bench.gate.check_budget`, a `BudgetError`),
+    the timing; only then is the workload resolved (a name, a workload, or a factory that builds it)."""
+    from .bench.gate import check_budget
     from .bench.report import Step
-    from .checks import check_budget, check_original_finite, check_pipeline, check_timing
+    from .checks import check_original_finite, check_timing
 
-    check_pipeline(pipeline)
+    pipeline = pipeline_of(pipeline)
     check_budget(max_accuracy_drop)
     check_timing(timing)
     workload = resolve_workload(workload)
@@ -131,4 +150,7 @@ def run_pipeline(pipeline: Any, workload: Any, *, max_accuracy_drop: float | Non
     state = RunState(workload=workload, original=workload.model, current=workload.model,
                      form=getattr(pipeline, "start_form", MODULE), ctx=ctx, report=report)
     Runner(instruments, Step).run_all(pipeline.passes, state)
-    return RunResult(model=state.current, report=report, original=state.original, pipeline=pipeline)
+    if getattr(pipeline, "preset", None) is not None and getattr(report, "preset", None) is None:
+        report.preset = pipeline.preset  # the report keeps the `@name` beside its expansion
+    return RunResult(model=state.current, report=report, original=state.original, pipeline=pipeline,
+                     workload=workload)

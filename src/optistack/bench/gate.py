@@ -10,7 +10,28 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..core.errors import BudgetError
 from ..core.outcome import Reject
+
+
+def check_budget(max_accuracy_drop: Any, required: bool = False) -> float | None:
+    """The one check of an accuracy budget: None (no budget, unless `required`) or a number >= 0, e.g. 0.01
+    for 1%. Anything else is a `BudgetError`."""
+    if max_accuracy_drop is None and not required:
+        return None
+    if isinstance(max_accuracy_drop, bool) or not isinstance(max_accuracy_drop, (int, float)) \
+            or not max_accuracy_drop >= 0:
+        raise BudgetError(f"max_accuracy_drop must be a number >= 0 (e.g. 0.01 for 1%){'' if required else ' or None'}; "
+                          f"got {max_accuracy_drop!r}")
+    return float(max_accuracy_drop)
+
+
+def within_budget(drop: float | None, max_accuracy_drop: float | None) -> bool:
+    """The one budget rule: a finite drop from the original no larger than the budget (any drop without one).
+    The gate rejects a step by it; search ranks stored trials by it."""
+    if max_accuracy_drop is None:
+        return True
+    return drop is not None and math.isfinite(drop) and drop <= max_accuracy_drop
 
 
 def all_finite(outputs: Any) -> bool:
@@ -37,9 +58,7 @@ class GateInstrument:
     """Finite outputs and the accuracy budget; raises `Reject(reason)` from `after_pass`."""
 
     def __init__(self, max_accuracy_drop: float | None = None) -> None:
-        if max_accuracy_drop is not None and not max_accuracy_drop >= 0:
-            raise ValueError(f"max_accuracy_drop must be >= 0 (e.g. 0.01 for 1%); got {max_accuracy_drop!r}")
-        self.max_accuracy_drop = max_accuracy_drop
+        self.max_accuracy_drop = check_budget(max_accuracy_drop)
         self._original_score: float | None = None
 
     def before_pipeline(self, state: Any) -> None:
@@ -69,6 +88,6 @@ class GateInstrument:
         if not math.isfinite(after):
             raise Reject(f"{metric.name} is not finite after the pass; previous model kept")
         budget = self.max_accuracy_drop
-        if budget is not None and drop > budget:
+        if not within_budget(drop, budget):
             raise Reject(f"{metric.name} drop {drop:.4g} from the original exceeds the budget "
                          f"max_accuracy_drop={budget:g}; previous model kept")

@@ -27,6 +27,11 @@ class PipelineParseError(OptistackError, ValueError):
     """Pipeline text is malformed, or two passes cannot follow each other."""
 
 
+class BudgetError(OptistackError, ValueError):
+    """`max_accuracy_drop` is not None or a number >= 0 (wherever it is given: run, optimize, search, the CLI,
+    `GateInstrument`)."""
+
+
 class WorkloadError(OptistackError, ValueError):
     """A workload is unknown, or its model/data cannot be loaded."""
 

@@ -89,14 +89,12 @@ class Pipeline:
     def run(self, workload: Any, *, max_accuracy_drop: float | None = None, timing: Any = None,
             instruments: Sequence[Any] | None = None, verbose: bool = True) -> Any:
         """Apply every pass to `workload` (a workload or its name), measured and gated by the default
-        instruments (benchmark, progress, gate; see `optistack.wiring`) through `core.run.Runner`."""
+        instruments (benchmark, progress, gate) through `core.run.Runner`: `optistack.wiring.run_pipeline`,
+        the one entry path, which the package installs as core's default wiring."""
         from .run import run_pipeline
 
-        result = run_pipeline(self, workload, max_accuracy_drop=max_accuracy_drop, timing=timing,
-                              instruments=instruments, verbose=verbose)
-        if self.preset is not None and getattr(result.report, "preset", None) is None:
-            result.report.preset = self.preset  # the report keeps the `@name` beside its expansion
-        return result
+        return run_pipeline(self, workload, max_accuracy_drop=max_accuracy_drop, timing=timing,
+                            instruments=instruments, verbose=verbose)
 
     def __str__(self) -> str:
         return ",".join(pass_text(p) for p in self.passes)

@@ -11,6 +11,7 @@ import json
 import time
 from typing import Any, Callable, Sequence
 
+from ..bench.gate import check_budget
 from ..core.errors import OptistackError
 from ..wiring import resolve_workload
 from .executors import make_executor
@@ -39,8 +40,7 @@ def workload_key(spec: Any, workload: Any) -> str:
 
 
 def _check(max_accuracy_drop: Any, workers: Any, max_length: Any) -> None:
-    if isinstance(max_accuracy_drop, bool) or not isinstance(max_accuracy_drop, (int, float)) or not max_accuracy_drop >= 0:
-        raise OptistackError(f"max_accuracy_drop must be a number >= 0 (e.g. 0.01 for 1%); got {max_accuracy_drop!r}")
+    check_budget(max_accuracy_drop, required=True)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise OptistackError(f"workers must be an integer >= 1; got {workers!r}")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..bench.gate import within_budget
 from ..core.errors import OptistackError
 
 OBJECTIVES = ("latency", "throughput", "size", "ttft")
@@ -71,7 +72,7 @@ def beats_rule(objective: str) -> str:
 
 def meets_budget(record: Any, max_accuracy_drop: float) -> bool:
     """Every step within the budget: exactly what `optistack run --max-accuracy-drop` would accept."""
-    return record.status == "ok" and record.max_step_drop is not None and record.max_step_drop <= max_accuracy_drop
+    return record.status == "ok" and within_budget(record.max_step_drop, max_accuracy_drop)
 
 
 def score(record: Any, objective: str, max_accuracy_drop: float) -> float:
