@@ -65,6 +65,10 @@ def _layer_projections(layer: nn.Module) -> dict[str, Any]:
     return out
 
 
+# RoPE scalings whose tables depend on the sequence's length (transformers recomputes them as it grows)
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
 def unsupported(model: Any) -> str | None:
     """Why `model` cannot run on the engine (one sentence), or None when it can."""
     from . import cpu
@@ -85,6 +89,10 @@ def unsupported(model: Any) -> str | None:
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
         return "the decode engine needs transformers' model.model.layers and model.model.rotary_emb"
+    rope = getattr(inner.rotary_emb, "rope_type", "default")
+    if rope in LENGTH_DEPENDENT_ROPE:
+        return (f"the decode engine reads one rotary table for every position; this model's {rope!r} RoPE scaling "
+                "changes the table with the sequence length")
     for i, layer in enumerate(inner.layers):
         for name, lin in _layer_projections(layer).items():
             why = _projection_reason(f"layer {i} {name}", lin)

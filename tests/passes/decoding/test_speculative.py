@@ -84,7 +84,7 @@ def test_refuses_a_strategy_that_changes_the_output(model, monkeypatch):
             return gen
 
     # make the pass install a broken strategy: its check must catch it and leave no strategy behind
-    monkeypatch.setattr(speculative, "SpeculativeDecoder", lambda proposer, k: Wrong())
+    monkeypatch.setattr(speculative, "SpeculativeDecoder", lambda proposer, k, base: Wrong())
     target = copy.deepcopy(model)
     with pytest.raises(PassApplyError, match="greedy output differs from plain decoding on check prompt 0 at new token 3"):
         SpeculativePass(check_tokens=4).apply(target, CTX)

@@ -59,14 +59,20 @@ def _input_ids(item: Any) -> torch.Tensor | None:
     return None
 
 
-def verify_identical(pass_name: str, model: Any, prompts: list[torch.Tensor], new_tokens: int) -> int:
-    """Decode every prompt with the model's strategy and with the plain loop; raise naming the first
-    prompt and position where they differ. Returns the number of tokens compared."""
+def verify_identical(pass_name: str, model: Any, prompts: list[torch.Tensor], new_tokens: int,
+                     reference: Any = None) -> int:
+    """Decode every prompt with the model's strategy and with the plain loop (or the `reference` strategy,
+    e.g. the engine a speculative strategy verifies on); raise naming the first prompt and position where
+    they differ. Returns the number of tokens compared."""
     device = model_device(model) or torch.device("cpu")
     compared = 0
     for i, prompt in enumerate(prompts):
         prompt = prompt.to(device)
-        plain = greedy_decode(model, prompt, new_tokens, use_strategy=False).tokens
+        if reference is not None:
+            with torch.inference_mode():
+                plain = reference(model, prompt, new_tokens).tokens
+        else:
+            plain = greedy_decode(model, prompt, new_tokens, use_strategy=False).tokens
         changed = greedy_decode(model, prompt, new_tokens).tokens
         if not torch.equal(plain, changed):
             diff = (plain != changed).nonzero()

@@ -15,7 +15,10 @@ one target forward over k+1 positions, which on a memory-bound decode costs litt
 
 The pass sets the decode strategy (`optistack_decode`, see `core/hooks.py` and `generation/`), then checks
 that strategy against plain greedy decoding on `check_prompts` prompts of `check_tokens` new tokens
-and refuses (the step fails, the model before it is kept) on the first differing token. Batch size 1
+and refuses (the step fails, the model before it is kept) on the first differing token. After
+`decode-engine` the drafts are verified on the engine: the fed token and its drafts are rows of one slot
+in one engine call (one pass over the weights for up to 31 tokens, each row computed exactly as a decode
+step would compute it), and the check compares with the engine's own greedy decoding. Batch size 1
 only in greedy_decode: larger batches decode plainly. The pass also installs the model's `generate`
 (`generation.install_generate`): greedy batch-1 calls verify drafts on a `SpeculativeSession`, sampling
 and batches decode one token a step on it.
@@ -45,7 +48,10 @@ from ...generation import (
     uninstall_generate,
 )
 from .common import check_prompts, require_causal_lm, verify_identical
+from .engine_strategy import EngineDecode
 from .lookup import DraftModel, PromptLookup
+
+ENGINE_MAX_K = 30  # drafts a step verifies on the engine (with the fed token: fewer rows than its amx_rows, 32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +87,13 @@ class SpeculativeDecoder:
     """The decode strategy: `decoder(model, input_ids, max_new_tokens) -> Generation` (greedy_decode's
     path), and `open_session(model, batch, max_len)` for generate(): a `SpeculativeSession`."""
 
-    def __init__(self, proposer: Any, num_draft_tokens: int) -> None:
-        self.proposer, self.k = proposer, num_draft_tokens
+    def __init__(self, proposer: Any, num_draft_tokens: int, base: Any = None) -> None:
+        # base: the decode-engine strategy the drafts are verified on (None: the model's own forward)
+        self.proposer, self.k, self.base = proposer, num_draft_tokens, base
 
     def open_session(self, model: Any, batch: int, max_len: int) -> "SpeculativeSession":
-        return SpeculativeSession(ModelSession(model, batch, max_len), copy.copy(self.proposer), self.k)
+        inner = self.base.open_session(model, batch, max_len) if self.base else ModelSession(model, batch, max_len)
+        return SpeculativeSession(inner, copy.copy(self.proposer), self.k)
 
     def __call__(self, model: Any, input_ids: torch.Tensor, max_new_tokens: int) -> Generation:
         if input_ids.shape[0] != 1:
@@ -117,30 +125,35 @@ class SpeculativeDecoder:
                     sync()
                     step_ms.append((time.perf_counter() - start) * 1000.0)
                     counts.append(n + 1)
-            kv = cache_bytes_per_token(session.cache)
+            kv = session.kv_bytes_per_token()
         finally:
             session.close()
         tokens = seq[input_ids.shape[-1] :].view(1, -1)
         return Generation(tokens, step_ms, tokens_per_step=counts, kv_bytes_per_token=kv)
 
     def __deepcopy__(self, memo: dict) -> "SpeculativeDecoder":
-        new = SpeculativeDecoder(copy.deepcopy(self.proposer, memo), self.k)
+        new = SpeculativeDecoder(copy.deepcopy(self.proposer, memo), self.k, copy.deepcopy(self.base, memo))
         if isinstance(new.proposer, DraftModel):
             new.proposer.cache = None
         return new
 
 
 class SpeculativeSession:
-    """A `ModelSession` plus this session's own proposer (a shallow copy of the strategy's: a draft model's
-    weights are shared, its cache is not), for generate()'s speculative loop (`generation/hf_loop.py`)."""
+    """A `ModelSession` (or a decode-engine session: drafts verified as rows of one engine call) plus this
+    session's own proposer (a shallow copy of the strategy's: a draft model's weights are shared, its cache
+    is not), for generate()'s speculative loop (`generation/hf_loop.py`)."""
 
-    def __init__(self, inner: ModelSession, proposer: Any, num_draft_tokens: int) -> None:
+    def __init__(self, inner: Any, proposer: Any, num_draft_tokens: int) -> None:
         self.inner, self.proposer, self.num_draft_tokens = inner, proposer, num_draft_tokens
         self.batch = inner.batch
 
     @property
     def cache(self) -> Any:
-        return self.inner.cache
+        return getattr(self.inner, "cache", None)
+
+    def kv_bytes_per_token(self) -> float | None:
+        runtime = getattr(self.inner, "runtime", None)
+        return float(runtime.kv_bytes_per_token) if runtime is not None else cache_bytes_per_token(self.cache)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         self.proposer.reset(self.inner.model, input_ids)
@@ -233,10 +246,15 @@ class SpeculativePass(ConfiguredPass):
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
         cfg = self.config
         require_causal_lm(self.name, ctx, model)
-        if getattr(model, DECODE_ATTR, None) is not None:
-            raise PassApplyError(f"speculative: the model already has a decode strategy "
-                                 f"({type(getattr(model, DECODE_ATTR)).__name__}); use one decoding strategy pass")
-        info: dict[str, Any] = {"method": cfg.method, "num_draft_tokens": cfg.num_draft_tokens}
+        base = getattr(model, DECODE_ATTR, None)
+        if base is not None and not isinstance(base, EngineDecode):
+            raise PassApplyError(f"speculative: the model already has a decode strategy ({type(base).__name__}); "
+                                 "speculative verifies on the model itself or on decode-engine, not on another strategy")
+        k = cfg.num_draft_tokens
+        if base is not None:  # drafts verified on the engine: rows of one slot past ENGINE_MAX_K + 1 would take
+            k = min(k, ENGINE_MAX_K)  # the AMX-bf16 prompt path (other numerics than a decode step)
+        info: dict[str, Any] = {"method": cfg.method, "num_draft_tokens": k,
+                                "verifies_on": "decode-engine" if base is not None else "model"}
         if cfg.method == "prompt-lookup":
             proposer: Any = PromptLookup(cfg.max_ngram, cfg.min_ngram)
         else:
@@ -249,12 +267,15 @@ class SpeculativePass(ConfiguredPass):
             info["draft_layers"] = int(draft.config.num_hidden_layers)
             info["draft_params"] = sum(p.numel() for p in draft.parameters())
             proposer = DraftModel(draft)
-        object.__setattr__(model, DECODE_ATTR, SpeculativeDecoder(proposer, cfg.num_draft_tokens))
+        object.__setattr__(model, DECODE_ATTR, SpeculativeDecoder(proposer, k, base))
         try:
             prompts = check_prompts(ctx, cfg.check_prompts, model.config.get_text_config().vocab_size)
-            info["checked_tokens"] = verify_identical(self.name, model, prompts, cfg.check_tokens)
+            info["checked_tokens"] = verify_identical(self.name, model, prompts, cfg.check_tokens, reference=base)
         except Exception:
-            object.__delattr__(model, DECODE_ATTR)
+            if base is None:
+                object.__delattr__(model, DECODE_ATTR)
+            else:
+                object.__setattr__(model, DECODE_ATTR, base)
             raise
         install_generate(model)  # the user's generate() speculates too (generation/hf_generate.py)
         return PassResult(model, modified=True, info=info)

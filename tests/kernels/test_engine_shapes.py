@@ -1,0 +1,76 @@
+"""The decode engine on other shapes: head size 128 (Qwen2.5-1.5B's, Llama-3's) against the plain-torch
+reference and the model's own decode step, and a RoPE scaling whose tables change with the length, refused
+by name."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from optistack.kernels import cpu
+from optistack.kernels.build import cpu_flags
+
+sys.path.insert(0, str(Path(__file__).parent))
+import engine_reference as ref  # noqa: E402
+from test_llama_engine import close_rows, quantized, tiny  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not cpu.available() or "avx512_vnni" not in cpu_flags(),
+                                reason="the decode engine needs the C++ CPU kernels and AVX512-VNNI")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_head_size_128_matches_the_reference(kind):
+    from optistack.kernels.llama_engine import EngineWeights
+
+    extra = {"use_sliding_window": False} if kind == "qwen2" else {}
+    weights = EngineWeights.from_model(quantized(tiny(kind, hidden=512, inter=384, heads=4, kv=2, **extra)))
+    assert weights.dims.head_dim == 128
+    rt = weights.runtime(2, 24)
+    cos, sin = weights.rope_tables(24)
+    kc, vc = torch.zeros_like(rt.k_cache), torch.zeros_like(rt.v_cache)
+    g = torch.Generator().manual_seed(8)
+    for b, n in enumerate((7, 3)):
+        rows = (torch.randint(0, 300, (n,), generator=g), torch.full((n,), b), torch.arange(n))
+        rt.forward(*rows, torch.arange(0))
+        ref.forward(weights, *rows, kc, vc, cos, sin)
+    tok = torch.randint(0, 300, (2,), generator=g)
+    for step in range(4):
+        pos = torch.tensor([7, 3]) + step
+        got = rt.forward(tok, torch.arange(2), pos, torch.arange(2))
+        want = ref.forward(weights, tok, torch.arange(2), pos, kc, vc, cos, sin)
+        ok, err = close_rows(got, want, 1e-3)
+        assert ok, (step, err)
+        tok = want.argmax(-1)
+
+
+def test_head_size_128_follows_the_models_own_step_in_the_exact_mode():
+    from transformers import DynamicCache
+
+    from optistack.kernels.llama_engine import EngineWeights
+
+    model = quantized(tiny(hidden=512, inter=384, heads=4, kv=2, layers=1))
+    rt = EngineWeights.from_model(model).runtime(1, 32, 16)
+    ids = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        tok = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+        rt.load_cache(cache, [0], [9])
+        for i in range(4):
+            got = rt.forward(tok, torch.tensor([0]), torch.tensor([9 + i]), torch.tensor([0]))
+            want = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+            assert ((got - want).norm() / want.norm()) < 1e-3
+            tok = want.argmax(-1)
+
+
+@pytest.mark.parametrize("rope", ["dynamic", "longrope"])
+def test_a_length_dependent_rope_scaling_is_refused_by_name(rope):
+    from optistack.kernels.llama_engine import unsupported
+
+    params = {"rope_type": rope, "factor": 2.0, "rope_theta": 10000.0}
+    if rope == "longrope":
+        params.update(short_factor=[1.0] * 16, long_factor=[2.0] * 16, original_max_position_embeddings=128)
+    model = quantized(tiny(hidden=128, inter=256, heads=4, kv=2, layers=1, rope_parameters=params))
+    why = unsupported(model)
+    assert why is not None and rope in why and "length" in why
