@@ -50,7 +50,8 @@ def output_error(model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> float:
     {"group_size": 64, "zero_grid": "float"},
     {"group_size": 32, "zero_point": False},
     {"group_size": 64, "act_order": True},
-    {"group_size": 128, "zero_grid": "float", "act_order": True},
+    {"group_size": 128, "zero_grid": "float", "act_order": True, "clip": True},
+    {"group_size": 64, "clip": True},
 ])
 def test_layer_output_error_is_below_round_to_nearest_on_the_same_grid(options):
     work = Activations()
@@ -58,7 +59,7 @@ def test_layer_output_error_is_below_round_to_nearest_on_the_same_grid(options):
     x = torch.cat([a[0][0] for a in work.calibration_inputs(8)]).reshape(-1, 256)
     with torch.no_grad():
         ref = x @ layer[0].weight.t()
-    grid = {k: v for k, v in options.items() if k != "act_order"}
+    grid = {k: v for k, v in options.items() if k not in ("act_order", "clip")}
     rtn = RtnInt4Pass(**grid).apply(copy.deepcopy(layer), PassContext(work)).model
     result = GptqPass(**options, calib_samples=8).apply(copy.deepcopy(layer), PassContext(work))
     assert isinstance(result.model[0], Int4Linear) and result.info["calibration"] == "single-pass"

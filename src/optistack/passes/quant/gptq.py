@@ -52,6 +52,7 @@ class GptqConfig(Int4Config):
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = False
+    clip: bool = False  # search each group's range (AWQ's clipping search, judged by the group's H block)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -220,7 +221,7 @@ class GptqPass(ConfiguredPass):
                 set_module(model, *head)
             raise
         info = {**tally.info(len(plan.skipped)), **plan.info(), **head_info, **calib_info, "calibration": mode,
-                "block_size": cfg.block_size, "damp": cfg.damp, "act_order": cfg.act_order,
+                "block_size": cfg.block_size, "damp": cfg.damp, "act_order": cfg.act_order, "clip": cfg.clip,
                 **error_summary(stats), "solve_seconds": round(solve[0], 2),
                 "quantize_seconds": round(time.perf_counter() - start, 2)}
         return PassResult(model, modified=True, info=info)
@@ -237,7 +238,7 @@ class GptqPass(ConfiguredPass):
         started = time.perf_counter()
         h = hsum.hessian()
         gq, st = gptq_quantize(w, h, cfg.group_size, cfg.zero_mode, param_dtype, cfg.block_size, cfg.damp,
-                               cfg.act_order)
+                               cfg.act_order, cfg.clip)
         solve[0] += time.perf_counter() - started
         st = error_vs_rtn(w, gq, h, cfg.zero_mode, param_dtype, st)
         st.tokens = hsum.tokens

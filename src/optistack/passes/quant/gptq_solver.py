@@ -120,15 +120,32 @@ def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group_size: int, zero_point: bool | str = True,
                   param_dtype: torch.dtype | None = None, block_size: int = 128, damp: float = 0.01,
-                  act_order: bool = False) -> tuple[GroupQuant, SolveStats]:
+                  act_order: bool = False, clip: bool = False) -> tuple[GroupQuant, SolveStats]:
     """GPTQ of a [N, K] weight against the inputs' H [K, K]: codes, scales and zeros in `int4_grid`'s
     layout (padded to whole groups), and how it went."""
     with _one_thread(w):
-        return _gptq(w, h, group_size, zero_point, param_dtype, block_size, damp, act_order)
+        return _gptq(w, h, group_size, zero_point, param_dtype, block_size, damp, act_order, clip)
+
+
+def _ranges(w: torch.Tensor, h: torch.Tensor, start: int, g: int, zero_point: bool | str,
+            param_dtype: torch.dtype | None, clip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """[lo, hi] per (row, group) of `w` [N, columns start.. of whole groups, the last maybe partial]: the
+    groups' ranges, or with `clip` the ranges shrunk (AWQ's clipping search) to minimize d^T H_gg d, each
+    group's own share of the output error."""
+    if not clip:
+        return torch.aminmax(pad_to_groups(w, g).reshape(w.shape[0], -1, g), dim=-1)
+    from .awq_search import FINAL_CLIP_RATIOS, Quantizer, search_clip
+
+    width = w.shape[1]
+    hp = torch.zeros(math.ceil(width / g) * g, math.ceil(width / g) * g, device=w.device)
+    hp[:width, :width] = h[start:start + width, start:start + width]
+    moments = torch.stack([hp[i:i + g, i:i + g] for i in range(0, hp.shape[0], g)])
+    return search_clip(w, moments, Quantizer(g, zero_point, param_dtype or torch.float32, True),
+                       FINAL_CLIP_RATIOS, refine=True)
 
 
 def _gptq(w: torch.Tensor, h: torch.Tensor, group_size: int, zero_point: bool | str, param_dtype: torch.dtype | None,
-          block_size: int, damp: float, act_order: bool) -> tuple[GroupQuant, SolveStats]:
+          block_size: int, damp: float, act_order: bool, clip: bool) -> tuple[GroupQuant, SolveStats]:
     n, k = w.shape
     g = group_size
     groups = math.ceil(k / g)
@@ -136,8 +153,9 @@ def _gptq(w: torch.Tensor, h: torch.Tensor, group_size: int, zero_point: bool | 
     scale = torch.empty(n, groups, device=weight.device)
     zero = torch.empty_like(scale)
     perm = None
+    hf = h.to(device=weight.device, dtype=torch.float32) if clip else h
     if act_order:  # static groups: fixed from the weights as given, then columns in order of energy
-        lo, hi = torch.aminmax(pad_to_groups(weight, g).reshape(n, groups, g), dim=-1)
+        lo, hi = _ranges(weight, hf, 0, g, zero_point, param_dtype, clip)
         scale, zero = qparams(lo, hi, zero_point, param_dtype)
         perm = torch.argsort(h.diagonal(), descending=True, stable=True).to(weight.device)
         weight = weight[:, perm]
@@ -161,7 +179,8 @@ def _gptq(w: torch.Tensor, h: torch.Tensor, group_size: int, zero_point: bool | 
                 col = i1 + i
                 grp = group_of[col]
                 if perm is None and col % g == 0:  # a group starts at a sub-block start: w1 is current
-                    lo, hi = torch.aminmax(w1[:, i:i + g], dim=1)
+                    lo, hi = _ranges(w1[:, i:i + g], hf, col, g, zero_point, param_dtype, clip)
+                    lo, hi = lo[:, 0], hi[:, 0]
                     scale[:, grp], zero[:, grp] = qparams(lo, hi, zero_point, param_dtype)
                 s, z = scale[:, grp], zero[:, grp]
                 col_w = w1[:, i]
