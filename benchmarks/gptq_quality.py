@@ -89,8 +89,9 @@ def main() -> int:
                 model, seconds = run_pipeline(text, copy.deepcopy(wl.model), ctx)
                 ppl = wl.evaluate(model)["perplexity"]
                 del model
-                rows.append((method, g, z, ppl, seconds, text))
-                print(f"  {method:9s} g{g:<4d} {z:8s} perplexity {ppl:8.3f} ({100 * (ppl / fp32 - 1):+6.1f}%) "
+                label = f"{method} ({args.gptq_options})" if extra and "gptq" in method else method
+                rows.append((label, g, z, ppl, seconds, text))
+                print(f"  {label:9s} g{g:<4d} {z:8s} perplexity {ppl:8.3f} ({100 * (ppl / fp32 - 1):+6.1f}%) "
                       f"pass {seconds:6.1f} s   {text}", flush=True)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}\n")
     print("| method | group | zero grid | perplexity | vs fp32 | pass seconds |")

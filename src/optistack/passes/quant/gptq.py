@@ -18,8 +18,8 @@ outside the blocks (`lm_head` when `skip` lets it through) get H from a pass ove
 after the blocks are done. Layers reading the same tensor (q/k/v, gate/up) share one X^T X product.
 
 Token models are calibrated on `calib_samples` windows of `calib_seq_len` tokens re-cut from the
-workload's calibration text (as `awq` does); other models on `calib_samples` calibration inputs as the
-workload gives them.
+workload's calibration text (as `awq` does); other models (and inputs with padding masks or token
+types) on `calib_samples` calibration inputs as the workload gives them.
 
 `awq` then `gptq`: run `awq{quantize=false},gptq` (same `group_size` and `zero_grid` in both). AWQ
 searches and folds its per-channel scales and leaves the layers float; GPTQ rounds the scaled weights.
@@ -99,12 +99,19 @@ class Hessians:
         self._cache.clear()
 
 
-def _has_token_ids(item: Any) -> bool:
+def _token_windows(item: Any) -> bool:
+    """Whether calibration inputs like `item` are plain token ids that may be re-cut into windows: integer
+    `input_ids` and no other tensor but an all-ones attention mask (padded batches, token types and
+    encoder-decoder inputs are used as the workload gives them)."""
     import torch
 
     args, kwargs = item if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict) else ((item,), {})
     ids = kwargs.get("input_ids", args[0] if args else None)
-    return isinstance(ids, torch.Tensor) and not ids.is_floating_point() and not ids.is_complex()
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
+        return False
+    others = [v for v in (*args[1:], *(v for k, v in kwargs.items() if k != "input_ids")) if isinstance(v, torch.Tensor)]
+    mask = kwargs.get("attention_mask")
+    return all(v is mask and bool((v == 1).all()) for v in others)
 
 
 def calibration(model: Any, ctx: PassContext, cfg: GptqConfig, name: str) -> tuple[list, dict[str, Any]]:
@@ -114,7 +121,7 @@ def calibration(model: Any, ctx: PassContext, cfg: GptqConfig, name: str) -> tup
     from .awq import calibration_ids
 
     first = ctx.calibration_inputs(1)
-    if not first or not _has_token_ids(first[0]):
+    if not first or not _token_windows(first[0]):
         batches = calibration_batches(model, ctx, cfg.calib_samples, name)
         return batches, {"calib_samples": len(batches)}
     ids = calibration_ids(ctx, cfg.calib_samples, cfg.calib_seq_len, name)
