@@ -4,7 +4,12 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <linux/futex.h>
 #include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <climits>
 
 #include <algorithm>
 #include <atomic>
@@ -19,28 +24,45 @@ namespace optistack_cpu {
 // libgomp spins at a barrier only while the process has no more OpenMP threads than CPUs, and every thread
 // that runs a parallel region keeps a team of its own, so a serving thread beside the main thread's idle
 // team made every barrier a futex sleep and wake: 13.9 ms a SmolLM2 decode step instead of 4.1 (measured,
-// 2 cores). This one spins with pause, then yields the CPU, so it also behaves when the machine is busy.
+// 2 cores). This one spins with pause (a quiet machine's waits are microseconds), then yields, and only
+// then sleeps on a futex: when other processes hold the cores, a thread waiting for a descheduled partner
+// must give its core away, or each barrier costs scheduler quanta (measured under load 4 on 2 cores: about
+// a second a SmolLM2 token with spinning and yielding alone).
 class SpinBarrier {
  public:
   explicit SpinBarrier(int n) : n_(n) {}
   void wait() {
-    const int phase = phase_.load(std::memory_order_acquire);
-    if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+    const int phase = phase_.load();
+    if (count_.fetch_add(1) == n_ - 1) {
       count_.store(0, std::memory_order_relaxed);
-      phase_.fetch_add(1, std::memory_order_release);
+      phase_.fetch_add(1);  // sequentially consistent with the sleepers' count: no wake is lost
+      if (sleepers_.load() > 0) futex(FUTEX_WAKE_PRIVATE, INT_MAX);
       return;
     }
     for (int spins = 0; phase_.load(std::memory_order_acquire) == phase; ++spins) {
-      if (spins < 20000) _mm_pause();
-      else sched_yield();
+      if (spins < 20000) {
+        _mm_pause();
+      } else if (spins < 20064) {
+        sched_yield();
+      } else {
+        sleepers_.fetch_add(1);
+        while (phase_.load() == phase) futex(FUTEX_WAIT_PRIVATE, phase);  // returns at once if phase moved
+        sleepers_.fetch_sub(1);
+        return;
+      }
     }
   }
 
  private:
+  void futex(int op, int val) {
+    syscall(SYS_futex, reinterpret_cast<int*>(&phase_), op, val, nullptr, nullptr, 0);
+  }
   const int n_;
   std::atomic<int> count_{0};
   std::atomic<int> phase_{0};
+  std::atomic<int> sleepers_{0};
 };
+static_assert(sizeof(std::atomic<int>) == sizeof(int), "the futex word is the atomic's int");
 
 #if defined(OPTISTACK_AVX512) && defined(__AVX512VNNI__)
 static void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps) {
