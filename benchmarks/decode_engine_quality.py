@@ -70,6 +70,8 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--kv", default="float16,int8", help="KV cache types the engine runs with, comma-separated")
+    ap.add_argument("--engines-only", action="store_true",
+                    help="skip the fp32 and quantized models' own loops (slow): compare the engine's cache types only")
     ap.add_argument("--scales", default="float32", choices=["float32", "float16"],
                     help="the engine's int4 unit scales (float16: what decode-engine uses with act=int8)")
     args = ap.parse_args()
@@ -93,9 +95,12 @@ def main() -> int:
     with torch.inference_mode():
         for c in range(args.chunks):
             chunk = wl._chunks[c % len(wl._chunks)][:, :length]
-            sums["fp32 model"] += decode_nll(wl.model, chunk, args.prompt, model_stepper(wl.model))[0]
-            nq, pq = decode_nll(quant, chunk, args.prompt, model_stepper(quant))
-            sums["quantized model"] += nq
+            if args.engines_only:
+                pq = []
+            else:
+                sums["fp32 model"] += decode_nll(wl.model, chunk, args.prompt, model_stepper(wl.model))[0]
+                nq, pq = decode_nll(quant, chunk, args.prompt, model_stepper(quant))
+                sums["quantized model"] += nq
             total += len(pq)
             for kv, decoder in decoders.items():  # token i sits at the engine's position i
                 ne, pe = decode_nll(quant, chunk, args.prompt, engine_stepper(quant, decoder, length))
@@ -104,13 +109,13 @@ def main() -> int:
     n = args.chunks * (args.tokens - 1)
     print(f"pipeline: {args.pipeline}; engine scales {args.scales}; {args.chunks} chunks, prompt {args.prompt}, "
           f"{args.tokens} teacher-forced tokens each")
-    ppl = {name: math.exp(s / n) for name, s in sums.items()}
+    ppl = {name: math.exp(s / n) for name, s in sums.items() if s or not args.engines_only}
     for name, value in ppl.items():
         print(f"  decode perplexity, {name:24s}: {value:.4f}")
     for kv in kvs:
         rt = weights.runtime(1, 1, kv=kv)
-        print(f"  {kv} cache: {rt.kv_bytes_per_token} bytes a token; top-1 agreement with the quantized model "
-              f"{agree[kv] / total:.4f} ({agree[kv]}/{total})")
+        agreement = f"; top-1 agreement with the quantized model {agree[kv] / total:.4f} ({agree[kv]}/{total})" if total else ""
+        print(f"  {kv} cache: {rt.kv_bytes_per_token} bytes a token{agreement}")
     if len(kvs) > 1:
         base = ppl[f"engine, {kvs[0]} cache"]
         for kv in kvs[1:]:
