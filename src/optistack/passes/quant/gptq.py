@@ -52,7 +52,7 @@ class GptqConfig(Int4Config):
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = False
-    clip: bool = False  # search each group's range (AWQ's clipping search, judged by the group's H block)
+    clip: bool = True  # search each group's range (AWQ's clipping search, judged by the group's H block)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -165,7 +165,8 @@ def calibrate_and_round(model: Any, batches: list, layers: dict[str, Any], round
                         for n in mine:
                             round_layer(n, hs.sums[n])
                             done.add(n)
-                    inputs = [with_hidden(inp, _output(block(*inp[0], **inp[1]))) for inp in inputs]
+                    if block is not blocks[-1]:  # the rounded block gives the next one its inputs
+                        inputs = [with_hidden(inp, _output(block(*inp[0], **inp[1]))) for inp in inputs]
                     advance()
         del inputs
         rest = {n: m for n, m in layers.items() if n not in done}
