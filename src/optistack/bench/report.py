@@ -51,6 +51,7 @@ class Step:
     peak_memory_bytes: int | None = None
     model_bytes: int | None = None
     apply_seconds: float | None = None
+    peak_rss_bytes: int | None = None  # the process's resident high-water mark (VmHWM) when the step ended
     first_call_ms: float | None = None  # includes compilation for lazily compiled forms
     extra: dict[str, Any] = field(default_factory=dict)  # workload extras: TTFT, tokens/s, ... (+ raw "samples")
     info: dict[str, Any] = field(default_factory=dict)  # what the pass said it did

@@ -78,6 +78,9 @@ class ConfiguredPass:
     # A control that exists to be measured although it changes nothing (identity checks the benchmark);
     # any other pass returning `modified=False` ends its step skipped ("nothing to change").
     measure_unmodified: ClassVar[bool] = False
+    # True: it never writes into a tensor of its input (it swaps in new modules/parameters), so the
+    # runner may hand it a copy that shares the tensors (`core.model_copy`); default: a deep copy.
+    copy_on_write: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig | None = None, **options: Any) -> None:
         if config is not None and options:
