@@ -47,7 +47,9 @@ def cmd_run(args) -> int:
     if scenario is not None:  # stock vs optimized under MLPerf LoadGen; the report gains its `scenario` section
         run_cli_scenario(args, workload, result, scenario)
     _write_outputs(result.report, args)
-    if args.save:  # after the report: a model transformers cannot load still leaves the report written
+    if args.save and getattr(args, "save_format", "hf") == "gguf":  # one file llama.cpp / ollama run
+        print(f"saved (llama.cpp loadable): {result.save_gguf(args.save).summary()}", file=sys.stderr)
+    elif args.save:  # after the report: a model transformers cannot load still leaves the report written
         print(f"saved (transformers / vLLM loadable): {result.save_pretrained(args.save)}", file=sys.stderr)
     return 0
 
@@ -210,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the model's task when config.json's architectures do not tell")
         p.add_argument("--save", help="write the final model here as a Hugging Face folder (compressed-tensors for "
                                       "int4/int8/fp8) that transformers and vLLM load")
+        p.add_argument("--save-format", choices=("hf", "gguf"), default="hf",
+                       help="hf: the folder above; gguf: one .gguf file llama.cpp runs (Llama-family models; int4 -> "
+                            "Q4_0/Q4_1, int8 -> Q8_0), see docs/gguf.md")
         p.add_argument("--pipeline", required=pipeline_required, default=None,
                        help='e.g. "int8-dynamic,compile" or a preset, "@llm-decode" (see `optistack presets`)')
         p.add_argument("--max-accuracy-drop", type=float, default=DEMO_BUDGET if not pipeline_required else None,

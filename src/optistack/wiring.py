@@ -42,6 +42,13 @@ class RunResult:
 
         return save_pretrained(path, self, **options)
 
+    def save_gguf(self, path: Any, **options: Any) -> Any:
+        """Write a Llama-family model as one GGUF file llama.cpp runs (int4 -> Q4_0/Q4_1, int8 -> Q8_0,
+        float -> F16/F32, tokenizer included); see optistack.checkpoints.gguf_out."""
+        from .checkpoints import save_gguf
+
+        return save_gguf(path, self, **options)
+
     def __repr__(self) -> str:
         return f"<RunResult pipeline={str(self.pipeline)!r} final_speedup={self.report.final_speedup}>"
 

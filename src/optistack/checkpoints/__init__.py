@@ -5,6 +5,7 @@ Quantized layers (int4, int8, fp8) are written in compressed-tensors' form with 
 with none (pruned, LoRA-merged, cast) becomes a plain transformers folder. Either way the tokenizer
 goes beside it. Forms only optistack runs (fused kernels, ONNX, engines) are refused with a pointer
 to `result.save(dir)` / `optistack.load_model`. The model is only read, never changed.
+`save_gguf` writes one GGUF file for llama.cpp instead (gguf_out.py).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 from ..core.modeling import unwrap_compiled
 
-__all__ = ["CheckpointError", "save_pretrained"]
+__all__ = ["CheckpointError", "save_gguf", "save_pretrained"]
 
 
 def __getattr__(attr: str) -> Any:
@@ -21,6 +22,10 @@ def __getattr__(attr: str) -> Any:
         from .compressed_tensors import CheckpointError
 
         return CheckpointError
+    if attr == "save_gguf":  # lazy, like CheckpointError: gguf and torch load on first use
+        from .gguf_out import save_gguf
+
+        return save_gguf
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
