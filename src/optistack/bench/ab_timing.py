@@ -5,9 +5,10 @@
   the same batches). A model that caches outputs for repeated inputs therefore gains nothing; scoring
   uses the workload's evaluation data, which the stream never serves.
 - `reference_copy`: speedups are measured against a deep copy of the original, not the original
-  itself. Every candidate is built from a copy too, so both sides of an A/B pair had their weights
-  allocated the same way (a model loaded from disk may sit in file-backed or differently aligned pages
-  that a fresh copy does not share).
+  itself, so both sides of an A/B pair had their weights allocated the same way (a model loaded from
+  disk may sit in file-backed or differently aligned pages that a fresh copy does not share). A model
+  over `REFERENCE_COPY_MAX_BYTES` is timed as itself: the copy would raise the run's peak memory by the
+  whole model, where the runner keeps it to the original plus what the passes replace.
 - `measure_noise_floor`: an A/A comparison of the original against that copy, before any pass; a step
   whose speedup stays inside this floor reads "no measurable change".
 """
@@ -88,15 +89,21 @@ def _free_bytes(device: str) -> int | None:
         return None
 
 
-def reference_copy(model: Any, size_bytes: int, device: str = "cpu") -> tuple[Any, str]:
-    """(a deep copy of `model`, how it was made), or (`model` itself, why not) when a copy cannot be made
-    or would take more than half the free memory."""
+REFERENCE_COPY_MAX_BYTES = 1 << 30  # 1 GiB: larger models are their own reference (bounded memory)
+
+
+def reference_copy(model: Any, size_bytes: int | None, device: str = "cpu") -> tuple[Any, str]:
+    """(a deep copy of `model`, how it was made), or (`model` itself, why not) when a copy cannot be made,
+    would take more than half the free memory, or the model is over `REFERENCE_COPY_MAX_BYTES`."""
     import torch
 
     if not isinstance(model, torch.nn.Module):
         return model, f"the original itself (a {type(model).__name__} is not copied)"
+    if size_bytes is not None and size_bytes > REFERENCE_COPY_MAX_BYTES:
+        return model, (f"the original itself (a copy of a model over {REFERENCE_COPY_MAX_BYTES >> 20} MiB would "
+                       "raise the run's peak memory by its whole size)")
     free = _free_bytes(device)
-    if free is not None and size_bytes > free // 2:
+    if free is not None and size_bytes is not None and size_bytes > free // 2:
         return model, "the original itself (a copy would take more than half the free memory)"
     try:
         return copy.deepcopy(model), "a deep copy of the original"

@@ -2,6 +2,9 @@
 
 The caller's model is never handed to a pass, so whatever a pass does (or however it fails), the
 original stays intact; a rejected, skipped or failed step leaves the run on the last good model.
+A pass that declares `copy_on_write = True` gets a copy that shares the tensors of the model before it
+(`core.model_copy`: only what it replaces is new memory), checked after it by a `TensorGuard`; every
+other pass gets a deep copy. Each step records the process's peak resident memory (`peak_rss_bytes`).
 Instruments talk back only by raising `outcome.Reject` from `after_pass`; the runner alone writes a
 step's status (see `core.outcome`). Core imports nothing above it: which workload a name means, which
 instruments run by default and what the report holds are wired in by the API layer
@@ -9,6 +12,7 @@ instruments run by default and what the report holds are wired in by the API lay
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
@@ -17,6 +21,7 @@ from typing import Any, Callable, Sequence
 from .deprecation import warn_deprecated
 from .errors import OptistackError, PassApplyError, PreconditionError
 from .instrument import RunState, notify
+from .model_copy import TensorGuard, peak_rss_bytes, shared_copy
 from .modeling import device_type as device_of  # noqa: F401  (wiring and search import it from here)
 from .outcome import APPLIED, FAILED, NOTHING_TO_CHANGE, REJECTED, SKIPPED, Outcome, Reject
 from .pass_protocol import COMPILED, MODULE, config_of, form_after, pass_text
@@ -32,6 +37,30 @@ def private_copy(model: Any, form: str) -> Any:
         return copy.deepcopy(model)
     except Exception as exc:
         raise OptistackError(f"cannot copy the {form} model to protect it from the pass: {exc}") from exc
+
+
+def pass_input(p: Any, model: Any, form: str) -> tuple[Any, TensorGuard | None]:
+    """(the model `p` is applied to, the guard of the tensors it shares with `model`): a copy-on-write
+    copy for a pass that declares `copy_on_write = True`, a deep copy (`private_copy`) for any other."""
+    if form not in (MODULE, COMPILED) or getattr(p, "copy_on_write", False) is not True:
+        return private_copy(model, form), None
+    try:
+        guard = TensorGuard(model, f"pass '{getattr(p, 'name', type(p).__name__)}'")
+        return shared_copy(model), guard
+    except Exception as exc:
+        raise OptistackError(f"cannot copy the {form} model to protect it from the pass: {exc}") from exc
+
+
+def check_guard(p: Any, guard: TensorGuard | None) -> None:
+    """A copy-on-write pass that wrote into a tensor it shares with the model before it has broken its
+    promise: a `PassApplyError` naming the tensors, so its result is discarded."""
+    changed = guard.changed() if guard is not None else []
+    if changed:
+        names = ", ".join(changed[:3]) + (f" (+{len(changed) - 3} more)" if len(changed) > 3 else "")
+        raise PassApplyError(
+            f"pass '{p.name}' declares copy_on_write but changed {len(changed)} tensor(s) it shares with the "
+            f"model before it in place ({names}); its result is discarded. A pass that edits weights in place "
+            "must not declare copy_on_write (it then gets a deep copy)")
 
 
 def _not_run(p: Any, state: RunState) -> Outcome | None:
@@ -88,11 +117,15 @@ def _attempt(p: Any, step: Any, state: RunState, instruments: Sequence[Any]) -> 
     """Apply `p` to a private copy and let the instruments measure it: (outcome, candidate)."""
     try:
         notify(instruments, "before_pass", p, step, state)
-        model_in = private_copy(state.current, state.form)
+        model_in, guard = pass_input(p, state.current, state.form)
         ctx = dataclasses.replace(state.ctx, workload=WorkloadView(state.ctx.workload, model_in)) \
             if state.ctx.workload is not None else state.ctx
         started = time.perf_counter()
-        result = p.apply(model_in, ctx)
+        try:
+            with guard.protect() if guard is not None else contextlib.nullcontext():
+                result = p.apply(model_in, ctx)
+        finally:  # a broken promise outweighs whatever the pass raised
+            check_guard(p, guard)
         step.apply_seconds = time.perf_counter() - started
         if not all(hasattr(result, a) for a in ("model", "modified", "info")):
             raise PassApplyError(f"pass '{p.name}': apply must return PassResult(model, modified, info); "
@@ -134,6 +167,8 @@ def run_step(p: Any, step: Any, state: RunState, instruments: Sequence[Any]) -> 
                 f"pass '{p.name}' wrote into the caller's original model in place (passes get a private "
                 "copy; the original must not be touched); its result is discarded")), None
     outcome.write_to(step)
+    if hasattr(step, "peak_rss_bytes"):
+        step.peak_rss_bytes = peak_rss_bytes()
     if outcome.applied:
         state.current, state.form = candidate, form_after(p, state.form)
     elif outcome.status in (SKIPPED, FAILED):

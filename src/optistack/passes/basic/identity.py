@@ -10,6 +10,7 @@ class IdentityPass(ConfiguredPass):
     name = "identity"
     takes = frozenset({MODULE, COMPILED, ONNX, ENGINE})
     measure_unmodified = True  # a control: measured (and applied) although it changes nothing
+    copy_on_write = True  # changes nothing
 
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
         return PassResult(model, modified=False)

@@ -149,6 +149,7 @@ class FuseKernelsPass(ConfiguredPass):
     Config = FuseKernelsConfig
     takes = frozenset({MODULE})
     lossy = False
+    copy_on_write = True  # swaps in new layers, never writes into its input's tensors
 
     def requirements(self) -> Availability:
         if self.config.backend in ("auto", "torch"):

@@ -61,6 +61,7 @@ class Fp8Pass(ConfiguredPass):
     Config = Fp8Config
     takes = frozenset({MODULE})
     lossy = True
+    copy_on_write = True  # swaps in new layers, never writes into its input's tensors
 
     def _kernel(self, device: torch.device) -> tuple[str, str | None]:
         """("scaled_mm", None) where the fp8 matmul runs on this GPU, else ("emulated", why not or None)."""

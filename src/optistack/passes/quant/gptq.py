@@ -196,6 +196,7 @@ class GptqPass(ConfiguredPass):
     Config = GptqConfig
     takes = frozenset({MODULE})
     lossy = True
+    copy_on_write = True  # swaps in new layers, never writes into its input's tensors
 
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
         from .head import find_head, quantize_head

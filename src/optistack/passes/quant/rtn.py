@@ -103,6 +103,7 @@ class RtnInt4Pass(ConfiguredPass):
     Config = Int4Config
     takes = frozenset({MODULE})
     lossy = True
+    copy_on_write = True  # swaps in new layers, never writes into its input's tensors
 
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
         import torch
