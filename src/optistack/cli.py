@@ -47,11 +47,17 @@ def cmd_run(args) -> int:
     if scenario is not None:  # stock vs optimized under MLPerf LoadGen; the report gains its `scenario` section
         run_cli_scenario(args, workload, result, scenario)
     _write_outputs(result.report, args)
-    if args.save and getattr(args, "save_format", "hf") == "gguf":  # one file llama.cpp / ollama run
-        print(f"saved (llama.cpp loadable): {result.save_gguf(args.save).summary()}", file=sys.stderr)
-    elif args.save:  # after the report: a model transformers cannot load still leaves the report written
-        print(f"saved (transformers / vLLM loadable): {result.save_pretrained(args.save)}", file=sys.stderr)
+    if args.save:  # after the report: a model transformers cannot load still leaves the report written
+        save_result(result, args.save, getattr(args, "save_format", "hf"))
     return 0
+
+
+def save_result(result, path: str, save_format: str) -> None:
+    """--save / --save-format: a Hugging Face folder (hf) or one GGUF file llama.cpp runs (gguf)."""
+    if save_format == "gguf":
+        print(f"saved (llama.cpp loadable): {result.save_gguf(path).summary()}", file=sys.stderr)
+    else:
+        print(f"saved (transformers / vLLM loadable): {result.save_pretrained(path)}", file=sys.stderr)
 
 
 def _print_tracebacks(report) -> None:

@@ -182,3 +182,31 @@ def test_other_architectures_and_shapes_are_refused(tmp_path):
         save_gguf(tmp_path / "n.gguf", tiny_llama())
     with pytest.raises(ValueError, match="float_type"):
         save_gguf(tmp_path / "n.gguf", tiny_llama(), float_type="bf16")
+
+
+def test_cli_save_format_gguf(model, tmp_path, capsys):
+    """`--save X --save-format gguf` after a run (the run itself is covered by test_cli_save.py)."""
+    from optistack.cli import build_parser, save_result
+    from optistack.wiring import RunResult
+
+    args = build_parser().parse_args(["run", "--pipeline", "identity", "--save", "m.gguf", "--save-format", "gguf"])
+    assert args.save_format == "gguf"
+    text = "rtn-int4{group_size=32}"
+    result = RunResult(_apply(model, text), None, model, Pipeline.parse(text))
+    save_result(result, str(tmp_path / "m.gguf"), args.save_format)
+    assert "int4 g32 asymmetric" in capsys.readouterr().err
+    fields, tensors = _read(tmp_path / "m.gguf")
+    assert fields["general.description"].endswith(text) and len(tensors) == 21
+    assert tensors["blk.0.ffn_up.weight"][0] == "Q4_1" and tensors["output.weight"][0] == "F16"  # head skipped
+
+
+def test_gptq_rounding_maps_the_same_way(model, tmp_path):
+    """GPTQ changes which codes are chosen, not the grid: its layers map onto Q4_1 as exactly."""
+    from optistack.testing import tiny_llama_workload
+
+    wl = tiny_llama_workload(model, vocab_size=model.config.vocab_size)
+    ours = Pipeline.parse("gptq{group_size=32,calib_samples=2,calib_seq_len=16}").passes[0].apply(
+        copy.deepcopy(model), PassContext(workload=wl)).model
+    _, tensors = _read(save_gguf(tmp_path / "g.gguf", ours).path)
+    assert tensors["blk.0.attn_k.weight"][0] == "Q4_1"
+    _check_weights(ours, tensors, 2e-3)
