@@ -8,7 +8,7 @@ PIP    := $(BIN)/python -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-fast asan bench bench-peers clean
+.PHONY: setup demo test test-fast asan wheel wheel-check bench bench-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,19 @@ asan: setup
 	OPTISTACK_SANITIZE=address LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:new_delete_type_mismatch=0 \
 	$(BIN)/python -m pytest -p no:cacheprovider tests/kernels/test_llama_engine.py tests/kernels/test_engine_kv_int8.py tests/kernels/test_engine_half_scales.py tests/kernels/test_int8_kernel.py tests/kernels/test_cpu_kernels.py -q
+
+# A wheel carrying the C++ kernels, built by setup.py for each x86-64 variant against the pinned torch
+# (isolated: pip installs pyproject's build requirements, torch==2.13.0 included; the CPU build must be
+# reachable, e.g. PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu). Minutes per variant on 2 cores.
+wheel: setup
+	rm -rf dist/optistack-*.whl
+	$(BIN)/python -m build --wheel --outdir dist .
+
+# That wheel installed in a clean venv with no compiler on PATH: the decode engine runs, every variant this
+# CPU runs matches the reference, nothing compiles, another torch is refused (tests/test_wheel_kernels.py;
+# too slow for `make test`, which checks the dispatch logic in tests/kernels/test_prebuilt.py).
+wheel-check: wheel
+	OPTISTACK_WHEEL="$$(ls dist/optistack-*.whl)" $(BIN)/python -m pytest -p no:cacheprovider tests/test_wheel_kernels.py -v
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"

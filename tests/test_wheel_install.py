@@ -29,8 +29,8 @@ OPTIONAL_MODULES = ("transformers", "torchao", "onnx", "onnxruntime", "rich", "m
                     "optuna", "triton", "tensorrt")
 
 
-def _run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "HF_HUB_OFFLINE": "1"}
+def _run(cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     env.pop("PYTHONPATH", None)  # nothing from this checkout may leak into the clean venv
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and proc.returncode != 0:
@@ -48,20 +48,22 @@ def _setuptools_builds_wheels() -> bool:
     return (major, minor) >= (70, 1)
 
 
-def _build_wheel(tmp: Path) -> Path:
+def _build_wheel(tmp: Path, kernels: bool = False) -> Path:
     """Build from a copy of the tree, so the checkout gets no build/ or egg-info and parallel runs don't clash.
 
     Without isolation when this venv's setuptools can build wheels alone (>= 70.1, no `wheel` package
-    needed): an isolated build installs setuptools into a fresh environment on every run.
+    needed): an isolated build installs setuptools and torch into a fresh environment on every run.
+    Without the prebuilt kernels unless `kernels` (compiling them takes many minutes: test_wheel_kernels.py).
     """
     src = tmp / "src-copy"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "*.so")
     shutil.copytree(ROOT / "src", src / "src", ignore=ignore)
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, src / name)
     isolation = ["--no-isolation", "--skip-dependency-check"] if _setuptools_builds_wheels() else []
-    _run([sys.executable, "-m", "build", "--wheel", *isolation, "--outdir", str(tmp / "dist"), str(src)], cwd=tmp)
+    env = {"OPTISTACK_PREBUILT": "1" if kernels else "0"}
+    _run([sys.executable, "-m", "build", "--wheel", *isolation, "--outdir", str(tmp / "dist"), str(src)], cwd=tmp, env=env)
     (wheel,) = (tmp / "dist").glob("optistack-*.whl")
     return wheel
 

@@ -39,25 +39,41 @@ def is_x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
 
+# The instruction-set levels the kernels are written for, best first: (level, the /proc/cpuinfo flags it
+# needs, compiler flags). The JIT build picks the first the CPU has; the wheel carries one build per level
+# (prebuilt.py), picked the same way at load time.
+ISA_LEVELS: tuple[tuple[str, frozenset[str], tuple[str, ...]], ...] = (
+    ("avx512-bf16", frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}),
+     ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c")),
+    ("avx512", frozenset({"avx512f", "avx512bw", "avx512vl"}), ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c")),
+    ("avx2", frozenset({"avx2", "fma"}), ("-mavx2", "-mfma", "-mf16c")),
+    ("portable", frozenset(), ()),
+)
+# int16 dot products for the int8 kernel (vpdpwssd; vpmaddwd without it), added to the AVX-512 levels
+VNNI_FLAG, VNNI_CFLAG = "avx512_vnni", "-mavx512vnni"
+
+
+def isa_levels(flags: set[str] | frozenset[str]) -> list[tuple[str, list[str]]]:
+    """(level, compiler flags) of every level a CPU with these flags runs, best first (no cap applied)."""
+    levels = [(name, list(cflags)) for name, need, cflags in ISA_LEVELS if need <= flags]
+    if VNNI_FLAG in flags:
+        levels = [(name, [*f, VNNI_CFLAG] if name.startswith("avx512") else f) for name, f in levels]
+    return levels
+
+
+def isa_cap() -> str | None:
+    """$OPTISTACK_CPU_ISA (avx512-bf16|avx512|avx2|portable): the best level to use, e.g. to test the AVX2 path."""
+    return os.environ.get("OPTISTACK_CPU_ISA") or None
+
+
 def x86_isa_flags(flags: set[str] | None = None) -> tuple[str, list[str]]:
-    """(level, compiler flags) for the best instruction set this CPU has that the kernels use.
-    $OPTISTACK_CPU_ISA (avx512-bf16|avx512|avx2|portable) caps it, e.g. to test the AVX2 path."""
-    flags = cpu_flags() if flags is None else flags
-    levels = []
-    if {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= flags:
-        levels.append(("avx512-bf16", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c"]))
-    if {"avx512f", "avx512bw", "avx512vl"} <= flags:
-        levels.append(("avx512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"]))
-    if {"avx2", "fma"} <= flags:
-        levels.append(("avx2", ["-mavx2", "-mfma", "-mf16c"]))
-    levels.append(("portable", []))
-    if "avx512_vnni" in flags:  # int16 dot products for the int8 kernel (vpdpwssd); vpmaddwd without it
-        levels = [(name, [*f, "-mavx512vnni"] if name.startswith("avx512") else f) for name, f in levels]
-    cap = os.environ.get("OPTISTACK_CPU_ISA")
-    if cap:
-        names = [name for name, _ in levels]
-        if cap in names:
-            levels = levels[names.index(cap):]
+    """(level, compiler flags) for the best instruction set this CPU has that the kernels use, under
+    $OPTISTACK_CPU_ISA's cap."""
+    levels = isa_levels(cpu_flags() if flags is None else flags)
+    cap = isa_cap()
+    names = [name for name, _ in levels]
+    if cap in names:
+        levels = levels[names.index(cap):]
     return levels[0]
 
 

@@ -1,7 +1,8 @@
-"""Backend "cpu-cpp": vectorized C++ kernels (AVX-512 / AVX2) built on first use, ops in `torch.ops.optistack_cpu`.
+"""Backend "cpu-cpp": vectorized C++ kernels (AVX-512 / AVX2), ops in `torch.ops.optistack_cpu`.
 
-Same functions as `reference.py`. Sources are in optistack/csrc/cpu/; `ensure_built()` compiles them
-once per source/flags/torch version into the persistent cache (see build.py) and registers fake
+Same functions as `reference.py`. Sources are in optistack/csrc/cpu/; `ensure_built()` loads the build an
+installed wheel carries for this CPU (prebuilt.py), else compiles them once per source/flags/torch
+version into the persistent cache (see build.py: the development path), and registers fake
 implementations so the ops trace under torch.compile. Inputs the kernels do not take (other dtypes,
 other devices) go to the reference implementation, so every function here always answers.
 """
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.requirements import Availability
-from . import build, reference
+from . import build, prebuilt, reference
 
 BACKEND = "cpu-cpp"
 SOURCES = ["ops.cpp", "bindings.cpp", "norm_act.cpp", "int4_gemm.cpp", "int4_dequant.cpp", "int8_gemm.cpp",
@@ -45,12 +46,16 @@ def _paths(names: list[str]) -> list[Path]:
     return [build.CSRC / "cpu" / n for n in names]
 
 
+# -fopenmp: at::parallel_for is an inline OpenMP region, compiled serial without it. The extension
+# then links libgomp.so.1, which resolves to the copy torch already loaded (one thread pool).
+BASE_CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+
+
 def _flags() -> tuple[str, list[str]]:
     level, isa = build.x86_isa_flags()
-    # -fopenmp: at::parallel_for is an inline OpenMP region, compiled serial without it. The extension
-    # then links libgomp.so.1, which resolves to the copy torch already loaded (one thread pool).
     profile = ["-DOPTISTACK_ENGINE_PROFILE"] if os.environ.get("OPTISTACK_ENGINE_PROFILE") == "1" else []
-    return level, ["-O3", "-fno-math-errno", "-fopenmp", *isa, *_sanitizer(), *profile]
+    return level, [*BASE_CFLAGS, *isa, *_sanitizer(), *profile]
 
 
 def _sanitizer() -> list[str]:
@@ -63,13 +68,17 @@ def _sanitizer() -> list[str]:
 
 
 def available() -> Availability:
-    """Cheap: never builds. Not ok without a C++ compiler, off x86, or after a failed build."""
+    """Cheap: never builds. Ok with a prebuilt library for this CPU and torch (an installed wheel); else
+    not ok without a C++ compiler, off x86, or after a failed build."""
     if "error" in _state:
         return Availability.no(f"the C++ CPU kernels failed to build: {_state['error']}")
     if not build.is_x86():
         return Availability.no(f"the C++ CPU kernels target x86 (AVX2/AVX-512); this CPU is {build.platform.machine()}")
+    choice = prebuilt.cpu_choice()
+    if choice.path is not None:
+        return Availability.yes()
     if build.find_cxx() is None:
-        return Availability.no("no C++ compiler found (install g++ or set $CXX) to build the C++ CPU kernels")
+        return Availability.no(choice.reason or "no C++ compiler found (install g++ or set $CXX) to build the C++ CPU kernels")
     if not all(p.exists() for p in _paths(SOURCES + HEADERS)):
         return Availability.no("the C++ CPU kernel sources are missing from this installation")
     return Availability.yes()
@@ -85,10 +94,13 @@ def ensure_built() -> None:
         avail = available()
         if not avail:
             raise RuntimeError(avail.reason)
-        _, flags = _flags()
+        choice = prebuilt.cpu_choice()
         try:
-            lib = build.build_and_load(BACKEND, "optistack_cpu", _paths(SOURCES), flags, _paths(HEADERS),
-                                       ["-fopenmp", *_sanitizer()])
+            if choice.path is not None:
+                lib = prebuilt.load_module(choice.path)
+            else:
+                lib = build.build_and_load(BACKEND, "optistack_cpu", _paths(SOURCES), _flags()[1], _paths(HEADERS),
+                                           [*LDFLAGS, *_sanitizer()])
         except Exception as exc:  # compiler errors arrive as long multi-line text
             lines = [ln.strip() for ln in str(exc).splitlines() if "error" in ln.lower()] or str(exc).splitlines() or [""]
             _state["error"] = lines[0][:300]

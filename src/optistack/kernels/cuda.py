@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..core.requirements import Availability
-from . import build
+from . import build, prebuilt
 
 BACKEND = "cuda"
 SOURCE_DIR = build.CSRC / "cuda"
@@ -48,6 +48,8 @@ def available() -> Availability:
                                "CUDA build of torch and a GPU")
     if not torch.cuda.is_available():
         return Availability.no("no CUDA GPU is visible to torch on this machine")
+    if prebuilt.cuda_choice().path is not None:  # an installed wheel built with nvcc: nothing to compile
+        return Availability.yes()
     if find_nvcc() is None:
         return Availability.no("nvcc not found (set CUDA_HOME); the CUDA kernels are compiled on first use")
     if shutil.which("ninja") is None:
@@ -85,6 +87,12 @@ def load_library() -> str:
             raise RuntimeError(f"optistack cuda kernels unavailable: {check.reason}")
         from torch.utils.cpp_extension import load
 
+        choice = prebuilt.cuda_choice()
+        if choice.path is not None:  # the wheel's build (a plain ops library, as below)
+            torch.ops.load_library(str(choice.path))
+            _register_fakes()
+            _state["path"] = str(choice.path)
+            return _state["path"]
         directory = build_directory()
         try:
             with build.build_lock(directory):
