@@ -19,7 +19,7 @@ from optistack.layers.int8 import Int8Linear
 from optistack.passes.quant import gptq_solver
 from optistack.passes.quant.gptq import calibration
 from optistack.passes.quant.mixed_precision import MixedPrecisionPass, stored_layer_bits
-from optistack.passes.quant.mixed_precision_probe import output_fisher, shared_inputs
+from optistack.passes.quant.mixed_precision_probe import loss_moments, shared_inputs
 from optistack.passes.quant.mixed_precision_select import Unit, select, stored_bits
 from optistack.passes.quant.rtn import RtnInt4Pass
 
@@ -79,27 +79,36 @@ def test_selection_keeps_the_budget_and_comes_close_to_brute_force(seed):
         assert got <= 1.1 * _best(units, bits * weights) + 1e-9, (bits, got)
 
 
-def test_loss_gradients_match_a_direct_autograd():
-    """f_i = mean over tokens of (dL/dy_i)^2, checked against the gradient of a zero added to one layer's output."""
+def test_loss_gradients_and_weighted_moments_match_a_direct_autograd():
+    """f_i = mean over tokens of (dL/dy_i)^2 and H = sum_t |g_t|^2 x_t x_t^T / sum_t |g_t|^2, checked against the
+    gradient of a zero added to one layer's output and the layer's input captured by a hook."""
     model = tiny_llama()
     batches, _ = calibration(model, CTX, MixedPrecisionPass(**PROBE).config, "test")
     name = "model.layers.1.mlp.down_proj"
     layer = model.get_submodule(name)
-    fisher, why = output_fisher(model, batches, {name: layer, "model.layers.0.self_attn.q_proj":
+    moments, why = loss_moments(model, batches, {name: layer, "model.layers.0.self_attn.q_proj":
                                                  model.model.layers[0].self_attn.q_proj})
     assert not why and all(p.grad is None for p in model.parameters())
     total, tokens = torch.zeros(layer.out_features, dtype=torch.float64), 0
+    h, a_sum = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64), 0.0
     for _, kwargs in batches:
         ids = kwargs["input_ids"]
         delta = torch.zeros(*ids.shape, layer.out_features, requires_grad=True)
-        handle = layer.register_forward_hook(lambda m, a, out: out + delta)
+        seen = []
+        handle = layer.register_forward_hook(lambda m, a, out: seen.append(a[0].detach()) or out + delta)
         logits_ = model(input_ids=ids, use_cache=False).logits
         handle.remove()
         loss = nn.functional.cross_entropy(logits_[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
         (g,) = torch.autograd.grad(loss, [delta])
-        total += g.reshape(-1, layer.out_features).double().pow(2).sum(0)
+        sq = g.reshape(-1, layer.out_features).double().pow(2)
+        total += sq.sum(0)
+        x = seen[0].reshape(-1, layer.in_features).double()
+        h += (x * sq.sum(1)[:, None]).t() @ x
+        a_sum += float(sq.sum())
         tokens += ids.numel()
-    assert torch.allclose(fisher[name], total / tokens, rtol=1e-3, atol=1e-12)
+    f, hw = moments[name]
+    assert torch.allclose(f, total / tokens, rtol=1e-3, atol=1e-12)
+    assert torch.allclose(hw.double(), h / a_sum, rtol=1e-3, atol=1e-6 * float((h / a_sum).abs().max()))
 
 
 def test_layers_reading_one_input_are_grouped():
@@ -192,3 +201,19 @@ def test_text_form_round_trips_and_the_search_takes_the_budget_as_a_dimension():
     assert Pipeline.parse(str(p)).passes == [p]
     variants = parse_candidates("mixed-precision{bits=4.25|4.5|5}")
     assert [v.config.bits for v in variants] == [4.25, 4.5, 5.0]
+
+
+def test_export_and_the_engine_say_why_they_cannot_take_int8_layers(tmp_path, monkeypatch):
+    """(`result.save` / `optistack.load_model` keep both layer types: examples/mixed_precision_smollm2.py.)"""
+    from optistack.checkpoints import save_pretrained
+    from optistack.checkpoints.compressed_tensors import CheckpointError
+    from optistack.kernels.llama_engine import unsupported
+    from optistack.passes.quant import head
+
+    monkeypatch.setattr(head, "int8_kernel", lambda: "torch")
+    model = MixedPrecisionPass(bits=5.5, method="rtn", **PROBE).apply(tiny_llama(), CTX).model
+    assert any(isinstance(m, Int8Linear) for m in model.modules())
+    with pytest.raises(CheckpointError, match="is a Int8Linear"):  # compressed-tensors has no such layer
+        save_pretrained(tmp_path / "hf", model)
+    why = unsupported(model)
+    assert why is not None and ("Int8Linear; the engine runs int4 projections" in why or "CPU" in why or "cpu" in why)

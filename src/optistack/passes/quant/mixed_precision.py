@@ -89,7 +89,7 @@ class MixedPrecisionPass(ConfiguredPass):
         import torch
 
         from .gptq import calibrate_and_round, calibration
-        from .mixed_precision_probe import output_fisher, shared_inputs
+        from .mixed_precision_probe import loss_moments, shared_inputs
         from .mixed_precision_select import BudgetError, Unit, select, sensitivities, stored_bits
 
         start = time.perf_counter()
@@ -106,18 +106,22 @@ class MixedPrecisionPass(ConfiguredPass):
         if cheapest > cfg.bits:  # before any calibration: nothing to measure if nothing fits
             raise self._too_low(cheapest)
         batches, calib_info = calibration(model, ctx, cfg, self.name)
-        fisher, why = (output_fisher(model, batches, layers) if cfg.sensitivity == "fisher"
-                       else (None, "sensitivity=output"))
+        moments, why = (loss_moments(model, batches, layers) if cfg.sensitivity == "fisher"
+                        else (None, "sensitivity=output"))
         groups = shared_inputs(model, batches[0], layers) if cfg.tie else [[n] for n in layers]
         sens: dict[str, dict[str, float]] = {}
 
-        def measure(name: str, hsum: Any) -> None:
+        def measure(name: str, h: Any, f: Any = None) -> None:
             w = weight_rows(layers[name]).detach()
-            f = fisher.get(name) if fisher is not None else None
-            sens[name] = sensitivities(w, hsum.hessian() / 2, f, choices, cfg.zero_mode, w.device)
+            sens[name] = sensitivities(w, h, f, choices, cfg.zero_mode, w.device)
 
         with torch.no_grad():
-            calibrate_and_round(model, batches, layers, measure, f"{self.name}: measuring")
+            if moments is not None:  # the loss-weighted H came with the gradients
+                for n, (f, h) in moments.items():
+                    measure(n, h, f)
+            else:  # block by block, as gptq calibrates: H = X^T X / n
+                calibrate_and_round(model, batches, layers, lambda n, hsum: measure(n, hsum.hessian() / 2),
+                                    f"{self.name}: measuring")
         units = [Unit(names, sum(weight_rows(layers[n]).numel() for n in names),
                       {c: sum(cost[n][c] for n in names) for c in choices},
                       {c: sum(sens[n][c] for n in names) for c in choices}) for names in groups]
@@ -128,7 +132,7 @@ class MixedPrecisionPass(ConfiguredPass):
         choice = {n: picked[i] for i, u in enumerate(units) for n in u.names}
         new = self._quantize(model, batches, layers, choice, plan)
         return PassResult(model, modified=True, info={
-            **self._info(units, picked, choice, new, layers, plan, why, fisher is not None), **calib_info,
+            **self._info(units, picked, choice, new, layers, plan, why, moments is not None), **calib_info,
             "quantize_seconds": round(time.perf_counter() - start, 2)})
 
     def _too_low(self, cheapest: float) -> PassApplyError:

@@ -18,29 +18,38 @@ def _logits(out: Any) -> torch.Tensor | None:
     return logits if isinstance(logits, torch.Tensor) and logits.ndim == 3 else None
 
 
-def output_fisher(model: Any, batches: list, layers: dict[str, Any]) -> tuple[dict[str, torch.Tensor] | None, str]:
-    """({layer: f [out]}, "") with f_i the mean over calibration tokens of (dL/dy_i)^2, L the summed
-    next-token cross-entropy; or (None, why not) for a model with no token loss. The float model only:
-    gradients are taken with respect to the layers' outputs (`autograd.grad`), so no parameter's
-    `.grad` is touched, and the input embeddings' output is made a graph leaf so it works whatever
-    the parameters' `requires_grad`."""
+def loss_moments(model: Any, batches: list, layers: dict[str, Any]) -> tuple[dict[str, tuple] | None, str]:
+    """({layer: (f [out], H [in, in])}, "") or (None, why not) for a model with no token loss.
+
+    With g_t = dL/dy_t the gradient of the summed next-token cross-entropy at token t of the layer's
+    output and x_t its input: f_i = mean_t g_ti^2, and H = sum_t a_t x_t x_t^T / sum_t a_t with
+    a_t = |g_t|^2, the inputs' second moments weighted by how much the loss cares about each token
+    (a token with huge activations but no say in the loss, like an attention sink, weighs little).
+    Together they give sum_t g_ti^2 (x_t . d)^2 ~= n f_i d^T H d, exact when g_ti^2 factors as
+    a_t * b_i. Gradients are taken with respect to the layers' outputs only (`autograd.grad`): no
+    parameter's `.grad` is touched, and the input embeddings' output is made a graph leaf, so it works
+    whatever the parameters' `requires_grad`."""
     import torch.nn.functional as F
+
+    from ..linears import features
 
     embed = getattr(model, "get_input_embeddings", lambda: None)()
     if not isinstance(embed, torch.nn.Module):
         return None, "the model has no input embeddings (no token loss to weigh the errors by)"
     if not batches or "input_ids" not in batches[0][1]:
         return None, "the calibration inputs are not token windows (no next-token loss)"
-    from ..linears import features
-
-    sums = {n: torch.zeros(features(m)[1], dtype=torch.float64) for n, m in layers.items()}
+    dims = {n: features(m) for n, m in layers.items()}
+    g2 = {n: torch.zeros(dims[n][1], dtype=torch.float64) for n in layers}
+    hw = {n: torch.zeros(dims[n][0], dims[n][0]) for n in layers}
+    weight = {n: 0.0 for n in layers}
+    ins: dict[str, torch.Tensor] = {}
     outs: dict[str, torch.Tensor] = {}
     tokens = 0
 
     def keep(name: str) -> Any:
-        def hook(_m: Any, _args: Any, out: Any) -> None:
+        def hook(_m: Any, args: tuple, out: Any) -> None:
             if isinstance(out, torch.Tensor) and out.requires_grad:
-                outs[name] = out
+                ins[name], outs[name] = args[0], out
         return hook
 
     def leaf(_m: Any, _args: Any, out: Any) -> Any:
@@ -54,6 +63,7 @@ def output_fisher(model: Any, batches: list, layers: dict[str, Any]) -> tuple[di
                 ids = kwargs["input_ids"]
                 for i in range(0, ids.shape[0], ROWS_PER_BACKWARD):
                     part = ids[i:i + ROWS_PER_BACKWARD]
+                    ins.clear()
                     outs.clear()
                     logits = _logits(model(*args, **{**kwargs, "input_ids": part}))
                     if logits is None:
@@ -61,16 +71,24 @@ def output_fisher(model: Any, batches: list, layers: dict[str, Any]) -> tuple[di
                     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), part[:, 1:].flatten(), reduction="sum")
                     names = list(outs)
                     grads = torch.autograd.grad(loss, [outs[n] for n in names], allow_unused=True)
-                    for n, g in zip(names, grads):
-                        if g is not None:
-                            sums[n] += g.detach().reshape(-1, g.shape[-1]).double().pow(2).sum(0).cpu()
+                    with torch.no_grad():
+                        for n, g in zip(names, grads):
+                            if g is None:
+                                continue
+                            sq = g.detach().reshape(-1, g.shape[-1]).float().pow(2)
+                            g2[n] += sq.sum(0).double().cpu()
+                            a = sq.sum(1)
+                            x = ins[n].detach().reshape(-1, ins[n].shape[-1]).float()
+                            hw[n] += ((x * a[:, None]).t() @ x).cpu()
+                            weight[n] += float(a.sum())
                     tokens += part.numel()
                     del logits, loss, grads
     finally:
         for h in handles:
             h.remove()
+        ins.clear()
         outs.clear()
-    return {n: s / max(tokens, 1) for n, s in sums.items()}, ""
+    return {n: (g2[n] / max(tokens, 1), hw[n] / max(weight[n], 1e-30)) for n in layers}, ""
 
 
 def shared_inputs(model: Any, batch: tuple, layers: dict[str, Any]) -> list[list[str]]:
