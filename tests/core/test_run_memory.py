@@ -1,6 +1,8 @@
 """Bounded memory per pass (core.model_copy): copy-on-write passes share what they leave, the rest get deep
 copies, a broken promise is refused or caught, and neither the original nor the last good model changes."""
 import hashlib
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,3 +145,24 @@ def test_the_guard_names_tensors_written_outside_its_protection():
         model.lm_head.weight.add_(1.0)  # outside protect() (a C++ extension's write is like this): seen after
     model.model.norm.weight = torch.nn.Parameter(model.model.norm.weight.detach().clone())  # a new object: fine
     assert guard.changed() == ["lm_head.weight"]
+
+
+def test_the_copy_on_write_example_runs():
+    example = Path(__file__).resolve().parents[2] / "examples" / "copy_on_write_pass.py"
+    try:
+        scope = runpy.run_path(str(example), run_name="__main__")  # it asserts its outcomes itself
+    finally:
+        for name in ("example-half-mlp", "example-scale-norms"):
+            unregister_pass(name)
+    assert "tried to write in place (mul_)" in scope["result"].report.steps[1].reason
+
+
+def test_awq_folds_its_scales_into_copies_of_the_blocks_and_shares_the_rest():
+    model = tiny_llama()
+    before = digest(model)
+    result = run("awq{calib_samples=2,calib_seq_len=8,n_grid=2,quantize=false}", model)
+    assert result.report.steps[0].status == "applied", result.report.steps[0].reason
+    assert digest(model) == before  # the caller's norms and linears are not the ones scaled
+    out = result.model
+    assert out.model.embed_tokens.weight is model.model.embed_tokens.weight
+    assert not torch.equal(out.model.layers[0].input_layernorm.weight, model.model.layers[0].input_layernorm.weight)

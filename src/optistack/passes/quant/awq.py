@@ -17,7 +17,10 @@ unchanged with the reason (`rtn-int4` needs no such table). Linear layers outsid
 `lm_head` when not skipped) get plain round-to-nearest.
 
 Calibration: the workload's calibration text (never its evaluation text), re-cut into
-`calib_samples` windows of `calib_seq_len` tokens and run as one batch.
+`calib_samples` windows of `calib_seq_len` tokens and run as one batch, block by block: only one
+block's inputs are held at a time, so calibration memory does not grow with depth. Each block is
+deep-copied before its scales are folded in (`own_block`), so the pass is copy-on-write: the runner
+hands it a copy that shares the model's tensors, and only the blocks it rewrites are new memory.
 """
 from __future__ import annotations
 
@@ -108,6 +111,18 @@ def progress_bar(total: int, label: str) -> Iterator[Callable[[], None]]:
         yield lambda: bar.advance(task)
 
 
+def own_block(blocks: Any, i: int, prefix: str, name_of: dict[int, str]) -> Any:
+    """Put a deep copy of block `i` in its place and return it: the scales fold into the copy's norms and
+    linears, so the model AWQ was given shares its tensors and keeps them (copy-on-write, one block at a
+    time: the extra memory is one float block, not the model)."""
+    import copy
+
+    block = copy.deepcopy(blocks[i])
+    blocks[i] = block
+    name_of.update({id(m): n for n, m in block.named_modules(prefix=prefix)})
+    return block
+
+
 class AwqPass(ConfiguredPass):
     """Activation-aware int4 weight quantization of decoder LMs in `awq_mappings.py`; needs calibration text."""
 
@@ -115,6 +130,7 @@ class AwqPass(ConfiguredPass):
     Config = AwqConfig
     takes = frozenset({MODULE})
     lossy = True
+    copy_on_write = True  # edits a deep copy of each block (`own_block`), never its input's tensors
 
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
         import torch
@@ -154,7 +170,8 @@ class AwqPass(ConfiguredPass):
         rtn_mse = awq_mse = 0.0
         scaled = 0
         with torch.no_grad(), progress_bar(len(blocks), f"{self.name}: calibrating blocks") as advance:
-            for block in blocks:
+            for i in range(len(blocks)):
+                block = own_block(blocks, i, f"{mapping.blocks}.{i}", name_of)
                 groups = [ScaleGroup(g.label, g.prev, g.linears, g.inspect, g.prev_rows)
                           for g in resolve_groups(mapping, block, model_cfg)]
                 full = {rel: name_of[id(m)] for g in groups for rel, m in g.linears.items()}
