@@ -9,7 +9,9 @@ chunks, llama.cpp's on the same ids (`llama_cpp_logits.py`, one fresh context pe
 position's logits), and 32 greedy tokens from the workload's 128-token prompt. The bar: within 1%.
 Also scored: the fp32 model written as F32 GGUF (the writer without quantization) and llama.cpp's own
 Q4_1 of that F32 file. Speed: llama.cpp decode tokens/s (n_batch=1, `llama_cpp_runner.py`) on our
-first GGUF and on its own quantization of the same ggml type, alternated twice; bar >= 0.95x.
+first GGUF and on its own quantization of the same ggml type, alternated twice; bar >= 0.95x
+(`OPTISTACK_GGUF_SPEED=0` skips it). llama.cpp gets `OPTISTACK_GGUF_THREADS` threads (default 1: its
+worker threads spin-wait, and on a loaded 2-core machine 2 threads ran ~100x slower than 1).
 Skipped with the reason where llama-cpp-python is not installed.
 """
 from __future__ import annotations
@@ -72,7 +74,7 @@ def test_gguf_in_llama_cpp(peer_settings, results_table, causal_lm_prompt, tmp_p
     from optistack.core.pipeline import Pipeline
     from optistack.generation import greedy_decode
 
-    threads = str(peer_settings["threads"])
+    threads = os.environ.get("OPTISTACK_GGUF_THREADS", "1")  # llama.cpp's threads spin: 2 on a loaded 2-core box crawl
     torch.set_num_threads(peer_settings["threads"])
     wl, prompt = causal_lm_prompt
     n_chunks = int(os.environ.get("OPTISTACK_GGUF_CHUNKS", "4"))
@@ -113,6 +115,8 @@ def test_gguf_in_llama_cpp(peer_settings, results_table, causal_lm_prompt, tmp_p
             table.ratios[f"llama.cpp / optistack perplexity, {text}"] = ratio
         del model
 
+    if os.environ.get("OPTISTACK_GGUF_SPEED", "1") == "0":
+        return
     ggml_type = written[0].file_type
     theirs = tmp_path / f"llama-cpp-{ggml_type}.gguf"
     q = _run("llama_cpp_logits.py", "quantize", "--model", str(f32.path), "--out", str(theirs), "--ftype",
