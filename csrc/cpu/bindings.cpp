@@ -44,6 +44,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("final_norm", &EngineSpec::final_norm)
       .def_readwrite("head_q", &EngineSpec::head_q)
       .def_readwrite("head_s", &EngineSpec::head_s)
+      .def_readwrite("head4", &EngineSpec::head4)
       .def_readwrite("layers", &EngineSpec::layers);
   py::class_<LlamaEngine>(m, "LlamaEngine")
       .def(py::init<const EngineSpec&, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t,
@@ -60,4 +61,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property("amx_rows", &LlamaEngine::amx_rows, &LlamaEngine::set_amx_rows)
       .def_property("amx_batch", &LlamaEngine::amx_batch, &LlamaEngine::set_amx_batch);
   m.def("amx_supported", &amx_supported);
+  m.def("q4_linear", &q4_linear, py::arg("x"), py::arg("q"), py::arg("s"), py::arg("zc"), py::arg("bias"),
+        py::arg("path"), py::call_guard<py::gil_scoped_release>());
 }

@@ -87,6 +87,12 @@ float int8_quantize_f32(const float* x, int64_t K, int64_t Kp, int16_t* out);
 void int8_rows_f32(const int8_t* qw, const float* sc, int64_t K, const int16_t* xq, int64_t Kp, const float* sx,
                    int64_t M, int64_t n0, int64_t n1, float* y, int64_t N);
 
+// y = x @ w.T (+ bias) for float32 x [M, K] on an engine-layout projection (q4_linear.cpp): path 0 the VNNI rows
+// with int16 activations, 1 with int8 ones, 2 AMX-BF16 tiles. What the model's own projections run once they
+// share the engine's weights.
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const at::Tensor& zc,
+                     const at::Tensor& bias, int64_t path);
+
 // ---------------------------------------------------------------- what an engine is built from, by name
 // One int4 projection: codes uint8 [N, K/2], unit scale and zc [N, K/64] (both float32 or both float16), bias
 // float32 [N] or empty.
@@ -106,6 +112,7 @@ struct EngineSpec {
   int64_t hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, intermediate = 0, vocab = 0;
   double eps = 1e-6;
   at::Tensor embed, final_norm, head_q, head_s;
+  Q4Proj head4;  // an int4 head in the engine layout (int16 activations); when set, head_q and head_s are unused
   std::vector<EngineLayer> layers;
 };
 
@@ -162,8 +169,10 @@ class LlamaEngine {
   bool act16;
   enum KvType { KV_F32 = 0, KV_F16 = 1, KV_I8 = 2 } kv_type;
   std::vector<at::Tensor> keep;  // holds every tensor the pointers below point into
-  const float *embed, *final_norm, *head_s, *cos, *sin;
-  const int8_t* head_q;
+  const float *embed, *final_norm, *head_s = nullptr, *cos, *sin;
+  const int8_t* head_q = nullptr;
+  bool head_int4 = false;
+  Q4Weight head4w;
   void *kc, *vc;  // float32, float16 (half the bytes attention reads) or int8 codes (a quarter, plus scales)
   float *ks = nullptr, *vs = nullptr;  // int8 codes' scale per (layer, slot, head, position)
   std::vector<Layer> layers;

@@ -57,11 +57,17 @@ LlamaEngine::LlamaEngine(const EngineSpec& spec, at::Tensor cos_t, at::Tensor si
               "head size that is a multiple of 32 up to 256");
   embed = f32(spec.embed, V * H, "embed");
   final_norm = f32(spec.final_norm, H, "final_norm");
-  TORCH_CHECK(spec.head_q.defined() && spec.head_q.scalar_type() == at::kChar && spec.head_q.is_contiguous() &&
-                  spec.head_q.numel() == V * H,
-              "optistack_cpu.LlamaEngine: head_q must be contiguous int8 [V, H]");
-  head_q = spec.head_q.data_ptr<int8_t>();
-  head_s = f32(spec.head_s, V, "head_s");
+  head_int4 = spec.head4.q.defined() && spec.head4.q.numel() > 0;
+  if (head_int4) {  // an int4 head in the engine layout: head_q and head_s are not read (may be empty)
+    head4w = q4(spec.head4, V, H, "head4", keep);
+    TORCH_CHECK(!head4w.bias, "optistack_cpu.LlamaEngine: the head has no bias");
+  } else {
+    TORCH_CHECK(spec.head_q.defined() && spec.head_q.scalar_type() == at::kChar && spec.head_q.is_contiguous() &&
+                    spec.head_q.numel() == V * H,
+                "optistack_cpu.LlamaEngine: head_q must be contiguous int8 [V, H] (or head4 an int4 head)");
+    head_q = spec.head_q.data_ptr<int8_t>();
+    head_s = f32(spec.head_s, V, "head_s");
+  }
   TORCH_CHECK(k_cache.dim() == 5 && k_cache.size(0) == L && k_cache.size(2) == Hkv && k_cache.size(4) == D &&
                   k_cache.size(1) >= 1 && k_cache.size(3) >= 1,
               "optistack_cpu.LlamaEngine: k_cache must be [L=", L, ", slots, Hkv=", Hkv, ", positions, D=", D, "]");
@@ -89,7 +95,7 @@ LlamaEngine::LlamaEngine(const EngineSpec& spec, at::Tensor cos_t, at::Tensor si
     keep.push_back(v_scale);
   }
   for (const at::Tensor& t : {spec.embed, spec.final_norm, spec.head_q, spec.head_s, cos_t, sin_t, k_cache, v_cache})
-    keep.push_back(t);
+    if (t.defined()) keep.push_back(t);
   const int64_t Nqkv = (Hq + 2 * Hkv) * D;
   for (int64_t l = 0; l < L; ++l) {
     const EngineLayer& e = spec.layers[l];
@@ -158,11 +164,12 @@ void LlamaEngine::ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx
   x.assign(N * H, 0.f); xn.assign(N * H, 0.f); qkv.assign(N * Nqkv, 0.f); attn.assign(N * Hq * D, 0.f);
   gu.assign(N * 2 * I, 0.f); act.assign(N * I, 0.f);
   q8.assign(N * U * 64 + 64, 0); sxp.assign(N * U * 8 + 16, 0.f); sx.assign(N * U, 0.f); xsum.assign(N * U, 0.f);
-  if (act16) x16.assign(N * U * 64, 0);
+  const bool q16_rows = act16 || head_int4;  // an int4 head takes int16 activations whatever act_bits is
+  if (q16_rows) x16.assign(N * U * 64, 0);
   xq.clear();
   for (int64_t b = 0; b < N; ++b)
     xq.push_back(XQ{q8.data() + b * U * 64, sxp.data() + b * U * 8, sx.data() + b * U, xsum.data() + b * U,
-                    act16 ? x16.data() + b * U * 64 : nullptr});
+                    q16_rows ? x16.data() + b * U * 64 : nullptr});
   rows_cap = N;
 }
 

@@ -20,6 +20,7 @@ REGISTERING = (
     "optistack.layers.int8",
     "optistack.layers.fp8",
     "optistack.kernels.modules",
+    "optistack.kernels.engine_linear",
     "optistack.passes.export.session",
     "optistack.passes.export.tensorrt",
     "optistack.passes.export.openvino",

@@ -45,8 +45,11 @@ def _int4_parts(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 def _projection_reason(name: str, lin: Any) -> str | None:
     from ..layers.int4 import Int4Linear
+    from .engine_linear import EngineInt4Linear
     from .modules import FusedInt4Linear
 
+    if isinstance(lin, EngineInt4Linear):  # already the engine's layout (a model that shares its weights)
+        return None
     if isinstance(lin, Int4Linear) or (isinstance(lin, FusedInt4Linear) and lin.backend == "cpu-cpp"):
         if lin.in_features % UNIT or lin.group_size % UNIT:
             return (f"{name} has {lin.in_features} input features in groups of {lin.group_size}; the engine "
@@ -105,7 +108,7 @@ def unsupported(model: Any) -> str | None:
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         return "the decode engine's head has no bias; this model's lm_head has one"
-    return None
+    return _projection_reason("lm_head", head) if _is_int4(head) else None
 
 
 def _units(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> list[torch.Tensor]:
@@ -119,16 +122,34 @@ def _units(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: 
             (z - 8 * s).repeat_interleave(rep, dim=1)[:, :units].contiguous()]
 
 
+def _as_is(w: torch.Tensor) -> torch.Tensor:
+    """A model's float32 parameter itself where the engine can read it (so a deep copy of the model and its
+    engine together still holds one copy: a Parameter's deepcopy clones its data, which a detached view of it
+    would not follow), else a float32 contiguous copy."""
+    return w if w.dtype == torch.float32 and w.is_contiguous() else w.detach().float().contiguous()
+
+
 def _norm(m: nn.Module) -> tuple[torch.Tensor, float]:
     eps = getattr(m, "variance_epsilon", None)
     eps = getattr(m, "eps", 1e-6) if eps is None else eps
-    return m.weight.detach().float().contiguous(), float(eps)
+    return _as_is(m.weight), float(eps)
+
+
+def _is_int4(lin: Any) -> bool:
+    from ..layers.int4 import Int4Linear
+    from .engine_linear import EngineInt4Linear
+    from .modules import FusedInt4Linear
+
+    return isinstance(lin, (Int4Linear, EngineInt4Linear)) or (isinstance(lin, FusedInt4Linear)
+                                                               and lin.backend == "cpu-cpp")
 
 
 def _head(model: Any) -> list[torch.Tensor]:
     from ..layers.int8 import Int8Linear
 
     head = model.get_output_embeddings()
+    if _is_int4(head):  # the int4 head is a projection in the engine layout (EngineWeights.head4)
+        return [torch.empty(0, dtype=torch.int8), torch.empty(0)]
     if isinstance(head, Int8Linear):
         return [head.qweight.contiguous(), head.scale.float().contiguous()]
     w = head.weight.detach().float()  # a float head is quantized per row, as head=int8 does
@@ -151,8 +172,13 @@ def _halved(s: torch.Tensor, zc: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 def _projection(lins: list[nn.Module], scales: str = "float32") -> "Q4Projection":
     """One engine projection: the rows of `lins` one after the other; unit scales and zc in `scales`
     (float16 where every unit's weights stay within 1% of a quantization step of float32's)."""
-    parts = [_int4_parts(lin) for lin in lins]
-    packed, s, zc = zip(*(_units(*p) for p in parts))
+    from .engine_linear import EngineInt4Linear
+
+    if all(isinstance(lin, EngineInt4Linear) for lin in lins):  # the engine's own layout already: no round trip
+        packed, s, zc = ([getattr(lin, a) for lin in lins] for a in ("q", "s", "zc"))
+        s, zc = [t.float() for t in s], [t.float() for t in zc]  # float16 -> float32 is exact
+    else:
+        packed, s, zc = zip(*(_units(*_int4_parts(lin)) for lin in lins))
     biases = [getattr(lin, "bias", None) for lin in lins]
     bias = torch.empty(0)
     if any(b is not None for b in biases):
@@ -232,6 +258,7 @@ class EngineWeights:
     rotary: Any = field(repr=False)
     head_quantized_here: bool = False
     max_positions: int | None = None  # the model's max_position_embeddings, when it says
+    head4: "Q4Projection | None" = None  # an int4 head (then head_q and head_s are empty)
 
     @classmethod
     def from_model(cls, model: Any, scales: str = "float32") -> "EngineWeights":
@@ -249,7 +276,7 @@ class EngineWeights:
         hq = config.num_attention_heads
         hkv = getattr(config, "num_key_value_heads", None) or hq
         d = getattr(config, "head_dim", None) or config.hidden_size // hq
-        emb = model.get_input_embeddings().weight.detach().float().contiguous()
+        emb = _as_is(model.get_input_embeddings().weight)
         final, eps = _norm(inner.norm)
         head_q, head_s = _head(model)
         blocks = []
@@ -263,14 +290,18 @@ class EngineWeights:
                 _projection([p["mlp.down_proj"]], scales)))
         inter = blocks[0].gate_up.out_features // 2 if blocks else 0
         dims = EngineDims(len(blocks), config.hidden_size, hq, hkv, d, inter, emb.shape[0])
-        quantized_here = not isinstance(model.get_output_embeddings(), Int8Linear)
+        head = model.get_output_embeddings()
+        head4 = _projection([head], scales) if _is_int4(head) else None
+        quantized_here = head4 is None and not isinstance(head, Int8Linear)
         return cls(dims, eps, emb, final, head_q, head_s, blocks, inner.rotary_emb, quantized_here,
-                   getattr(config, "max_position_embeddings", None))
+                   getattr(config, "max_position_embeddings", None), head4)
 
     @property
     def nbytes(self) -> int:
         """Bytes the engine's weights take (embedding, head and blocks)."""
         tensors = [self.embed, self.final_norm, self.head_q, self.head_s]
+        if self.head4 is not None:
+            tensors += [self.head4.q, self.head4.s, self.head4.zc]
         for b in self.blocks:
             tensors += [b.norm1, b.norm2] + [t for p in (b.qkv, b.o, b.gate_up, b.down) for t in (p.q, p.s, p.zc, p.bias)]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -286,6 +317,8 @@ class EngineWeights:
             d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate, d.vocab)
         s.eps = float(self.eps)
         s.embed, s.final_norm, s.head_q, s.head_s = self.embed, self.final_norm, self.head_q, self.head_s
+        if self.head4 is not None:
+            s.head4 = self.head4.native(lib)
         s.layers = [b.native(lib) for b in self.blocks]
         return s
 

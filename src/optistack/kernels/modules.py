@@ -166,16 +166,25 @@ class FusedGatedMLP(nn.Module):
 
 
 def _linear_spec(m: nn.Module) -> dict:
+    from .engine_linear import EngineInt4Linear
+
     if isinstance(m, FusedInt4Linear):
         return {"kind": "int4", **m.optistack_spec()}
+    if isinstance(m, EngineInt4Linear):  # decode-engine shared the engine's weights with the model
+        return {"kind": "engine-int4", **m.optistack_spec()}
     return {"kind": "linear", "in_features": m.in_features, "out_features": m.out_features,
             "bias": m.bias is not None, "dtype": str(m.weight.dtype).removeprefix("torch.")}
 
 
 def _linear_from_spec(spec: dict) -> nn.Module:
     spec = dict(spec)
-    if spec.pop("kind") == "int4":
+    kind = spec.pop("kind")
+    if kind == "int4":
         return FusedInt4Linear.from_optistack_spec(spec)
+    if kind == "engine-int4":
+        from .engine_linear import EngineInt4Linear
+
+        return EngineInt4Linear.from_optistack_spec(spec)
     return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], dtype=getattr(torch, spec["dtype"]))
 
 
@@ -205,7 +214,11 @@ def _fused_projection(v: Any) -> str | None:
         return record({"kind": choice("int4"), **_FUSED_INT4}, required_keys(_FUSED_INT4, ("layout",)))(v)
     if kind == "linear":
         return record({"kind": choice("linear"), **_FUSED_LINEAR}, required_keys(_FUSED_LINEAR))(v)
-    return f"must be a projection spec with kind 'int4' or 'linear', got {short(v)}"
+    if kind == "engine-int4":
+        from .engine_linear import ENGINE_INT4_FIELDS
+
+        return record({"kind": choice("engine-int4"), **ENGINE_INT4_FIELDS}, required_keys(ENGINE_INT4_FIELDS))(v)
+    return f"must be a projection spec with kind 'int4', 'engine-int4' or 'linear', got {short(v)}"
 
 
 register_module(FusedRMSNorm, {"hidden_size": FEATURES, "eps": number(0.0, 1.0), "backend": _BACKEND,

@@ -29,7 +29,10 @@ engine below `min_agreement`.
 
 The strategy is set as the model's `optistack_decode` hook and `generate()` is installed on the model,
 so `model.generate()`, `greedy_decode`, the causal-LM workloads and the report's decode tokens/s all
-use it, and `serving.EngineBackend` serves it with continuous batching; the weights are untouched. Where
+use it, and `serving.EngineBackend` serves it with continuous batching. The model's own int4 projections
+then become views of the engine's matrices (`share_weights`, kernels/engine_linear.py): one copy of the
+weights in the process, the model's forward running the engine's kernels (int16 activations, AMX-BF16 for
+many rows). Where
 the engine cannot run (another architecture, a float model, a CPU without VNNI) the step is skipped with
 the reason.
 """
@@ -62,6 +65,9 @@ class DecodeEngineConfig(PassConfig):
     # the int4 unit scales and zero terms: auto = float16 with act=int8 (36 bytes a 64-weight unit instead of 40,
     # each weight within 1% of a quantization step), float32 with act=int16 (the model's own weights, exactly)
     scales: Literal["auto", "float16", "float32"] = "auto"
+    # the model's own int4 projections become views of the engine's matrices (one copy of the weights in the
+    # process; they run the engine's kernels); false keeps them as they were, beside the engine's copy
+    share_weights: bool = True
     check_prompts: int = 2
     check_tokens: int = 32
     min_agreement: float = 0.9
@@ -78,13 +84,14 @@ def _unwrap(model: Any) -> Any:
 
 
 class DecodeEnginePass(ConfiguredPass):
-    """Sets the engine decode strategy; weights untouched, engine weights repacked beside them."""
+    """Sets the engine decode strategy; the model's projections then share the engine's repacked weights."""
 
     name = "decode-engine"
     Config = DecodeEngineConfig
     takes = frozenset({MODULE})
     lossy = True  # int8 activations in the decode step (see the module docstring)
     reapply_on_load = True  # the strategy is an attribute built from the weights, not a tensor
+    copy_on_write = True  # packs new engine tensors and swaps in new layers; never writes into its input's tensors
 
     def requirements(self) -> Availability:
         return need_packages("transformers", extra="hf")
@@ -112,7 +119,8 @@ class DecodeEnginePass(ConfiguredPass):
                                 "weight_mb": round(weights.nbytes / 2**20, 1),
                                 "build_s": round(time.perf_counter() - start, 3),
                                 "threads": torch.get_num_threads(),
-                                "head": "int8 (quantized by this pass)" if weights.head_quantized_here else "int8"}
+                                "head": "int4" if weights.head4 is not None else
+                                        "int8 (quantized by this pass)" if weights.head_quantized_here else "int8"}
         prompts = check_prompts(ctx, cfg.check_prompts, weights.dims.vocab) if cfg.check_prompts else []
         matches = compared = 0
         for prompt in prompts:
@@ -125,6 +133,11 @@ class DecodeEnginePass(ConfiguredPass):
             if matches / compared < cfg.min_agreement:
                 raise PassApplyError(f"decode-engine: the engine picks the model's own next token {matches} times in "
                                      f"{compared} (below min_agreement={cfg.min_agreement}); refused")
+        if cfg.share_weights:
+            from ...kernels.engine_linear import share_engine_weights
+
+            freed = share_engine_weights(_unwrap(model), weights)
+            info["model_weights"] = f"shared with the engine ({freed / 2**20:.1f} MB no longer held twice)"
         object.__setattr__(model, DECODE_ATTR, decoder)
         install_generate(model)  # the user's generate() decodes on the engine (generation/hf_generate.py)
         return PassResult(model, modified=True, info=info)

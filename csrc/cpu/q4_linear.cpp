@@ -1,0 +1,111 @@
+// y = x @ W.T (+ bias) for an int4 matrix in the decode engine's unit layout (int4_q8_gemv.cpp), for eager
+// model code. After `decode-engine` the model's own projections read the engine's weights, so the process
+// holds one copy of them (kernels/engine_linear.py). Paths: the engine's VNNI rows with int16 activations
+// (15 significant bits, the exact mode's numerics) or int8 ones, or, for many rows on a CPU with AMX, the
+// engine's AMX-BF16 tiles (activations rounded to bf16, as the model's own prefill kernels do).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "llama_decode.h"
+
+namespace optistack_cpu {
+
+namespace {
+
+constexpr int64_t PATH_INT16 = 0, PATH_INT8 = 1, PATH_AMX_BF16 = 2;
+
+// Rows [n0, n1) of N for worker `tid` of `nt`, in multiples of `align` (the kernels' row blocks).
+void rows_of(int64_t N, int64_t tid, int64_t nt, int64_t align, int64_t& n0, int64_t& n1) {
+  const int64_t per = ((N + nt - 1) / nt + align - 1) / align * align;
+  n0 = std::min(N, tid * per);
+  n1 = std::min(N, n0 + per);
+}
+
+Q4Weight weight_of(const at::Tensor& q, const at::Tensor& s, const at::Tensor& zc, const at::Tensor& bias, int64_t K) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() && q.size(1) * 2 == K,
+              "optistack_cpu.q4_linear: codes must be contiguous uint8 [N, ", K / 2, "] for ", K, " input features");
+  const int64_t N = q.size(0), units = N * (K / 64);
+  Q4Weight w;
+  w.q = q.data_ptr<uint8_t>();
+  w.N = N;
+  w.K = K;
+  const bool half = s.scalar_type() == at::kHalf;
+  TORCH_CHECK(s.scalar_type() == zc.scalar_type() && (half || s.scalar_type() == at::kFloat) && s.is_contiguous() &&
+                  zc.is_contiguous() && s.numel() == units && zc.numel() == units,
+              "optistack_cpu.q4_linear: scales and zc must both be contiguous float32 (or both float16) tensors of ",
+              units, " values");
+  if (half) {
+    w.s16 = reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>());
+    w.zc16 = reinterpret_cast<const uint16_t*>(zc.data_ptr<at::Half>());
+  } else {
+    w.s = s.data_ptr<float>();
+    w.zc = zc.data_ptr<float>();
+  }
+  if (bias.defined() && bias.numel()) {
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == N,
+                "optistack_cpu.q4_linear: bias must be a contiguous float32 tensor of ", N, " values");
+    w.bias = bias.data_ptr<float>();
+  }
+  return w;
+}
+
+}  // namespace
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const at::Tensor& zc,
+                     const at::Tensor& bias, int64_t path) {
+  TORCH_CHECK(llama_engine_supported(), "optistack_cpu.q4_linear: this build has no AVX512-VNNI");
+  TORCH_CHECK(path == PATH_INT16 || path == PATH_INT8 || path == PATH_AMX_BF16,
+              "optistack_cpu.q4_linear: path must be 0 (int16), 1 (int8) or 2 (AMX bf16), got ", path);
+  TORCH_CHECK(path != PATH_AMX_BF16 || amx_supported(), "optistack_cpu.q4_linear: this CPU has no AMX for path 2");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "optistack_cpu.q4_linear: x must be a contiguous float32 [M, K] tensor");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K > 0 && K % 64 == 0, "optistack_cpu.q4_linear: K must be a positive multiple of 64, got ", K);
+  const Q4Weight w = weight_of(q, s, zc, bias, K);
+  const int64_t N = w.N;
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 31) / 32));
+  if (path == PATH_AMX_BF16) {
+    const int64_t chunks = K / 32, tiles = (M + 15) / 16 * chunks, wbytes = K * 64 + 4096 + 64;
+    std::vector<uint16_t> packed(size_t(tiles) * 512);
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { amx_pack(xp, K, M, K, t0, t1, packed.data()); });
+    std::vector<uint8_t> wbuf(size_t(nt) * wbytes);
+    at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+      for (int64_t tid = b; tid < e; ++tid) {
+        int64_t n0, n1;
+        rows_of(N, tid, nt, 32, n0, n1);
+        if (n0 < n1) q4_rows_amx(w, packed.data(), M, n0, n1, yp, N, false, wbuf.data() + tid * wbytes);
+      }
+    });
+    return y;
+  }
+  const bool act16 = path == PATH_INT16;
+  const int64_t U = K / 64 + 1;  // a spare unit, as the engine's scratch has (unit pairs read past an odd count)
+  std::vector<int8_t> q8(size_t(M) * U * 64 + 64);
+  std::vector<float> sxp(size_t(M) * U * 8 + 16), sx(size_t(M) * U), xsum(size_t(M) * U);
+  std::vector<int16_t> q16(act16 ? size_t(M) * U * 64 : 0);
+  std::vector<XQ> xs;
+  xs.reserve(M);
+  for (int64_t m = 0; m < M; ++m)
+    xs.push_back(XQ{q8.data() + m * U * 64, sxp.data() + m * U * 8, sx.data() + m * U, xsum.data() + m * U,
+                    act16 ? q16.data() + m * U * 64 : nullptr});
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) act16 ? prep_q16(xp + m * K, K, xs[m]) : prep_q8(xp + m * K, K, xs[m]);
+  });
+  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+    for (int64_t tid = b; tid < e; ++tid) {
+      int64_t n0, n1;
+      rows_of(N, tid, nt, 4, n0, n1);
+      if (n0 < n1) q4_rows(w, xs.data(), M, n0, n1, yp, N, false, act16);
+    }
+  });
+  return y;
+}
+
+}  // namespace optistack_cpu
