@@ -98,6 +98,7 @@ def test_gguf_in_llama_cpp(peer_settings, results_table, causal_lm_prompt, tmp_p
             table.add(label, str(gguf.name), ggml_type=ggml_type, ppl_optistack=ours_ppl, status=r["status"])
             return None
         ratio = r["perplexity"] / ours_ppl
+        table.ratios[f"greedy tokens, llama.cpp vs optistack, {label}"] = _agreement(ours_tokens, r["greedy"])
         table.add(label, gguf.name, ggml_type=ggml_type, ppl_optistack=ours_ppl, ppl_llama_cpp=r["perplexity"],
                   ppl_ratio=ratio, greedy=_agreement(ours_tokens, r["greedy"]), status="ok")
         return ratio
