@@ -210,3 +210,31 @@ def test_gptq_rounding_maps_the_same_way(model, tmp_path):
     _, tensors = _read(save_gguf(tmp_path / "g.gguf", ours).path)
     assert tensors["blk.0.attn_k.weight"][0] == "Q4_1"
     _check_weights(ours, tensors, 2e-3)
+
+
+def test_fused_and_decode_engine_forms_write_what_the_int4_layers_write(tmp_path):
+    """`@llm-decode`'s model holds fuse-kernels' FusedInt4Linear (gate and up stacked) and decode-engine's
+    EngineInt4Linear views: its GGUF holds the same weights as the Int4Linear model's it came from."""
+    from optistack.kernels import cpu
+    from optistack.kernels.build import cpu_flags
+    from optistack.testing import tiny_llama
+
+    if not cpu.available() or "avx512_vnni" not in cpu_flags():
+        pytest.skip("the decode engine needs the C++ CPU kernels and AVX512-VNNI")
+    tok = tiny_tokenizer()
+    base = tiny_llama(vocab_size=len(tok), hidden_size=128, intermediate_size=256, max_position_embeddings=256)
+    plain = Pipeline.parse("rtn-int4{head=int8,zero_grid=float}").apply(base, PassContext()).model
+    fused = Pipeline.parse("fuse-kernels").apply(copy.deepcopy(plain), PassContext()).model
+    engine = Pipeline.parse("decode-engine{check_prompts=0,scales=float32}").apply(copy.deepcopy(fused),
+                                                                                    PassContext()).model
+    assert hasattr(fused.model.layers[0].mlp, "gate_up") and type(engine.model.layers[0].mlp.down_proj).__name__ \
+        == "EngineInt4Linear"
+    _, want = _read(save_gguf(tmp_path / "plain.gguf", plain, tokenizer=tok).path)
+    for name, m in (("fused", fused), ("engine", engine)):
+        written = save_gguf(tmp_path / f"{name}.gguf", m, tokenizer=tok)
+        _, got = _read(written.path)
+        assert sorted(got) == sorted(want), name
+        for key, (kind, w) in want.items():
+            assert got[key][0] == kind, (name, key)
+            assert np.abs(got[key][1] - w).max() <= 1e-3 * max(np.abs(w).max(), 1e-6), (name, key)
+    assert "decode engine" in written.summary()

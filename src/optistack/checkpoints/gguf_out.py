@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from ..core.modeling import unwrap_compiled
-from ..layers.int4 import Int4Linear, int4_parts
 from ..layers.int8 import Int8Linear
 from .compressed_tensors import CheckpointError
 from .gguf_blocks import dequantize_blocks, float_tensor, int4_blocks, int8_blocks, rope_rows
+from .gguf_int4 import RowSlice, int4_form, stacked_rows
 
 FLOAT_TYPES = {"f16": "F16", "f32": "F32"}
 FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16",
@@ -229,10 +229,10 @@ def _collect_tensors(model: Any, cfg: Any, float_kind: str) -> tuple[dict, list[
     embed = model.get_submodule("model.embed_tokens") if _has(model, "model.embed_tokens") else None
     with torch.no_grad():
         for prefix, name, heads in _modules(model, cfg):
-            if not _has(model, name):
+            module = model.get_submodule(name) if _has(model, name) else stacked_rows(model, name)
+            if module is None:
                 raise CheckpointError(f"{name} is missing: llama.cpp's llama graph needs {prefix}.weight")
-            module = model.get_submodule(name)
-            covered.add(name)
+            covered.add(name if not isinstance(module, RowSlice) else name.rpartition(".")[0] + ".gate_up")
             if prefix == "output" and _tied(module, embed):
                 continue  # llama.cpp reads the tied head from token_embd
             perm = rope_rows(_rows(module), heads) if heads else None
@@ -280,12 +280,12 @@ def _convert(name: str, module: Any, float_kind: str, is_norm: bool,
     def rows(t: torch.Tensor) -> torch.Tensor:
         return t[perm] if perm is not None else t
 
-    if isinstance(module, Int4Linear):
-        codes, scale, zero = int4_parts(module)
-        kind, data = int4_blocks(name, rows(codes.cpu()), rows(scale.cpu()), rows(zero.cpu()),
-                                 module.group_size, module.in_features)
+    form = int4_form(module)  # Int4Linear, fuse-kernels' and decode-engine's forms of it
+    if form is not None:
+        kind, data = int4_blocks(name, rows(form.codes), rows(form.scale), rows(form.zero), form.group_size,
+                                 form.in_features)
         grid = "symmetric" if kind == "Q4_0" else "asymmetric"
-        return kind, data, rows(module.dequantized_weight(torch.float32).cpu()), f"int4 g{module.group_size} {grid}"
+        return kind, data, rows(form.weight), f"{form.label} g{form.group_size} {grid}"
     if isinstance(module, Int8Linear):
         kind, data = int8_blocks(name, rows(module.qweight.cpu()), rows(module.scale.cpu()))
         return kind, data, rows(module.dequantized_weight(torch.float32).cpu()), "int8 per channel"
