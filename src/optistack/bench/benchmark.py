@@ -18,7 +18,7 @@ from typing import Any, Callable, ContextManager
 
 from ..core.deprecation import warn_deprecated
 from .ab_timing import caller, measure_noise_floor, timing_context
-from .allocator import allocator_state, steady_allocator
+from .allocator import allocator_state, for_transforms, steady_allocator
 from .gate import all_finite, score_keys
 from .memory import model_bytes, peak_memory
 from .report import Accuracy
@@ -96,8 +96,13 @@ class BenchmarkInstrument:
                                "noise_floor": tc.floor}
         state.scratch["samples"] = {"original": samples[name]}
 
+    def before_pass(self, p: Any, step: Any, state: Any) -> None:
+        for_transforms()  # the pass's temporaries go back to the OS (bench.allocator)
+
     def after_pass(self, p: Any, step: Any, candidate: Any, state: Any) -> None:
         wl, device, metric = state.workload, state.ctx.device, state.workload.metric
+        if self.timing.allocator == "steady":
+            steady_allocator()  # fixed again for the timing, as the baseline had it
         box: list[Any] = []
         first = self._run(state, candidate)  # not under the lock: it includes compilation, informational
         step.first_call_ms = time_call(lambda: box.append(first()), device)
