@@ -68,7 +68,7 @@ def ours(name: str, share: bool) -> dict:
             hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
             num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=2048, tie_word_embeddings=False)).eval()
     fp32 = sum(p.numel() * 4 for p in model.parameters())
-    model = Pipeline.parse(CHAIN % str(share).lower()).apply(model, PassContext()).model
+    model = Pipeline.parse(CHAIN % "yes" if share else "no").apply(model, PassContext()).model
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     greedy_decode(model, torch.arange(16).unsqueeze(0) + 100, 32)
@@ -109,8 +109,8 @@ def main() -> int:
         gb = lambda v: f"{v / 1e9:.2f} GB"  # noqa: E731
         extra = (f", tensors held {gb(r['held_bytes'])} (fp32 model {gb(r['fp32_bytes'])})" if "held_bytes" in r
                  else f", file {gb(r['file_bytes'])}")
-        label = {"shared": "optistack, one copy (share_weights=true)",
-                 "separate": "optistack, int4 modules kept (share_weights=false)"}.get(run, "llama.cpp")
+        label = {"shared": "optistack, one copy (share_weights=yes)",
+                 "separate": "optistack, int4 modules kept (share_weights=no)"}.get(run, "llama.cpp")
         print(f"  {label}: RSS {gb(r['VmRSS'])}, peak {gb(r['VmHWM'])}{extra}")
     return 0
 

@@ -68,8 +68,8 @@ def test_the_pass_runs_an_int4_head_and_keeps_the_exact_modes_identity(base):
     from optistack.generation import greedy_decode
     from optistack.kernels.engine_linear import EngineInt4Linear
 
-    result = Pipeline.parse("rtn-int4{head=int4},fuse-kernels,decode-engine{act=int16,check_prompts=1}").apply(
-        copy.deepcopy(base), PassContext())
+    chain = "rtn-int4{head=int4},fuse-kernels,decode-engine{act=int16,check_prompts=1,share_weights=yes}"
+    result = Pipeline.parse(chain).apply(copy.deepcopy(base), PassContext())
     model = result.model
     assert result.info["decode-engine.head"] == "int4"
     assert isinstance(model.get_output_embeddings(), EngineInt4Linear)  # shared with the engine as well

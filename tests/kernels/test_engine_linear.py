@@ -87,8 +87,8 @@ def test_the_model_shares_the_engine_weights_and_computes_the_same(base, chain):
     from optistack.kernels.engine_linear import EngineInt4Linear
 
     before = quantized(base, chain)
-    shared = quantized(before, "decode-engine{check_prompts=0,act=int16}")
-    separate = quantized(before, "decode-engine{check_prompts=0,act=int16,share_weights=false}")
+    shared = quantized(before, "decode-engine{check_prompts=0,act=int16,share_weights=yes}")
+    separate = quantized(before, "decode-engine{check_prompts=0,act=int16}")  # auto: kept in the exact mode
     engine_ptrs = {t.untyped_storage().data_ptr() for b in shared.optistack_decode.weights.blocks
                    for p in (b.qkv, b.o, b.gate_up, b.down) for t in (p.q, p.s, p.zc)}
     lins = [m for m in shared.modules() if isinstance(m, EngineInt4Linear)]
@@ -111,7 +111,8 @@ def test_the_model_shares_the_engine_weights_and_computes_the_same(base, chain):
 def test_exact_mode_tokens_equal_the_models_own_loop_and_a_copy_stays_one_copy(base):
     from optistack.generation import greedy_decode
 
-    model = quantized(quantized(base, "rtn-int4{head=int8},fuse-kernels"), "decode-engine{check_prompts=0,act=int16}")
+    model = quantized(quantized(base, "rtn-int4{head=int8},fuse-kernels"),
+                      "decode-engine{check_prompts=0,act=int16,share_weights=yes}")
     prompt = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(4))
     engine = greedy_decode(model, prompt, 16).tokens
     assert torch.equal(engine, greedy_decode(model, prompt, 16, use_strategy=False).tokens)

@@ -66,8 +66,9 @@ class DecodeEngineConfig(PassConfig):
     # each weight within 1% of a quantization step), float32 with act=int16 (the model's own weights, exactly)
     scales: Literal["auto", "float16", "float32"] = "auto"
     # the model's own int4 projections become views of the engine's matrices (one copy of the weights in the
-    # process; they run the engine's kernels); false keeps them as they were, beside the engine's copy
-    share_weights: bool = True
+    # process; they run the engine's kernels) or stay as they were, beside the engine's copy: auto = shared
+    # with act=int8, kept in the exact mode (whose promise is the quantized model's own numerics, prompt included)
+    share_weights: Literal["auto", "yes", "no"] = "auto"
     check_prompts: int = 2
     check_tokens: int = 32
     min_agreement: float = 0.9
@@ -133,11 +134,13 @@ class DecodeEnginePass(ConfiguredPass):
             if matches / compared < cfg.min_agreement:
                 raise PassApplyError(f"decode-engine: the engine picks the model's own next token {matches} times in "
                                      f"{compared} (below min_agreement={cfg.min_agreement}); refused")
-        if cfg.share_weights:
+        if cfg.share_weights == "yes" or (cfg.share_weights == "auto" and cfg.act == "int8"):
             from ...kernels.engine_linear import share_engine_weights
 
             freed = share_engine_weights(_unwrap(model), weights)
             info["model_weights"] = f"shared with the engine ({freed / 2**20:.1f} MB no longer held twice)"
+        else:
+            info["model_weights"] = "kept beside the engine's copy"
         object.__setattr__(model, DECODE_ATTR, decoder)
         install_generate(model)  # the user's generate() decodes on the engine (generation/hf_generate.py)
         return PassResult(model, modified=True, info=info)
