@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 python examples/mixed_precision_smollm2.py                 # GPTQ rounding: several minutes
     HF_HUB_OFFLINE=1 python examples/mixed_precision_smollm2.py --method rtn --quick --max-drop 0.4  # RTN: +33%
-    HF_HUB_OFFLINE=1 python examples/mixed_precision_smollm2.py --bits 4.25 --choices int4-g256+int4-g128+int4-g64
+    HF_HUB_OFFLINE=1 python examples/mixed_precision_smollm2.py --bits 4.45 --choices int4-g256+int4-g128+int4-g64
 
 `mixed-precision{bits=4.5}` measures every linear layer's predicted loss rise at each choice (int4 at
 groups 128/64/32, int8) on the workload's calibration text, spends the budget (average stored bits per
