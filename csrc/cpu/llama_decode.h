@@ -100,6 +100,10 @@ struct Q4Proj {
   at::Tensor q, s, zc, bias;
 };
 
+// The checked view of one projection's tensors (every size and dtype; `keep` holds them): what the engine and
+// q4_linear read. `what` names the projection in errors.
+Q4Weight q4_weight(const Q4Proj& p, int64_t N, int64_t K, const char* what, std::vector<at::Tensor>& keep);
+
 // One decoder block: the two RMSNorm weights [H] and its four projections (q, k and v stacked; gate and up stacked).
 struct EngineLayer {
   at::Tensor norm1, norm2;

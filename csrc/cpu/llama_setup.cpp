@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <string>
 
 #include "llama_decode.h"
 
@@ -15,7 +16,7 @@ static const float* f32(const at::Tensor& t, int64_t numel, const char* what) {
   return t.data_ptr<float>();
 }
 
-static Q4Weight q4(const Q4Proj& p, int64_t N, int64_t K, const char* what, std::vector<at::Tensor>& keep) {
+Q4Weight q4_weight(const Q4Proj& p, int64_t N, int64_t K, const char* what, std::vector<at::Tensor>& keep) {
   TORCH_CHECK(K % 64 == 0, "optistack_cpu.LlamaEngine: ", what, " needs K a multiple of 64, got ", K);
   TORCH_CHECK(p.q.defined() && p.q.scalar_type() == at::kByte && p.q.is_contiguous() && p.q.numel() == N * K / 2,
               "optistack_cpu.LlamaEngine: ", what, " codes must be contiguous uint8 [", N, ", ", K / 2, "]");
@@ -32,7 +33,7 @@ static Q4Weight q4(const Q4Proj& p, int64_t N, int64_t K, const char* what, std:
     w.s = f32(p.s, N * K / 64, what);
     w.zc = f32(p.zc, N * K / 64, what);
   }
-  w.bias = p.bias.defined() && p.bias.numel() ? f32(p.bias, N, what) : nullptr;
+  w.bias = p.bias.defined() && p.bias.numel() ? f32(p.bias, N, (std::string(what) + " bias").c_str()) : nullptr;
   w.N = N;
   w.K = K;
   for (const at::Tensor* t : {&p.q, &p.s, &p.zc, &p.bias})
@@ -59,7 +60,7 @@ LlamaEngine::LlamaEngine(const EngineSpec& spec, at::Tensor cos_t, at::Tensor si
   final_norm = f32(spec.final_norm, H, "final_norm");
   head_int4 = spec.head4.q.defined() && spec.head4.q.numel() > 0;
   if (head_int4) {  // an int4 head in the engine layout: head_q and head_s are not read (may be empty)
-    head4w = q4(spec.head4, V, H, "head4", keep);
+    head4w = q4_weight(spec.head4, V, H, "head4", keep);
     TORCH_CHECK(!head4w.bias, "optistack_cpu.LlamaEngine: the head has no bias");
   } else {
     TORCH_CHECK(spec.head_q.defined() && spec.head_q.scalar_type() == at::kChar && spec.head_q.is_contiguous() &&
@@ -104,10 +105,10 @@ LlamaEngine::LlamaEngine(const EngineSpec& spec, at::Tensor cos_t, at::Tensor si
     y.norm2 = f32(e.norm2, H, "norm2");
     keep.push_back(e.norm1);
     keep.push_back(e.norm2);
-    y.qkv = q4(e.qkv, Nqkv, H, "qkv", keep);
-    y.o = q4(e.o, H, Hq * D, "o_proj", keep);
-    y.gate_up = q4(e.gate_up, 2 * I, H, "gate_up", keep);
-    y.down = q4(e.down, H, I, "down_proj", keep);
+    y.qkv = q4_weight(e.qkv, Nqkv, H, "qkv", keep);
+    y.o = q4_weight(e.o, H, Hq * D, "o_proj", keep);
+    y.gate_up = q4_weight(e.gate_up, 2 * I, H, "gate_up", keep);
+    y.down = q4_weight(e.down, H, I, "down_proj", keep);
     layers.push_back(y);
   }
   Kh = (H + 31) / 32 * 32;

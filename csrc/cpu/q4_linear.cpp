@@ -24,34 +24,6 @@ void rows_of(int64_t N, int64_t tid, int64_t nt, int64_t align, int64_t& n0, int
   n1 = std::min(N, n0 + per);
 }
 
-Q4Weight weight_of(const at::Tensor& q, const at::Tensor& s, const at::Tensor& zc, const at::Tensor& bias, int64_t K) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() && q.size(1) * 2 == K,
-              "optistack_cpu.q4_linear: codes must be contiguous uint8 [N, ", K / 2, "] for ", K, " input features");
-  const int64_t N = q.size(0), units = N * (K / 64);
-  Q4Weight w;
-  w.q = q.data_ptr<uint8_t>();
-  w.N = N;
-  w.K = K;
-  const bool half = s.scalar_type() == at::kHalf;
-  TORCH_CHECK(s.scalar_type() == zc.scalar_type() && (half || s.scalar_type() == at::kFloat) && s.is_contiguous() &&
-                  zc.is_contiguous() && s.numel() == units && zc.numel() == units,
-              "optistack_cpu.q4_linear: scales and zc must both be contiguous float32 (or both float16) tensors of ",
-              units, " values");
-  if (half) {
-    w.s16 = reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>());
-    w.zc16 = reinterpret_cast<const uint16_t*>(zc.data_ptr<at::Half>());
-  } else {
-    w.s = s.data_ptr<float>();
-    w.zc = zc.data_ptr<float>();
-  }
-  if (bias.defined() && bias.numel()) {
-    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == N,
-                "optistack_cpu.q4_linear: bias must be a contiguous float32 tensor of ", N, " values");
-    w.bias = bias.data_ptr<float>();
-  }
-  return w;
-}
-
 }  // namespace
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const at::Tensor& zc,
@@ -64,7 +36,9 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
               "optistack_cpu.q4_linear: x must be a contiguous float32 [M, K] tensor");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K > 0 && K % 64 == 0, "optistack_cpu.q4_linear: K must be a positive multiple of 64, got ", K);
-  const Q4Weight w = weight_of(q, s, zc, bias, K);
+  TORCH_CHECK(q.dim() == 2, "optistack_cpu.q4_linear: codes must be uint8 [N, K/2]");
+  std::vector<at::Tensor> keep;
+  const Q4Weight w = q4_weight(Q4Proj{q, s, zc, bias}, q.size(0), K, "q4_linear's weight", keep);
   const int64_t N = w.N;
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;

@@ -44,29 +44,19 @@ class RowSlice:
 
 def int4_form(module: Any) -> Int4Form | None:
     """The int4 grid of `module` (any of the forms above, or a RowSlice of one), or None for another kind."""
-    from ..kernels.engine_linear import EngineInt4Linear
-    from ..kernels.modules import FusedInt4Linear
-    from ..layers.int4 import Int4Linear, int4_parts
+    from ..kernels.llama_engine import int4_grid
 
     if isinstance(module, RowSlice):
         inner = int4_form(module.module)
         return None if inner is None else inner.rows(module.start, module.stop)
-    if isinstance(module, Int4Linear):
-        codes, scale, zero = int4_parts(module)
-        return Int4Form(codes.cpu(), scale.cpu(), zero.cpu(), module.group_size, module.in_features,
-                        module.dequantized_weight(torch.float32).cpu(), "int4")
-    if isinstance(module, FusedInt4Linear) and module.backend == "cpu-cpp":
-        from ..kernels.cpu import int4_unpack
-
-        packed = module.packed()
-        codes = int4_unpack(packed["qweight"], module.out_features, module.packed_k)
-        return Int4Form(codes, packed["scale"].float(), packed["zero"].float(), module.group_size,
-                        module.in_features, module.weight.float(), "int4 (fused)")
-    if isinstance(module, EngineInt4Linear):  # per 64-channel unit: w = code * s + zc
-        s = module.s.float()
-        return Int4Form(module.codes(), s, module.zc.float() + 8 * s, 64, module.in_features, module.weight,
-                        "int4 (decode engine)")
-    return None
+    grid = int4_grid(module)
+    if grid is None:
+        return None
+    codes, scale, zero, group = grid
+    weight = module.dequantized_weight(torch.float32) if hasattr(module, "dequantized_weight") else module.weight
+    label = {"Int4Linear": "int4", "FusedInt4Linear": "int4 (fused)"}.get(type(module).__name__,
+                                                                         "int4 (decode engine)")
+    return Int4Form(codes, scale, zero, group, module.in_features, weight.float().cpu(), label)
 
 
 def stacked_rows(model: Any, name: str) -> RowSlice | None:

@@ -24,23 +24,38 @@ MODEL_TYPES = ("llama", "mistral", "qwen2")
 UNIT = 64  # input channels per scale unit of the engine layout
 
 
-def _int4_parts(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
-    """(codes uint8 [N, K], scale, zero float32 [N, K/g], g) of an int4 layer, or None for another kind."""
+def int4_grid(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """(codes uint8 [N, K padded], scale, zero float32 [N, groups], group size) of any int4 form a pipeline
+    leaves (w = (code - 8) * scale + zero): `Int4Linear`, fuse-kernels' CPU `FusedInt4Linear`, decode-engine's
+    `EngineInt4Linear` (per 64-channel unit); None for another kind. Save formats read it too."""
     from ..layers.int4 import Int4Linear
+    from .engine_linear import EngineInt4Linear
     from .modules import FusedInt4Linear
 
     if isinstance(lin, Int4Linear):
         from ..layers.int4 import int4_parts
 
         codes, scale, zero = int4_parts(lin)
-        return codes[:, : lin.in_features], scale, zero, lin.group_size
+        return codes.cpu(), scale.cpu(), zero.cpu(), lin.group_size
     if isinstance(lin, FusedInt4Linear) and lin.backend == "cpu-cpp":
         from .cpu import int4_unpack
 
         packed = lin.packed()
         codes = int4_unpack(packed["qweight"], lin.out_features, lin.packed_k)
-        return codes[:, : lin.in_features], packed["scale"].float(), packed["zero"].float(), lin.group_size
+        return codes, packed["scale"].float(), packed["zero"].float(), lin.group_size
+    if isinstance(lin, EngineInt4Linear):
+        s = lin.s.float()
+        return lin.codes(), s, lin.zc.float() + 8 * s, UNIT
     return None
+
+
+def _int4_parts(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """`int4_grid` with the codes cut to the layer's real input width."""
+    grid = int4_grid(lin)
+    if grid is None:
+        raise ValueError(f"{type(lin).__name__} is not an int4 layer the engine reads")
+    codes, scale, zero, group = grid
+    return codes[:, : lin.in_features], scale, zero, group
 
 
 def _projection_reason(name: str, lin: Any) -> str | None:
