@@ -1,12 +1,15 @@
 """Run llm-compressor's AWQ in its own virtualenv (it pins transformers<=5.17 and compressed-tensors 0.19,
 which optistack's venv does not have), as a subprocess of `test_awq_llmcompressor.py`:
 
-    .venv-llmcompressor/bin/python llmcompressor_awq.py MODEL_DIR CALIB_JSON OUT_DIR GROUP_SIZE
+    .venv-llmcompressor/bin/python llmcompressor_awq.py MODEL_DIR CALIB_JSON OUT_DIR GROUP_SIZE [CHUNKS_JSON]
 
 CALIB_JSON holds the token-id windows optistack's AWQ calibrates on (a list of lists), so both methods
 see the same 32 x 128 tokens. The result is saved compressed (compressed-tensors) to OUT_DIR, and one
-JSON line with the wall time is printed last. On a CPU-only machine llm-compressor's AWQ pins its
-activation cache (`Tensor.pin_memory`), which needs an accelerator: that one call is patched to a
+JSON line with the wall time is printed last; with CHUNKS_JSON (evaluation token-id chunks) it also
+holds the quantized model's perplexity on them, scored here before saving (`perplexity`: each chunk
+one forward, the mean NLL of tokens 1.., as optistack's smollm2 workload scores it; also used by
+`llmcompressor_gptq.py`). On a CPU-only machine llm-compressor's AWQ pins its activation cache
+(`Tensor.pin_memory`), which needs an accelerator: that one call is patched to a
 no-op here, at run time, in this process only (nothing in site-packages changes).
 """
 from __future__ import annotations
@@ -35,7 +38,25 @@ def _without_gguf_marker(model_dir: str) -> str:
     return clean
 
 
-def main(model_dir: str, calib_json: str, out_dir: str, group_size: int) -> None:
+def perplexity(model, chunks_json: str | None) -> float | None:
+    """exp(mean NLL of tokens 1.. of each chunk given its prefix); None without chunks."""
+    import math
+
+    import torch
+
+    if not chunks_json:
+        return None
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for ids in json.loads(open(chunks_json).read()):
+            t = torch.tensor([ids])
+            logits = model(input_ids=t, use_cache=False).logits[0, :-1].float()
+            nll += torch.nn.functional.cross_entropy(logits, t[0, 1:], reduction="sum").item()
+            count += len(ids) - 1
+    return math.exp(nll / count)
+
+
+def main(model_dir: str, calib_json: str, out_dir: str, group_size: int, chunks_json: str | None = None) -> None:
     import torch
 
     if not torch.cuda.is_available():
@@ -59,12 +80,13 @@ def main(model_dir: str, calib_json: str, out_dir: str, group_size: int) -> None
     oneshot(model=model, processor=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=len(windows),
             max_seq_length=len(windows[0]))
     seconds = time.perf_counter() - start
+    ppl = perplexity(model, chunks_json)
     model.save_pretrained(out_dir, save_compressed=True)
     tokenizer.save_pretrained(out_dir)
     import llmcompressor
 
-    print(json.dumps({"seconds": seconds, "llmcompressor": llmcompressor.__version__}))
+    print(json.dumps({"seconds": seconds, "llmcompressor": llmcompressor.__version__, "perplexity": ppl}))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:6])
