@@ -11,6 +11,9 @@ optimum-intel 2.2 pins transformers<5.6 and huggingface-hub<1.22, older than opt
 virtualenv and runs as a subprocess (`make bench-peers` makes `.venv-optimum-intel`; `OPTISTACK_OPTIMUM_INTEL_PYTHON`
 names another interpreter). The IR goes to `<cache>/openvino-genai/<name>/`, written to a temporary folder and renamed
 into place, with a marker of what made it: a rerun with the same source and settings reuses it.
+
+`random_llama_dir` makes a second source: a Llama of a given shape with seeded random weights and SmolLM2's
+vocabulary and tokenizer (llm_pipeline_peers.py's `llama-1.1b`), saved once as a HF folder with a marker.
 """
 from __future__ import annotations
 
@@ -73,6 +76,44 @@ def _valid(folder: Path, stamp: dict[str, Any]) -> bool:
         return json.loads((folder / MARKER).read_text()).get("stamp") == stamp
     except (OSError, ValueError):
         return False
+
+
+def random_llama_dir(name: str, shape: tuple[int, ...], root: str | Path, seed: int = 0) -> Path:
+    """`<root>/<name>-random-seed<seed>-hf`: shape (hidden, intermediate, layers, heads, kv heads), SmolLM2's vocab."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from optistack.bundled_models import smollm2_dir
+
+    hidden, inter, layers, heads, kv = shape
+    stamp = {"random_llama": name, "seed": seed, "shape": [hidden, inter, layers, heads, kv, 49152],
+             "tokenizer": "SmolLM2-135M-Instruct"}
+    root, source = Path(root), "optistack-source.json"  # _stamp puts this file's content in the IR's marker
+    target = root / f"{name}-random-seed{seed}-hf"
+    if (target / source).is_file() and json.loads((target / source).read_text()) == stamp:
+        return target
+    print(f"building {name} with seeded random weights in {target} (once)", file=sys.stderr, flush=True)
+    src = smollm2_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    try:
+        torch.manual_seed(seed)
+        ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}  # SmolLM2's
+        LlamaForCausalLM(LlamaConfig(
+            hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=kv, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=False,
+            **ids)).eval().save_pretrained(tmp)
+        GenerationConfig(**ids).save_pretrained(tmp)
+        for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (src / f).is_file():
+                shutil.copy(src / f, tmp / f)
+        (tmp / source).write_text(json.dumps(stamp))  # written last: marks the folder complete
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def compression_info(folder: str | Path) -> dict[str, str]:
