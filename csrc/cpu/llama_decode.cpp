@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <new>
 
+#include "llama_attn_chunk.h"
 #include "llama_ops.h"
 #include "simd.h"
 
@@ -88,6 +89,21 @@ at::Tensor LlamaEngine::forward(const at::Tensor& tokens_in, const at::Tensor& s
     }
     std::fill(row_path.begin() + r.start, row_path.begin() + r.start + r.len, char(r.path));
   }
+  // a slot's run of at least kChunkAttnRows rows (int8 activations) attends as a chunk, in items of rows that
+  // share each key block (llama_attn_chunk.h); other rows one by one
+  row_chunk.assign(N, 0);
+  chunk_items.clear();
+  const int64_t item_rows = std::max<int64_t>(1, std::min<int64_t>(8, kChunkQueries / (Hq / Hkv)));
+  for (int64_t i = 0; i < N && !act16;) {
+    int64_t j = i + 1;
+    while (j < N && slot[j] == slot[i]) ++j;
+    if (j - i >= kChunkAttnRows) {
+      std::fill(row_chunk.begin() + i, row_chunk.begin() + j, char(1));
+      for (int64_t b = i; b < j; b += item_rows)
+        for (int64_t h = 0; h < Hkv; ++h) chunk_items.push_back(ChunkItem{b, std::min(item_rows, j - b), h});
+    }
+    i = j;
+  }
   const int nthreads = std::max(1, at::get_num_threads());
   ensure_scratch(N, R, nthreads, amx_tiles, amx8_tiles);
   float* lg = logits.data_ptr<float>();
@@ -145,7 +161,7 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
 #pragma omp single
     barrier.store(new (barrier_store) SpinBarrier(nt), std::memory_order_release);
     SpinBarrier& bar = *barrier.load(std::memory_order_acquire);
-    float* sc = scores.data() + size_t(tid) * (Hq / Hkv) * Tmax;
+    float* sc = scores.data() + size_t(tid) * scores_per_thread();
     uint8_t* wbuf = amx_tiles + amx8_tiles ? amx_wbuf.data() + size_t(tid) * (Kmax * 64 + 4096 + 64) : nullptr;
     int64_t n0, n1;
     // y = rows @ w.T (+= with add) for every run of rows, after the rows were prepared (and a barrier):
@@ -209,12 +225,25 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
       // head (split in parts when there are fewer items than twice the threads, so none waits idle)
       for (int64_t j = tid; j < N * Hkv * parts; j += nt) {
         const int64_t b = j / (Hkv * parts), h = (j / parts) % Hkv, part = j % parts, p = pos[b];
+        if (row_chunk[b]) continue;
         const int64_t g0 = part * grp / parts, g1 = (part + 1) * grp / parts;
         float* q = qkv.data() + b * Nqkv + (h * grp + g0) * D;
         for (int64_t g = 0; g < g1 - g0; ++g) rope(q + g * D, cos + p * half, sin + p * half, D);
         attend(q, kv(kc, l, slot[b], h), kv(vc, l, slot[b], h), scale(ks, l, slot[b], h), scale(vs, l, slot[b], h),
                p + 1, D, g1 - g0, sc,
                attn.data() + (b * Hq + h * grp + g0) * D);
+      }
+      for (int64_t j = tid; j < int64_t(chunk_items.size()); j += nt) {  // prompt chunks: rows sharing each key block
+        const ChunkItem& it = chunk_items[size_t(j)];
+        float* q = qkv.data() + it.b0 * Nqkv + it.h * grp * D;
+        for (int64_t i = 0; i < it.n; ++i)
+          for (int64_t g = 0; g < grp; ++g) {
+            const int64_t p = pos[it.b0 + i];
+            rope(q + i * Nqkv + g * D, cos + p * half, sin + p * half, D);
+          }
+        const int64_t b = it.b0, h = it.h;
+        attend_chunk(q, Nqkv, it.n, grp, pos[b], kv(kc, l, slot[b], h), kv(vc, l, slot[b], h), scale(ks, l, slot[b], h),
+                     scale(vs, l, slot[b], h), D, sc, attn.data() + (b * Hq + h * grp) * D, Hq * D);
       }
       bar.wait();
       PHASE(3);

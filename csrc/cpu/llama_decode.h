@@ -1,7 +1,11 @@
 // The serving engine (llama_decode.cpp) and its int4 x int8 GEMM (int4_q8_gemv.cpp).
 #pragma once
 #include <ATen/ATen.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
+#include <algorithm>
 #include <cstring>
 #include <mutex>
 #include <vector>
@@ -21,7 +25,10 @@ struct Q4Weight {
   int64_t N = 0, K = 0;
   float scale(int64_t i) const { return s16 ? half_to_float(s16[i]) : s[i]; }
   float zero(int64_t i) const { return zc16 ? half_to_float(zc16[i]) : zc[i]; }
-  static float half_to_float(uint16_t h) {  // IEEE half to float (F16C does this in one instruction)
+  static float half_to_float(uint16_t h) {  // IEEE half to float: one F16C instruction where built with it
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
     const uint32_t sign = uint32_t(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF;
     uint32_t bits;
     if (e == 0x1F) bits = sign | 0x7F800000 | (m << 13);
@@ -36,6 +43,7 @@ struct Q4Weight {
     float f;
     std::memcpy(&f, &bits, 4);
     return f;
+#endif
   }
 };
 
@@ -110,6 +118,11 @@ struct EngineLayer {
   Q4Proj qkv, o, gate_up, down;
 };
 
+// Attention for a prompt chunk (llama_attn_chunk.h): from this many rows of one slot in one call (int8
+// activations), in items of up to kChunkQueries query vectors (rows x the query heads of one key/value head).
+constexpr int64_t kChunkAttnRows = 32;
+constexpr int64_t kChunkQueries = 32;
+
 // The whole model: sizes, the token embedding [V, H] float32, the final norm [H], the int8 head [V, H] with
 // one float32 scale per row [V], and the blocks.
 struct EngineSpec {
@@ -164,6 +177,7 @@ class LlamaEngine {
   void run(const int64_t* tok, const int64_t* slot, const int64_t* pos, int64_t N, const int64_t* lrows, int64_t R,
            float* logits, int nthreads, const std::vector<Run>& runs, int64_t amx_tiles, int64_t amx8_tiles);
   void ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx_tiles, int64_t amx8_tiles);
+  int64_t scores_per_thread() const { return std::max(Hq / Hkv * Tmax, kChunkQueries * ((Tmax + 15) / 16 * 16)); }
   struct Layer {
     const float *norm1, *norm2;
     Q4Weight qkv, o, gate_up, down;
@@ -191,6 +205,11 @@ class LlamaEngine {
   std::vector<float> sx8;                  // their scales
   std::vector<uint8_t> amx_wbuf;  // per thread
   std::vector<char> row_path;     // per row of the current call: its GEMM path
+  struct ChunkItem {              // attention for rows [b0, b0 + n) of one slot, key/value head h
+    int64_t b0, n, h;
+  };
+  std::vector<char> row_chunk;          // per row of the current call: its attention runs in a ChunkItem
+  std::vector<ChunkItem> chunk_items;
   std::vector<float> x, xn, qkv, attn, gu, act, scores;
   std::vector<int8_t> q8;
   std::vector<float> sxp, sx, xsum, sx16;

@@ -134,8 +134,9 @@ void LlamaEngine::set_amx_batch(int64_t n) {
 
 void LlamaEngine::ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx_tiles, int64_t amx8_tiles) {
   const int64_t Kmax = std::max({H, Hq * D, I});
-  if (nthreads > threads_cap) {  // attention scores: a row of Tmax per query head of a group, per thread used
-    scores.assign(size_t(nthreads) * (Hq / Hkv) * Tmax, 0.f);
+  if (nthreads > threads_cap) {  // attention scores per thread used: a row of Tmax per query head of a group,
+    // or kChunkQueries rows of Tmax rounded up to 16 (a prompt chunk's item)
+    scores.assign(size_t(nthreads) * scores_per_thread(), 0.f);
     threads_cap = nthreads;
   }
   if (amx_tiles + amx8_tiles > 0 && nthreads > wbuf_cap) {  // one weight tile dequantized, and its products, per thread
