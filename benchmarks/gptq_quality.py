@@ -10,7 +10,10 @@ uses the workload's calibration text, never the evaluation text):
 - `rtn`: `rtn-int4` (round to nearest, no data);
 - `awq`: `awq` (activation-aware scales, clipping, round to nearest);
 - `gptq`: `gptq` (Hessian-based error-correcting rounding);
-- `awq+gptq`: `awq{quantize=false},gptq`: AWQ's scales folded, GPTQ's rounding.
+- `awq+gptq`: `awq{quantize=false},gptq`: AWQ's scales, judged by GPTQ's rounding (`rounding=auto`), folded;
+  GPTQ's rounding;
+- `awq+gptq-rtn-judged` (not in the default list): the same with AWQ's scales judged by round-to-nearest
+  (`rounding=rtn`), as before the scales were judged by the rounding that follows.
 
 SmolLM2's fp32 weights are the dequantized Q4_1 (group 32, asymmetric) of its GGUF, so a group-32
 asymmetric grid is lossless on it by construction: compare at groups 64 and 128. Pass seconds are wall
@@ -32,6 +35,8 @@ METHODS = {
     "awq": "awq{{group_size={g},zero_grid={z}}}",
     "gptq": "gptq{{group_size={g},zero_grid={z}{extra}}}",
     "awq+gptq": "awq{{group_size={g},zero_grid={z},quantize=false}},gptq{{group_size={g},zero_grid={z}{extra}}}",
+    "awq+gptq-rtn-judged": "awq{{group_size={g},zero_grid={z},quantize=false,rounding=rtn}},"
+                           "gptq{{group_size={g},zero_grid={z}{extra}}}",
 }
 
 
@@ -62,7 +67,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--groups", default="64,128")
     ap.add_argument("--zero-grids", default="integer,float")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default="rtn,awq,gptq,awq+gptq")
     ap.add_argument("--chunks", type=int, default=8, help="evaluation chunks of 512 tokens")
     ap.add_argument("--gptq-options", default="", help="extra gptq options, e.g. act_order=true")
     args = ap.parse_args()
@@ -91,7 +96,7 @@ def main() -> int:
                 del model
                 label = f"{method} ({args.gptq_options})" if extra and "gptq" in method else method
                 rows.append((label, g, z, ppl, seconds, text))
-                print(f"  {label:9s} g{g:<4d} {z:8s} perplexity {ppl:8.3f} ({100 * (ppl / fp32 - 1):+6.1f}%) "
+                print(f"  {label:19s} g{g:<4d} {z:8s} perplexity {ppl:8.3f} ({100 * (ppl / fp32 - 1):+6.1f}%) "
                       f"pass {seconds:6.1f} s   {text}", flush=True)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}\n")
     print("| method | group | zero grid | perplexity | vs fp32 | pass seconds |")

@@ -35,6 +35,7 @@ from ...core.errors import PassApplyError, PreconditionError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ..calibration import capture_block_inputs, with_hidden
 from ..linears import as_linear, is_conv1d, plan_linears, set_module
+from .awq_rounding import ROUNDINGS, gptq_rounder
 from .rtn import Int4Config, Int4Tally, swap_to_int4
 
 
@@ -49,9 +50,20 @@ class AwqConfig(Int4Config):
     # false: search and fold the scales only, leaving the layers float for a rounding pass after it
     # (`awq{quantize=false},gptq`: AWQ's scales, GPTQ's rounding)
     quantize: bool = True
+    # the rounding candidate scales are judged by: `gptq` when `gptq` rounds after (awq_rounding.py);
+    # auto = gptq with quantize=false, rtn otherwise
+    rounding: str = "auto"
+    rounding_candidates: int = 3  # the best alphas by RTN judged again by GPTQ (with the identity)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check(self.rounding in ROUNDINGS, f"option 'rounding' must be one of {', '.join(ROUNDINGS)}; "
+                                          f"got {self.rounding!r}")
+        check(self.quantize is False or self.rounding != "gptq",
+              "option 'rounding=gptq' needs quantize=false: awq rounds to nearest itself; for GPTQ's "
+              "rounding run awq{quantize=false},gptq")
+        check(1 <= self.rounding_candidates <= 1000, f"option 'rounding_candidates' must be between 1 and 1000; "
+                                                     f"got {self.rounding_candidates}")
         check(self.bits == 4, f"option 'bits' must be 4 (weights are stored in the int4 kernels' format); "
                               f"got {self.bits}")
         check(self.calib_samples >= 1, f"option 'calib_samples' must be >= 1; got {self.calib_samples}")
@@ -164,6 +176,8 @@ class AwqPass(ConfiguredPass):
         first = next(iter(resolve_groups(mapping, blocks[0], model_cfg)[0].linears.values())).weight
         param_dtype = param_dtype_for(choose_kernel(first.device, first.shape[0], first.shape[1], cfg.group_size)[0])
         quantizer = Quantizer(cfg.group_size, cfg.zero_mode, param_dtype, cfg.clip)
+        rounding = (lambda x: gptq_rounder(x, cfg.group_size, cfg.zero_mode, param_dtype)) \
+            if self._rounding() == "gptq" else None
         inp = first_block_inputs(model, blocks[0], ids.to(first.device))
         grouped: set[str] = set()
         alphas: dict[str, list[float]] = {}
@@ -184,7 +198,7 @@ class AwqPass(ConfiguredPass):
                     swap_to_int4(block, rel, lin, tally, wmin, wmax, label=full[rel])
 
                 report = awq_layer(block, inp, mine, quantizer, cfg.n_grid, cfg.search_samples,
-                                   swap if cfg.quantize else None, groups, no_clip)
+                                   swap if cfg.quantize else None, groups, no_clip, rounding, cfg.rounding_candidates)
                 scaled += sum(1 for g in groups if g.prev is not None for rel in g.linears if rel in mine)
                 for label, alpha in report.alphas.items():
                     alphas.setdefault(label, []).append(alpha)
@@ -216,9 +230,14 @@ class AwqPass(ConfiguredPass):
             "calib_samples": int(ids.shape[0]), "calib_seq_len": int(ids.shape[1]), "n_grid": cfg.n_grid,
             "search_samples": min(cfg.search_samples, int(ids.shape[0])),
             "clip": cfg.clip, "block_mse_ratio": round(awq_mse / rtn_mse, 4) if rtn_mse > 0 else 1.0,
+            "rounding": self._rounding(), "groups_unscaled": sum(a == 0 for v in alphas.values() for a in v),
             **{f"alpha_{k}": round(sum(v) / len(v), 3) for k, v in alphas.items()},
             "quantize_seconds": round(time.perf_counter() - start, 2),
         }
+
+    def _rounding(self) -> str:
+        cfg = self.config
+        return ("rtn" if cfg.quantize else "gptq") if cfg.rounding == "auto" else cfg.rounding
 
     def _scales_info(self, scaled: int, plan: Any, mapping: Any, ids: Any, alphas: dict[str, list[float]],
                      rtn_mse: float, awq_mse: float, start: float) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from torch import nn
 
 from ...layers.int4_grid import fake_quantize, fake_quantize_groups, pad_to_groups, qparams
 from ..calibration import input_channel_stats
+from .awq_rounding import Rounder, shortlist
 
 SEARCH_CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6)
 FINAL_CLIP_RATIOS = tuple(1 - i / 20 for i in range(10))
@@ -196,26 +197,38 @@ def quantize_for_search(name: str, w: torch.Tensor, moments: torch.Tensor | None
 
 @torch.no_grad()
 def search_scale(group: ScaleGroup, x_mean: torch.Tensor, moments: torch.Tensor, inp: Inputs, n_grid: int,
-                 quantized: set[str], q: Quantizer, no_clip: NoClip | None = None
-                 ) -> tuple[torch.Tensor, float, float, float]:
-    """(s, alpha, plain RTN error, best error): grid search of the group-output MSE on `inp`."""
+                 quantized: set[str], q: Quantizer, no_clip: NoClip | None = None, rounder: Rounder | None = None,
+                 candidates: int = 3, judge_inp: Inputs | None = None) -> tuple[torch.Tensor, float, float, float]:
+    """(s, alpha, baseline error, best error): grid search of the group-output MSE on `inp`, judged with
+    round-to-nearest (baseline: unscaled RTN); with `rounder`, the `candidates` best and the identity are
+    judged again with that rounding, on `judge_inp` (baseline: the identity under it; `awq_rounding.py`)."""
     ref = output_of(group.inspect, inp)
+    on = inp if judge_inp is None else judge_inp
+    on_ref = ref if rounder is None or judge_inp is None else output_of(group.inspect, on)
     originals = {n: lin.weight.data for n, lin in group.linears.items()}
 
-    def error_with(s: torch.Tensor | None, clip_moments: torch.Tensor | None) -> float:
+    def error_with(s: torch.Tensor | None, rnd: Callable[[str, torch.Tensor], torch.Tensor], on: Inputs = inp,
+                   ref: torch.Tensor = ref) -> float:
         for n, lin in group.linears.items():
             if n in quantized:
                 w = originals[n] if s is None else originals[n] * s[None, :]
-                wq = quantize_for_search(n, w, clip_moments, q, no_clip)
+                wq = rnd(n, w)
                 lin.weight.data = (wq if s is None else wq / s[None, :]).to(originals[n].dtype)
-        return float((output_of(group.inspect, inp) - ref).float().pow(2).mean())
+        return float((output_of(group.inspect, on) - ref).float().pow(2).mean())
+
+    def rtn(clip_moments: torch.Tensor | None) -> Callable[[str, torch.Tensor], torch.Tensor]:
+        return lambda n, w: quantize_for_search(n, w, clip_moments, q, no_clip)
 
     try:
-        rtn_err = error_with(None, None)
+        rtn_err = error_with(None, rtn(None))
         errors = []
         for i in range(n_grid):
             s = scales_for(x_mean, i / n_grid).to(ref.device)
-            errors.append((error_with(s, scaled_moments(moments, s)), i / n_grid, s))
+            errors.append((error_with(s, rtn(scaled_moments(moments, s))), i / n_grid, s))
+        if rounder is not None:
+            errors = [(error_with(s, lambda n, w, s=s: rounder(n, w, s), on, on_ref), alpha, s)
+                      for alpha, s in shortlist(errors, candidates)]
+            rtn_err = next(e for e, alpha, _ in errors if alpha == 0.0)
     finally:
         for n, lin in group.linears.items():
             lin.weight.data = originals[n]
@@ -233,12 +246,14 @@ class LayerReport:
 @torch.no_grad()
 def awq_layer(layer: nn.Module, inp: Inputs, quantized: set[str], q: Quantizer, n_grid: int, search_samples: int,
               swap: Callable[[str, nn.Linear, Any, Any], None] | None, groups: list[ScaleGroup] | None = None,
-              no_clip: NoClip | None = None) -> LayerReport:
+              no_clip: NoClip | None = None, rounding: Callable[[torch.Tensor], Rounder] | None = None,
+              candidates: int = 3) -> LayerReport:
     """Search and fold scales for every group of `layer` (default: Llama's), clip, then
     `swap(name, linear, wmin, wmax)` each quantized linear (names relative to the layer); with `swap`
     None, stop after folding (no final clipping search: the layers stay float). `inp` is
     what the layer is called with, on every calibration sequence: statistics and clipping use all
-    of them, the alpha search the first `search_samples`."""
+    of them, the alpha search the first `search_samples`. `rounding(x)` (x: a group's inputs) gives the
+    rounding that will follow, to judge the search's best `candidates` again (`awq_rounding.py`)."""
     groups = llama_groups(layer) if groups is None else groups
     no_clip = LLAMA_NO_CLIP if no_clip is None else no_clip
     captured: dict[int, Inputs] = {}
@@ -267,7 +282,7 @@ def awq_layer(layer: nn.Module, inp: Inputs, quantized: set[str], q: Quantizer, 
             final_moments.update({name: moments for name in g.linears})
             continue
         s, alpha, rtn_err, err = search_scale(g, x_mean, moments, first_rows(g_inp, search_samples), n_grid,
-                                              quantized, q, no_clip)
+                                              quantized, q, no_clip, rounding and rounding(x), candidates, g_inp)
         fold_scale(g.prev, list(g.linears.values()), s, g.prev_rows)
         report.alphas[g.label] = alpha
         report.rtn_mse += rtn_err
