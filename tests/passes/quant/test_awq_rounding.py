@@ -1,0 +1,79 @@
+"""`awq{rounding=gptq}`: AWQ's scales judged by the rounding that follows them (one layer where the RTN
+judge picks scales that leave GPTQ worse off than no scales; the pass's options and info)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_awq import CTX, FAST, held_out_ids, logits, tiny_llama
+from torch import nn
+
+from optistack.core.errors import PassConfigError
+from optistack.core.pipeline import Pipeline
+from optistack.passes.quant.awq import AwqPass
+from optistack.passes.quant.awq_rounding import gptq_rounder, shortlist
+from optistack.passes.quant.awq_search import Quantizer, ScaleGroup, group_moments, search_scale
+
+
+def low_rank_layer():
+    """A linear layer whose inputs are low rank (strongly correlated channels) with six loud channels:
+    RTN wants those channels scaled up, GPTQ can already move their error onto the correlated ones."""
+    g = torch.Generator().manual_seed(0)
+    width = 256
+    mix = (torch.randn(width, 24, generator=g) @ torch.randn(24, width, generator=g)) / 5 + 0.1 * torch.eye(width)
+    mix[:, :6] *= 8.0
+    x = torch.randn(8, 64, width, generator=g) @ mix
+    lin = nn.Linear(width, 64, bias=False)
+    nn.init.normal_(lin.weight, generator=g)
+    return lin, x
+
+
+def error_under(rounder, lin: nn.Linear, x: torch.Tensor, s: torch.Tensor) -> float:
+    """The layer's output MSE on `x` with its weight scaled by s, rounded by `rounder`, unscaled."""
+    with torch.no_grad():
+        wq = rounder("lin", lin.weight * s[None, :], s) / s[None, :]
+        return float((x @ wq.t() - x @ lin.weight.t()).pow(2).mean())
+
+
+def test_scales_judged_by_gptq_are_never_worse_than_none_under_gptq():
+    lin, x = low_rank_layer()
+    group = ScaleGroup("one", nn.LayerNorm(256), {"lin": lin}, lin)
+    q = Quantizer(64, True, torch.float32, True)
+    args = (group, x.abs().reshape(-1, 256).mean(0), group_moments(x, 64), ((x,), {}), 20, {"lin"}, q)
+    rounder = gptq_rounder(x, 64, True, torch.float32)
+    identity = error_under(rounder, lin, x, torch.ones(256))
+    s_rtn, alpha_rtn, _, _ = search_scale(*args)
+    assert alpha_rtn > 0 and error_under(rounder, lin, x, s_rtn) > identity  # the failure judging by RTN allows
+    s, alpha, baseline, err = search_scale(*args, rounder=rounder, candidates=3)
+    assert baseline == pytest.approx(identity, rel=1e-5)
+    assert err <= identity and err < error_under(rounder, lin, x, s_rtn)
+    assert err == pytest.approx(error_under(rounder, lin, x, s), rel=1e-5)
+
+
+def test_shortlist_keeps_the_best_and_the_identity():
+    ones = torch.ones(3)
+    errors = [(5.0, 0.0, ones), (1.0, 0.5, ones * 2), (2.0, 0.25, ones * 3), (9.0, 0.75, ones * 4)]
+    assert [a for a, _ in shortlist(errors, 2)] == [0.0, 0.25, 0.5]
+    assert [a for a, _ in shortlist(errors, 1)] == [0.0, 0.5]
+
+
+def test_quantize_false_judges_by_gptq_and_reports_it():
+    model = tiny_llama()
+    ids = held_out_ids()
+    ref = logits(model, ids)
+    opts = {**FAST, "calib_samples": 4, "quantize": False, "search_samples": 1, "n_grid": 3}
+    scaled = AwqPass(**opts).apply(copy.deepcopy(model), CTX)
+    assert scaled.info["rounding"] == "gptq" and 0 < scaled.info["block_mse_ratio"] <= 1
+    assert torch.allclose(logits(scaled.model, ids), ref, atol=1e-4, rtol=1e-4)  # still only folded scales
+    assert AwqPass(**opts, rounding="rtn").apply(copy.deepcopy(model), CTX).info["rounding"] == "rtn"
+
+
+@pytest.mark.parametrize("text, match", [
+    ("awq{rounding=gptq}", "needs quantize=false"),
+    ("awq{quantize=false,rounding=exact}", "'rounding' must be one of auto, rtn, gptq"),
+    ("awq{quantize=false,rounding_candidates=0}", "'rounding_candidates' must be between 1 and 1000"),
+])
+def test_bad_rounding_options_are_refused(text, match):
+    with pytest.raises(PassConfigError, match=match):
+        Pipeline.parse(text)
