@@ -45,7 +45,7 @@ class TokenTimes:
     def __init__(self, skip_first_put: bool) -> None:
         self.times: list[float] = []
         self.tokens: list[int] = []
-        self._skip = skip_first_put
+        self._skip = skip_first_put  # transformers' first put is the prompt
 
     def put(self, value: Any) -> None:
         if not self._skip:
@@ -116,8 +116,7 @@ class OpenVINOSide:
         started = time.perf_counter()
         self.pipe = genai.LLMPipeline(str(ir), "CPU", **self.properties)
         self.load_s = time.perf_counter() - started
-        self.ids = ov.Tensor(np.asarray(ids.numpy(), dtype=np.int64))
-        running = genai.StreamingStatus.RUNNING
+        self.ids, running = ov.Tensor(np.asarray(ids.numpy(), dtype=np.int64)), genai.StreamingStatus.RUNNING
 
         class Streamer(genai.StreamerBase):  # token ids, not text: one stamp per token
             def __init__(self) -> None:
@@ -262,6 +261,7 @@ def main() -> int:
     import openvino_genai
 
     from optistack.bench.environment import machine_info, package_versions
+    from optistack.presets import machine_features
     from optistack.workloads.smollm2 import SmolLM2Workload
 
     ids = (wl := SmolLM2Workload(prompt_tokens=args.prompt_tokens, gen_tokens=args.new_tokens))._gen_prompt
@@ -286,10 +286,10 @@ def main() -> int:
                "export": export, "greedy_first_run": first, "rounds": rounds, "summary": summary,
                "openvino": {n: {"properties": s.properties, "load_s": round(s.load_s, 2)}
                             for n, s in sides.items() if n != "optistack"},
-               "machine": machine_info(), "load_average": os.getloadavg(), "peak_rss_gib": round(peak, 2),
+               "machine": {**machine_info(), "features": sorted(machine_features()), "load_average": os.getloadavg()},
                "versions": {**package_versions(), "openvino (runtime)": openvino.get_version(),
                             "openvino_genai (runtime)": openvino_genai.get_version()},
-               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+               "peak_rss_gib": round(peak, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2, default=str))
         print(f"  written: {args.json}")
