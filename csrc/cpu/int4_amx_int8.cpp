@@ -65,16 +65,20 @@ void q4_rows_amx8(const Q4Weight& w, const int8_t* tiles, const float* sxT, cons
                   int64_t n1, float* y, int64_t ystride, bool add, uint8_t* wbuf) {
   const int64_t U = w.K / 64, rb = w.K / 2, mtiles = (M + 15) / 16;
   const __m512i nib = _mm512_set1_epi8(0x0F);
-  float* st = reinterpret_cast<float*>(wbuf + U * 1024);  // [U][16] scales of this weight tile's rows
-  float* zt = st + U * 16;                                // [U][16] their zc (0 beyond the last row)
+  float* st = reinterpret_cast<float*>(wbuf + U * 1024);  // [16][U] scales of this weight tile's rows
+  float* zt = st + U * 16;                                // [16][U] their zc (0 beyond the last row)
   int32_t* cbuf = reinterpret_cast<int32_t*>(zt + U * 16);  // [U][16 x 16] one activation tile's products
   tile_config();
   for (int64_t nt = n0; nt < n1; nt += 16) {
     const int64_t nr = std::min<int64_t>(16, n1 - nt);
-    for (int i = 0; i < 16; ++i)
-      for (int64_t u = 0; u < U; ++u) {
-        st[u * 16 + i] = i < nr ? w.scale((nt + i) * U + u) : 0.f;
-        zt[u * 16 + i] = i < nr ? w.zero((nt + i) * U + u) : 0.f;
+    for (int i = 0; i < 16; ++i)  // 16 units of a row at a time (float16 scales: one conversion for 16)
+      for (int64_t u = 0; u < U; u += 16) {
+        const __mmask16 all = tail_mask(U - u), m = i < nr ? all : __mmask16(0);
+        const int64_t at = (nt + i) * U + u;
+        const __m512 sv = w.s16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, w.s16 + at)) : _mm512_maskz_loadu_ps(m, w.s + at);
+        const __m512 zv = w.zc16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, w.zc16 + at)) : _mm512_maskz_loadu_ps(m, w.zc + at);
+        _mm512_mask_storeu_ps(st + i * U + u, all, sv);
+        _mm512_mask_storeu_ps(zt + i * U + u, all, zv);
       }
     for (int64_t u = 0; u < U; ++u)  // this weight tile's A tiles, every unit: 16 rows x 64 codes 0..15
       for (int i = 0; i < 16; ++i) {
@@ -97,11 +101,10 @@ void q4_rows_amx8(const Q4Weight& w, const int8_t* tiles, const float* sxT, cons
         const int64_t t = mt * U + u;
         const int32_t* c = cbuf + u * 256;
         const __m512 sx = _mm512_loadu_ps(sxT + t * 16), xsum = _mm512_loadu_ps(xsT + t * 16);
-        const float *s = st + u * 16, *zc = zt + u * 16;
         for (int i = 0; i < 16; ++i) {  // all 16 (rows past the weight's end are zeros): acc stays in registers
           const __m512 cv = _mm512_cvtepi32_ps(_mm512_loadu_si512(c + i * 16));
-          acc[i] = _mm512_fmadd_ps(cv, _mm512_mul_ps(sx, _mm512_set1_ps(s[i])), acc[i]);
-          acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(zc[i]), xsum, acc[i]);
+          acc[i] = _mm512_fmadd_ps(cv, _mm512_mul_ps(sx, _mm512_set1_ps(st[i * U + u])), acc[i]);
+          acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(zt[i * U + u]), xsum, acc[i]);
         }
       }
       __m512i r[16];  // acc[n] holds 16 m values: transpose so r[m] holds 16 n values, a slice of y's row m
