@@ -58,20 +58,20 @@ def test_shortlist_keeps_the_best_and_the_identity():
     assert [a for a, _ in shortlist(errors, 1)] == [0.0, 0.5]
 
 
-def test_quantize_false_judges_by_gptq_and_reports_it():
+def test_rounding_gptq_is_reported_and_rtn_is_the_default():
     model = tiny_llama()
     ids = held_out_ids()
     ref = logits(model, ids)
     opts = {**FAST, "calib_samples": 4, "quantize": False, "search_samples": 1, "n_grid": 3}
-    scaled = AwqPass(**opts).apply(copy.deepcopy(model), CTX)
+    scaled = AwqPass(**opts, rounding="gptq").apply(copy.deepcopy(model), CTX)
     assert scaled.info["rounding"] == "gptq" and 0 < scaled.info["block_mse_ratio"] <= 1
     assert torch.allclose(logits(scaled.model, ids), ref, atol=1e-4, rtol=1e-4)  # still only folded scales
-    assert AwqPass(**opts, rounding="rtn").apply(copy.deepcopy(model), CTX).info["rounding"] == "rtn"
+    assert AwqPass(**opts).apply(copy.deepcopy(model), CTX).info["rounding"] == "rtn"  # the default
 
 
 @pytest.mark.parametrize("text, match", [
     ("awq{rounding=gptq}", "needs quantize=false"),
-    ("awq{quantize=false,rounding=exact}", "'rounding' must be one of auto, rtn, gptq"),
+    ("awq{quantize=false,rounding=exact}", "'rounding' must be one of rtn, gptq"),
     ("awq{quantize=false,rounding_candidates=0}", "'rounding_candidates' must be between 1 and 1000"),
 ])
 def test_bad_rounding_options_are_refused(text, match):
