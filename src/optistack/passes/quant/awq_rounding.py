@@ -1,7 +1,7 @@
 """AWQ's scales judged by the rounding that will follow them: `awq{quantize=false,rounding=gptq},gptq`.
 
 Opt-in: on SmolLM2 at g128 it measured worse than the RTN judge (perplexity 16.77 against 16.54, docs/gptq.md),
-most likely because GPTQ is judged on the very tokens its H comes from (in-sample), which favors the grids
+perhaps (untested) because GPTQ is judged on the very tokens its H comes from (in-sample), which favors the grids
 it overfits best; judging on calibration tokens H did not see is the next thing to try.
 
 AWQ's grid search keeps the alpha whose group output is closest to the float one *with round-to-nearest*
