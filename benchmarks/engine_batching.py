@@ -148,8 +148,6 @@ def main() -> None:
         print(f"  {k}: {med[k]:.1f}")
     print(f"  generate() {med['generate_tok_s']:.0f} tokens/s, greedy_decode {med['greedy_decode_tok_s']:.0f}: "
           f"{med['generate_tok_s'] / med['greedy_decode_tok_s']:.2f}x")
-    print(f"  contention back-offs during the decode steps: {runtime.impl.contended_calls} "
-          f"({runtime.impl.solo_calls} calls on one thread; 0 on a quiet machine)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"chain": args.chain, "threads": args.threads, "cpu": platform.processor() or platform.machine(),

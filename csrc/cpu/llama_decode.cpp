@@ -104,34 +104,12 @@ at::Tensor LlamaEngine::forward(const at::Tensor& tokens_in, const at::Tensor& s
     }
     i = j;
   }
-  // Other processes on the cores: a barrier waits for a partner that is not running, and a decode step of ~300
-  // barriers takes scheduler quanta instead of microseconds (measured: SmolLM2 at 2-5 tokens/s under load 10
-  // on 2 cores, 373 quiet). A row computes the same bits on any thread count, so when the team's threads were
-  // preempted during a call (involuntary switches: another task took the core) and more than 1 in 16 of its
-  // barriers spun long (an uneven phase alone, on a quiet machine, is not enough), the next calls run on one
-  // thread, for a span that doubles while the contention lasts (16 .. 1024 calls), then one call tries the
-  // full count again.
-  int nthreads = std::max(1, at::get_num_threads());
-  const bool solo = nthreads > 1 && solo_left > 0;
-  if (solo) {
-    nthreads = 1;
-    --solo_left;
-    ++solo_total;
-  }
+  const int nthreads = std::max(1, at::get_num_threads());
   ensure_scratch(N, R, nthreads, amx_tiles, amx8_tiles);
   float* lg = logits.data_ptr<float>();
   if (kv_type == KV_I8) run<int8_t>(tok, slot, pos, N, lrows, R, lg, nthreads, runs, amx_tiles, amx8_tiles);
   else if (kv_type == KV_F16) run<at::Half>(tok, slot, pos, N, lrows, R, lg, nthreads, runs, amx_tiles, amx8_tiles);
   else run<float>(tok, slot, pos, N, lrows, R, lg, nthreads, runs, amx_tiles, amx8_tiles);
-  if (nthreads > 1) {
-    if (last_preempted >= 2 && last_slow >= 3 && last_slow * 16 > last_barriers) {
-      solo_span = std::min<int64_t>(solo_span ? 2 * solo_span : 16, 1024);
-      solo_left = solo_span;
-      ++contended;
-    } else {
-      solo_span = 0;
-    }
-  }
   for (int64_t i = 0; i < N; ++i)
     if (i + 1 == N || slot[i + 1] != slot[i]) filled[slot[i]] = pos[i] + 1;
   for (int64_t r = 0; r < R; ++r)  // a non-finite hidden state gives NaN logits, as the float model would
@@ -176,12 +154,10 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
 #endif
   // the team may be smaller than asked (OMP_THREAD_LIMIT, nesting): the barrier learns its size from the team
   std::atomic<SpinBarrier*> barrier{nullptr};
-  std::atomic<int> preemptions{0};  // of the team's threads during the call (another task took the core)
   alignas(64) unsigned char barrier_store[sizeof(SpinBarrier)];
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-    const long switched0 = preempted();
 #pragma omp single
     barrier.store(new (barrier_store) SpinBarrier(nt), std::memory_order_release);
     SpinBarrier& bar = *barrier.load(std::memory_order_acquire);
@@ -337,11 +313,7 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
     }
     bar.wait();
     PHASE(9);
-    if (nt > 1) preemptions.fetch_add(int(preempted() - switched0), std::memory_order_relaxed);
   }
-  last_barriers = barrier.load()->passed();
-  last_slow = barrier.load()->slow();
-  last_preempted = preemptions.load();
 #ifdef OPTISTACK_ENGINE_PROFILE
   prof_ms[15] += (omp_get_wtime() - prof_start) * 1e3;
   if (++prof_calls % 20 == 0) {

@@ -166,10 +166,6 @@ class LlamaEngine {
   // never, the default: a row then computes the same bits alone or batched; a server trades that for speed).
   int64_t amx_batch() const { return amx_batch_min; }
   void set_amx_batch(int64_t n);
-  // Calls that found their threads contended (other processes holding the cores: many barrier waits outlasted
-  // the spin), and calls run on one thread since, while the engine backs off (see forward()).
-  int64_t contended_calls() const { return contended; }
-  int64_t solo_calls() const { return solo_total; }
 
  private:
   enum Path { VNNI = 0, AMX_BF16 = 1, AMX_INT8 = 2 };
@@ -187,9 +183,6 @@ class LlamaEngine {
     Q4Weight qkv, o, gate_up, down;
   };
   int64_t L, H, Hq, Hkv, D, I, V, S, Tmax, Kh, Nmax, amx_min = 0, amx_batch_min = 0;
-  // contention back-off (forward()): calls left on one thread, the current span, and counts for callers
-  int64_t solo_left = 0, solo_span = 0, contended = 0, solo_total = 0;
-  int last_barriers = 0, last_slow = 0, last_preempted = 0;  // of the last call's parallel region
   float eps;
   bool act16;
   enum KvType { KV_F32 = 0, KV_F16 = 1, KV_I8 = 2 } kv_type;

@@ -6,7 +6,6 @@
 
 #include <linux/futex.h>
 #include <sched.h>
-#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -29,12 +28,6 @@ namespace optistack_cpu {
 // then sleeps on a futex: when other processes hold the cores, a thread waiting for a descheduled partner
 // must give its core away, or each barrier costs scheduler quanta (measured under load 4 on 2 cores: about
 // a second a SmolLM2 token with spinning and yielding alone).
-// Involuntary context switches of the calling thread so far: another task took its core.
-inline long preempted() {
-  struct rusage ru;
-  return getrusage(RUSAGE_THREAD, &ru) == 0 ? ru.ru_nivcsw : 0;
-}
-
 class SpinBarrier {
  public:
   explicit SpinBarrier(int n) : n_(n) {}
@@ -48,7 +41,6 @@ class SpinBarrier {
     }
     for (int spins = 0; phase_.load(std::memory_order_acquire) == phase; ++spins) {
       if (spins < 20000) {
-        if (spins == 2000) slow_.fetch_add(1, std::memory_order_relaxed);  // ~100 us: quiet waits are a few
         _mm_pause();
       } else if (spins < 20064) {
         sched_yield();
@@ -61,10 +53,6 @@ class SpinBarrier {
     }
   }
 
-  // Barriers passed so far, and waits among them that spun long (~100 us: the partner was likely not running).
-  int passed() const { return phase_.load(); }
-  int slow() const { return slow_.load(); }
-
  private:
   void futex(int op, int val) {
     syscall(SYS_futex, reinterpret_cast<int*>(&phase_), op, val, nullptr, nullptr, 0);
@@ -73,7 +61,6 @@ class SpinBarrier {
   std::atomic<int> count_{0};
   std::atomic<int> phase_{0};
   std::atomic<int> sleepers_{0};
-  std::atomic<int> slow_{0};
 };
 static_assert(sizeof(std::atomic<int>) == sizeof(int), "the futex word is the atomic's int");
 
