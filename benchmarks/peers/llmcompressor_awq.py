@@ -56,14 +56,17 @@ def perplexity(model, chunks_json: str | None) -> float | None:
     return math.exp(nll / count)
 
 
-def main(model_dir: str, calib_json: str, out_dir: str, group_size: int, chunks_json: str | None = None) -> None:
+def quantize(modifier: type, model_dir: str, calib_json: str, out_dir: str, group_size: int,
+             chunks_json: str | None) -> tuple[object, float, float | None]:
+    """llm-compressor's oneshot with `modifier` (AWQModifier or GPTQModifier): W4A16_ASYM at `group_size` on every
+    Linear but lm_head, calibrated on CALIB_JSON's windows; saved compressed to out_dir. Returns the recipe, the
+    quantize wall time and the perplexity on CHUNKS_JSON (None without it)."""
     import torch
 
     if not torch.cuda.is_available():
         torch.Tensor.pin_memory = lambda self, *args, **kwargs: self  # CPU-only: pinning needs an accelerator
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.awq import AWQModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     windows = json.loads(open(calib_json).read())
@@ -71,7 +74,7 @@ def main(model_dir: str, calib_json: str, out_dir: str, group_size: int, chunks_
     model_dir = _without_gguf_marker(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    recipe = AWQModifier(
+    recipe = modifier(
         ignore=["lm_head"],
         config_groups={"group_0": {"targets": ["Linear"], "weights": {
             "num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": group_size}}},
@@ -83,8 +86,14 @@ def main(model_dir: str, calib_json: str, out_dir: str, group_size: int, chunks_
     ppl = perplexity(model, chunks_json)
     model.save_pretrained(out_dir, save_compressed=True)
     tokenizer.save_pretrained(out_dir)
-    import llmcompressor
+    return recipe, seconds, ppl
 
+
+def main(model_dir: str, calib_json: str, out_dir: str, group_size: int, chunks_json: str | None = None) -> None:
+    import llmcompressor
+    from llmcompressor.modifiers.awq import AWQModifier
+
+    _, seconds, ppl = quantize(AWQModifier, model_dir, calib_json, out_dir, group_size, chunks_json)
     print(json.dumps({"seconds": seconds, "llmcompressor": llmcompressor.__version__, "perplexity": ppl}))
 
 

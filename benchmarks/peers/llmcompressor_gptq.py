@@ -15,36 +15,14 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 
 def main(model_dir: str, calib_json: str, out_dir: str, group_size: int, chunks_json: str | None = None) -> None:
-    import torch
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.gptq import GPTQModifier
-    from llmcompressor_awq import _without_gguf_marker, perplexity  # beside this file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    windows = json.loads(open(calib_json).read())
-    dataset = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
-    model_dir = _without_gguf_marker(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    recipe = GPTQModifier(
-        ignore=["lm_head"],
-        config_groups={"group_0": {"targets": ["Linear"], "weights": {
-            "num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": group_size}}},
-    )
-    start = time.perf_counter()
-    oneshot(model=model, processor=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=len(windows),
-            max_seq_length=len(windows[0]))
-    seconds = time.perf_counter() - start
-    ppl = perplexity(model, chunks_json)
-    model.save_pretrained(out_dir, save_compressed=True)
-    tokenizer.save_pretrained(out_dir)
     import llmcompressor
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor_awq import quantize  # beside this file
 
+    recipe, seconds, ppl = quantize(GPTQModifier, model_dir, calib_json, out_dir, group_size, chunks_json)
     weights = recipe.resolve_quantization_config().config_groups["group_0"].weights
     print(json.dumps({"seconds": seconds, "llmcompressor": llmcompressor.__version__, "perplexity": ppl,
                       "gptq": {"block_size": recipe.block_size, "dampening_frac": recipe.dampening_frac,
