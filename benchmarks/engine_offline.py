@@ -1,0 +1,54 @@
+"""LoadGen Offline throughput of the engine's continuous batching at max_batch 1 against 8 (issue 22's bar).
+
+    python benchmarks/engine_offline.py [--chain TEXT] [--rounds 2] [--samples 32]
+
+The same requests (the smollm2 workload's text, seed 0: prompts 32-256 tokens, 16-64 new tokens) go to
+`EngineBackend.from_model(model, max_batch=B, max_context=320)` through `measure_offline` for B = 1 and 8,
+interleaved per round; every round's tokens/s is printed, then the medians and their ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+
+CHAIN = "rtn-int4{head=int8,zero_grid=float},fuse-kernels,decode-engine{check_prompts=0}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--chain", default=CHAIN)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=32)
+    args = ap.parse_args()
+    import torch
+
+    import optistack as ost
+    from optistack.core.pass_protocol import PassContext
+    from optistack.core.pipeline import Pipeline
+    from optistack.serving.engine_backend import EngineBackend
+    from optistack.serving.loadgen_scenario import ScenarioOptions, measure_offline, warm_up
+    from optistack.serving.samples import samples_from_workload
+
+    torch.set_num_threads(2)
+    wl = ost.workloads.load("smollm2", ppl_chunks=1, ppl_chunk=256)
+    model = Pipeline.parse(args.chain).apply(copy.deepcopy(wl.model), PassContext(workload=wl)).model
+    opts = ScenarioOptions(samples=args.samples, server_samples=min(12, args.samples))
+    samples = samples_from_workload(wl, args.samples, seed=0, input_tokens=opts.input_tokens,
+                                    output_tokens=opts.output_tokens)
+    res: dict[int, list[float]] = {1: [], 8: []}
+    for rnd in range(args.rounds):
+        for mb in (1, 8):
+            be = EngineBackend.from_model(model, max_batch=mb, max_context=320)
+            warm_up(be, samples[:2])
+            run = measure_offline(be, samples, ScenarioOptions(samples=args.samples, server_samples=opts.server_samples,
+                                                               max_batch=mb))
+            be.close()
+            res[mb].append(run.tokens_per_s)
+            print(f"round {rnd + 1} max_batch {mb}: {res[mb][-1]:.1f} tokens/s ({be.steps} engine calls)", flush=True)
+    b1, b8 = statistics.median(res[1]), statistics.median(res[8])
+    print(f"medians: max_batch 1 {b1:.1f}, max_batch 8 {b8:.1f} tokens/s: {b8 / b1:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
