@@ -230,7 +230,9 @@ def test_smollm2_awq_beats_rtn_at_group_64():
     rtn = RtnInt4Pass(group_size=64).apply(copy.deepcopy(wl.model), ctx).model
     ppl_rtn = wl.evaluate(rtn)["perplexity"]
     del rtn
-    awq = AwqPass(group_size=64).apply(copy.deepcopy(wl.model), ctx)
+    # a lighter search than the defaults (16 calibration sequences, 10 alphas, no clipping search: the tiny
+    # models above cover clipping) keeps `make test` short; measured 16.90 against RTN's 18.41 here
+    awq = AwqPass(group_size=64, calib_samples=16, n_grid=10, clip=False).apply(copy.deepcopy(wl.model), ctx)
     ppl_awq = wl.evaluate(awq.model)["perplexity"]
     assert ppl_awq < ppl_rtn, (ppl_awq, ppl_rtn)
     assert awq.info["layers_quantized"] == 210 and awq.info["layers_fallback"] == 0
