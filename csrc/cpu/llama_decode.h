@@ -8,9 +8,32 @@
 #include <algorithm>
 #include <cstring>
 #include <mutex>
+#include <new>
 #include <vector>
 
 namespace optistack_cpu {
+
+// Scratch on 64-byte (cache-line) boundaries: an AMX tile row or a 64-byte vector that straddles two lines
+// costs two loads (measured on this Xeon: the engine's prefill tile loop 1.36x slower from malloc's
+// 16-byte alignment).
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) {
+    void* p = ::operator new(n * sizeof(T), std::align_val_t(64));
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const Aligned64<U>&) const { return false; }
+};
+template <typename T>
+using AVec = std::vector<T, Aligned64<T>>;
 
 // An int4 projection in the engine layout (see int4_q8_gemv.cpp): q [N, K/2] bytes, s and zc [N, K/64] float32
 // (s, zc) or float16 (s16, zc16: 36 bytes a unit of 64 weights instead of 40, what a memory-bound decode
@@ -198,22 +221,22 @@ class LlamaEngine {
   std::mutex mu;
   // scratch, grown on demand under `mu`
   int64_t rows_cap = 0, lrows_cap = 0, threads_cap = 0, amx_cap = 0, amx8_cap = 0, wbuf_cap = 0;
-  std::vector<uint16_t> amx_tiles_buf;  // bf16 activation tiles
-  std::vector<int8_t> amx8_tiles_buf;   // int8 activation tiles, with their scales and sums
-  std::vector<float> amx8_sx, amx8_xs;
-  std::vector<int8_t> head8, head8_tiles;  // the head's rows as int8 (AMX head), and as tiles
-  std::vector<float> sx8;                  // their scales
-  std::vector<uint8_t> amx_wbuf;  // per thread
+  AVec<uint16_t> amx_tiles_buf;  // bf16 activation tiles
+  AVec<int8_t> amx8_tiles_buf;   // int8 activation tiles, with their scales and sums
+  AVec<float> amx8_sx, amx8_xs;
+  AVec<int8_t> head8, head8_tiles;  // the head's rows as int8 (AMX head), and as tiles
+  AVec<float> sx8;                  // their scales
+  AVec<uint8_t> amx_wbuf;  // per thread
   std::vector<char> row_path;     // per row of the current call: its GEMM path
   struct ChunkItem {              // attention for rows [b0, b0 + n) of one slot, key/value head h
     int64_t b0, n, h;
   };
   std::vector<char> row_chunk;          // per row of the current call: its attention runs in a ChunkItem
   std::vector<ChunkItem> chunk_items;
-  std::vector<float> x, xn, qkv, attn, gu, act, scores;
-  std::vector<int8_t> q8;
-  std::vector<float> sxp, sx, xsum, sx16;
-  std::vector<int16_t> q16, x16;
+  AVec<float> x, xn, qkv, attn, gu, act, scores;
+  AVec<int8_t> q8;
+  AVec<float> sxp, sx, xsum, sx16;
+  AVec<int16_t> q16, x16;
   std::vector<XQ> xq;
 };
 

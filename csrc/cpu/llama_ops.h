@@ -147,13 +147,16 @@ static inline float scores(const float* q, const KV* k, const float* ks, int64_t
       return _mm512_fmadd_ps(q3, ld(kt + 48), a);
     };
     const __m128 s4 = _mm_set1_ps(scale);
+    __m128 m4 = _mm_set1_ps(-INFINITY);  // the running maximum stays in a register (no store-to-load chain)
     for (; t + 4 <= t1; t += 4) {
       const KV* kt = k + t * D;
       __m128 r = _mm_mul_ps(reduce4(part(kt), part(kt + 64), part(kt + 128), part(kt + 192)), s4);
       if constexpr (kv_int8<KV>) r = _mm_mul_ps(r, _mm_loadu_ps(ks + t));
       _mm_storeu_ps(sc + t, r);
-      mx = std::max(mx, std::max(std::max(sc[t], sc[t + 1]), std::max(sc[t + 2], sc[t + 3])));
+      m4 = _mm_max_ps(r, m4);
     }
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
   }
   for (; t < t1; ++t) {
     sc[t] = dot(q, k + t * D, D) * scale;

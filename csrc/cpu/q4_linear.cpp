@@ -47,9 +47,9 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 31) / 32));
   if (path == PATH_AMX_BF16) {
     const int64_t chunks = K / 32, tiles = (M + 15) / 16 * chunks, wbytes = K * 64 + 4096 + 64;
-    std::vector<uint16_t> packed(size_t(tiles) * 512);
+    AVec<uint16_t> packed(size_t(tiles) * 512);
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { amx_pack(xp, K, M, K, t0, t1, packed.data()); });
-    std::vector<uint8_t> wbuf(size_t(nt) * wbytes);
+    AVec<uint8_t> wbuf(size_t(nt) * wbytes);
     at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
       for (int64_t tid = b; tid < e; ++tid) {
         int64_t n0, n1;
@@ -61,9 +61,9 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   }
   const bool act16 = path == PATH_INT16;
   const int64_t U = K / 64 + 1;  // a spare unit, as the engine's scratch has (unit pairs read past an odd count)
-  std::vector<int8_t> q8(size_t(M) * U * 64 + 64);
-  std::vector<float> sxp(size_t(M) * U * 8 + 16), sx(size_t(M) * U), xsum(size_t(M) * U);
-  std::vector<int16_t> q16(act16 ? size_t(M) * U * 64 : 0);
+  AVec<int8_t> q8(size_t(M) * U * 64 + 64);
+  AVec<float> sxp(size_t(M) * U * 8 + 16), sx(size_t(M) * U), xsum(size_t(M) * U);
+  AVec<int16_t> q16(act16 ? size_t(M) * U * 64 : 0);
   std::vector<XQ> xs;
   xs.reserve(M);
   for (int64_t m = 0; m < M; ++m)
