@@ -67,6 +67,24 @@ void amx_pack(const float* x, int64_t xstride, int64_t M, int64_t K, int64_t t0,
   }
 }
 
+// As amx_pack, from activations stored transposed (element (m, k) at xt[k * tstride + m], as q4_swiglu_amx
+// writes them): two channel rows of 16 activation rows convert and interleave into a tile row, no transpose.
+__attribute__((target("avx512bf16")))
+void amx_pack_t(const float* xt, int64_t tstride, int64_t M, int64_t K, int64_t t0, int64_t t1, uint16_t* tiles) {
+  const int64_t C = K / 32;
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t m0 = (t / C) * 16, k0 = (t % C) * 32;
+    const __mmask16 mm = tail_mask(M - m0);
+    for (int64_t p = 0; p < 16; ++p) {  // row p: channels k0 + 2p (low half of each pair) and k0 + 2p + 1
+      const float* lo = xt + (k0 + 2 * p) * tstride + m0;
+      const __m512i bf = (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(mm, lo + tstride), _mm512_maskz_loadu_ps(mm, lo));
+      _mm512_storeu_si512(tiles + t * 512 + p * 32, _mm512_permutexvar_epi16(pairs, bf));
+    }
+  }
+}
+
 // 16 weight rows from nt (rows past n1 are zeros), every 32-channel chunk, as bf16 A tiles [K/32][16][32].
 // A unit's 16 possible values (q * s + zc for q = 0..15, rounded to bf16 as a whole-row conversion would)
 // are a lookup table: its 64 codes widen to 16 bits and index it (vpermw), 8 instructions for 64 weights
@@ -167,12 +185,57 @@ void q4_rows_amx(const Q4Weight& w, const uint16_t* tiles, int64_t M, int64_t n0
   }
   _tile_release();
 }
+// The MLP's first half for the rows packed in `tiles`: gate_up rows j and I + j (w holds gate's I rows, then
+// up's) are one weight-tile pair, so a 2 x 2 block holds gate and up for the same outputs and the epilogue
+// writes silu(gate) * up straight from the tile products, transposed (act[m][j] at actT[j * tstride + m]):
+// C comes out of the tiles as [j][m], so no transpose and no pass over a [M][2I] intermediate. Outputs
+// [j0, j1) of I; the values equal q4_rows_amx's followed by swiglu's (same products, bias and formula).
+__attribute__((target("amx-tile,amx-bf16")))
+void q4_swiglu_amx(const Q4Weight& w, int64_t I, const uint16_t* tiles, int64_t M, int64_t j0, int64_t j1,
+                   float* actT, int64_t tstride, uint8_t* wbuf) {
+  const int64_t chunks = w.K / 32, mtiles = (M + 15) / 16, astride = chunks * 512;
+  uint16_t* a = reinterpret_cast<uint16_t*>(wbuf);
+  float* cbuf = reinterpret_cast<float*>(wbuf + 2 * chunks * 1024);
+  const __m512 one = _mm512_set1_ps(1.f);
+  tile_config();
+  for (int64_t jt = j0; jt < j1; jt += 16) {
+    dequant_rows(w, jt, I, a);                  // gate rows (zeros past I)
+    dequant_rows(w, I + jt, 2 * I, a + astride);  // up rows
+    const int64_t jr = std::min<int64_t>(16, j1 - jt);
+    for (int64_t mt = 0; mt < mtiles; mt += 2) {
+      const int64_t nb = std::min<int64_t>(2, mtiles - mt);
+      const uint16_t* b = tiles + mt * chunks * 512;
+      if (nb == 2) tile_products<2, 2>(a, astride, b, astride, chunks, cbuf);
+      else tile_products<2, 1>(a, astride, b, astride, chunks, cbuf);
+      for (int64_t j = 0; j < nb; ++j) {  // C tile 2i + j: i = 0 gate, 1 up; row r = output jt + r, 16 m values
+        const __mmask16 mm = tail_mask(M - (mt + j) * 16);
+        for (int64_t r = 0; r < jr; ++r) {
+          __m512 g = _mm512_loadu_ps(cbuf + j * 256 + r * 16), u = _mm512_loadu_ps(cbuf + (2 + j) * 256 + r * 16);
+          if (w.bias) {
+            g = _mm512_add_ps(g, _mm512_set1_ps(w.bias[jt + r]));
+            u = _mm512_add_ps(u, _mm512_set1_ps(w.bias[I + jt + r]));
+          }
+          const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+          _mm512_mask_storeu_ps(actT + (jt + r) * tstride + (mt + j) * 16, mm,
+                                _mm512_mul_ps(_mm512_mul_ps(g, recip16(_mm512_add_ps(one, e))), u));
+        }
+      }
+    }
+  }
+  _tile_release();
+}
 #else
 bool amx_supported() { return false; }
 void amx_pack(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, uint16_t*) {
   TORCH_CHECK(false, "optistack_cpu: this build has no AMX path");
 }
 void q4_rows_amx(const Q4Weight&, const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t, bool, uint8_t*) {
+  TORCH_CHECK(false, "optistack_cpu: this build has no AMX path");
+}
+void amx_pack_t(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, uint16_t*) {
+  TORCH_CHECK(false, "optistack_cpu: this build has no AMX path");
+}
+void q4_swiglu_amx(const Q4Weight&, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t, uint8_t*) {
   TORCH_CHECK(false, "optistack_cpu: this build has no AMX path");
 }
 #endif

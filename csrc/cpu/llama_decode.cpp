@@ -167,14 +167,19 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
     // y = rows @ w.T (+= with add) for every run of rows, after the rows were prepared (and a barrier):
     // AMX runs are packed into tiles first (all threads, from the float rows src), then each thread takes
     // its share of w's rows.
-    auto project = [&](const Q4Weight& w, const float* src, int64_t sstride, float* y, int64_t ystride, bool add) {
+    // gate_up: AMX bf16 runs write silu(gate) * up transposed into actT (q4_swiglu_amx), the others gu;
+    // down: AMX bf16 runs pack from actT (src_t).
+    auto project = [&](const Q4Weight& w, const float* src, int64_t sstride, float* y, int64_t ystride, bool add,
+                       bool gate_up = false, const float* src_t = nullptr) {
       const int64_t chunks = w.K / 32, U = w.K / 64;
       if (amx_tiles + amx8_tiles) {
         for (const Run& r : runs) {
           int64_t t0, t1;
           if (r.path == AMX_BF16) {
             share((r.len + 15) / 16 * chunks, tid, nt, 1, t0, t1);
-            amx_pack(src + r.start * sstride, sstride, r.len, w.K, t0, t1, amx_tiles_buf.data() + r.tile0 * chunks * 512);
+            uint16_t* tiles = amx_tiles_buf.data() + r.tile0 * chunks * 512;
+            if (src_t) amx_pack_t(src_t + r.start, N, r.len, w.K, t0, t1, tiles);
+            else amx_pack(src + r.start * sstride, sstride, r.len, w.K, t0, t1, tiles);
           } else if (r.path == AMX_INT8) {
             share((r.len + 15) / 16 * U, tid, nt, 1, t0, t1);
             const int64_t t = r.tile0 * U;
@@ -185,6 +190,12 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
         bar.wait();
       }
       for (const Run& r : runs) {
+        if (gate_up && r.path == AMX_BF16) {
+          share(I, tid, nt, 16, n0, n1);
+          if (n0 < n1)
+            q4_swiglu_amx(w, I, amx_tiles_buf.data() + r.tile0 * chunks * 512, r.len, n0, n1, actT.data() + r.start, N, wbuf);
+          continue;
+        }
         share(w.N, tid, nt, r.path == AMX_BF16 ? 32 : r.path == AMX_INT8 ? 16 : 4, n0, n1);
         if (n0 >= n1) continue;
         float* yr = y + r.start * ystride;
@@ -258,16 +269,17 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
       }
       bar.wait();
       PHASE(5);
-      project(ly.gate_up, xn.data(), H, gu.data(), 2 * I, false);
+      project(ly.gate_up, xn.data(), H, gu.data(), 2 * I, false, true);
       bar.wait();
       PHASE(6);
       for (int64_t b = tid; b < N; b += nt) {
+        if (row_path[b] == AMX_BF16) continue;  // already in actT
         swiglu(gu.data() + b * 2 * I, gu.data() + b * 2 * I + I, act.data() + b * I, I);
         prep(b, act.data() + b * I, I);
       }
       bar.wait();
       PHASE(7);
-      project(ly.down, act.data(), I, x.data(), H, true);
+      project(ly.down, act.data(), I, x.data(), H, true, false, amx_tiles ? actT.data() : nullptr);
       bar.wait();
       PHASE(8);
     }

@@ -97,6 +97,11 @@ void amx_pack(const float* x, int64_t xstride, int64_t M, int64_t K, int64_t t0,
 // As q4_rows for the M rows packed in `tiles`; wbuf: this thread's K * 64 + 4096 bytes.
 void q4_rows_amx(const Q4Weight& w, const uint16_t* tiles, int64_t M, int64_t n0, int64_t n1, float* y,
                  int64_t ystride, bool add, uint8_t* wbuf);
+// The MLP's gate_up (gate's I rows, then up's) and SwiGLU fused, outputs [j0, j1) of I (multiples of 16 but
+// the last) written transposed: act[m][j] at actT[j * tstride + m]; amx_pack_t packs such rows for down.
+void q4_swiglu_amx(const Q4Weight& w, int64_t I, const uint16_t* tiles, int64_t M, int64_t j0, int64_t j1,
+                   float* actT, int64_t tstride, uint8_t* wbuf);
+void amx_pack_t(const float* xt, int64_t tstride, int64_t M, int64_t K, int64_t t0, int64_t t1, uint16_t* tiles);
 
 // The AMX int8 path (int4_amx_int8.cpp) for batches of decode rows: rows prepared by prep_q8, packed per
 // (m-tile, unit) into 1 KB int8 tiles in the VNNI tile layout with their unit scales and sums transposed.
@@ -220,7 +225,7 @@ class LlamaEngine {
   std::vector<int64_t> filled;  // per slot
   std::mutex mu;
   // scratch, grown on demand under `mu`
-  int64_t rows_cap = 0, lrows_cap = 0, threads_cap = 0, amx_cap = 0, amx8_cap = 0, wbuf_cap = 0;
+  int64_t rows_cap = 0, lrows_cap = 0, threads_cap = 0, amx_cap = 0, amx8_cap = 0, wbuf_cap = 0, act_t_cap = 0;
   AVec<uint16_t> amx_tiles_buf;  // bf16 activation tiles
   AVec<int8_t> amx8_tiles_buf;   // int8 activation tiles, with their scales and sums
   AVec<float> amx8_sx, amx8_xs;
@@ -233,7 +238,7 @@ class LlamaEngine {
   };
   std::vector<char> row_chunk;          // per row of the current call: its attention runs in a ChunkItem
   std::vector<ChunkItem> chunk_items;
-  AVec<float> x, xn, qkv, attn, gu, act, scores;
+  AVec<float> x, xn, qkv, attn, gu, act, actT, scores;
   AVec<int8_t> q8;
   AVec<float> sxp, sx, xsum, sx16;
   AVec<int16_t> q16, x16;

@@ -147,6 +147,10 @@ void LlamaEngine::ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx
     amx_tiles_buf.assign(amx_tiles * (Kmax / 32) * 512, 0);
     amx_cap = amx_tiles;
   }
+  if (amx_tiles > 0 && N > act_t_cap) {  // their MLP activations, transposed ([I][N] for a call of N rows)
+    actT.assign(size_t(N) * I, 0.f);
+    act_t_cap = N;
+  }
   if (amx8_tiles > amx8_cap) {  // and as int8 tiles
     amx8_tiles_buf.assign(amx8_tiles * (Kmax / 64) * 1024, 0);
     amx8_sx.assign(amx8_tiles * (Kmax / 64) * 16, 0.f);

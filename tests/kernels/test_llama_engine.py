@@ -263,14 +263,21 @@ def test_unsupported_says_why():
 
 
 @pytest.mark.skipif(not cpu.available() or not cpu.lib().amx_supported(), reason="needs AMX tiles")
-@pytest.mark.parametrize("rows", [32, 45, 70])
-def test_prompt_chunks_on_amx_tiles_match_the_reference_and_the_vnni_path(rows):
+@pytest.mark.parametrize("rows,bias", [(32, False), (45, False), (70, False), (45, True)])
+def test_prompt_chunks_on_amx_tiles_match_the_reference_and_the_vnni_path(rows, bias):
     """A slot's chunk of >= 32 rows runs its projections on AMX tiles: partial tiles of activation rows
-    (45, 70) and of weight rows (qkv has 5 heads x 64 = 320 rows: 20 tiles; gate_up 640), beside decode rows
-    of another slot on the VNNI path in the same call."""
+    (45, 70) and of weight rows (qkv has 5 heads x 64 = 320 rows: 20 tiles; gate_up 640, its SwiGLU fused
+    into the tile epilogue, biases included with `mlp_bias`), beside decode rows of another slot on the VNNI
+    path in the same call."""
     from optistack.kernels.llama_engine import EngineWeights
 
-    weights = EngineWeights.from_model(quantized(tiny(layers=2)))
+    model = tiny(layers=2, mlp_bias=bias)
+    if bias:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                    proj.bias.normal_(0, 0.5)
+    weights = EngineWeights.from_model(quantized(model))
     ids = torch.randint(0, 300, (rows,), generator=torch.Generator().manual_seed(rows))
     mixed = (torch.cat([torch.tensor([7]), ids]), torch.tensor([1] + [0] * rows),
              torch.cat([torch.tensor([0]), torch.arange(rows)]))
