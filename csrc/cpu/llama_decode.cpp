@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <new>
 
+#include "llama_attn_amx.h"
 #include "llama_attn_chunk.h"
 #include "llama_ops.h"
 #include "simd.h"
@@ -253,6 +254,14 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
             rope(q + i * Nqkv + g * D, cos + p * half, sin + p * half, D);
           }
         const int64_t b = it.b0, h = it.h;
+#ifdef OPTISTACK_AMX_BUILD
+        if (row_path[b] == AMX_BF16 && D % 32 == 0 && D <= 256) {  // rows on bf16 tiles: their attention too
+          attend_chunk_amx(q, Nqkv, it.n, grp, pos[b], kv(kc, l, slot[b], h), kv(vc, l, slot[b], h),
+                           scale(ks, l, slot[b], h), scale(vs, l, slot[b], h), D, sc, attn.data() + (b * Hq + h * grp) * D,
+                           Hq * D);
+          continue;
+        }
+#endif
         attend_chunk(q, Nqkv, it.n, grp, pos[b], kv(kc, l, slot[b], h), kv(vc, l, slot[b], h), scale(ks, l, slot[b], h),
                      scale(vs, l, slot[b], h), D, sc, attn.data() + (b * Hq + h * grp) * D, Hq * D);
       }

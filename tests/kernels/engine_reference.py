@@ -65,6 +65,8 @@ def forward(weights, tokens, slots, positions, k_cache, v_cache, cos, sin, act_b
     x = weights.embed[tokens].float()
     n = x.shape[0]
     bf16_rows = amx_mask(slots, amx_rows) if act_bits == 8 else None
+    # rows on AMX bf16 tiles in a chunk of >= 32 rows (kChunkAttnRows) attend on the tiles too (llama_attn_amx.h)
+    attn_bf16 = amx_mask(slots, max(amx_rows, 32)) if act_bits == 8 and amx_rows else torch.zeros(len(slots), dtype=torch.bool)
     c, s = cos[positions][:, None], sin[positions][:, None]
     for layer, blk in enumerate(weights.blocks):
         qkv = linear(rms(x, blk.norm1, eps), blk.qkv, qmax, bf16_rows)
@@ -81,7 +83,12 @@ def forward(weights, tokens, slots, positions, k_cache, v_cache, cos, sin, act_b
             t = int(positions[i]) + 1
             keys = k_cache[layer, slots[i], :, :t].float().repeat_interleave(hq // hkv, dim=0)
             vals = v_cache[layer, slots[i], :, :t].float().repeat_interleave(hq // hkv, dim=0)
-            att = torch.softmax((keys @ q[i][..., None])[..., 0] / hd ** 0.5, dim=-1)
+            qi = q[i]
+            if attn_bf16[i]:  # queries, keys, weights and values enter the tile products as bf16
+                keys, vals, qi = bf16(keys), bf16(vals), bf16(qi)
+            att = torch.softmax((keys @ qi[..., None])[..., 0] / hd ** 0.5, dim=-1)
+            if attn_bf16[i]:
+                att = bf16(att)
             out[i] = (att[:, None, :] @ vals)[:, 0]
         x = x + linear(out.reshape(n, hq * hd), blk.o, qmax, bf16_rows)
         gu = linear(rms(x, blk.norm2, eps), blk.gate_up, qmax, bf16_rows)
@@ -93,6 +100,10 @@ def forward(weights, tokens, slots, positions, k_cache, v_cache, cos, sin, act_b
     amax = h.abs().amax(-1, keepdim=True)
     h = q16(h) if head_bits == 16 else torch.round(h * 127 / amax) * amax / 127
     return h @ (weights.head_q.float() * weights.head_s[:, None]).T
+
+
+def bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.bfloat16().float()
 
 
 def int8_roundtrip(x: torch.Tensor) -> torch.Tensor:
