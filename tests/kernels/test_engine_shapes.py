@@ -45,6 +45,27 @@ def test_head_size_128_matches_the_reference(kind):
         tok = want.argmax(-1)
 
 
+@pytest.mark.skipif(not cpu.available() or not cpu.lib().amx_supported(), reason="needs AMX tiles")
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_head_size_128_prompt_chunk_on_amx_tiles_matches_the_reference(kind):
+    """A 40-row chunk with head size 128: projections, fused SwiGLU and attention (4 channel chunks per
+    tile product, 8 channel groups per P V pass) on AMX tiles, against the reference's bf16 model of them."""
+    from optistack.kernels.llama_engine import EngineWeights
+
+    extra = {"use_sliding_window": False} if kind == "qwen2" else {}
+    weights = EngineWeights.from_model(quantized(tiny(kind, hidden=512, inter=384, heads=4, kv=2, **extra)))
+    rt = weights.runtime(2, 64)
+    assert rt.impl.amx_rows == 32
+    cos, sin = weights.rope_tables(64)
+    kc, vc = torch.zeros_like(rt.k_cache), torch.zeros_like(rt.v_cache)
+    g = torch.Generator().manual_seed(9)
+    rows = (torch.randint(0, 300, (40,), generator=g), torch.zeros(40, dtype=torch.long), torch.arange(40))
+    got = rt.forward(*rows, torch.arange(40))
+    want = ref.forward(weights, *rows, kc, vc, cos, sin, amx_rows=32)
+    ok, err = close_rows(got, want, 1e-3)
+    assert ok, err
+
+
 def test_head_size_128_follows_the_models_own_step_in_the_exact_mode():
     from transformers import DynamicCache
 
