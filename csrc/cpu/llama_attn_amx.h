@@ -13,6 +13,7 @@
 // row; V tiles are 16 key pairs x 16 channels.
 #pragma once
 #include "amx_tiles.h"
+#include "llama_attn_chunk.h"
 #include "llama_ops.h"
 
 namespace optistack_cpu {
@@ -83,17 +84,7 @@ static void attend_chunk_amx(const float* q, int64_t qstride, int64_t M, int64_t
     float* s = sc + r * Ts;
     uint16_t* pb = reinterpret_cast<uint16_t*>(s);
     const int64_t Tr = p0 + r / G + 1;
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t t = 0; t < Tr; t += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(Tr - t), s + t));
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t t = 0; t < Tr; t += 16) {
-      const __mmask16 mk = tail_mask(Tr - t);
-      const __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + t), m)));
-      _mm512_mask_storeu_ps(s + t, mk, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    const __m512 inv = _mm512_set1_ps(softmax_exp(s, Tr));
     // ascending: the 32 bytes written at t hold floats t/2 .. t/2 + 7, read at an earlier (or this) step
     for (int64_t t = 0; t < T32; t += 16) {
       const __mmask16 mk = t < Tr ? tail_mask(Tr - t) : __mmask16(0);

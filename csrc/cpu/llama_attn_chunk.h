@@ -14,6 +14,22 @@
 namespace optistack_cpu {
 
 #if defined(OPTISTACK_AVX512) && defined(__AVX512VNNI__)
+// s[t] = exp(s[t] - max) for t < n, in place; returns 1 / their sum (the softmax's normalizer). Shared by the
+// float32 chunk kernel and the tile one (llama_attn_amx.h), which differ only in what they do with it.
+static inline float softmax_exp(float* s, int64_t n) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t t = 0; t < n; t += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(n - t), s + t));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 mk = tail_mask(n - t);
+    const __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + t), m)));
+    _mm512_mask_storeu_ps(s + t, mk, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return 1.f / _mm512_reduce_add_ps(sum);
+}
+
 // Rows i = 0..M-1 of one slot at positions p0 + i and the G query heads (of one key/value head) of each:
 // query (i, g) at q + i * qstride + g * D (RoPE already applied), its output at out + i * ostride + g * D.
 // Row i attends to positions 0..p0 + i of k and v (written before this call returns to the caller's phase).
@@ -55,17 +71,7 @@ static void attend_chunk(const float* q, int64_t qstride, int64_t M, int64_t G, 
   for (int64_t r = 0; r < R; ++r) {  // softmax over the row's own positions, times an int8 cache's value scales
     float* s = sc + r * Tp;
     const int64_t Tr = p0 + r / G + 1;
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t t = 0; t < Tr; t += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(Tr - t), s + t));
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t t = 0; t < Tr; t += 16) {
-      const __mmask16 mk = tail_mask(Tr - t);
-      const __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + t), m)));
-      _mm512_mask_storeu_ps(s + t, mk, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    const __m512 inv = _mm512_set1_ps(softmax_exp(s, Tr));
     for (int64_t t = 0; t < Tp; t += 16) {  // zeros past Tr, so a block of rows can run to its longest row
       const __mmask16 mk = t < Tr ? tail_mask(Tr - t) : __mmask16(0);
       __m512 p = _mm512_maskz_mul_ps(mk, _mm512_loadu_ps(s + t), inv);
