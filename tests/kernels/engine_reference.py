@@ -34,8 +34,7 @@ def linear(x: torch.Tensor, p, qmax: int = 127, bf16_rows: torch.Tensor | None =
     w = dequant(p)
     y = q8(x, qmax) @ w.T
     if bf16_rows is not None and bool(bf16_rows.any()):
-        bf = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
-        y[bf16_rows] = bf(x[bf16_rows]) @ bf(w).T
+        y[bf16_rows] = bf16(x[bf16_rows]) @ bf16(w).T
     return y + p.bias if p.bias.numel() else y
 
 
@@ -103,6 +102,7 @@ def forward(weights, tokens, slots, positions, k_cache, v_cache, cos, sin, act_b
 
 
 def bf16(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to bf16 (nearest even), as the AMX paths take their inputs, back in float32."""
     return x.bfloat16().float()
 
 
