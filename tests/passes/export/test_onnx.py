@@ -133,3 +133,25 @@ def test_apply_refuses_wrong_inputs():
         OrtOptimizePass().apply(torch.nn.Linear(2, 2), PassContext())
     with pytest.raises(PassApplyError, match="needs example inputs"):
         OnnxExportPass().apply(torch.nn.Linear(2, 2), PassContext())
+
+
+def test_optimize_modes_fold_the_weight_transposes_and_all_match_torch(bert_workload):
+    import onnx
+
+    ctx = PassContext(workload=bert_workload)
+    _, kwargs = bert_workload.inputs
+    ref = bert_workload.model(**kwargs).last_hidden_state
+    with pytest.raises(PassConfigError):
+        OnnxExportPass(optimize="rewrite")
+    found = {}
+    for mode in ("none", "fold", "full"):
+        res = OnnxExportPass(optimize=mode).apply(bert_workload.model, ctx)
+        assert torch.allclose(res.model(**kwargs)[0], ref, atol=1e-4), mode
+        graph = onnx.load(res.model.path).graph
+        inits = {i.name for i in graph.initializer}
+        matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+        found[mode] = (len(graph.node), sum(n.input[1] in inits for n in matmuls))
+    # without folding the weights reach their MatMuls through Transpose nodes (ort-quantize skips those);
+    # folding gives the full optimizer's graph, less its pattern rewrites
+    assert found["fold"][1] == found["full"][1] > found["none"][1]
+    assert found["fold"][0] < found["none"][0]

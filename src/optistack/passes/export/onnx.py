@@ -32,6 +32,10 @@ class OnnxExportConfig(PassConfig):
     intra_op_threads: int = 0
     provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
     attn_implementation: Literal["", "eager", "sdpa"] = ""  # transformers models: the attention code exported
+    # the dynamo graph's clean-up: "fold" (constant folding, unused nodes dropped), "full" (onnxscript's whole
+    # optimizer, torch's default: its rewrite rules took 12-28 of SmolLM2's export seconds and did not change
+    # ONNX Runtime's latency, docs/export.md) or "none"
+    optimize: Literal["fold", "full", "none"] = "fold"
 
     def __post_init__(self) -> None:
         check(7 <= self.opset <= 25, f"onnx-export: option 'opset' must be in 7..25, got {self.opset}")
@@ -144,6 +148,18 @@ def _dynamic_spec(model: Any, args: tuple, kwargs: dict, dynamo: bool) -> Any:
     return spec, names
 
 
+def _fold(graph_model: Any) -> None:
+    """Constant folding (weights' transposes become initializers, which `ort-quantize` needs), then unused
+    nodes dropped and constants lifted to initializers: the part of onnxscript's optimizer that changes what
+    later passes see, without its pattern rewrites."""
+    import onnx_ir.passes.common as common
+    from onnxscript.optimizer import fold_constants
+
+    fold_constants(graph_model)
+    common.RemoveUnusedNodesPass()(graph_model)
+    common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(graph_model)
+
+
 class OnnxExportPass(ConfiguredPass):
     """torch.onnx.export (dynamo, else legacy) -> file in a temp dir -> `OrtModel`, checked against torch."""
 
@@ -170,7 +186,9 @@ class OnnxExportPass(ConfiguredPass):
         if dynamo:
             shapes = {k: v for k, v in spec.items()} if cfg.dynamic else None
             prog = torch.onnx.export(model, args, None, kwargs=dict(kwargs) or None, dynamic_shapes=shapes,
-                                     external_data=False, **common)
+                                     external_data=False, optimize=cfg.optimize == "full", **common)
+            if cfg.optimize == "fold":
+                _fold(prog.model)
             prog.save(path, external_data=_too_big(model))
         else:
             tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
