@@ -8,7 +8,7 @@ import optistack as ost
 from optistack.bench.timer import TimingConfig
 
 pytestmark = pytest.mark.slow
-QUICK = TimingConfig(warmup=2, min_rounds=6, max_rounds=20, max_seconds=10)
+QUICK = TimingConfig(warmup=2, min_rounds=6, max_rounds=8, max_seconds=3)  # figures, not precise ones
 
 
 @pytest.fixture(scope="module")
