@@ -10,9 +10,10 @@ uses the workload's calibration text, never the evaluation text):
 - `rtn`: `rtn-int4` (round to nearest, no data);
 - `awq`: `awq` (activation-aware scales, clipping, round to nearest);
 - `gptq`: `gptq` (Hessian-based error-correcting rounding);
-- `awq+gptq`: `awq{quantize=false},gptq`: AWQ's scales folded, GPTQ's rounding;
-- `awq+gptq-gptq-judged` (not in the default list): the same with AWQ's best scales judged again by GPTQ's
-  rounding (`rounding=gptq`).
+- `awq+gptq`: `awq{quantize=false},gptq`: AWQ's scales folded (judged by GPTQ's rounding on held-out
+  calibration sequences, `rounding=auto`), GPTQ's rounding;
+- `awq+gptq-rtn-judged` (not in the default list): the same with AWQ's scales judged by round-to-nearest
+  (`rounding=rtn`, the default before 2026-12-06).
 
 SmolLM2's fp32 weights are the dequantized Q4_1 (group 32, asymmetric) of its GGUF, so a group-32
 asymmetric grid is lossless on it by construction: compare at groups 64 and 128. Pass seconds are wall
@@ -34,7 +35,7 @@ METHODS = {
     "awq": "awq{{group_size={g},zero_grid={z}}}",
     "gptq": "gptq{{group_size={g},zero_grid={z}{extra}}}",
     "awq+gptq": "awq{{group_size={g},zero_grid={z},quantize=false}},gptq{{group_size={g},zero_grid={z}{extra}}}",
-    "awq+gptq-gptq-judged": "awq{{group_size={g},zero_grid={z},quantize=false,rounding=gptq}},"
+    "awq+gptq-rtn-judged": "awq{{group_size={g},zero_grid={z},quantize=false,rounding=rtn}},"
                            "gptq{{group_size={g},zero_grid={z}{extra}}}",
 }
 

@@ -58,20 +58,43 @@ def test_shortlist_keeps_the_best_and_the_identity():
     assert [a for a, _ in shortlist(errors, 1)] == [0.0, 0.5]
 
 
-def test_rounding_gptq_is_reported_and_rtn_is_the_default():
+def test_rounding_gptq_is_the_default_without_quantize_and_is_judged_held_out(monkeypatch):
+    from optistack.passes.quant import awq as awq_module
+
     model = tiny_llama()
     ids = held_out_ids()
     ref = logits(model, ids)
     opts = {**FAST, "calib_samples": 4, "quantize": False, "search_samples": 1, "n_grid": 3}
-    scaled = AwqPass(**opts, rounding="gptq").apply(copy.deepcopy(model), CTX)
+    seen = []  # the sequences each GPTQ judge's H is built from, against the calibration batch
+
+    def recording(x, *args):
+        seen.append(x.shape[0])
+        return gptq_rounder(x, *args)
+
+    monkeypatch.setattr(awq_module, "gptq_rounder", recording)
+    scaled = AwqPass(**opts).apply(copy.deepcopy(model), CTX)  # rounding=auto: gptq, as quantize=false
     assert scaled.info["rounding"] == "gptq" and 0 < scaled.info["block_mse_ratio"] <= 1
+    assert seen and set(seen) == {2}  # H from 2 of the 4 sequences; the other 2 judge
     assert torch.allclose(logits(scaled.model, ids), ref, atol=1e-4, rtol=1e-4)  # still only folded scales
-    assert AwqPass(**opts).apply(copy.deepcopy(model), CTX).info["rounding"] == "rtn"  # the default
+    seen.clear()
+    assert AwqPass(**opts, rounding="rtn").apply(copy.deepcopy(model), CTX).info["rounding"] == "rtn"
+    assert AwqPass(**{**opts, "quantize": True}).apply(copy.deepcopy(model), CTX).info["rounding"] == "rtn"
+    assert not seen
+
+
+def test_row_range_cuts_the_batch_and_keeps_what_broadcasts():
+    from optistack.passes.quant.awq_search import row_range
+
+    x, mask, rope = torch.randn(4, 3, 8), torch.ones(4, 1, 3, 3), (torch.randn(1, 3, 8), torch.randn(4, 3, 8))
+    args, kwargs = row_range(((x,), {"attention_mask": mask, "position_embeddings": rope, "flag": True}), 2, 4)
+    assert torch.equal(args[0], x[2:]) and torch.equal(kwargs["attention_mask"], mask[2:])
+    assert kwargs["position_embeddings"][0].shape[0] == 1 and torch.equal(kwargs["position_embeddings"][1], rope[1][2:])
+    assert kwargs["flag"] is True
 
 
 @pytest.mark.parametrize("text, match", [
     ("awq{rounding=gptq}", "needs quantize=false"),
-    ("awq{quantize=false,rounding=exact}", "'rounding' must be one of rtn, gptq"),
+    ("awq{quantize=false,rounding=exact}", "'rounding' must be one of auto, rtn, gptq"),
     ("awq{quantize=false,rounding_candidates=0}", "'rounding_candidates' must be between 1 and 1000"),
 ])
 def test_bad_rounding_options_are_refused(text, match):

@@ -50,9 +50,10 @@ class AwqConfig(Int4Config):
     # false: search and fold the scales only, leaving the layers float for a rounding pass after it
     # (`awq{quantize=false},gptq`: AWQ's scales, GPTQ's rounding)
     quantize: bool = True
-    # the rounding candidate scales are judged by: `gptq` (with quantize=false) re-judges the best ones by
-    # GPTQ's rounding (awq_rounding.py); measured worse on SmolLM2 g128, so not the default
-    rounding: str = "rtn"
+    # the rounding candidate scales are judged by: `gptq` re-judges the best ones by GPTQ's rounding on
+    # calibration sequences its H did not see (awq_rounding.py); `auto`: gptq with quantize=false (the scales
+    # are for a rounding pass after it, `gptq` in the recipe), rtn otherwise
+    rounding: str = "auto"
     rounding_candidates: int = 3  # the best alphas by RTN judged again by GPTQ (with the identity)
 
     def __post_init__(self) -> None:
@@ -236,7 +237,10 @@ class AwqPass(ConfiguredPass):
         }
 
     def _rounding(self) -> str:
-        return self.config.rounding
+        cfg = self.config
+        if cfg.rounding == "auto":
+            return "rtn" if cfg.quantize else "gptq"
+        return cfg.rounding
 
     def _scales_info(self, scaled: int, plan: Any, mapping: Any, ids: Any, alphas: dict[str, list[float]],
                      rtn_mse: float, awq_mse: float, start: float) -> dict[str, Any]:

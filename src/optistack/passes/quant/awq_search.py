@@ -99,15 +99,22 @@ def first_tensor(inp: Inputs) -> torch.Tensor:
     return inp[0][0] if inp[0] else inp[1]["hidden_states"]
 
 
-def first_rows(inp: Inputs, n: int) -> Inputs:
-    """The first `n` sequences of a batched call: tensors (also inside tuples) with a larger batch dim
-    are cut; broadcast ones (batch 1) and non-tensors pass as they are."""
+def row_range(inp: Inputs, start: int, stop: int) -> Inputs:
+    """Sequences [start, stop) of a batched call: tensors (also inside tuples) whose batch dim is the
+    batch's are cut; broadcast ones (batch 1) and non-tensors pass as they are."""
+    n = first_tensor(inp).shape[0]
+
     def cut(v: Any) -> Any:
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > n:
-            return v[:n]
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n and n > 1:
+            return v[start:stop]
         return tuple(cut(e) for e in v) if isinstance(v, tuple) else v
 
     return tuple(cut(a) for a in inp[0]), {k: cut(v) for k, v in inp[1].items()}
+
+
+def first_rows(inp: Inputs, n: int) -> Inputs:
+    """The first `n` sequences of a batched call (all of them when there are fewer)."""
+    return row_range(inp, 0, n)
 
 
 def scales_for(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -281,8 +288,13 @@ def awq_layer(layer: nn.Module, inp: Inputs, quantized: set[str], q: Quantizer, 
         if g.prev is None:  # nowhere to fold a scale: clipping only
             final_moments.update({name: moments for name in g.linears})
             continue
+        rounder, judge_inp = None, None
+        if rounding is not None:  # GPTQ's H from the first half of the sequences, judged on the other half
+            half = (x.shape[0] + 1) // 2 if x.dim() > 2 and x.shape[0] > 1 else x.shape[0]
+            rounder = rounding(x[:half])
+            judge_inp = row_range(g_inp, half, x.shape[0]) if half < x.shape[0] else g_inp
         s, alpha, rtn_err, err = search_scale(g, x_mean, moments, first_rows(g_inp, search_samples), n_grid,
-                                              quantized, q, no_clip, rounding and rounding(x), candidates, g_inp)
+                                              quantized, q, no_clip, rounder, candidates, judge_inp)
         fold_scale(g.prev, list(g.linears.values()), s, g.prev_rows)
         report.alphas[g.label] = alpha
         report.rtn_mse += rtn_err
