@@ -85,7 +85,8 @@ class DecodeLoop:
         want_dict = config.return_dict_in_generate
         scores = () if want_dict and config.output_scores else None
         raw = () if want_dict and config.output_logits else None
-        has_eos = any(hasattr(c, "eos_token_id") for c in criteria)
+        # at batch 1 the loop returns as soon as the row finishes, so no finished row is ever padded
+        has_eos = input_ids.shape[0] > 1 and any(hasattr(c, "eos_token_id") for c in criteria)
         do_sample = config.do_sample
         batch = input_ids.shape[0]
         unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
@@ -103,7 +104,7 @@ class DecodeLoop:
         while True:
             for i in range(logits.shape[1] if logits.dim() == 3 else 1):
                 step_logits = logits[:, i] if logits.dim() == 3 else logits
-                step_scores = processors(input_ids, step_logits)
+                step_scores = processors(input_ids, step_logits) if len(processors) else step_logits
                 if scores is not None:
                     scores += (step_scores,)
                 if raw is not None:
