@@ -2,7 +2,8 @@
 // model code. After `decode-engine` the model's own projections read the engine's weights, so the process
 // holds one copy of them (kernels/engine_linear.py). Paths: the engine's VNNI rows with int16 activations
 // (15 significant bits, the exact mode's numerics) or int8 ones, or, for many rows on a CPU with AMX, the
-// engine's AMX-BF16 tiles (activations rounded to bf16, as the model's own prefill kernels do).
+// engine's AMX-BF16 tiles (activations rounded to bf16, as the model's own prefill kernels do), or its
+// AMX-INT8 tiles for a batch of decode rows (int8 codes as the VNNI int8 path).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -15,7 +16,7 @@ namespace optistack_cpu {
 
 namespace {
 
-constexpr int64_t PATH_INT16 = 0, PATH_INT8 = 1, PATH_AMX_BF16 = 2;
+constexpr int64_t PATH_INT16 = 0, PATH_INT8 = 1, PATH_AMX_BF16 = 2, PATH_AMX_INT8 = 3;
 
 // Rows [n0, n1) of N for worker `tid` of `nt`, in multiples of `align` (the kernels' row blocks).
 void rows_of(int64_t N, int64_t tid, int64_t nt, int64_t align, int64_t& n0, int64_t& n1) {
@@ -29,9 +30,9 @@ void rows_of(int64_t N, int64_t tid, int64_t nt, int64_t align, int64_t& n0, int
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const at::Tensor& zc,
                      const at::Tensor& bias, int64_t path) {
   TORCH_CHECK(llama_engine_supported(), "optistack_cpu.q4_linear: this build has no AVX512-VNNI");
-  TORCH_CHECK(path == PATH_INT16 || path == PATH_INT8 || path == PATH_AMX_BF16,
-              "optistack_cpu.q4_linear: path must be 0 (int16), 1 (int8) or 2 (AMX bf16), got ", path);
-  TORCH_CHECK(path != PATH_AMX_BF16 || amx_supported(), "optistack_cpu.q4_linear: this CPU has no AMX for path 2");
+  TORCH_CHECK(path >= PATH_INT16 && path <= PATH_AMX_INT8,
+              "optistack_cpu.q4_linear: path must be 0 (int16), 1 (int8), 2 (AMX bf16) or 3 (AMX int8), got ", path);
+  TORCH_CHECK(path < PATH_AMX_BF16 || amx_supported(), "optistack_cpu.q4_linear: this CPU has no AMX for path ", path);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "optistack_cpu.q4_linear: x must be a contiguous float32 [M, K] tensor");
   const int64_t M = x.size(0), K = x.size(1);
@@ -72,6 +73,24 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) act16 ? prep_q16(xp + m * K, K, xs[m]) : prep_q8(xp + m * K, K, xs[m]);
   });
+  if (path == PATH_AMX_INT8) {  // the engine's batched decode rows: int8 codes packed into tiles
+    const int64_t units = K / 64, tiles = (M + 15) / 16 * units, wbytes = units * 2176 + 64;
+    AVec<int8_t> packed(size_t(tiles) * 1024);
+    AVec<float> sxT(size_t(tiles) * 16), xsT(size_t(tiles) * 16);
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      amx8_pack(xs.data(), M, K, t0, t1, packed.data(), sxT.data(), xsT.data());
+    });
+    AVec<uint8_t> wbuf(size_t(nt) * wbytes);
+    at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+      for (int64_t tid = b; tid < e; ++tid) {
+        int64_t n0, n1;
+        rows_of(N, tid, nt, 16, n0, n1);
+        if (n0 < n1)
+          q4_rows_amx8(w, packed.data(), sxT.data(), xsT.data(), M, n0, n1, yp, N, false, wbuf.data() + tid * wbytes);
+      }
+    });
+    return y;
+  }
   at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
     for (int64_t tid = b; tid < e; ++tid) {
       int64_t n0, n1;

@@ -49,14 +49,15 @@ def rope(v: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def forward(weights, tokens, slots, positions, k_cache, v_cache, cos, sin, act_bits: int = 8,
-            amx_rows: int = 0, head_bits: int = 16, kv_int8: bool = False) -> torch.Tensor:
+            amx_rows: int = 0, head_bits: int = 16, kv_int8: bool = False, amx_batch: int = 0) -> torch.Tensor:
     """Logits [N, V] of every row; writes each row's key and value at its slot and position of the caches
     [L, S, Hkv, T, D] like the engine, and attends each row over its slot's positions 0..its own. With
     `amx_rows` as set on the engine, the rows it runs on AMX bf16 tiles are computed that way (rows on AMX
     int8 tiles, `amx_batch`, take the same int8 codes as the VNNI path: the same numbers here); `head_bits=8`:
     the head's activations as int8 with one scale a row, as the AMX head of a batch of `amx_batch` rows;
     `kv_int8`: each key and value is stored as the engine's int8 cache holds it (codes of its largest
-    magnitude / 127, here kept dequantized in the float caches)."""
+    magnitude / 127, here kept dequantized in the float caches); with `amx_batch` set, a call that has rows on
+    bf16 tiles runs all its rows there."""
     qmax = 127 if act_bits == 8 else 32767
     d, eps = weights.dims, weights.eps
     hq, hkv, hd = d.heads, d.kv_heads, d.head_dim
@@ -64,8 +65,11 @@ def forward(weights, tokens, slots, positions, k_cache, v_cache, cos, sin, act_b
     x = weights.embed[tokens].float()
     n = x.shape[0]
     bf16_rows = amx_mask(slots, amx_rows) if act_bits == 8 else None
+    if bf16_rows is not None and amx_batch and bool(bf16_rows.any()):
+        bf16_rows[:] = True
     # rows on AMX bf16 tiles in a chunk of >= 32 rows (kChunkAttnRows) attend on the tiles too (llama_attn_amx.h)
-    attn_bf16 = amx_mask(slots, max(amx_rows, 32)) if act_bits == 8 and amx_rows else torch.zeros(len(slots), dtype=torch.bool)
+    attn_bf16 = (bf16_rows & amx_mask(slots, 32) if bf16_rows is not None and amx_rows
+                 else torch.zeros(len(slots), dtype=torch.bool))
     c, s = cos[positions][:, None], sin[positions][:, None]
     for layer, blk in enumerate(weights.blocks):
         qkv = linear(rms(x, blk.norm1, eps), blk.qkv, qmax, bf16_rows)

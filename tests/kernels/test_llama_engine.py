@@ -297,6 +297,38 @@ def test_prompt_chunks_on_amx_tiles_match_the_reference_and_the_vnni_path(rows, 
     assert ((got - other).norm(dim=-1) / other.norm(dim=-1)).max() < 5e-2
 
 
+@pytest.mark.skipif(not cpu.available() or not cpu.lib().amx_supported(), reason="needs AMX tiles")
+@torch.no_grad()
+def test_with_amx_batch_decode_rows_join_a_prompt_chunk_on_bf16_tiles():
+    """amx_batch on (a server's batches): three decode rows of other slots in a call with a 40-row prompt chunk
+    run on the chunk's bf16 tiles; without amx_batch they keep the VNNI path. Each is checked against its
+    reference and, for the decode rows, away from the other path's (int8 against bf16 activations)."""
+    from optistack.kernels.llama_engine import EngineWeights
+
+    weights = EngineWeights.from_model(quantized(tiny(layers=2)))
+    cos, sin = weights.rope_tables(64)
+    g = torch.Generator().manual_seed(40)
+    history = [(torch.randint(0, 300, (b + 2,), generator=g), torch.full((b + 2,), b + 1), torch.arange(b + 2))
+               for b in range(3)]
+    call = (torch.randint(0, 300, (43,), generator=g), torch.tensor([1, 2, 3] + [0] * 40),
+            torch.cat([torch.arange(3) + 2, torch.arange(40)]))
+    for batch in (0, 8):
+        rt = weights.runtime(4, 64)
+        rt.impl.amx_batch = batch
+        kc, vc = fresh_caches(rt)
+        for rows in history:
+            rt.forward(*rows, torch.arange(0))
+            ref.forward(weights, *rows, kc, vc, cos, sin)
+        got = rt.forward(*call, torch.arange(43))
+        head = 8 if batch else 16  # 43 logit rows >= amx_batch: the head's rows as int8 on AMX tiles
+        want, other = (ref.forward(weights, *call, kc.clone(), vc.clone(), cos, sin, amx_rows=32, amx_batch=b,
+                                   head_bits=head) for b in (batch, 8 - batch))
+        ok, err = close_rows(got, want, 1e-3, loose=2e-2)  # an int8 head row: up to ~1% from one code
+        assert ok, (batch, err)
+        apart = (got[:3] - other[:3]).norm(dim=-1) / other[:3].norm(dim=-1)
+        assert float(apart.min()) > 2e-3, (batch, apart.tolist())
+
+
 def test_amx_rows_is_refused_where_it_cannot_run():
     from optistack.kernels.llama_engine import EngineWeights
 
