@@ -184,3 +184,38 @@ def test_per_step_work_does_not_grow_with_python_inspection(session_llama, monke
         # inspects each processor per step, in transformers' own loop as in ours
         counts.append(len(seen))
     assert counts[0] == counts[1] and m.generate.last["calls"] == 24, counts
+
+
+def test_one_rows_plain_stops_are_checked_in_python_and_anything_else_by_the_criteria(session_llama, monkeypatch):
+    """At batch 1, max_length and EOS alone are two Python checks a token (the criteria list is never called),
+    with the tokens transformers' own loop gives; a criterion of the user's own goes through the list."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+    from optistack.generation.hf_loop import _plain_stops
+
+    assert _plain_stops([MaxLengthCriteria(9, 7), EosTokenCriteria([3, 5])]) == (9, frozenset({3, 5}), 7)
+    assert _plain_stops([MaxLengthCriteria(9)])[1] == frozenset()
+
+    class AfterTwo(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= n + 2, dtype=torch.bool)
+
+    assert _plain_stops([MaxLengthCriteria(9), AfterTwo()]) is None
+    base, m = session_llama
+    ids = prompt()
+    n = ids.shape[1]
+    eos = [int(t) for t in own_generate(base, ids, max_new_tokens=6, do_sample=False)[0, n + 3: n + 5]]
+    calls = []
+    real = StoppingCriteriaList.__call__
+    monkeypatch.setattr(StoppingCriteriaList, "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    kw = dict(max_new_tokens=12, do_sample=False, eos_token_id=eos, **PAD)
+    got = ours(m, ids, **kw)
+    assert len(calls) == 0 and got.shape[1] <= n + 4
+    calls.clear()
+    assert torch.equal(got, own_generate(base, ids, **kw))
+    custom = dict(max_new_tokens=12, do_sample=False, stopping_criteria=StoppingCriteriaList([AfterTwo()]), **PAD)
+    calls.clear()
+    got = ours(m, ids, **custom)
+    assert got.shape[1] == n + 2 and len(calls) > 0
+    assert torch.equal(got, own_generate(base, ids, **custom))
