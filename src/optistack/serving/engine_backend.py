@@ -69,8 +69,11 @@ class EngineBackend:
 
         `amx_batch`: from this many decode rows in one step, they (and the head) run on AMX int8 tiles (the
         same int8 codes, their float sums in another order; the head's rows as int8 instead of int16, so a
-        request's greedy tokens may differ from generate()'s where two logits are close). The default, 8 where
-        the CPU has AMX (measured on SmolLM2, 2 cores: a step of 8 rows 15.2 -> 12.4 ms, of 16 rows 30 -> 22 ms).
+        request's greedy tokens may differ from generate()'s where two logits are close); with it on, decode rows
+        that share a call with a prompt chunk on bf16 tiles join that chunk. The default, 5 where the CPU has
+        AMX: where the tiles start to win (SmolLM2, 2 cores, median of 5 interleaved rounds, 2026-12-06: 4 rows
+        8.23 ms a step on VNNI against 9.13 on tiles, 5 rows 10.31 / 9.79, 6 rows 11.51 / 10.32, 8 rows
+        14.6 / 11.0).
         `kv`: the KV cache's type (float16, float32 or int8: about half float16's bytes, twice the slots in
         the same memory); by default the one the decode-engine step chose.
         """
@@ -95,7 +98,7 @@ class EngineBackend:
 
         amx = cpu.lib().amx_supported() and strategy.act_bits == 8
         if amx_batch is None:
-            amx_batch = 8 if amx else 0
+            amx_batch = 5 if amx else 0
         if amx_batch < 0 or (amx_batch and not amx):
             raise ServingError(f"amx_batch must be >= 0, and 0 where the CPU has no AMX tiles or the engine runs int16 "
                                f"activations; got {amx_batch}")
