@@ -25,6 +25,18 @@ void rows_of(int64_t N, int64_t tid, int64_t nt, int64_t align, int64_t& n0, int
   n1 = std::min(N, n0 + per);
 }
 
+// fn(tid, n0, n1) for each of nt workers with a non-empty share of N rows (in multiples of `align`).
+template <typename Fn>
+void per_worker(int64_t N, int64_t nt, int64_t align, const Fn& fn) {
+  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+    for (int64_t tid = b; tid < e; ++tid) {
+      int64_t n0, n1;
+      rows_of(N, tid, nt, align, n0, n1);
+      if (n0 < n1) fn(tid, n0, n1);
+    }
+  });
+}
+
 }  // namespace
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const at::Tensor& zc,
@@ -51,12 +63,8 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
     AVec<uint16_t> packed(size_t(tiles) * 512);
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { amx_pack(xp, K, M, K, t0, t1, packed.data()); });
     AVec<uint8_t> wbuf(size_t(nt) * wbytes);
-    at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
-      for (int64_t tid = b; tid < e; ++tid) {
-        int64_t n0, n1;
-        rows_of(N, tid, nt, 32, n0, n1);
-        if (n0 < n1) q4_rows_amx(w, packed.data(), M, n0, n1, yp, N, false, wbuf.data() + tid * wbytes);
-      }
+    per_worker(N, nt, 32, [&](int64_t tid, int64_t n0, int64_t n1) {
+      q4_rows_amx(w, packed.data(), M, n0, n1, yp, N, false, wbuf.data() + tid * wbytes);
     });
     return y;
   }
@@ -81,23 +89,12 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
       amx8_pack(xs.data(), M, K, t0, t1, packed.data(), sxT.data(), xsT.data());
     });
     AVec<uint8_t> wbuf(size_t(nt) * wbytes);
-    at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
-      for (int64_t tid = b; tid < e; ++tid) {
-        int64_t n0, n1;
-        rows_of(N, tid, nt, 16, n0, n1);
-        if (n0 < n1)
-          q4_rows_amx8(w, packed.data(), sxT.data(), xsT.data(), M, n0, n1, yp, N, false, wbuf.data() + tid * wbytes);
-      }
+    per_worker(N, nt, 16, [&](int64_t tid, int64_t n0, int64_t n1) {
+      q4_rows_amx8(w, packed.data(), sxT.data(), xsT.data(), M, n0, n1, yp, N, false, wbuf.data() + tid * wbytes);
     });
     return y;
   }
-  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
-    for (int64_t tid = b; tid < e; ++tid) {
-      int64_t n0, n1;
-      rows_of(N, tid, nt, 4, n0, n1);
-      if (n0 < n1) q4_rows(w, xs.data(), M, n0, n1, yp, N, false, act16);
-    }
-  });
+  per_worker(N, nt, 4, [&](int64_t, int64_t n0, int64_t n1) { q4_rows(w, xs.data(), M, n0, n1, yp, N, false, act16); });
   return y;
 }
 
