@@ -3,6 +3,17 @@
 #pragma once
 #include "simd.h"
 
+namespace optistack_cpu {
+
+constexpr int64_t kTileQueries = 32;  // query vectors per pass of llama_attn_amx.h's tile products: two row tiles
+
+// bf16 uint16s of the key/value tiles of up to Tmax keys (llama_attn_amx.h: kv_tiles), per thread.
+inline int64_t kv_tile_elems(int64_t Tmax, int64_t D) {
+  return ((Tmax + 15) / 16 * (D / 32) + (Tmax + 31) / 32 * (D / 16)) * 512;
+}
+
+}  // namespace optistack_cpu
+
 #if defined(__x86_64__) && defined(OPTISTACK_AVX512)
 #include <immintrin.h>
 #define OPTISTACK_AMX_BUILD 1

@@ -98,7 +98,10 @@ at::Tensor LlamaEngine::forward(const at::Tensor& tokens_in, const at::Tensor& s
     std::fill(row_path.begin() + r.start, row_path.begin() + r.start + r.len, char(r.path));
   }
   // a slot's run of at least kChunkAttnRows rows (int8 activations) attends as a chunk, in items of rows that
-  // share each key block (llama_attn_chunk.h); other rows one by one
+  // share each key block (llama_attn_chunk.h); other rows one by one. A run on AMX bf16 tiles attends on the
+  // tiles (llama_attn_amx.h), whose items convert their keys and values once: fewer, longer items, cut where
+  // they hold equal shares of the causal scores (rows late in the prompt read more keys).
+  const int nthreads = std::max(1, at::get_num_threads());
   row_chunk.assign(N, 0);
   chunk_items.clear();
   const int64_t item_rows = std::max<int64_t>(1, std::min<int64_t>(8, kChunkQueries / (Hq / Hkv)));
@@ -107,12 +110,28 @@ at::Tensor LlamaEngine::forward(const at::Tensor& tokens_in, const at::Tensor& s
     while (j < N && slot[j] == slot[i]) ++j;
     if (j - i >= kChunkAttnRows) {
       std::fill(row_chunk.begin() + i, row_chunk.begin() + j, char(1));
-      for (int64_t b = i; b < j; b += item_rows)
-        for (int64_t h = 0; h < Hkv; ++h) chunk_items.push_back(ChunkItem{b, std::min(item_rows, j - b), h});
+      if (row_path[i] == AMX_BF16 && attn_on_tiles()) {
+        const int64_t group = std::max<int64_t>(1, kTileQueries / (Hq / Hkv));
+        const int64_t parts = std::max<int64_t>(1, std::min<int64_t>((2 * nthreads + Hkv - 1) / Hkv, (j - i) / group));
+        const double a = double(pos[i]), b = double(pos[i] + (j - i));
+        int64_t start = i;
+        for (int64_t k = 1; k <= parts; ++k) {
+          int64_t end = j;
+          if (k < parts) {  // rows [i, end) hold k / parts of sum(position + 1), in whole groups of rows
+            const double cut = std::sqrt(a * a + (b * b - a * a) * double(k) / double(parts)) - a;
+            end = std::min(j, i + std::max<int64_t>(1, int64_t(std::lround(cut / double(group)))) * group);
+          }
+          if (end <= start) continue;
+          for (int64_t h = 0; h < Hkv; ++h) chunk_items.push_back(ChunkItem{start, end - start, h});
+          start = end;
+        }
+      } else {
+        for (int64_t b = i; b < j; b += item_rows)
+          for (int64_t h = 0; h < Hkv; ++h) chunk_items.push_back(ChunkItem{b, std::min(item_rows, j - b), h});
+      }
     }
     i = j;
   }
-  const int nthreads = std::max(1, at::get_num_threads());
   ensure_scratch(N, R, nthreads, amx_tiles, amx8_tiles);
   float* lg = logits.data_ptr<float>();
   if (kv_type == KV_I8) run<int8_t>(tok, slot, pos, N, lrows, R, lg, nthreads, runs, amx_tiles, amx8_tiles);
@@ -262,10 +281,10 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
           }
         const int64_t b = it.b0, h = it.h;
 #ifdef OPTISTACK_AMX_BUILD
-        if (row_path[b] == AMX_BF16 && D % 32 == 0 && D <= 256) {  // rows on bf16 tiles: their attention too
+        if (row_path[b] == AMX_BF16 && attn_on_tiles()) {  // rows on bf16 tiles: their attention too
           attend_chunk_amx(q, Nqkv, it.n, grp, pos[b], kv(kc, l, slot[b], h), kv(vc, l, slot[b], h),
                            scale(ks, l, slot[b], h), scale(vs, l, slot[b], h), D, sc, attn.data() + (b * Hq + h * grp) * D,
-                           Hq * D);
+                           Hq * D, kv_tiles_buf.data() + size_t(tid) * kv_tile_elems(Tmax, D));
           continue;
         }
 #endif

@@ -11,6 +11,8 @@
 #include <new>
 #include <vector>
 
+#include "amx_tiles.h"
+
 namespace optistack_cpu {
 
 // Scratch on 64-byte (cache-line) boundaries: an AMX tile row or a 64-byte vector that straddles two lines
@@ -150,6 +152,7 @@ struct EngineLayer {
 // activations), in items of up to kChunkQueries query vectors (rows x the query heads of one key/value head).
 constexpr int64_t kChunkAttnRows = 32;
 constexpr int64_t kChunkQueries = 32;
+static_assert(kTileQueries <= kChunkQueries, "a chunk item's scores buffer holds kChunkQueries rows");
 
 // The whole model: sizes, the token embedding [V, H] float32, the final norm [H], the int8 head [V, H] with
 // one float32 scale per row [V], and the blocks.
@@ -205,6 +208,14 @@ class LlamaEngine {
   void run(const int64_t* tok, const int64_t* slot, const int64_t* pos, int64_t N, const int64_t* lrows, int64_t R,
            float* logits, int nthreads, const std::vector<Run>& runs, int64_t amx_tiles, int64_t amx8_tiles);
   void ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx_tiles, int64_t amx8_tiles);
+  // a chunk on AMX bf16 tiles attends on the tiles too (llama_attn_amx.h: head sizes that are whole 32-channel chunks)
+  bool attn_on_tiles() const {
+#ifdef OPTISTACK_AMX_BUILD
+    return D % 32 == 0 && D <= 256;
+#else
+    return false;
+#endif
+  }
   int64_t scores_per_thread() const { return std::max(Hq / Hkv * Tmax, kChunkQueries * ((Tmax + 15) / 16 * 16)); }
   struct Layer {
     const float *norm1, *norm2;
@@ -225,13 +236,15 @@ class LlamaEngine {
   std::vector<int64_t> filled;  // per slot
   std::mutex mu;
   // scratch, grown on demand under `mu`
-  int64_t rows_cap = 0, lrows_cap = 0, threads_cap = 0, amx_cap = 0, amx8_cap = 0, wbuf_cap = 0, act_t_cap = 0;
+  int64_t rows_cap = 0, lrows_cap = 0, threads_cap = 0, amx_cap = 0, amx8_cap = 0, wbuf_cap = 0, act_t_cap = 0,
+          kv_tiles_cap = 0;
   AVec<uint16_t> amx_tiles_buf;  // bf16 activation tiles
   AVec<int8_t> amx8_tiles_buf;   // int8 activation tiles, with their scales and sums
   AVec<float> amx8_sx, amx8_xs;
   AVec<int8_t> head8, head8_tiles;  // the head's rows as int8 (AMX head), and as tiles
   AVec<float> sx8;                  // their scales
   AVec<uint8_t> amx_wbuf;  // per thread
+  AVec<uint16_t> kv_tiles_buf;  // per thread: a chunk item's keys and values as bf16 tiles (kv_tile_elems)
   std::vector<char> row_path;     // per row of the current call: its GEMM path
   struct ChunkItem {              // attention for rows [b0, b0 + n) of one slot, key/value head h
     int64_t b0, n, h;

@@ -123,6 +123,22 @@ static inline void put(int8_t* dst, float* scale, const float* x, int64_t D) {
   }
 }
 
+// Asks for the keys and values [0, T) of one slot's head in L2 before attending to them (up to 256 KB each;
+// past that the hardware prefetcher has its streams going). Why: a decode row's keys are a few short streams,
+// read once a step from a cache that by then sits in L3 or memory, and the prefetcher restarts at every 4 KB
+// page: measured on SmolLM2 (Xeon with AMX, 2 threads, 8 rows), the attention of a step took 2.9 -> 2.3 ms at
+// 160 positions and 6.9 -> 5.8 ms at 420 with it.
+template <typename KV>
+static inline void prefetch_kv(const KV* k, const KV* v, int64_t T, int64_t D) {
+  const char* kp = reinterpret_cast<const char*>(k);
+  const char* vp = reinterpret_cast<const char*>(v);
+  const int64_t bytes = std::min<int64_t>(T * D * int64_t(sizeof(KV)), 256 * 1024);
+  for (int64_t o = 0; o < bytes; o += 64) {
+    _mm_prefetch(kp + o, _MM_HINT_T1);
+    _mm_prefetch(vp + o, _MM_HINT_T1);
+  }
+}
+
 template <typename KV>
 static inline float dot(const float* a, const KV* b, int64_t D) {
   __m512 acc = _mm512_setzero_ps();
@@ -176,6 +192,7 @@ static void attend(const float* q, const KV* k, const KV* v, const float* ks, co
   const float scale = 1.f / std::sqrt(float(D));
   const int64_t block = std::max<int64_t>(16, 16384 / D);  // positions per block: 32 KB of float16 keys
   float mx[32], inv[32];  // G <= 32 (the engine refuses larger groups)
+  prefetch_kv(k, v, T, D);
   for (int64_t g = 0; g < G; ++g) mx[g] = -INFINITY;
   for (int64_t t0 = 0; t0 < T; t0 += block)
     for (int64_t g = 0; g < G; ++g)

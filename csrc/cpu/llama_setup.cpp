@@ -143,6 +143,10 @@ void LlamaEngine::ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx
     amx_wbuf.assign(size_t(nthreads) * (Kmax * 64 + 4096 + 64), 0);
     wbuf_cap = nthreads;
   }
+  if (amx_tiles > 0 && attn_on_tiles() && nthreads > kv_tiles_cap) {
+    kv_tiles_buf.assign(size_t(nthreads) * kv_tile_elems(Tmax, D), 0);
+    kv_tiles_cap = nthreads;
+  }
   if (amx_tiles > amx_cap) {  // the activation rows of the AMX runs as bf16 tiles
     amx_tiles_buf.assign(amx_tiles * (Kmax / 32) * 512, 0);
     amx_cap = amx_tiles;
