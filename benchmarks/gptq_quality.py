@@ -1,7 +1,7 @@
 """Int4 rounding methods side by side on the bundled SmolLM2-135M: perplexity and pass time.
 
     python benchmarks/gptq_quality.py [--groups 64,128] [--zero-grids integer,float]
-        [--methods rtn,awq,gptq,awq+gptq] [--chunks 8] [--gptq-options act_order=true]
+        [--methods rtn,awq,gptq,awq+gptq] [--chunks 8] [--gptq-options act_order=true] [--awq-options judge_z=0]
 
 For every group size and zero-point grid, each method quantizes a fresh copy of the fp32 model and is
 scored on the workload's perplexity (8 chunks of 512 tokens of evaluation text by default; calibration
@@ -32,10 +32,10 @@ import torch
 
 METHODS = {
     "rtn": "rtn-int4{{group_size={g},zero_grid={z}}}",
-    "awq": "awq{{group_size={g},zero_grid={z}}}",
+    "awq": "awq{{group_size={g},zero_grid={z}{aextra}}}",
     "gptq": "gptq{{group_size={g},zero_grid={z}{extra}}}",
-    "awq+gptq": "awq{{group_size={g},zero_grid={z},quantize=false}},gptq{{group_size={g},zero_grid={z}{extra}}}",
-    "awq+gptq-rtn-judged": "awq{{group_size={g},zero_grid={z},quantize=false,rounding=rtn}},"
+    "awq+gptq": "awq{{group_size={g},zero_grid={z},quantize=false{aextra}}},gptq{{group_size={g},zero_grid={z}{extra}}}",
+    "awq+gptq-rtn-judged": "awq{{group_size={g},zero_grid={z},quantize=false,rounding=rtn{aextra}}},"
                            "gptq{{group_size={g},zero_grid={z}{extra}}}",
 }
 
@@ -70,6 +70,7 @@ def main() -> int:
     ap.add_argument("--methods", default="rtn,awq,gptq,awq+gptq")
     ap.add_argument("--chunks", type=int, default=8, help="evaluation chunks of 512 tokens")
     ap.add_argument("--gptq-options", default="", help="extra gptq options, e.g. act_order=true")
+    ap.add_argument("--awq-options", default="", help="extra awq options, e.g. judge_z=0")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from optistack.core.pass_protocol import PassContext
@@ -80,6 +81,7 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     extra = f",{args.gptq_options}" if args.gptq_options else ""
+    aextra = f",{args.awq_options}" if args.awq_options else ""
     wl = load("smollm2", ppl_chunks=args.chunks)
     ctx = PassContext(workload=wl)
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
@@ -90,11 +92,12 @@ def main() -> int:
     for g in (int(x) for x in args.groups.split(",")):
         for z in args.zero_grids.split(","):
             for method in methods:
-                text = METHODS[method].format(g=g, z=z, extra=extra)
+                text = METHODS[method].format(g=g, z=z, extra=extra, aextra=aextra)
                 model, seconds = run_pipeline(text, copy.deepcopy(wl.model), ctx)
                 ppl = wl.evaluate(model)["perplexity"]
                 del model
-                label = f"{method} ({args.gptq_options})" if extra and "gptq" in method else method
+                opts = [o for o, on in ((args.gptq_options, "gptq" in method), (args.awq_options, "awq" in method)) if o and on]
+                label = f"{method} ({'; '.join(opts)})" if opts else method
                 rows.append((label, g, z, ppl, seconds, text))
                 print(f"  {label:19s} g{g:<4d} {z:8s} perplexity {ppl:8.3f} ({100 * (ppl / fp32 - 1):+6.1f}%) "
                       f"pass {seconds:6.1f} s   {text}", flush=True)

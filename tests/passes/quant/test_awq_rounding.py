@@ -13,7 +13,7 @@ from optistack.core.errors import PassConfigError
 from optistack.core.pipeline import Pipeline
 from optistack.passes.quant.awq import AwqPass
 from optistack.passes.quant.awq_rounding import gptq_rounder, shortlist
-from optistack.passes.quant.awq_search import Quantizer, ScaleGroup, group_moments, search_scale
+from optistack.passes.quant.awq_search import Quantizer, ScaleGroup, clearly_lower, group_moments, search_scale
 
 
 def low_rank_layer():
@@ -49,6 +49,34 @@ def test_scales_judged_by_gptq_are_never_worse_than_none_under_gptq():
     assert baseline == pytest.approx(identity, rel=1e-5)
     assert err <= identity and err < error_under(rounder, lin, x, s_rtn)
     assert err == pytest.approx(error_under(rounder, lin, x, s), rel=1e-5)
+
+
+def test_a_scale_is_kept_over_none_only_when_clearly_lower_held_out():
+    """judge_z: a candidate beats the identity only by `judge_z` standard errors of the per-sequence difference.
+    Here the best GPTQ-judged alpha beats none by a consistent margin on every sequence: kept at z = 2 and at
+    0; at z = 100 the identity stays."""
+    lin, x = low_rank_layer()
+    group = ScaleGroup("one", nn.LayerNorm(256), {"lin": lin}, lin)
+    q = Quantizer(64, True, torch.float32, True)
+    args = (group, x.abs().reshape(-1, 256).mean(0), group_moments(x, 64), ((x[:4],), {}), 20, {"lin"}, q)
+    rounder = gptq_rounder(x[:4], 64, True, torch.float32)
+    judged = {z: search_scale(*args, rounder=rounder, candidates=3, judge_inp=((x[4:],), {}), judge_z=z)
+              for z in (0.0, 2.0, 100.0)}
+    assert judged[0.0][1] > 0 and judged[0.0][3] < judged[0.0][2]  # some alpha is lower at all
+    assert judged[2.0][1] == judged[0.0][1] and judged[2.0][3] == judged[0.0][3]  # and clearly: kept at z = 2
+    assert judged[100.0][1] == 0.0 and torch.equal(judged[100.0][0], torch.ones(256))
+    assert judged[100.0][3] == judged[100.0][2]  # kept error = the identity's
+    for z in (2.0, 100.0):
+        assert judged[z][2] == judged[0.0][2]  # the same baseline: the identity under GPTQ, held out
+
+
+def test_clearly_lower_is_a_paired_test_in_standard_errors():
+    base = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert clearly_lower(base - 0.5, base, 2.0)  # the same drop on every sequence: no spread at all
+    noisy = base + torch.tensor([-0.9, 0.7, -0.8, 0.6])  # lower on average (-0.1), by much less than its spread
+    assert clearly_lower(noisy, base, 0.0) and not clearly_lower(noisy, base, 1.0)
+    assert not clearly_lower(base + 0.1, base, 0.0)
+    assert clearly_lower(torch.tensor([0.5]), torch.tensor([1.0]), 2.0)  # one sequence: lower at all
 
 
 def test_shortlist_keeps_the_best_and_the_identity():
@@ -96,6 +124,7 @@ def test_row_range_cuts_the_batch_and_keeps_what_broadcasts():
     ("awq{rounding=gptq}", "needs quantize=false"),
     ("awq{quantize=false,rounding=exact}", "'rounding' must be one of auto, rtn, gptq"),
     ("awq{quantize=false,rounding_candidates=0}", "'rounding_candidates' must be between 1 and 1000"),
+    ("awq{quantize=false,judge_z=-1}", "'judge_z' must be between 0 and 100"),
 ])
 def test_bad_rounding_options_are_refused(text, match):
     with pytest.raises(PassConfigError, match=match):

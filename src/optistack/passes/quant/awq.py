@@ -55,6 +55,9 @@ class AwqConfig(Int4Config):
     # are for a rounding pass after it, `gptq` in the recipe), rtn otherwise
     rounding: str = "auto"
     rounding_candidates: int = 3  # the best alphas by RTN judged again by GPTQ (with the identity)
+    # ... and one of them is kept over the identity only where its held-out error is lower by this many
+    # standard errors of the per-sequence difference (0: wherever it is lower at all)
+    judge_z: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,6 +68,8 @@ class AwqConfig(Int4Config):
               "rounding run awq{quantize=false},gptq")
         check(1 <= self.rounding_candidates <= 1000, f"option 'rounding_candidates' must be between 1 and 1000; "
                                                      f"got {self.rounding_candidates}")
+        check(0.0 <= self.judge_z <= 100.0, f"option 'judge_z' must be between 0 and 100 (standard errors); "
+                                            f"got {self.judge_z}")
         check(self.bits == 4, f"option 'bits' must be 4 (weights are stored in the int4 kernels' format); "
                               f"got {self.bits}")
         check(self.calib_samples >= 1, f"option 'calib_samples' must be >= 1; got {self.calib_samples}")
@@ -199,7 +204,8 @@ class AwqPass(ConfiguredPass):
                     swap_to_int4(block, rel, lin, tally, wmin, wmax, label=full[rel])
 
                 report = awq_layer(block, inp, mine, quantizer, cfg.n_grid, cfg.search_samples,
-                                   swap if cfg.quantize else None, groups, no_clip, rounding, cfg.rounding_candidates)
+                                   swap if cfg.quantize else None, groups, no_clip, rounding, cfg.rounding_candidates,
+                                   cfg.judge_z)
                 scaled += sum(1 for g in groups if g.prev is not None for rel in g.linears if rel in mine)
                 for label, alpha in report.alphas.items():
                     alphas.setdefault(label, []).append(alpha)

@@ -205,23 +205,30 @@ def quantize_for_search(name: str, w: torch.Tensor, moments: torch.Tensor | None
 @torch.no_grad()
 def search_scale(group: ScaleGroup, x_mean: torch.Tensor, moments: torch.Tensor, inp: Inputs, n_grid: int,
                  quantized: set[str], q: Quantizer, no_clip: NoClip | None = None, rounder: Rounder | None = None,
-                 candidates: int = 3, judge_inp: Inputs | None = None) -> tuple[torch.Tensor, float, float, float]:
+                 candidates: int = 3, judge_inp: Inputs | None = None,
+                 judge_z: float = 0.0) -> tuple[torch.Tensor, float, float, float]:
     """(s, alpha, baseline error, best error): grid search of the group-output MSE on `inp`, judged with
     round-to-nearest (baseline: unscaled RTN); with `rounder`, the `candidates` best and the identity are
-    judged again with that rounding, on `judge_inp` (baseline: the identity under it; `awq_rounding.py`)."""
+    judged again with that rounding, on `judge_inp` (baseline: the identity under it; `awq_rounding.py`),
+    and a scale is kept over the identity only where it is lower by `judge_z` standard errors of the
+    per-sequence difference (`clearly_lower`)."""
     ref = output_of(group.inspect, inp)
     on = inp if judge_inp is None else judge_inp
     on_ref = ref if rounder is None or judge_inp is None else output_of(group.inspect, on)
     originals = {n: lin.weight.data for n, lin in group.linears.items()}
 
-    def error_with(s: torch.Tensor | None, rnd: Callable[[str, torch.Tensor], torch.Tensor], on: Inputs = inp,
-                   ref: torch.Tensor = ref) -> float:
+    def errors_with(s: torch.Tensor | None, rnd: Callable[[str, torch.Tensor], torch.Tensor], on: Inputs = inp,
+                    ref: torch.Tensor = ref) -> torch.Tensor:  # the group-output MSE of each sequence
         for n, lin in group.linears.items():
             if n in quantized:
                 w = originals[n] if s is None else originals[n] * s[None, :]
                 wq = rnd(n, w)
                 lin.weight.data = (wq if s is None else wq / s[None, :]).to(originals[n].dtype)
-        return float((output_of(group.inspect, on) - ref).float().pow(2).mean())
+        d = (output_of(group.inspect, on) - ref).float().pow(2)
+        return d.reshape(d.shape[0], -1).mean(1) if d.dim() > 2 else d.mean().reshape(1)
+
+    def error_with(s: torch.Tensor | None, rnd: Callable[[str, torch.Tensor], torch.Tensor]) -> float:
+        return float(errors_with(s, rnd).mean())
 
     def rtn(clip_moments: torch.Tensor | None) -> Callable[[str, torch.Tensor], torch.Tensor]:
         return lambda n, w: quantize_for_search(n, w, clip_moments, q, no_clip)
@@ -233,14 +240,26 @@ def search_scale(group: ScaleGroup, x_mean: torch.Tensor, moments: torch.Tensor,
             s = scales_for(x_mean, i / n_grid).to(ref.device)
             errors.append((error_with(s, rtn(scaled_moments(moments, s))), i / n_grid, s))
         if rounder is not None:
-            errors = [(error_with(s, lambda n, w, s=s: rounder(n, w, s), on, on_ref), alpha, s)
+            judged = [(errors_with(s, lambda n, w, s=s: rounder(n, w, s), on, on_ref), alpha, s)
                       for alpha, s in shortlist(errors, candidates)]
-            rtn_err = next(e for e, alpha, _ in errors if alpha == 0.0)
+            identity = next(v for v, alpha, _ in judged if alpha == 0.0)
+            rtn_err = float(identity.mean())
+            errors = [(float(v.mean()), alpha, s) for v, alpha, s in judged
+                      if alpha == 0.0 or clearly_lower(v, identity, judge_z)]
     finally:
         for n, lin in group.linears.items():
             lin.weight.data = originals[n]
     err, alpha, s = min(errors, key=lambda e: e[0])
     return s, alpha, rtn_err, err
+
+
+def clearly_lower(errors: torch.Tensor, baseline: torch.Tensor, z: float) -> bool:
+    """Whether per-sequence `errors` are lower than `baseline`'s (the same sequences) by more than `z` standard
+    errors of their paired difference; with one sequence, whether it is lower at all."""
+    d = (errors - baseline).double()
+    if d.numel() < 2:
+        return bool(d.mean() < 0)
+    return bool(d.mean() < -z * d.std() / d.numel() ** 0.5)
 
 
 @dataclass
@@ -254,7 +273,7 @@ class LayerReport:
 def awq_layer(layer: nn.Module, inp: Inputs, quantized: set[str], q: Quantizer, n_grid: int, search_samples: int,
               swap: Callable[[str, nn.Linear, Any, Any], None] | None, groups: list[ScaleGroup] | None = None,
               no_clip: NoClip | None = None, rounding: Callable[[torch.Tensor], Rounder] | None = None,
-              candidates: int = 3) -> LayerReport:
+              candidates: int = 3, judge_z: float = 0.0) -> LayerReport:
     """Search and fold scales for every group of `layer` (default: Llama's), clip, then
     `swap(name, linear, wmin, wmax)` each quantized linear (names relative to the layer); with `swap`
     None, stop after folding (no final clipping search: the layers stay float). `inp` is
@@ -294,7 +313,8 @@ def awq_layer(layer: nn.Module, inp: Inputs, quantized: set[str], q: Quantizer, 
             rounder = rounding(x[:half])
             judge_inp = row_range(g_inp, half, x.shape[0]) if half < x.shape[0] else g_inp
         s, alpha, rtn_err, err = search_scale(g, x_mean, moments, first_rows(g_inp, search_samples), n_grid,
-                                              quantized, q, no_clip, rounder, candidates, judge_inp)
+                                              quantized, q, no_clip, rounder, candidates, judge_inp,
+                                              judge_z)
         fold_scale(g.prev, list(g.linears.values()), s, g.prev_rows)
         report.alphas[g.label] = alpha
         report.rtn_mse += rtn_err
