@@ -5,7 +5,8 @@ The judge is held out: GPTQ's H comes from the first half of the calibration seq
 group outputs are compared on the other half. Judged in-sample (H and judge on the same tokens) it measured
 worse than the RTN judge on SmolLM2 g128 (perplexity 16.77 against 16.54): GPTQ fits the tokens its H came
 from, so in-sample it favours the grids it overfits best. Held out: 16.39 at g128 and 16.03 at g64, below
-both `gptq` alone (16.50 / 16.33) and the RTN judge (16.54 / 16.07) (docs/gptq.md).
+both `gptq` alone (16.50 / 16.33) and the RTN judge (16.54 / 16.07) on 4 evaluation chunks; on all 16, g64
+holds (15.78 against 16.08) and g128 does not (16.38 against `gptq`'s 16.19) (docs/gptq.md).
 
 AWQ's grid search keeps the alpha whose group output is closest to the float one *with round-to-nearest*
 weights. When GPTQ rounds the scaled weights afterwards, that is the wrong judge: GPTQ corrects part of
