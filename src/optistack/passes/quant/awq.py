@@ -35,6 +35,7 @@ from ...core.errors import PassApplyError, PreconditionError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ..calibration import capture_block_inputs, with_hidden
 from ..linears import as_linear, is_conv1d, plan_linears, set_module
+from .awq_check import AwqFold
 from .awq_rounding import ROUNDINGS, gptq_rounder
 from .rtn import Int4Config, Int4Tally, swap_to_int4
 
@@ -189,6 +190,7 @@ class AwqPass(ConfiguredPass):
         alphas: dict[str, list[float]] = {}
         rtn_mse = awq_mse = 0.0
         scaled = 0
+        folds: list[AwqFold] = []
         with torch.no_grad(), progress_bar(len(blocks), f"{self.name}: calibrating blocks") as advance:
             for i in range(len(blocks)):
                 block = own_block(blocks, i, f"{mapping.blocks}.{i}", name_of)
@@ -211,11 +213,16 @@ class AwqPass(ConfiguredPass):
                     alphas.setdefault(label, []).append(alpha)
                 rtn_mse += report.rtn_mse
                 awq_mse += report.awq_mse
+                rel_of = {id(m): n for n, m in block.named_modules()}
+                folds.extend(AwqFold(f"{mapping.blocks}.{i}", rel_of[id(prev)], [rel_of[id(lin)] for lin in lins],
+                                     s.detach().cpu(), None if rows is None else rows.detach().cpu())
+                             for prev, lins, s, rows in report.folds)
                 out = block(*inp[0], **inp[1])
                 inp = with_hidden(inp, out[0] if isinstance(out, (tuple, list)) else out)
                 advance()
             del inp
-            if not cfg.quantize:
+            if not cfg.quantize:  # the rounding pass after it may undo a block's scales (awq_check.py)
+                model.optistack_awq_folds = folds
                 return PassResult(model, modified=True, info=self._scales_info(
                     scaled, plan, mapping, ids, alphas, rtn_mse, awq_mse, start))
             modules = dict(model.named_modules())

@@ -27,7 +27,7 @@ clipping search only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -267,6 +267,7 @@ class LayerReport:
     alphas: dict[str, float]
     rtn_mse: float  # group-output MSE of plain round-to-nearest, summed over groups
     awq_mse: float  # the same with the kept scales (and search-time clipping)
+    folds: list = field(default_factory=list)  # (prev, linears, s, prev_rows) of every folded scale
 
 
 @torch.no_grad()
@@ -316,6 +317,7 @@ def awq_layer(layer: nn.Module, inp: Inputs, quantized: set[str], q: Quantizer, 
                                               quantized, q, no_clip, rounder, candidates, judge_inp,
                                               judge_z)
         fold_scale(g.prev, list(g.linears.values()), s, g.prev_rows)
+        report.folds.append((g.prev, list(g.linears.values()), s, g.prev_rows))
         report.alphas[g.label] = alpha
         report.rtn_mse += rtn_err
         report.awq_mse += err

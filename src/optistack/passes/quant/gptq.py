@@ -53,6 +53,7 @@ class GptqConfig(Int4Config):
     damp: float = 0.01
     act_order: bool = False
     clip: bool = True  # search each group's range (AWQ's clipping search, judged by the group's H block)
+    awq_check: bool = False  # after awq{quantize=false}: keep a block's scales only where they help (awq_check.py)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -138,9 +139,11 @@ def _output(out: Any) -> Any:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def calibrate_and_round(model: Any, batches: list, layers: dict[str, Any], round_layer: Any, label: str) -> str:
+def calibrate_and_round(model: Any, batches: list, layers: dict[str, Any], round_layer: Any, label: str,
+                        before_block: Any = None) -> str:
     """Sum H for `layers` block by block (or in one pass) and call `round_layer(name, H)` on each;
-    returns "sequential" or "single-pass"."""
+    returns "sequential" or "single-pass". `before_block(block, inputs, layers of it)`: called with each
+    block's inputs before its H is summed."""
     import torch
 
     from ..prune.wanda import decoder_blocks
@@ -157,6 +160,8 @@ def calibrate_and_round(model: Any, batches: list, layers: dict[str, Any], round
                 for block in blocks:
                     inside = {id(m) for m in block.modules()}
                     mine = {n: m for n, m in layers.items() if id(m) in inside}
+                    if mine and before_block is not None:
+                        before_block(block, inputs, mine)
                     if mine:
                         with Hessians(mine) as hs:
                             for args, kwargs in inputs:
@@ -219,8 +224,10 @@ class GptqPass(ConfiguredPass):
             stats[name] = self._round(model, name, layers[name], hsum, tally, plan, originals, solve)
 
         head = find_head(model)
+        checked: list[bool | None] = []
         try:
-            mode = calibrate_and_round(model, batches, layers, round_layer, self.name)
+            mode = calibrate_and_round(model, batches, layers, round_layer, self.name,
+                                       self._awq_check(model, checked) if cfg.awq_check else None)
             head_info = quantize_head(model, cfg.head, lambda n, lin: swap_to_int4(model, n, lin, tally),
                                       plan.skipped)
         except BaseException:  # put every swapped layer back: the model is never left half rounded
@@ -229,11 +236,46 @@ class GptqPass(ConfiguredPass):
             if head is not None:
                 set_module(model, *head)
             raise
+        model.__dict__.pop("optistack_awq_folds", None)  # awq's record is used up (awq_check.py)
         info = {**tally.info(len(plan.skipped)), **plan.info(), **head_info, **calib_info, "calibration": mode,
                 "block_size": cfg.block_size, "damp": cfg.damp, "act_order": cfg.act_order, "clip": cfg.clip,
                 **error_summary(stats), "solve_seconds": round(solve[0], 2),
+                **({"awq_blocks_kept": checked.count(True), "awq_blocks_undone": checked.count(False)}
+                   if checked else {}),
                 "quantize_seconds": round(time.perf_counter() - start, 2)}
         return PassResult(model, modified=True, info=info)
+
+    def _awq_check(self, model: Any, checked: list) -> Any:
+        """The block callback that undoes AWQ's scales where GPTQ does better without them (None: no scales
+        recorded on the model)."""
+        from .awq_check import FOLDS_ATTR, keep_scales
+
+        folds = getattr(model, FOLDS_ATTR, None)
+        if not folds:
+            return None
+        by_block: dict[int, list] = {}
+        for f in folds:
+            by_block.setdefault(id(model.get_submodule(f.block)), []).append(f)
+
+        def round_weight(w: Any, h: Any) -> Any:
+            from ...layers.int4 import choose_kernel, param_dtype_for
+            from ...layers.int4_grid import dequantize
+            from .gptq_solver import gptq_quantize
+
+            cfg = self.config
+            param_dtype = param_dtype_for(choose_kernel(w.device, w.shape[0], w.shape[1], cfg.group_size)[0])
+            gq, _ = gptq_quantize(w, h, cfg.group_size, cfg.zero_mode, param_dtype, cfg.block_size, cfg.damp,
+                                  cfg.act_order, cfg.clip)
+            return dequantize(gq)
+
+        def before_block(block: Any, inputs: list, mine: dict[str, Any]) -> None:
+            if id(block) not in by_block:
+                return
+            rel = {id(m): n for n, m in block.named_modules()}
+            checked.append(keep_scales(block, by_block[id(block)], [rel[id(m)] for m in mine.values()], inputs,
+                                       round_weight))
+
+        return before_block
 
     def _round(self, model: Any, name: str, lin: Any, hsum: Any, tally: Int4Tally, plan: Any,
                originals: dict[str, Any], solve: list[float]) -> Any:

@@ -1,0 +1,104 @@
+"""`awq{quantize=false},gptq`: GPTQ keeps a block's AWQ scales only where, rounded by GPTQ on its real inputs,
+the block is closer to the float one with them than without (held out).
+
+Why: AWQ judges each group's scales on the float model's inputs, group by group (`awq_rounding.py`); GPTQ
+then rounds block after block on the rounded blocks' outputs. On SmolLM2 at g128 (16 evaluation chunks)
+the scales the group judge kept left `awq,gptq` at perplexity 16.38 against `gptq` alone's 16.19, while at
+g64 they helped (15.78 against 16.08; docs/gptq.md). So, in GPTQ's block loop, before a block is rounded:
+two copies of it, as AWQ left it and with its scales undone, are each rounded by GPTQ with H from the first
+half of the calibration sequences and scored on the other half (the block's output against the float
+block's, on the same inputs: folding scales does not change the float function); where the copy without
+scales scores lower, the real block's scales are undone, and GPTQ rounds it as usual with all sequences.
+The folds are those the `awq` pass recorded on the model (`optistack_awq_folds`): a norm or linear before the
+group divided by s, the group's linears multiplied by it; undoing is the same fold by 1 / s.
+
+Measured on SmolLM2 (16 evaluation chunks, integer zero points, 2026-12-06): with the check, 16.38 at g128 and
+15.78 at g64, the same as without it, in 337 / 297 s against 237 / 212: the block judge, too, prefers the
+scales at g128, where `gptq` alone scores better (16.19). So it is off by default (`gptq{awq_check=true}`);
+it is the guard to try where AWQ's scales have nothing to protect (the ~1.1B random-weight Llama, not yet run).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable
+
+FOLDS_ATTR = "optistack_awq_folds"
+
+
+@dataclass
+class AwqFold:
+    block: str  # the decoder block's name in the model
+    prev: str  # names relative to the block
+    linears: list[str]
+    s: Any  # the folded scale [in]
+    rows: Any = None  # prev's output rows feeding the linears (None: all)
+
+
+def undo(block: Any, folds: list[AwqFold]) -> None:
+    from .awq_search import fold_scale
+
+    for f in folds:
+        fold_scale(block.get_submodule(f.prev), [block.get_submodule(n) for n in f.linears], 1.0 / f.s, f.rows)
+
+
+def split_sequences(inputs: list) -> tuple[list, list]:
+    """(fit, judge): the first half of each batch's sequences and the rest (batches of one sequence fit)."""
+    from .awq_search import first_tensor, row_range
+
+    fit, judge = [], []
+    for inp in inputs:
+        n = first_tensor(inp).shape[0]
+        if n < 2:
+            fit.append(inp)
+            continue
+        half = (n + 1) // 2
+        fit.append(row_range(inp, 0, half))
+        judge.append(row_range(inp, half, n))
+    return fit, judge
+
+
+def block_error(block: Any, chosen: list[str], fit: list, judge: list, refs: list,
+                round_weight: Callable[[Any, Any], Any]) -> float:
+    """The output MSE on `judge` of `block` after its `chosen` linears are rounded (`round_weight(w, H)`, in
+    place as float weights) with H from `fit`."""
+    from ..linears import weight_rows
+    from .gptq import Hessians
+
+    layers = {n: block.get_submodule(n) for n in chosen}
+    with Hessians(layers) as hs:
+        for args, kwargs in fit:
+            block(*args, **kwargs)
+            hs.next_call()
+    for n, lin in layers.items():
+        w = weight_rows(lin)
+        w.copy_(round_weight(w.detach().float(), hs.sums[n].hessian()).to(w.dtype))
+    err = 0.0
+    for (args, kwargs), ref in zip(judge, refs):
+        out = block(*args, **kwargs)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        err += float((out - ref).float().pow(2).mean())
+    return err
+
+
+def keep_scales(block: Any, folds: list[AwqFold], chosen: list[str], inputs: list,
+                round_weight: Callable[[Any, Any], Any]) -> bool | None:
+    """Undoes the block's scales where GPTQ-rounded it scores better without them; returns whether they were
+    kept (None: nothing to judge on, kept)."""
+    fit, judge = split_sequences(inputs)
+    if not judge or not folds or not chosen:
+        return None
+    refs = []
+    for args, kwargs in judge:
+        out = block(*args, **kwargs)
+        refs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    with_scales = copy.deepcopy(block)
+    without = copy.deepcopy(block)
+    undo(without, folds)
+    err_with = block_error(with_scales, chosen, fit, judge, refs, round_weight)
+    err_without = block_error(without, chosen, fit, judge, refs, round_weight)
+    del with_scales, without
+    if err_without < err_with:
+        undo(block, folds)
+        return False
+    return True
