@@ -213,10 +213,12 @@ class AwqPass(ConfiguredPass):
                     alphas.setdefault(label, []).append(alpha)
                 rtn_mse += report.rtn_mse
                 awq_mse += report.awq_mse
-                rel_of = {id(m): n for n, m in block.named_modules()}
-                folds.extend(AwqFold(f"{mapping.blocks}.{i}", rel_of[id(prev)], [rel_of[id(lin)] for lin in lins],
-                                     s.detach().cpu(), None if rows is None else rows.detach().cpu())
-                             for prev, lins, s, rows in report.folds)
+                if not cfg.quantize:  # the layers stay float: a rounding pass after it may undo a block's scales
+                    rel_of = {id(m): n for n, m in block.named_modules()}
+                    folds.extend(AwqFold(f"{mapping.blocks}.{i}", rel_of[id(prev)], [rel_of[id(lin)] for lin in lins],
+                                         s.detach().cpu(), None if rows is None else rows.detach().cpu())
+                                 for prev, lins, s, rows in report.folds
+                                 if id(prev) in rel_of and all(id(lin) in rel_of for lin in lins))
                 out = block(*inp[0], **inp[1])
                 inp = with_hidden(inp, out[0] if isinstance(out, (tuple, list)) else out)
                 advance()
