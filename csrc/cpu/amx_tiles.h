@@ -7,10 +7,10 @@ namespace optistack_cpu {
 
 constexpr int64_t kTileQueries = 32;  // query vectors per pass of llama_attn_amx.h's tile products: two row tiles
 
-// bf16 uint16s of the key/value tiles of up to Tmax keys (llama_attn_amx.h: kv_tiles), per thread.
-inline int64_t kv_tile_elems(int64_t Tmax, int64_t D) {
-  return ((Tmax + 15) / 16 * (D / 32) + (Tmax + 31) / 32 * (D / 16)) * 512;
-}
+// bf16 uint16s of the key tiles of T keys (llama_attn_amx.h: kv_tiles; the value tiles follow them), and of
+// the key and value tiles of up to Tmax keys (a thread's buffer).
+inline int64_t k_tile_elems(int64_t T, int64_t D) { return (T + 15) / 16 * (D / 32) * 512; }
+inline int64_t kv_tile_elems(int64_t Tmax, int64_t D) { return k_tile_elems(Tmax, D) + (Tmax + 31) / 32 * (D / 16) * 512; }
 
 }  // namespace optistack_cpu
 

@@ -152,7 +152,7 @@ static void attend_chunk_amx(const float* q, int64_t qstride, int64_t M, int64_t
                              const KV* v, const float* ks, const float* vs, int64_t D, float* sc, float* out,
                              int64_t ostride, uint16_t* kvt) {
   const int64_t T = p0 + M, rows = std::max<int64_t>(1, kTileQueries / G);
-  uint16_t* vt = kvt + (T + 15) / 16 * (D / 32) * 512;
+  uint16_t* vt = kvt + k_tile_elems(T, D);
   prefetch_kv(k, v, T, D);
   kv_tiles(k, v, T, D, kvt, vt);
   tile_config();

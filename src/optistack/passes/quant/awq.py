@@ -35,7 +35,7 @@ from ...core.errors import PassApplyError, PreconditionError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ..calibration import capture_block_inputs, with_hidden
 from ..linears import as_linear, is_conv1d, plan_linears, set_module
-from .awq_check import AwqFold
+from .awq_check import FOLDS_ATTR, AwqFold
 from .awq_rounding import ROUNDINGS, gptq_rounder
 from .rtn import Int4Config, Int4Tally, swap_to_int4
 
@@ -224,7 +224,7 @@ class AwqPass(ConfiguredPass):
                 advance()
             del inp
             if not cfg.quantize:  # the rounding pass after it may undo a block's scales (awq_check.py)
-                model.optistack_awq_folds = folds
+                setattr(model, FOLDS_ATTR, folds)
                 return PassResult(model, modified=True, info=self._scales_info(
                     scaled, plan, mapping, ids, alphas, rtn_mse, awq_mse, start))
             modules = dict(model.named_modules())

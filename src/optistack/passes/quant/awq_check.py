@@ -63,6 +63,7 @@ def block_error(block: Any, chosen: list[str], fit: list, judge: list, refs: lis
     """The output MSE on `judge` of `block` after its `chosen` linears are rounded (`round_weight(w, H)`, in
     place as float weights) with H from `fit`."""
     from ..linears import weight_rows
+    from .awq_search import output_of
     from .gptq import Hessians
 
     layers = {n: block.get_submodule(n) for n in chosen}
@@ -73,25 +74,19 @@ def block_error(block: Any, chosen: list[str], fit: list, judge: list, refs: lis
     for n, lin in layers.items():
         w = weight_rows(lin)
         w.copy_(round_weight(w.detach().float(), hs.sums[n].hessian()).to(w.dtype))
-    err = 0.0
-    for (args, kwargs), ref in zip(judge, refs):
-        out = block(*args, **kwargs)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        err += float((out - ref).float().pow(2).mean())
-    return err
+    return sum(float((output_of(block, inp) - ref).float().pow(2).mean()) for inp, ref in zip(judge, refs))
 
 
 def keep_scales(block: Any, folds: list[AwqFold], chosen: list[str], inputs: list,
                 round_weight: Callable[[Any, Any], Any]) -> bool | None:
     """Undoes the block's scales where GPTQ-rounded it scores better without them; returns whether they were
     kept (None: nothing to judge on, kept)."""
+    from .awq_search import output_of
+
     fit, judge = split_sequences(inputs)
     if not judge or not folds or not chosen:
         return None
-    refs = []
-    for args, kwargs in judge:
-        out = block(*args, **kwargs)
-        refs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    refs = [output_of(block, inp) for inp in judge]
     with_scales = copy.deepcopy(block)
     without = copy.deepcopy(block)
     undo(without, folds)

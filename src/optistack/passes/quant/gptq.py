@@ -40,6 +40,7 @@ from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ..calibration import capture_block_inputs, with_hidden
 from ..linears import plan_linears, set_module, weight_rows
+from .awq_check import FOLDS_ATTR
 from .rtn import Int4Config, Int4Tally, swap_to_int4
 
 CHUNK_TOKENS = 2048  # calibration tokens per forward call (windows are batched up to this)
@@ -236,7 +237,7 @@ class GptqPass(ConfiguredPass):
             if head is not None:
                 set_module(model, *head)
             raise
-        model.__dict__.pop("optistack_awq_folds", None)  # awq's record is used up (awq_check.py)
+        model.__dict__.pop(FOLDS_ATTR, None)  # awq's record is used up (awq_check.py)
         info = {**tally.info(len(plan.skipped)), **plan.info(), **head_info, **calib_info, "calibration": mode,
                 "block_size": cfg.block_size, "damp": cfg.damp, "act_order": cfg.act_order, "clip": cfg.clip,
                 **error_summary(stats), "solve_seconds": round(solve[0], 2),
@@ -248,7 +249,7 @@ class GptqPass(ConfiguredPass):
     def _awq_check(self, model: Any, checked: list) -> Any:
         """The block callback that undoes AWQ's scales where GPTQ does better without them (None: no scales
         recorded on the model)."""
-        from .awq_check import FOLDS_ATTR, keep_scales
+        from .awq_check import keep_scales
 
         folds = getattr(model, FOLDS_ATTR, None)
         if not folds:
@@ -258,15 +259,9 @@ class GptqPass(ConfiguredPass):
             by_block.setdefault(id(model.get_submodule(f.block)), []).append(f)
 
         def round_weight(w: Any, h: Any) -> Any:
-            from ...layers.int4 import choose_kernel, param_dtype_for
             from ...layers.int4_grid import dequantize
-            from .gptq_solver import gptq_quantize
 
-            cfg = self.config
-            param_dtype = param_dtype_for(choose_kernel(w.device, w.shape[0], w.shape[1], cfg.group_size)[0])
-            gq, _ = gptq_quantize(w, h, cfg.group_size, cfg.zero_mode, param_dtype, cfg.block_size, cfg.damp,
-                                  cfg.act_order, cfg.clip)
-            return dequantize(gq)
+            return dequantize(self._solve(w, h)[0])
 
         def before_block(block: Any, inputs: list, mine: dict[str, Any]) -> None:
             if id(block) not in by_block:
@@ -277,21 +272,30 @@ class GptqPass(ConfiguredPass):
 
         return before_block
 
+    def _solve(self, w: Any, h: Any) -> tuple[Any, Any, Any, str]:
+        """GPTQ's rounding of w [out, in] given H, on the grid of the kernel that will run it: (quantized
+        weight, stats, kernel, why that kernel)."""
+        from ...layers.int4 import choose_kernel, param_dtype_for
+        from .gptq_solver import gptq_quantize
+
+        cfg = self.config
+        kernel, reason = choose_kernel(w.device, w.shape[0], w.shape[1], cfg.group_size)
+        gq, st = gptq_quantize(w, h, cfg.group_size, cfg.zero_mode, param_dtype_for(kernel), cfg.block_size,
+                               cfg.damp, cfg.act_order, cfg.clip)
+        return gq, st, kernel, reason
+
     def _round(self, model: Any, name: str, lin: Any, hsum: Any, tally: Int4Tally, plan: Any,
                originals: dict[str, Any], solve: list[float]) -> Any:
-        from ...layers.int4 import Int4Linear, choose_kernel, param_dtype_for
-        from .gptq_solver import error_vs_rtn, gptq_quantize
+        from ...layers.int4 import Int4Linear, param_dtype_for
+        from .gptq_solver import error_vs_rtn
 
         cfg = self.config
         w = weight_rows(lin).detach()
-        kernel, reason = choose_kernel(w.device, w.shape[0], w.shape[1], cfg.group_size)
-        param_dtype = param_dtype_for(kernel)
         started = time.perf_counter()
         h = hsum.hessian()
-        gq, st = gptq_quantize(w, h, cfg.group_size, cfg.zero_mode, param_dtype, cfg.block_size, cfg.damp,
-                               cfg.act_order, cfg.clip)
+        gq, st, kernel, reason = self._solve(w, h)
         solve[0] += time.perf_counter() - started
-        st = error_vs_rtn(w, gq, h, cfg.zero_mode, param_dtype, st)
+        st = error_vs_rtn(w, gq, h, cfg.zero_mode, param_dtype_for(kernel), st)
         st.tokens = hsum.tokens
         layer = Int4Linear.from_quantized(gq, lin.bias, kernel, w.device)
         layer.weight_dtype = w.dtype
