@@ -7,8 +7,9 @@ Every round times, one after the other (so machine drift hits all alike):
 - one engine call of B decode rows, each request at its own position after a 128-token prompt, for
   B = 1, 2, 4, 8 (median of 32 steps): tokens/s = B / step time; where the CPU has AMX, B = 8 once more
   with the rows on AMX tiles (`amx_batch=8`, what the serving backend uses);
-- the prefill of a 128-token prompt: the engine on AMX tiles, the engine on VNNI only, and the model's own
-  forward (the `prefill=model` path, cache copied into the engine);
+- the prefill of a 128-token prompt: the engine on AMX tiles (where the CPU has them) or on the int8 chunk
+  GEMM (where it has not), the engine on the VNNI rows only, and the model's own forward (the
+  `prefill=model` path, cache copied into the engine);
 - `model.generate()` (greedy, 128 new tokens) and `greedy_decode` on the same prompt: decode tokens/s.
 Every round is printed, then the medians and the ratios; `--json` writes them with the machine.
 """
@@ -53,7 +54,9 @@ def decode_step_ms(runtime, batch: int, g, amx_batch: int = 0) -> float:
         runtime.release(slots)
 
 
-def prefill_ms(model, prompt, mode: str, amx: bool) -> float:
+def prefill_ms(model, prompt, mode: str, chunk_path: bool) -> float:
+    """`chunk_path`: the engine's prompt rows on its chunk path (AMX tiles or the int8 GEMM, the defaults);
+    else on the VNNI rows."""
     import torch
 
     strategy = model.optistack_decode
@@ -62,11 +65,14 @@ def prefill_ms(model, prompt, mode: str, amx: bool) -> float:
 
     def once():
         with torch.inference_mode(), strategy.open_session(model, 1, 256) as s:
-            s.runtime.impl.amx_rows = 32 if amx else 0
+            impl = s.runtime.impl
+            amx_rows, gemm_rows = impl.amx_rows, impl.gemm_rows
+            if not chunk_path:
+                impl.amx_rows = impl.gemm_rows = 0
             try:
                 s.prefill(prompt)
             finally:
-                s.runtime.impl.amx_rows = 32
+                impl.amx_rows, impl.gemm_rows = amx_rows, gemm_rows
     try:
         once()
         return median_ms(once, 5)
@@ -122,14 +128,15 @@ def main() -> None:
     model = Pipeline.parse(args.chain).apply(copy.deepcopy(wl.model), PassContext(workload=wl)).model
     weights = model.optistack_decode.weights
     runtime = weights.runtime(8, 512)
+    amx = bool(runtime.impl.amx_rows)  # the CPU has AMX tiles (else the chunk path is the int8 GEMM)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, 40000, (1, 128), generator=g)
     rows: list[dict] = []
     for r in range(args.rounds):
         row = {f"decode_b{b}_ms": decode_step_ms(runtime, b, g) for b in (1, 2, 4, 8)}
-        if runtime.impl.amx_rows:  # the CPU has AMX: the batch of 8 decode rows on tiles too
+        if amx:  # the batch of 8 decode rows on tiles too
             row["decode_b8_amx_ms"] = decode_step_ms(runtime, 8, g, amx_batch=8)
-        row["prefill_engine_amx_ms"] = prefill_ms(model, prompt, "engine", True)
+        row[f"prefill_engine_{'amx' if amx else 'gemm'}_ms"] = prefill_ms(model, prompt, "engine", True)
         row["prefill_engine_vnni_ms"] = prefill_ms(model, prompt, "engine", False)
         row["prefill_model_ms"] = prefill_ms(model, prompt, "model", False)
         row["generate_tok_s"] = generate_tokens_per_s(model, prompt, 128)
@@ -144,8 +151,9 @@ def main() -> None:
     if "decode_b8_amx_ms" in med:
         print(f"  batch 8 on AMX tiles: {med['decode_b8_amx_ms']:.2f} ms a step, "
               f"{8 * med['decode_b1_ms'] / med['decode_b8_amx_ms']:.2f}x batch 1")
-    for k in ("prefill_engine_amx_ms", "prefill_engine_vnni_ms", "prefill_model_ms"):
-        print(f"  {k}: {med[k]:.1f}")
+    for k in ("prefill_engine_amx_ms", "prefill_engine_gemm_ms", "prefill_engine_vnni_ms", "prefill_model_ms"):
+        if k in med:
+            print(f"  {k}: {med[k]:.1f}")
     print(f"  generate() {med['generate_tok_s']:.0f} tokens/s, greedy_decode {med['greedy_decode_tok_s']:.0f}: "
           f"{med['generate_tok_s'] / med['greedy_decode_tok_s']:.2f}x")
     if args.json:

@@ -8,6 +8,10 @@ evaluation text, fixed), `--threads` threads (`torch.set_num_threads`; `INFERENC
 TTFT is the wall time of the one call that returns the first token: ours `model.generate(ids, attention_mask,
 max_new_tokens=1, do_sample=False)` after `--chain`, OpenVINO's `LLMPipeline.generate(ov.Tensor(ids), config)`
 (its own `perf_metrics.get_ttft()` recorded beside); median of `--repeats` calls a round after a warm-up call.
+Every TTFT call gets a prompt no side has seen (the prompt rotated by a different count; both sides get the same
+ones): LLMPipeline on CPU keeps the blocks of earlier prompts and reuses a matching prefix (prefix caching is on
+by default), so the same prompt again took 9-17 ms where a new one took 66-76 ms (SmolLM2, 2 threads, Zen 4,
+2026-12-06); an earlier version of this script repeated one prompt and timed that cache hit.
 Decode is `--new-tokens` tokens after the same prompt, each stamped by a streamer given token ids (ours a
 transformers streamer, OpenVINO's a `StreamerBase`): (n - 1) / (t_last - t_first). OpenVINO runs as `ov-f32`
 (`INFERENCE_PRECISION_HINT=f32`: dynamic int8 activations x int4 weights) and `ov-default` (the CPU's defaults:
@@ -65,14 +69,29 @@ class TokenTimes:
 
 
 def timed_calls(call: Any, repeats: int) -> tuple[list[float], list[Any]]:
-    """(wall ms of each call, its results): `repeats` calls after one warm-up call."""
-    call()
+    """(wall ms of each call, its results): `repeats` calls after one warm-up call; call(k), k = 0 the warm-up."""
+    call(0)
     walls, results = [], []
-    for _ in range(repeats):
+    for k in range(1, repeats + 1):
         start = time.perf_counter()
-        results.append(call())
+        results.append(call(k))
         walls.append((time.perf_counter() - start) * 1e3)
     return walls, results
+
+
+class FreshPrompts:
+    """The prompt rotated by a count never used before, for each TTFT call: the same sequence for every side (each
+    side takes the n-th prompt of the round at its n-th call), so no side ever sees a prompt, or a prefix of one,
+    twice (a cached prefix is not a time to first token)."""
+
+    def __init__(self, ids: Any) -> None:
+        self.ids, self.round = ids, 0
+
+    def get(self, repeats: int, k: int) -> Any:
+        import torch
+
+        shift = 1 + (self.round * (repeats + 1) + k) % (self.ids.shape[1] - 1)
+        return torch.roll(self.ids, shifts=shift, dims=1)
 
 
 class Ours:
@@ -86,16 +105,18 @@ class Ours:
         self.base = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=PAD, bos_token_id=None)
         model.generation_config.eos_token_id = None  # else generate() fills it in; OpenVINO runs with ignore_eos
 
-    def _generate(self, n: int, streamer: Any = None) -> Any:
+    def _generate(self, n: int, streamer: Any = None, ids: Any = None) -> Any:
         import torch
 
         config = copy.deepcopy(self.base)
         config.max_new_tokens = n
+        ids = self.ids if ids is None else ids
         with torch.inference_mode():
-            return self.model.generate(self.ids, attention_mask=self.mask, generation_config=config, streamer=streamer)
+            return self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                                       streamer=streamer)
 
-    def ttft(self, repeats: int) -> dict[str, Any]:
-        walls, _ = timed_calls(lambda: self._generate(1), repeats)
+    def ttft(self, repeats: int, prompts: FreshPrompts) -> dict[str, Any]:
+        walls, _ = timed_calls(lambda k: self._generate(1, ids=prompts.get(repeats, k)), repeats)
         return {"wall_ms": walls, "path": dict(getattr(self.model.generate, "last", {}))}
 
     def decode(self, n: int) -> dict[str, Any]:
@@ -137,9 +158,14 @@ class OpenVINOSide:
         config.max_new_tokens, config.ignore_eos, config.do_sample = n, True, False
         return config
 
-    def ttft(self, repeats: int) -> dict[str, Any]:
+    def ttft(self, repeats: int, prompts: FreshPrompts) -> dict[str, Any]:
+        import numpy as np
+        import openvino as ov
+
         config = self._config(1)
-        walls, results = timed_calls(lambda: self.pipe.generate(self.ids, config), repeats)
+        walls, results = timed_calls(
+            lambda k: self.pipe.generate(ov.Tensor(np.asarray(prompts.get(repeats, k).numpy(), dtype=np.int64)), config),
+            repeats)
         return {"wall_ms": walls, "perf_metrics_ttft_ms": [float(r.perf_metrics.get_ttft().mean) for r in results]}
 
     def decode(self, n: int) -> dict[str, Any]:
@@ -203,10 +229,11 @@ def parse_args() -> argparse.Namespace:
 
 def run_rounds(sides: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every side's TTFT, then every side's decode, per round; the order reversed on every other round."""
-    rounds = []
+    rounds, prompts = [], FreshPrompts(sides["optistack"].ids)
     for r in range(args.rounds):
+        prompts.round = r
         order = list(sides) if r % 2 == 0 else list(sides)[::-1]
-        row: dict[str, Any] = {name: {"ttft": sides[name].ttft(args.repeats)} for name in order}
+        row: dict[str, Any] = {name: {"ttft": sides[name].ttft(args.repeats, prompts)} for name in order}
         for name in order:
             row[name]["decode"] = {k: v for k, v in sides[name].decode(args.new_tokens).items() if k != "tokens"}
         parts = []

@@ -198,7 +198,8 @@ def test_encoder_peers_side_by_side():
     _save(result)
     cos = {r["candidate"]: r["cosine"] for r in result["rows"]}
     assert cos["@encoder-latency"] >= COSINE_FLOOR, cos
-    assert cos["pt2e-int8 (fp32 rest)"] >= COSINE_FLOOR and cos["pt2e-int8 (bf16 rest)"] >= COSINE_FLOOR, cos
+    # a chain that is the same as @encoder-latency's is skipped (no cosine of its own)
+    assert all(cos[name] >= COSINE_FLOOR for name in ("pt2e-int8 (fp32 rest)", "pt2e-int8 (bf16 rest)") if name in cos), cos
     assert all(r["median_ms"] > 0 for r in result["rows"])
 
 

@@ -59,7 +59,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("capacity", &LlamaEngine::capacity)
       .def_property_readonly("max_rows", &LlamaEngine::max_rows)
       .def_property("amx_rows", &LlamaEngine::amx_rows, &LlamaEngine::set_amx_rows)
-      .def_property("amx_batch", &LlamaEngine::amx_batch, &LlamaEngine::set_amx_batch);
+      .def_property("amx_batch", &LlamaEngine::amx_batch, &LlamaEngine::set_amx_batch)
+      .def_property("gemm_rows", &LlamaEngine::gemm_rows, &LlamaEngine::set_gemm_rows);
   m.def("amx_supported", &amx_supported);
   m.def("q4_linear", &q4_linear, py::arg("x"), py::arg("q"), py::arg("s"), py::arg("zc"), py::arg("bias"),
         py::arg("path"), py::call_guard<py::gil_scoped_release>());

@@ -68,13 +68,14 @@ at::Tensor LlamaEngine::forward(const at::Tensor& tokens_in, const at::Tensor& s
     TORCH_CHECK(pos[i] <= filled[slot[i]], "optistack_cpu.LlamaEngine: row ", i, " starts slot ", slot[i], " at position ",
                 pos[i], " but only ", filled[slot[i]], " positions are filled (no gaps)");
   }
-  // Runs of rows by GEMM path: a slot's rows go to AMX bf16 tiles when there are at least amx_min of them;
-  // with amx_batch, a run of other rows (a batch of decode rows) at least that long goes to AMX int8 tiles.
+  // Runs of rows by GEMM path: a slot's rows go to AMX bf16 tiles when there are at least amx_min of them, else
+  // to the int8 chunk GEMM from gemm_min; with amx_batch, a run of other rows (a batch of decode rows) at least
+  // that long goes to AMX int8 tiles.
   std::vector<Run> runs;
   for (int64_t i = 0; i < N;) {
     int64_t j = i + 1;
     while (j < N && slot[j] == slot[i]) ++j;
-    const int path = amx_min > 0 && j - i >= amx_min ? AMX_BF16 : VNNI;
+    const int path = amx_min > 0 && j - i >= amx_min ? AMX_BF16 : gemm_min > 0 && j - i >= gemm_min ? VNNI_GEMM : VNNI;
     if (!runs.empty() && runs.back().path == path) runs.back().len += j - i;  // a row's result never depends on its run
     else runs.push_back(Run{i, j - i, 0, path});
     i = j;
@@ -87,11 +88,13 @@ at::Tensor LlamaEngine::forward(const at::Tensor& tokens_in, const at::Tensor& s
       std::any_of(runs.begin(), runs.end(), [](const Run& r) { return r.path == AMX_BF16; }))
     runs.assign(1, Run{0, N, 0, AMX_BF16});
   int64_t amx_tiles = 0, amx8_tiles = 0;
+  bool gemm = false;
   row_path.assign(N, VNNI);
   for (Run& r : runs) {
     if (r.path == VNNI && amx_batch_min > 0 && r.len >= amx_batch_min) r.path = AMX_INT8;
+    gemm |= r.path == VNNI_GEMM;
     int64_t& count = r.path == AMX_BF16 ? amx_tiles : amx8_tiles;
-    if (r.path != VNNI) {
+    if (r.path == AMX_BF16 || r.path == AMX_INT8) {
       r.tile0 = count;
       count += (r.len + 15) / 16;
     }
@@ -132,11 +135,11 @@ at::Tensor LlamaEngine::forward(const at::Tensor& tokens_in, const at::Tensor& s
     }
     i = j;
   }
-  ensure_scratch(N, R, nthreads, amx_tiles, amx8_tiles);
+  ensure_scratch(N, R, nthreads, amx_tiles, amx8_tiles, gemm);
   float* lg = logits.data_ptr<float>();
-  if (kv_type == KV_I8) run<int8_t>(tok, slot, pos, N, lrows, R, lg, nthreads, runs, amx_tiles, amx8_tiles);
-  else if (kv_type == KV_F16) run<at::Half>(tok, slot, pos, N, lrows, R, lg, nthreads, runs, amx_tiles, amx8_tiles);
-  else run<float>(tok, slot, pos, N, lrows, R, lg, nthreads, runs, amx_tiles, amx8_tiles);
+  if (kv_type == KV_I8) run<int8_t>(tok, slot, pos, N, lrows, R, lg, nthreads, runs, amx_tiles, amx8_tiles, gemm);
+  else if (kv_type == KV_F16) run<at::Half>(tok, slot, pos, N, lrows, R, lg, nthreads, runs, amx_tiles, amx8_tiles, gemm);
+  else run<float>(tok, slot, pos, N, lrows, R, lg, nthreads, runs, amx_tiles, amx8_tiles, gemm);
   for (int64_t i = 0; i < N; ++i)
     if (i + 1 == N || slot[i + 1] != slot[i]) filled[slot[i]] = pos[i] + 1;
   for (int64_t r = 0; r < R; ++r)  // a non-finite hidden state gives NaN logits, as the float model would
@@ -161,7 +164,7 @@ static int prof_calls;
 template <typename KV>
 void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* pos, int64_t N, const int64_t* lrows,
                       int64_t R, float* lg, int nthreads, const std::vector<Run>& runs, int64_t amx_tiles,
-                      int64_t amx8_tiles) {
+                      int64_t amx8_tiles, bool gemm) {
   const int64_t Nqkv = (Hq + 2 * Hkv) * D, grp = Hq / Hkv, half = D / 2;
   const int64_t Kmax = std::max({H, Hq * D, I});
   const int64_t parts = std::min<int64_t>(grp, std::max<int64_t>(1, (2 * nthreads + N * Hkv - 1) / (N * Hkv)));
@@ -189,7 +192,7 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
     barrier.store(new (barrier_store) SpinBarrier(nt), std::memory_order_release);
     SpinBarrier& bar = *barrier.load(std::memory_order_acquire);
     float* sc = scores.data() + size_t(tid) * scores_per_thread();
-    uint8_t* wbuf = amx_tiles + amx8_tiles ? amx_wbuf.data() + size_t(tid) * (Kmax * 64 + 4096 + 64) : nullptr;
+    uint8_t* wbuf = amx_tiles + amx8_tiles || gemm ? amx_wbuf.data() + size_t(tid) * (Kmax * 64 + 4096 + 64) : nullptr;
     int64_t n0, n1;
     // y = rows @ w.T (+= with add) for every run of rows, after the rows were prepared (and a barrier):
     // AMX runs are packed into tiles first (all threads, from the float rows src), then each thread takes
@@ -223,7 +226,7 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
             q4_swiglu_amx(w, I, amx_tiles_buf.data() + r.tile0 * chunks * 512, r.len, n0, n1, actT.data() + r.start, N, wbuf);
           continue;
         }
-        share(w.N, tid, nt, r.path == AMX_BF16 ? 32 : r.path == AMX_INT8 ? 16 : 4, n0, n1);
+        share(w.N, tid, nt, r.path == AMX_BF16 || r.path == VNNI_GEMM ? 32 : r.path == AMX_INT8 ? 16 : 4, n0, n1);
         if (n0 >= n1) continue;
         float* yr = y + r.start * ystride;
         if (r.path == AMX_BF16) {
@@ -232,6 +235,8 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
           const int64_t t = r.tile0 * U;
           q4_rows_amx8(w, amx8_tiles_buf.data() + t * 1024, amx8_sx.data() + t * 16, amx8_xs.data() + t * 16, r.len,
                        n0, n1, yr, ystride, add, wbuf);
+        } else if (r.path == VNNI_GEMM) {
+          q4_rows_gemm(w, xq.data() + r.start, r.len, n0, n1, yr, ystride, add, wbuf);
         } else {
           q4_rows(w, xq.data() + r.start, r.len, n0, n1, yr, ystride, add, act16);
         }
@@ -377,7 +382,7 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
 #else
 template <typename KV>
 void LlamaEngine::run(const int64_t*, const int64_t*, const int64_t*, int64_t, const int64_t*, int64_t, float*, int,
-                      const std::vector<Run>&, int64_t, int64_t) {
+                      const std::vector<Run>&, int64_t, int64_t, bool) {
   TORCH_CHECK(false, "optistack_cpu.LlamaEngine: this build has no AVX512-VNNI");
 }
 #endif

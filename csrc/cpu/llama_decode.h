@@ -91,6 +91,14 @@ void prep_q16(const float* x, int64_t K, const XQ& out);  // fills q16, sx, xsum
 void q4_rows(const Q4Weight& w, const XQ* xs, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ystride, bool add,
              bool act16);
 
+// The chunk GEMM for CPUs without AMX (int4_vnni_gemm.cpp): as q4_rows with int8 activations for many rows
+// at once; each 32 weight rows are unpacked once per call into a panel (wbuf: this thread's
+// vnni_gemm_wbuf_bytes(K)) that the rows meet six at a time. Rows [n0, n1) in multiples of 32 but the last.
+constexpr int64_t kGemmPanelUnitBytes = 16 * 128 + 64 * 4;  // a unit of 32 rows: 16 quads of codes, scales, zc
+int64_t vnni_gemm_wbuf_bytes(int64_t K);
+void q4_rows_gemm(const Q4Weight& w, const XQ* xs, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ystride,
+                  bool add, uint8_t* wbuf);
+
 // The AMX path (int4_amx.cpp): bf16 tile products on int4 weights dequantized 16 rows at a time. Activation
 // rows (float32, row stride xstride) are packed once per call into 1 KB tiles of 16 rows x 32 channels in
 // bf16 pairs; tile t = (m-tile t / (K / 32), chunk t % (K / 32)).
@@ -197,17 +205,21 @@ class LlamaEngine {
   // never, the default: a row then computes the same bits alone or batched; a server trades that for speed).
   int64_t amx_batch() const { return amx_batch_min; }
   void set_amx_batch(int64_t n);
+  // Rows of one slot in one call from which its projections run on the int8 chunk GEMM (int4_vnni_gemm.cpp) where
+  // they are not on AMX tiles (0: never; the default on a CPU without AMX, with int8 activations, is 16).
+  int64_t gemm_rows() const { return gemm_min; }
+  void set_gemm_rows(int64_t n);
 
  private:
-  enum Path { VNNI = 0, AMX_BF16 = 1, AMX_INT8 = 2 };
+  enum Path { VNNI = 0, AMX_BF16 = 1, AMX_INT8 = 2, VNNI_GEMM = 3 };
   struct Run {  // consecutive rows that take the same GEMM path
     int64_t start, len, tile0;  // tile0: first m-tile of an AMX run in its packed buffer
     int path;
   };
   template <typename KV>
   void run(const int64_t* tok, const int64_t* slot, const int64_t* pos, int64_t N, const int64_t* lrows, int64_t R,
-           float* logits, int nthreads, const std::vector<Run>& runs, int64_t amx_tiles, int64_t amx8_tiles);
-  void ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx_tiles, int64_t amx8_tiles);
+           float* logits, int nthreads, const std::vector<Run>& runs, int64_t amx_tiles, int64_t amx8_tiles, bool gemm);
+  void ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx_tiles, int64_t amx8_tiles, bool gemm);
   // a chunk on AMX bf16 tiles attends on the tiles too (llama_attn_amx.h: head sizes that are whole 32-channel chunks)
   bool attn_on_tiles() const {
 #ifdef OPTISTACK_AMX_BUILD
@@ -221,7 +233,7 @@ class LlamaEngine {
     const float *norm1, *norm2;
     Q4Weight qkv, o, gate_up, down;
   };
-  int64_t L, H, Hq, Hkv, D, I, V, S, Tmax, Kh, Nmax, amx_min = 0, amx_batch_min = 0;
+  int64_t L, H, Hq, Hkv, D, I, V, S, Tmax, Kh, Nmax, amx_min = 0, amx_batch_min = 0, gemm_min = 0;
   float eps;
   bool act16;
   enum KvType { KV_F32 = 0, KV_F16 = 1, KV_I8 = 2 } kv_type;

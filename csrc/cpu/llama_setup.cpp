@@ -114,6 +114,14 @@ LlamaEngine::LlamaEngine(const EngineSpec& spec, at::Tensor cos_t, at::Tensor si
   Kh = (H + 31) / 32 * 32;
   filled.assign(S, 0);
   amx_min = amx_supported() && !act16 ? 32 : 0;  // int16 activations (the exact mode) have no AMX product
+  gemm_min = !amx_min && !act16 ? 12 : 0;         // nor an int8 chunk GEMM
+}
+
+void LlamaEngine::set_gemm_rows(int64_t n) {
+  std::lock_guard<std::mutex> g(mu);
+  TORCH_CHECK(n >= 0, "optistack_cpu.LlamaEngine: gemm_rows must be >= 0 (0: never), got ", n);
+  TORCH_CHECK(n == 0 || !act16, "optistack_cpu.LlamaEngine: int16 activations (act_bits=16) have no int8 chunk GEMM");
+  gemm_min = n;
 }
 
 void LlamaEngine::set_amx_rows(int64_t n) {
@@ -132,14 +140,15 @@ void LlamaEngine::set_amx_batch(int64_t n) {
   amx_batch_min = n;
 }
 
-void LlamaEngine::ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx_tiles, int64_t amx8_tiles) {
+void LlamaEngine::ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx_tiles, int64_t amx8_tiles, bool gemm) {
   const int64_t Kmax = std::max({H, Hq * D, I});
   if (nthreads > threads_cap) {  // attention scores per thread used: a row of Tmax per query head of a group,
     // or kChunkQueries rows of Tmax rounded up to 16 (a prompt chunk's item)
     scores.assign(size_t(nthreads) * scores_per_thread(), 0.f);
     threads_cap = nthreads;
   }
-  if (amx_tiles + amx8_tiles > 0 && nthreads > wbuf_cap) {  // one weight tile dequantized, and its products, per thread
+  // per thread: one weight tile dequantized and its products, or the chunk GEMM's panel (Kmax * 36 + 64 bytes)
+  if ((amx_tiles + amx8_tiles > 0 || gemm) && nthreads > wbuf_cap) {
     amx_wbuf.assign(size_t(nthreads) * (Kmax * 64 + 4096 + 64), 0);
     wbuf_cap = nthreads;
   }

@@ -3,7 +3,8 @@
 // holds one copy of them (kernels/engine_linear.py). Paths: the engine's VNNI rows with int16 activations
 // (15 significant bits, the exact mode's numerics) or int8 ones, or, for many rows on a CPU with AMX, the
 // engine's AMX-BF16 tiles (activations rounded to bf16, as the model's own prefill kernels do), or its
-// AMX-INT8 tiles for a batch of decode rows (int8 codes as the VNNI int8 path).
+// AMX-INT8 tiles for a batch of decode rows (int8 codes as the VNNI int8 path), or the int8 chunk GEMM for many
+// rows on a CPU without AMX (int4_vnni_gemm.cpp: the same codes, a panel of weights met by six rows at a time).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -16,7 +17,7 @@ namespace optistack_cpu {
 
 namespace {
 
-constexpr int64_t PATH_INT16 = 0, PATH_INT8 = 1, PATH_AMX_BF16 = 2, PATH_AMX_INT8 = 3;
+constexpr int64_t PATH_INT16 = 0, PATH_INT8 = 1, PATH_AMX_BF16 = 2, PATH_AMX_INT8 = 3, PATH_INT8_GEMM = 4;
 
 // Rows [n0, n1) of N for worker `tid` of `nt`, in multiples of `align` (the kernels' row blocks).
 void rows_of(int64_t N, int64_t tid, int64_t nt, int64_t align, int64_t& n0, int64_t& n1) {
@@ -42,9 +43,10 @@ void per_worker(int64_t N, int64_t nt, int64_t align, const Fn& fn) {
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const at::Tensor& zc,
                      const at::Tensor& bias, int64_t path) {
   TORCH_CHECK(llama_engine_supported(), "optistack_cpu.q4_linear: this build has no AVX512-VNNI");
-  TORCH_CHECK(path >= PATH_INT16 && path <= PATH_AMX_INT8,
-              "optistack_cpu.q4_linear: path must be 0 (int16), 1 (int8), 2 (AMX bf16) or 3 (AMX int8), got ", path);
-  TORCH_CHECK(path < PATH_AMX_BF16 || amx_supported(), "optistack_cpu.q4_linear: this CPU has no AMX for path ", path);
+  TORCH_CHECK(path >= PATH_INT16 && path <= PATH_INT8_GEMM, "optistack_cpu.q4_linear: path must be 0 (int16), 1 (int8), ",
+              "2 (AMX bf16), 3 (AMX int8) or 4 (the int8 chunk GEMM), got ", path);
+  TORCH_CHECK((path != PATH_AMX_BF16 && path != PATH_AMX_INT8) || amx_supported(),
+              "optistack_cpu.q4_linear: this CPU has no AMX for path ", path);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "optistack_cpu.q4_linear: x must be a contiguous float32 [M, K] tensor");
   const int64_t M = x.size(0), K = x.size(1);
@@ -91,6 +93,14 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
     AVec<uint8_t> wbuf(size_t(nt) * wbytes);
     per_worker(N, nt, 16, [&](int64_t tid, int64_t n0, int64_t n1) {
       q4_rows_amx8(w, packed.data(), sxT.data(), xsT.data(), M, n0, n1, yp, N, false, wbuf.data() + tid * wbytes);
+    });
+    return y;
+  }
+  if (path == PATH_INT8_GEMM) {  // a prompt chunk's rows on a CPU without AMX
+    const int64_t wbytes = vnni_gemm_wbuf_bytes(K);
+    AVec<uint8_t> wbuf(size_t(nt) * wbytes);
+    per_worker(N, nt, 32, [&](int64_t tid, int64_t n0, int64_t n1) {
+      q4_rows_gemm(w, xs.data(), M, n0, n1, yp, N, false, wbuf.data() + tid * wbytes);
     });
     return y;
   }

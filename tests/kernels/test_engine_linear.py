@@ -27,11 +27,12 @@ def engine_layout(codes, scale, zero, group):
 
 
 @pytest.mark.parametrize("scales", ["float32", "float16"])
-@pytest.mark.parametrize("rows,path", [(1, 0), (3, 0), (9, 1), (40, 0), (40, 2), (1, 3), (9, 3), (40, 3)])
+@pytest.mark.parametrize("rows,path", [(1, 0), (3, 0), (9, 1), (40, 0), (40, 2), (1, 3), (9, 3), (40, 3), (1, 4), (8, 4),
+                                       (9, 4), (11, 4), (40, 4)])
 def test_q4_linear_against_a_float_reference(rows, path, scales):
     """The reference dequantizes codes * scale + zero on the original group grid: independent of the
     engine's packing. int16 activations keep ~15 bits, int8 ~7, bf16 8."""
-    if path >= 2 and not cpu.lib().amx_supported():
+    if path in (2, 3) and not cpu.lib().amx_supported():
         pytest.skip("no AMX on this CPU")
     g = torch.Generator().manual_seed(rows)
     n, k, group = 40, 320, 64 if path else 128
@@ -48,8 +49,9 @@ def test_q4_linear_against_a_float_reference(rows, path, scales):
     x = torch.randn(rows, k, generator=g)
     want = x @ w.reshape(n, k).T + bias
     got = cpu.lib().q4_linear(x, q, s, zc, bias, path)
-    tol = {0: 2e-4, 1: 2e-2, 2: 1e-2, 3: 2e-2}[path]
-    if path == 3:  # AMX int8 tiles: the VNNI int8 path's codes and integer products, float sums in another order
+    tol = {0: 2e-4, 1: 2e-2, 2: 1e-2, 3: 2e-2, 4: 2e-2}[path]
+    if path in (3, 4):  # AMX int8 tiles, the chunk GEMM: the VNNI int8 path's codes and integer products, float
+        # sums in another order
         assert torch.allclose(got, cpu.lib().q4_linear(x, q, s, zc, bias, 1), rtol=1e-5, atol=1e-4)
     assert got.shape == want.shape
     assert float((got - want).abs().max()) <= tol * float(want.abs().max())

@@ -20,28 +20,34 @@ pytestmark = pytest.mark.skipif(not cpu.available() or "avx512_vnni" not in cpu_
                                 reason="the decode engine needs the C++ CPU kernels and AVX512-VNNI")
 
 
+@pytest.mark.parametrize("act_bits", [8, 16])
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_head_size_128_matches_the_reference(kind):
+def test_head_size_128_matches_the_reference(kind, act_bits):
+    """int16 activations: every row within 1e-3 of the reference. int8 ones: one activation code that rounds the
+    other way (the reference's float sums differ from the kernels' in the last bit, and which ones do depends on
+    the CPU's torch kernels) moves a row by ~0.5% and stays in the cache, so with two slots both may sit above
+    1e-3 from the first step on (measured on a Zen 4: 3-8e-3 in 8 of 12 seeds); a wrong head or position is off
+    by tens of %, so int8 rows are held to 1e-2."""
     from optistack.kernels.llama_engine import EngineWeights
 
     extra = {"use_sliding_window": False} if kind == "qwen2" else {}
     weights = EngineWeights.from_model(quantized(tiny(kind, hidden=512, inter=384, heads=4, kv=2, **extra)))
     assert weights.dims.head_dim == 128
-    rt = weights.runtime(2, 24)
+    rt = weights.runtime(2, 24, act_bits=act_bits)
     cos, sin = weights.rope_tables(24)
     kc, vc = torch.zeros_like(rt.k_cache), torch.zeros_like(rt.v_cache)
     g = torch.Generator().manual_seed(8)
     for b, n in enumerate((7, 3)):
         rows = (torch.randint(0, 300, (n,), generator=g), torch.full((n,), b), torch.arange(n))
         rt.forward(*rows, torch.arange(0))
-        ref.forward(weights, *rows, kc, vc, cos, sin)
+        ref.forward(weights, *rows, kc, vc, cos, sin, act_bits)
     tok = torch.randint(0, 300, (2,), generator=g)
     for step in range(4):
         pos = torch.tensor([7, 3]) + step
         got = rt.forward(tok, torch.arange(2), pos, torch.arange(2))
-        want = ref.forward(weights, tok, torch.arange(2), pos, kc, vc, cos, sin)
-        ok, err = close_rows(got, want, 1e-3)
-        assert ok, (step, err)
+        want = ref.forward(weights, tok, torch.arange(2), pos, kc, vc, cos, sin, act_bits)
+        err = ((got - want).norm(dim=-1) / want.norm(dim=-1)).tolist()
+        assert max(err) < (1e-3 if act_bits == 16 else 1e-2), (step, err)
         tok = want.argmax(-1)
 
 

@@ -6,8 +6,9 @@ decoding the engine cannot serve. Keeping the int4 modules beside the engine hel
 (a 1.1B Llama: 520 MB twice). `share_engine_weights(model, weights)` swaps each projection for one of
 these, whose buffers are views of the engine's tensors (q, k and v are row ranges of the engine's stacked
 q|k|v matrix), so the process holds one copy. The forward runs the engine's own kernels
-(csrc/cpu/q4_linear.cpp): int16 activations (the engine's exact mode) for a few rows, AMX-BF16 tiles for
-many where the CPU has them (bf16 activations, as the int4 modules' own prefill kernels round them).
+(csrc/cpu/q4_linear.cpp): int16 activations (the engine's exact mode) for a few rows; for many, AMX-BF16 tiles
+where the CPU has them (bf16 activations, as the int4 modules' own prefill kernels round them), else the
+engine's int8 chunk GEMM (int8 activations per 64 channels, as the engine's decode rows).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from ..core.load_registry import LINEAR_FIELDS, register_module
 from ..core.load_schema import choice, integer
 
 UNIT = 64
-PATH_INT16, PATH_AMX_BF16 = 0, 2
+PATH_INT16, PATH_AMX_BF16, PATH_INT8_GEMM = 0, 2, 4
+GEMM_ROWS = 12  # rows from which a CPU without AMX takes the int8 chunk GEMM (the engine's own default)
 
 
 class EngineInt4Linear(nn.Module):
@@ -63,9 +65,12 @@ class EngineInt4Linear(nn.Module):
             raise ValueError(f"EngineInt4Linear expects {self.in_features} input features; x has {x.shape[-1]}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
-        many = x2.shape[0] > cpu.PREFILL_BF16_ROWS and cpu.lib().amx_supported()
+        lib = cpu.lib()
+        amx = lib.amx_supported()
+        path = (PATH_AMX_BF16 if amx and x2.shape[0] > cpu.PREFILL_BF16_ROWS else
+                PATH_INT8_GEMM if not amx and x2.shape[0] >= GEMM_ROWS else PATH_INT16)
         bias = self.bias if self.bias is not None else torch.empty(0)
-        y = cpu.lib().q4_linear(x2, self.q, self.s, self.zc, bias, PATH_AMX_BF16 if many else PATH_INT16)
+        y = lib.q4_linear(x2, self.q, self.s, self.zc, bias, path)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def codes(self) -> torch.Tensor:
