@@ -6,9 +6,11 @@
 The chain (docs/decoding.md, "The decode engine"):
 - `rtn-int4{head=int8,zero_grid=float}`: int4 weights in the decoder blocks, an int8 head (`awq` instead
   gives lower perplexity and takes longer: `@llm-decode` uses it).
-- `fuse-kernels`: our C++ kernels for the prefill (int4 weights dequantized to bf16 for the matrix units).
-- `decode-engine`: every token after the first is one call into csrc/cpu/llama_decode.cpp. At apply it
-  measures how often it picks the model's own next token (teacher-forced) and refuses below 0.9.
+- `fuse-kernels`: our C++ kernels for the model's own forward (int4 weights dequantized to bf16).
+- `decode-engine`: every token after the first is one call into csrc/cpu/llama_decode.cpp, and so is the
+  prompt (`prefill=auto` with int8 activations: its chunk on AMX tiles where the CPU has them, else on the
+  engine's int8 GEMM; the "prefill" printed says who ran it). At apply it measures how often it picks the
+  model's own next token (teacher-forced) and refuses below 0.9.
 Prints tokens/s and TTFT of the engine and of the same model's own decode loop, and the text.
 """
 import argparse
