@@ -91,8 +91,15 @@ static inline void zero_term_and_reduce(const Q4Weight& w, int64_t n, const XQ* 
   for (; i < R * MB; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
 }
 
+// The next rows' weights (simd.h: prefetch_far).
+template <bool FAR>
+static inline void prefetch_rows(const uint8_t* qb, int64_t rb) {
+  if constexpr (FAR) _mm_prefetch((const char*)(qb + 16 * rb), _MM_HINT_T1);
+  else _mm_prefetch((const char*)(qb + 4 * rb), _MM_HINT_T0);
+}
+
 // R weight rows from row n times MB activation rows: out[mb * R + r] = the row's dot product.
-template <int R, int MB>
+template <int R, int MB, bool FAR>
 static inline void q4_block(const Q4Weight& w, int64_t n, const XQ* xs, float* out) {
   const int64_t U = w.K / 64, P = U / 2, rb = w.K / 2;
   const __m512i nib = _mm512_set1_epi8(0x0F);
@@ -109,7 +116,7 @@ static inline void q4_block(const Q4Weight& w, int64_t n, const XQ* xs, float* o
     }
     for (int r = 0; r < R; ++r) {
       const uint8_t* qb = w.q + (n + r) * rb + p * 64;
-      _mm_prefetch((const char*)(qb + 4 * rb), _MM_HINT_T0);
+      prefetch_rows<FAR>(qb, rb);
       const __m512i b = _mm512_loadu_si512(qb);
       const __m512i lo = _mm512_and_si512(b, nib), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
       const __m128 s2 = w.s16 ? _mm_cvtph_ps(_mm_cvtsi32_si128(*(const int32_t*)(w.s16 + (n + r) * U + 2 * p)))
@@ -159,7 +166,7 @@ void prep_q16(const float* x, int64_t K, const XQ& o) {
 }
 
 // As q4_block with int16 activations: nibbles widened to 16-bit words, vpdpwssd, one scale per unit.
-template <int R, int MB>
+template <int R, int MB, bool FAR>
 static inline void q4_block16(const Q4Weight& w, int64_t n, const XQ* xs, float* out) {
   const int64_t U = w.K / 64, P = U / 2, rb = w.K / 2;
   const __m512i nib = _mm512_set1_epi8(0x0F);
@@ -177,7 +184,7 @@ static inline void q4_block16(const Q4Weight& w, int64_t n, const XQ* xs, float*
   for (int64_t p = 0; p < P; ++p) {
     for (int r = 0; r < R; ++r) {
       const uint8_t* qb = w.q + (n + r) * rb + p * 64;
-      _mm_prefetch((const char*)(qb + 4 * rb), _MM_HINT_T0);
+      prefetch_rows<FAR>(qb, rb);
       const __m512i b = _mm512_loadu_si512(qb);
       const __m512i lo = _mm512_and_si512(b, nib), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
       unit(r, 2 * p, _mm512_cvtepu8_epi16(_mm512_castsi512_si256(lo)), _mm512_cvtepu8_epi16(_mm512_castsi512_si256(hi)));
@@ -200,7 +207,7 @@ static inline void q4_block16(const Q4Weight& w, int64_t n, const XQ* xs, float*
 // by blocks of four, and each block (4 x K/2 bytes, in L1 after its first use) meets every activation
 // row, two at a time, before the next block is read: the weights stream once per call, whatever M is.
 // A row's instructions do not depend on M or on its partner, so its result is the same alone or batched.
-template <int R, bool A16>
+template <int R, bool A16, bool FAR>
 static inline void q4_rblock(const Q4Weight& w, const XQ* xs, int64_t M, int64_t n, float* y, int64_t ystride,
                              bool add) {
   float d[2 * R];
@@ -214,30 +221,34 @@ static inline void q4_rblock(const Q4Weight& w, const XQ* xs, int64_t M, int64_t
   };
   int64_t m = 0;
   for (; m + 2 <= M; m += 2) {
-    if constexpr (A16) q4_block16<R, 2>(w, n, xs + m, d);
-    else q4_block<R, 2>(w, n, xs + m, d);
+    if constexpr (A16) q4_block16<R, 2, FAR>(w, n, xs + m, d);
+    else q4_block<R, 2, FAR>(w, n, xs + m, d);
     put(m, 0);
     put(m + 1, 1);
   }
   if (m < M) {
-    if constexpr (A16) q4_block16<R, 1>(w, n, xs + m, d);
-    else q4_block<R, 1>(w, n, xs + m, d);
+    if constexpr (A16) q4_block16<R, 1, FAR>(w, n, xs + m, d);
+    else q4_block<R, 1, FAR>(w, n, xs + m, d);
     put(m, 0);
   }
 }
 
-template <bool A16>
+template <bool A16, bool FAR>
 static void q4_rows_t(const Q4Weight& w, const XQ* xs, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ystride,
                       bool add) {
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) q4_rblock<4, A16>(w, xs, M, n, y, ystride, add);
-  for (; n < n1; ++n) q4_rblock<1, A16>(w, xs, M, n, y, ystride, add);
+  for (; n + 4 <= n1; n += 4) q4_rblock<4, A16, FAR>(w, xs, M, n, y, ystride, add);
+  for (; n < n1; ++n) q4_rblock<1, A16, FAR>(w, xs, M, n, y, ystride, add);
 }
 
 void q4_rows(const Q4Weight& w, const XQ* xs, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ystride, bool add,
              bool act16) {
-  if (act16) q4_rows_t<true>(w, xs, M, n0, n1, y, ystride, add);
-  else q4_rows_t<false>(w, xs, M, n0, n1, y, ystride, add);
+  // the prefetches differ, the arithmetic does not: a row's numbers do not depend on prefetch_far()
+  const bool far = prefetch_far();
+  if (act16 && far) q4_rows_t<true, true>(w, xs, M, n0, n1, y, ystride, add);
+  else if (act16) q4_rows_t<true, false>(w, xs, M, n0, n1, y, ystride, add);
+  else if (far) q4_rows_t<false, true>(w, xs, M, n0, n1, y, ystride, add);
+  else q4_rows_t<false, false>(w, xs, M, n0, n1, y, ystride, add);
 }
 
 #else

@@ -124,11 +124,17 @@ void int8_rows_f32(const int8_t* qw, const float* sc, int64_t K, const int16_t* 
   // two activation rows at a time: four weight rows x four (int32 and float32 accumulators for each pair)
   // spill the 32 vector registers, which measured 2.5x slower on a batch of 8 decode rows
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4)
+  [[maybe_unused]] const bool far = prefetch_far();  // the block 16 rows ahead into L2 (simd.h), as the int4 GEMV does
+  for (; n + 4 <= n1; n += 4) {
+#ifdef OPTISTACK_AVX512
+    if (far && n + 20 <= n1)
+      for (int64_t o = 0; o < 4 * K; o += 64) _mm_prefetch((const char*)(qw + (n + 16) * K + o), _MM_HINT_T1);
+#endif
     for (int64_t m = 0; m < M; m += 2) {
       if (M - m >= 2) rows_mb<2, float>(qw, sc, K, xq + m * Kp, Kp, sx + m, n, n + 4, y + m * N, N);
       else rows_mb<1, float>(qw, sc, K, xq + m * Kp, Kp, sx + m, n, n + 4, y + m * N, N);
     }
+  }
   for (; n < n1; ++n)
     for (int64_t m = 0; m < M; ++m) rows_mb<1, float>(qw, sc, K, xq + m * Kp, Kp, sx + m, n, n + 1, y + m * N, N);
 }
