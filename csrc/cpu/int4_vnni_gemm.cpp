@@ -124,16 +124,19 @@ void q4_rows_gemm(const Q4Weight& w, const XQ* xs, int64_t M, int64_t n0, int64_
   for (int64_t nt = n0; nt < n1; nt += 32) {
     const int64_t nr = std::min<int64_t>(32, n1 - nt);
     // the next panel's codes and scales into L2 while this one is packed and used: its rows are one contiguous
-    // block, but packing reads it a unit of 32 rows at a time, 32 strided streams the hardware prefetcher does
-    // not follow (a batch of decode rows, weights from DRAM: most of the time went there)
+    // block, but packing reads it a unit of 32 rows at a time, 32 strided streams the hardware prefetcher may
+    // not follow where the weights come from DRAM (a model larger than the cache)
     const int64_t nn = std::min<int64_t>(32, n1 - nt - nr);
-    for (int64_t off = 0; off < nn * rb; off += 64) _mm_prefetch((const char*)(w.q + (nt + 32) * rb + off), _MM_HINT_T1);
-    const int64_t sbytes = nn * U * (w.s16 ? 2 : 4);
-    const char* sp = w.s16 ? (const char*)(w.s16 + (nt + 32) * U) : (const char*)(w.s + (nt + 32) * U);
-    const char* zp = w.zc16 ? (const char*)(w.zc16 + (nt + 32) * U) : (const char*)(w.zc + (nt + 32) * U);
-    for (int64_t off = 0; off < sbytes; off += 64) {
-      _mm_prefetch(sp + off, _MM_HINT_T1);
-      _mm_prefetch(zp + off, _MM_HINT_T1);
+    if (nn > 0) {
+      const char* qp = (const char*)(w.q + (nt + 32) * rb);
+      for (int64_t off = 0; off < nn * rb; off += 64) _mm_prefetch(qp + off, _MM_HINT_T1);
+      const int64_t sbytes = nn * U * (w.s16 ? 2 : 4);
+      const char* sp = w.s16 ? (const char*)(w.s16 + (nt + 32) * U) : (const char*)(w.s + (nt + 32) * U);
+      const char* zp = w.zc16 ? (const char*)(w.zc16 + (nt + 32) * U) : (const char*)(w.zc + (nt + 32) * U);
+      for (int64_t off = 0; off < sbytes; off += 64) {
+        _mm_prefetch(sp + off, _MM_HINT_T1);
+        _mm_prefetch(zp + off, _MM_HINT_T1);
+      }
     }
     pack_panel(w, nt, nr, panel);
     int64_t m = 0;

@@ -147,8 +147,8 @@ void LlamaEngine::ensure_scratch(int64_t N, int64_t R, int nthreads, int64_t amx
     scores.assign(size_t(nthreads) * scores_per_thread(), 0.f);
     threads_cap = nthreads;
   }
-  // per thread: one weight tile dequantized and its products, or the chunk GEMM's panel (Kmax * 36 + 64 bytes)
-  // a thread's slice, Kmax * 64 + 4096 + 64 bytes, holds the GEMM's panel (Kmax / 64 units, 64 bytes to align)
+  // a slice of Kmax * 64 + 4096 + 64 bytes per thread: one weight tile dequantized and its products, or the chunk
+  // GEMM's panel (Kmax / 64 units of kGemmPanelUnitBytes, and 64 bytes to align it)
   static_assert(64 * 64 >= kGemmPanelUnitBytes, "a unit of the chunk GEMM's panel outgrew its slice of amx_wbuf");
   if ((amx_tiles + amx8_tiles > 0 || gemm) && nthreads > wbuf_cap) {
     amx_wbuf.assign(size_t(nthreads) * (Kmax * 64 + 4096 + 64), 0);

@@ -15,7 +15,7 @@ from optistack.kernels.build import cpu_flags
 
 sys.path.insert(0, str(Path(__file__).parent))
 import engine_reference as ref  # noqa: E402
-from test_llama_engine import fresh_caches, quantized, tiny  # noqa: E402
+from test_llama_engine import fresh_caches, quantized, tiny, tiny_mlp_bias  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not cpu.available() or "avx512_vnni" not in cpu_flags(),
                                 reason="the decode engine needs the C++ CPU kernels and AVX512-VNNI")
@@ -41,13 +41,7 @@ def engine(weights, length: int, gemm_rows: int):
 def biased_weights(bias: bool):
     from optistack.kernels.llama_engine import EngineWeights
 
-    model = tiny(layers=2, mlp_bias=bias)
-    if bias:
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                    proj.bias.normal_(0, 0.5)
-    return EngineWeights.from_model(quantized(model))
+    return EngineWeights.from_model(quantized(tiny_mlp_bias() if bias else tiny(layers=2)))
 
 
 @pytest.mark.parametrize("rows,bias", [(12, False), (20, True), (45, False)])

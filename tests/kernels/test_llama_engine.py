@@ -29,6 +29,16 @@ def tiny(kind: str = "llama", hidden: int = 192, inter: int = 320, layers: int =
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def tiny_mlp_bias(layers: int = 2):
+    """tiny() with MLP biases drawn from N(0, 0.5) (zero-initialized ones would test nothing)."""
+    model = tiny(layers=layers, mlp_bias=True)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                proj.bias.normal_(0, 0.5)
+    return model
+
+
 def quantized(model, chain: str = "rtn-int4{head=int8},fuse-kernels"):
     from optistack.core.pass_protocol import PassContext
     from optistack.core.pipeline import Pipeline
@@ -271,12 +281,7 @@ def test_prompt_chunks_on_amx_tiles_match_the_reference_and_the_vnni_path(rows, 
     path in the same call."""
     from optistack.kernels.llama_engine import EngineWeights
 
-    model = tiny(layers=2, mlp_bias=bias)
-    if bias:
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                    proj.bias.normal_(0, 0.5)
+    model = tiny_mlp_bias() if bias else tiny(layers=2)
     weights = EngineWeights.from_model(quantized(model))
     ids = torch.randint(0, 300, (rows,), generator=torch.Generator().manual_seed(rows))
     mixed = (torch.cat([torch.tensor([7]), ids]), torch.tensor([1] + [0] * rows),
