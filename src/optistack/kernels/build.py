@@ -102,6 +102,11 @@ def build_lock(directory: Path):
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".optistack.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
+        # torch's builder marks a build in progress with a file named `lock` and removes it when done; a build
+        # killed midway (Ctrl-C, a test timeout) leaves it, and every later build of this key then waits for it
+        # forever. Under this flock no other build of the key runs (the kernel drops a dead process's flock),
+        # so a `lock` here is always such a leftover.
+        (directory / "lock").unlink(missing_ok=True)
         try:
             yield
         finally:
