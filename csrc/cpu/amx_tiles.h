@@ -36,6 +36,15 @@ __attribute__((target("amx-tile"))) inline void tile_config() {
   _tile_loadconfig(&cfg);
 }
 
+// One row's unit of 64 int4 codes in the engine layout (32 bytes: byte j holds channel j in its low nibble and
+// j + 32 in its high one) as 64 bytes 0..15 in channel order.
+inline __m512i unpack_unit(const uint8_t* p) {
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  const __m256i b = _mm256_loadu_si256((const __m256i*)p);
+  const __m512i bb = _mm512_inserti64x4(_mm512_castsi256_si512(b), b, 1);
+  return _mm512_mask_blend_epi64(0xF0, _mm512_and_si512(bb, nib), _mm512_and_si512(_mm512_srli_epi16(bb, 4), nib));
+}
+
 // 16 x 16 transpose of 32-bit elements: r[i] becomes column i.
 inline void transpose16(__m512i* r) {
   __m512i t[16];

@@ -62,6 +62,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property("amx_batch", &LlamaEngine::amx_batch, &LlamaEngine::set_amx_batch)
       .def_property("gemm_rows", &LlamaEngine::gemm_rows, &LlamaEngine::set_gemm_rows);
   m.def("amx_supported", &amx_supported);
+  m.def("prefetch_far", &prefetch_far);  // simd.h: how the decode GEMVs prefetch on this CPU (read once)
+  m.attr("gemm_rows_default") = kGemmRows;
   m.def("q4_linear", &q4_linear, py::arg("x"), py::arg("q"), py::arg("s"), py::arg("zc"), py::arg("bias"),
         py::arg("path"), py::call_guard<py::gil_scoped_release>());
 }

@@ -20,11 +20,10 @@ namespace optistack_cpu {
 #ifdef OPTISTACK_AMX_BUILD
 // One activation row's unit u in natural channel order (prep_q8 pairs units: low halves, then high halves).
 static inline __m512i unit_codes(const XQ& x, int64_t U, int64_t u) {
-  const int64_t P = U / 2, p = u / 2;
-  if (p >= P) return _mm512_loadu_si512(x.q + P * 128);  // the odd last unit is stored whole
-  const int8_t* base = x.q + p * 128 + (u % 2) * 32;
-  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)base)),
-                            _mm256_loadu_si256((const __m256i*)(base + 64)), 1);
+  int64_t lo, hi;
+  xq_unit_offsets(U, u, lo, hi);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(x.q + lo))),
+                            _mm256_loadu_si256((const __m256i*)(x.q + hi)), 1);
 }
 
 void amx8_pack(const XQ* xs, int64_t M, int64_t K, int64_t t0, int64_t t1, int8_t* tiles, float* sxT, float* xsT) {
@@ -64,7 +63,6 @@ __attribute__((target("amx-tile,amx-int8")))
 void q4_rows_amx8(const Q4Weight& w, const int8_t* tiles, const float* sxT, const float* xsT, int64_t M, int64_t n0,
                   int64_t n1, float* y, int64_t ystride, bool add, uint8_t* wbuf) {
   const int64_t U = w.K / 64, rb = w.K / 2, mtiles = (M + 15) / 16;
-  const __m512i nib = _mm512_set1_epi8(0x0F);
   float* st = reinterpret_cast<float*>(wbuf + U * 1024);  // [16][U] scales of this weight tile's rows
   float* zt = st + U * 16;                                // [16][U] their zc (0 beyond the last row)
   int32_t* cbuf = reinterpret_cast<int32_t*>(zt + U * 16);  // [U][16 x 16] one activation tile's products
@@ -81,15 +79,9 @@ void q4_rows_amx8(const Q4Weight& w, const int8_t* tiles, const float* sxT, cons
         _mm512_mask_storeu_ps(zt + i * U + u, all, zv);
       }
     for (int64_t u = 0; u < U; ++u)  // this weight tile's A tiles, every unit: 16 rows x 64 codes 0..15
-      for (int i = 0; i < 16; ++i) {
-        __m512i v = _mm512_setzero_si512();
-        if (i < nr) {
-          const __m256i b = _mm256_loadu_si256((const __m256i*)(w.q + (nt + i) * rb + u * 32));
-          const __m512i bb = _mm512_inserti64x4(_mm512_castsi256_si512(b), b, 1);
-          v = _mm512_mask_blend_epi64(0xF0, _mm512_and_si512(bb, nib), _mm512_and_si512(_mm512_srli_epi16(bb, 4), nib));
-        }
-        _mm512_storeu_si512(wbuf + u * 1024 + i * 64, v);
-      }
+      for (int i = 0; i < 16; ++i)
+        _mm512_storeu_si512(wbuf + u * 1024 + i * 64,
+                            i < nr ? unpack_unit(w.q + (nt + i) * rb + u * 32) : _mm512_setzero_si512());
     const __mmask16 nmask = __mmask16((1u << nr) - 1);
     const __m512 bias = w.bias ? _mm512_maskz_loadu_ps(nmask, w.bias + nt) : _mm512_setzero_ps();
     for (int64_t mt = 0; mt < mtiles; ++mt) {

@@ -25,33 +25,17 @@ namespace {
 
 constexpr int kRows = 6;  // activation rows per pass over the panel (12 int32 + 12 float accumulators)
 
-// Byte offsets in a prep_q8 row of unit u's channels 0..31 and 32..63 (units are paired: low halves side
-// by side, then high halves; an odd last unit is stored whole).
-inline void unit_offsets(int64_t U, int64_t u, int64_t& lo, int64_t& hi) {
-  const int64_t P = U / 2, p = u / 2;
-  lo = p < P ? p * 128 + (u % 2) * 32 : P * 128;
-  hi = p < P ? lo + 64 : lo + 32;
-}
-
 // The panel of weight rows [nt, nt + nr), nr <= 32: per unit, 16 quads x 128 bytes (rows 0-15, then 16-31,
 // codes 0..15 as bytes, zeros past nr), then the unit's 32 scales and 32 zc (zeros past nr).
 void pack_panel(const Q4Weight& w, int64_t nt, int64_t nr, uint8_t* panel) {
   const int64_t U = w.K / 64, rb = w.K / 2;
-  const __m512i nib = _mm512_set1_epi8(0x0F);
   for (int64_t u = 0; u < U; ++u) {
     uint8_t* pu = panel + u * kGemmPanelUnitBytes;
     for (int h = 0; h < 2; ++h) {
       __m512i r[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t row = 16 * h + i;
-        if (row >= nr) {
-          r[i] = _mm512_setzero_si512();
-          continue;
-        }
-        // byte j of a row's unit: channel j in its low nibble, j + 32 in its high one
-        const __m256i b = _mm256_loadu_si256((const __m256i*)(w.q + (nt + row) * rb + u * 32));
-        const __m512i bb = _mm512_inserti64x4(_mm512_castsi256_si512(b), b, 1);
-        r[i] = _mm512_mask_blend_epi64(0xF0, _mm512_and_si512(bb, nib), _mm512_and_si512(_mm512_srli_epi16(bb, 4), nib));
+        r[i] = row < nr ? unpack_unit(w.q + (nt + row) * rb + u * 32) : _mm512_setzero_si512();
       }
       transpose16(r);  // r[t] = channels 4t..4t+3 of each of the 16 rows
       for (int t = 0; t < 16; ++t) _mm512_store_si512(pu + t * 128 + h * 64, r[t]);
@@ -76,7 +60,7 @@ void panel_rows(const Q4Weight& w, const uint8_t* panel, const XQ* xs, int64_t m
   for (int64_t u = 0; u < U; ++u) {
     const uint8_t* pu = panel + u * kGemmPanelUnitBytes;
     int64_t lo, hi;
-    unit_offsets(U, u, lo, hi);
+    xq_unit_offsets(U, u, lo, hi);
     __m512i acc[MR][2];
     for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
 #pragma GCC unroll 16

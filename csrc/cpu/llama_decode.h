@@ -81,6 +81,14 @@ struct XQ {
   int16_t* q16;  // [K] int16 codes in natural order (act=int16 only)
 };
 
+// Byte offsets in an XQ row's int8 codes (prep_q8) of unit u's channels 0..31 and 32..63: units are paired, low
+// halves side by side, then high halves; an odd last unit is stored whole.
+inline void xq_unit_offsets(int64_t U, int64_t u, int64_t& lo, int64_t& hi) {
+  const int64_t P = U / 2, p = u / 2;
+  lo = p < P ? p * 128 + (u % 2) * 32 : P * 128;
+  hi = p < P ? lo + 64 : lo + 32;
+}
+
 bool llama_engine_supported();  // built with AVX512-VNNI (the kernels below need vpdpbusd)
 void prep_q8(const float* x, int64_t K, const XQ& out);
 void prep_q16(const float* x, int64_t K, const XQ& out);  // fills q16, sx, xsum
@@ -95,6 +103,7 @@ void q4_rows(const Q4Weight& w, const XQ* xs, int64_t M, int64_t n0, int64_t n1,
 // at once; each 32 weight rows are unpacked once per call into a panel (wbuf: this thread's
 // vnni_gemm_wbuf_bytes(K)) that the rows meet six at a time. Rows [n0, n1) in multiples of 32 but the last.
 constexpr int64_t kGemmPanelUnitBytes = 16 * 128 + 64 * 4;  // a unit of 32 rows: 16 quads of codes, scales, zc
+constexpr int64_t kGemmRows = 12;  // the engine's default gemm_rows without AMX (and EngineInt4Linear's threshold)
 int64_t vnni_gemm_wbuf_bytes(int64_t K);
 void q4_rows_gemm(const Q4Weight& w, const XQ* xs, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ystride,
                   bool add, uint8_t* wbuf);
@@ -206,7 +215,7 @@ class LlamaEngine {
   int64_t amx_batch() const { return amx_batch_min; }
   void set_amx_batch(int64_t n);
   // Rows of one slot in one call from which its projections run on the int8 chunk GEMM (int4_vnni_gemm.cpp) where
-  // they are not on AMX tiles (0: never; the default on a CPU without AMX, with int8 activations, is 16).
+  // they are not on AMX tiles (0: never; the default on a CPU without AMX, with int8 activations, kGemmRows).
   int64_t gemm_rows() const { return gemm_min; }
   void set_gemm_rows(int64_t n);
 

@@ -114,7 +114,7 @@ LlamaEngine::LlamaEngine(const EngineSpec& spec, at::Tensor cos_t, at::Tensor si
   Kh = (H + 31) / 32 * 32;
   filled.assign(S, 0);
   amx_min = amx_supported() && !act16 ? 32 : 0;  // int16 activations (the exact mode) have no AMX product
-  gemm_min = !amx_min && !act16 ? 12 : 0;         // nor an int8 chunk GEMM
+  gemm_min = !amx_min && !act16 ? kGemmRows : 0;  // nor an int8 chunk GEMM
 }
 
 void LlamaEngine::set_gemm_rows(int64_t n) {

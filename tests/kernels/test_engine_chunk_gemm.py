@@ -94,6 +94,7 @@ def test_gemm_rows_default_and_refusals():
     weights = EngineWeights.from_model(quantized(tiny(layers=1)))
     rt8, rt16 = weights.runtime(1, 16), weights.runtime(1, 16, act_bits=16)
     assert rt8.impl.gemm_rows == (0 if cpu.lib().amx_supported() else 12)  # AMX tiles take prompt chunks there
+    assert cpu.lib().gemm_rows_default == 12
     assert rt16.impl.gemm_rows == 0
     with pytest.raises(RuntimeError, match="gemm_rows must be >= 0"):
         rt8.impl.gemm_rows = -1

@@ -17,8 +17,10 @@ pytestmark = pytest.mark.skipif(not cpu.available() or "avx512_vnni" not in cpu_
                                 reason="the decode engine needs the C++ CPU kernels and AVX512-VNNI")
 
 SCRIPT = r"""
-import sys, torch
+import os, sys, torch
 sys.path.insert(0, {here!r})
+from optistack.kernels import cpu
+assert cpu.lib().prefetch_far() == (os.environ["OPTISTACK_PREFETCH"] == "far")  # the override took
 from test_llama_engine import quantized, tiny
 from optistack.kernels.llama_engine import EngineWeights
 weights = EngineWeights.from_model(quantized(tiny(layers=2)))

@@ -22,7 +22,6 @@ from ..core.load_schema import choice, integer
 
 UNIT = 64
 PATH_INT16, PATH_AMX_BF16, PATH_INT8_GEMM = 0, 2, 4
-GEMM_ROWS = 12  # rows from which a CPU without AMX takes the int8 chunk GEMM (the engine's own default)
 
 
 class EngineInt4Linear(nn.Module):
@@ -68,7 +67,7 @@ class EngineInt4Linear(nn.Module):
         lib = cpu.lib()
         amx = lib.amx_supported()
         path = (PATH_AMX_BF16 if amx and x2.shape[0] > cpu.PREFILL_BF16_ROWS else
-                PATH_INT8_GEMM if not amx and x2.shape[0] >= GEMM_ROWS else PATH_INT16)
+                PATH_INT8_GEMM if not amx and x2.shape[0] >= lib.gemm_rows_default else PATH_INT16)
         bias = self.bias if self.bias is not None else torch.empty(0)
         y = lib.q4_linear(x2, self.q, self.s, self.zc, bias, path)
         return y.reshape(*lead, self.out_features).to(x.dtype)
