@@ -1,6 +1,6 @@
 """LoadGen Offline throughput of the engine's continuous batching at max_batch 1 against 8 (issue 22's bar).
 
-    python benchmarks/engine_offline.py [--chain TEXT] [--rounds 2] [--samples 32]
+    python benchmarks/engine_offline.py [--chain TEXT] [--rounds 2] [--samples 32] [--panels auto|on|off|ab]
 
 The same requests (the smollm2 workload's text, seed 0: prompts 32-256 tokens, 16-64 new tokens) go to
 `EngineBackend.from_model(model, max_batch=B, max_context=320)` through `measure_offline` for B = 1 and 8,
@@ -20,6 +20,8 @@ def main() -> None:
     ap.add_argument("--chain", default=CHAIN)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--panels", choices=["auto", "on", "off", "ab"], default="auto",
+                    help="the engine's int4 panels (auto: the backend's default; ab: both, interleaved)")
     args = ap.parse_args()
     import torch
 
@@ -36,18 +38,21 @@ def main() -> None:
     opts = ScenarioOptions(samples=args.samples, server_samples=min(12, args.samples))
     samples = samples_from_workload(wl, args.samples, seed=0, input_tokens=opts.input_tokens,
                                     output_tokens=opts.output_tokens)
-    res: dict[int, list[float]] = {1: [], 8: []}
+    modes = {"auto": [None], "on": [True], "off": [False], "ab": [False, True]}[args.panels]
+    res: dict[tuple, list[float]] = {(p, mb): [] for p in modes for mb in (1, 8)}
     for rnd in range(args.rounds):
-        for mb in (1, 8):
-            be = EngineBackend.from_model(model, max_batch=mb, max_context=320)
+        for p, mb in res:
+            be = EngineBackend.from_model(model, max_batch=mb, max_context=320, panels=p)
             warm_up(be, samples[:2])
             run = measure_offline(be, samples, ScenarioOptions(samples=args.samples, server_samples=opts.server_samples,
                                                                max_batch=mb))
             be.close()
-            res[mb].append(run.tokens_per_s)
-            print(f"round {rnd + 1} max_batch {mb}: {res[mb][-1]:.1f} tokens/s ({be.steps} engine calls)", flush=True)
-    b1, b8 = statistics.median(res[1]), statistics.median(res[8])
-    print(f"medians: max_batch 1 {b1:.1f}, max_batch 8 {b8:.1f} tokens/s: {b8 / b1:.2f}x")
+            res[p, mb].append(run.tokens_per_s)
+            print(f"round {rnd + 1} panels {p} max_batch {mb}: {res[p, mb][-1]:.1f} tokens/s ({be.steps} engine calls)",
+                  flush=True)
+    for p in modes:
+        b1, b8 = statistics.median(res[p, 1]), statistics.median(res[p, 8])
+        print(f"medians, panels {p}: max_batch 1 {b1:.1f}, max_batch 8 {b8:.1f} tokens/s: {b8 / b1:.2f}x")
 
 
 if __name__ == "__main__":

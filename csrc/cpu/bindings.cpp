@@ -3,6 +3,7 @@
 // torch.library ops (ops.cpp) stay the path under torch.compile.
 #include <torch/extension.h>
 
+#include "int4_panel.h"
 #include "kernels.h"
 #include "llama_decode.h"
 
@@ -22,7 +23,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("q", &Q4Proj::q)
       .def_readwrite("s", &Q4Proj::s)
       .def_readwrite("zc", &Q4Proj::zc)
-      .def_readwrite("bias", &Q4Proj::bias);
+      .def_readwrite("bias", &Q4Proj::bias)
+      .def_readwrite("pq", &Q4Proj::pq)
+      .def_readwrite("pf", &Q4Proj::pf);
   py::class_<EngineLayer>(m, "EngineLayer")
       .def(py::init<>())
       .def_readwrite("norm1", &EngineLayer::norm1)
@@ -60,10 +63,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("max_rows", &LlamaEngine::max_rows)
       .def_property("amx_rows", &LlamaEngine::amx_rows, &LlamaEngine::set_amx_rows)
       .def_property("amx_batch", &LlamaEngine::amx_batch, &LlamaEngine::set_amx_batch)
-      .def_property("gemm_rows", &LlamaEngine::gemm_rows, &LlamaEngine::set_gemm_rows);
+      .def_property("gemm_rows", &LlamaEngine::gemm_rows, &LlamaEngine::set_gemm_rows)
+      .def_property("panels", &LlamaEngine::panels, &LlamaEngine::set_panels);
   m.def("amx_supported", &amx_supported);
   m.def("prefetch_far", &prefetch_far);  // simd.h: how the decode GEMVs prefetch on this CPU (read once)
   m.attr("gemm_rows_default") = kGemmRows;
+  m.def("q4_panels", &q4_panels, py::arg("q"), py::arg("s"), py::arg("zc"));
   m.def("q4_linear", &q4_linear, py::arg("x"), py::arg("q"), py::arg("s"), py::arg("zc"), py::arg("bias"),
         py::arg("path"), py::call_guard<py::gil_scoped_release>());
 }

@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <new>
 
+#include "int4_panel.h"
 #include "llama_attn_amx.h"
 #include "llama_attn_chunk.h"
 #include "llama_ops.h"
@@ -226,7 +227,9 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
             q4_swiglu_amx(w, I, amx_tiles_buf.data() + r.tile0 * chunks * 512, r.len, n0, n1, actT.data() + r.start, N, wbuf);
           continue;
         }
-        share(w.N, tid, nt, r.path == AMX_BF16 || r.path == VNNI_GEMM ? 32 : r.path == AMX_INT8 ? 16 : 4, n0, n1);
+        const bool panel = r.path == VNNI && panels_on && w.pq;  // int8 rows (no engine of int16 ones has panels)
+        share(w.N, tid, nt, r.path == AMX_BF16 || r.path == VNNI_GEMM ? 32 : r.path == AMX_INT8 || panel ? 16 : 4, n0,
+              n1);
         if (n0 >= n1) continue;
         float* yr = y + r.start * ystride;
         if (r.path == AMX_BF16) {
@@ -237,6 +240,8 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
                        n0, n1, yr, ystride, add, wbuf);
         } else if (r.path == VNNI_GEMM) {
           q4_rows_gemm(w, xq.data() + r.start, r.len, n0, n1, yr, ystride, add, wbuf);
+        } else if (panel) {
+          q4_rows_panel(w, xq.data() + r.start, r.len, n0, n1, yr, ystride, add);
         } else {
           q4_rows(w, xq.data() + r.start, r.len, n0, n1, yr, ystride, add, act16);
         }

@@ -47,6 +47,10 @@ struct Q4Weight {
   const uint16_t* s16 = nullptr;
   const uint16_t* zc16 = nullptr;
   const float* bias = nullptr;
+  // the same weights as panels of 16 rows (int4_panel.h), where the engine made them: codes, s, zc
+  const uint8_t* pq = nullptr;
+  const float* ps = nullptr;
+  const float* pzc = nullptr;
   int64_t N = 0, K = 0;
   float scale(int64_t i) const { return s16 ? half_to_float(s16[i]) : s[i]; }
   float zero(int64_t i) const { return zc16 ? half_to_float(zc16[i]) : zc[i]; }
@@ -153,6 +157,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
 // float32 [N] or empty.
 struct Q4Proj {
   at::Tensor q, s, zc, bias;
+  at::Tensor pq, pf;  // optional: the same weights as panels (int4_panel.h): codes, then s and zc in one float32 tensor
 };
 
 // The checked view of one projection's tensors (every size and dtype; `keep` holds them): what the engine and
@@ -218,6 +223,10 @@ class LlamaEngine {
   // they are not on AMX tiles (0: never; the default on a CPU without AMX, with int8 activations, kGemmRows).
   int64_t gemm_rows() const { return gemm_min; }
   void set_gemm_rows(int64_t n);
+  // Whether its int8 VNNI rows (not those on AMX tiles or the chunk GEMM) read the projections' panels
+  // (int4_panel.h), where the spec gave them: on by default then; off: the row layout, as without them.
+  bool panels() const { return panels_on; }
+  void set_panels(bool on);
 
  private:
   enum Path { VNNI = 0, AMX_BF16 = 1, AMX_INT8 = 2, VNNI_GEMM = 3 };
@@ -244,7 +253,7 @@ class LlamaEngine {
   };
   int64_t L, H, Hq, Hkv, D, I, V, S, Tmax, Kh, Nmax, amx_min = 0, amx_batch_min = 0, gemm_min = 0;
   float eps;
-  bool act16;
+  bool act16, has_panels = false, panels_on = false;
   enum KvType { KV_F32 = 0, KV_F16 = 1, KV_I8 = 2 } kv_type;
   std::vector<at::Tensor> keep;  // holds every tensor the pointers below point into
   const float *embed, *final_norm, *head_s = nullptr, *cos, *sin;

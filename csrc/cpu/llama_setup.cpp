@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <string>
 
+#include "int4_panel.h"
 #include "llama_decode.h"
 
 namespace optistack_cpu {
@@ -36,6 +37,19 @@ Q4Weight q4_weight(const Q4Proj& p, int64_t N, int64_t K, const char* what, std:
   w.bias = p.bias.defined() && p.bias.numel() ? f32(p.bias, N, (std::string(what) + " bias").c_str()) : nullptr;
   w.N = N;
   w.K = K;
+  if (p.pq.defined() && p.pq.numel()) {
+    TORCH_CHECK(N % 16 == 0 && p.pq.scalar_type() == at::kByte && p.pq.is_contiguous() && p.pq.numel() == N * K / 2 &&
+                    p.pf.defined() && p.pf.scalar_type() == at::kFloat && p.pf.is_contiguous() &&
+                    p.pf.numel() == 2 * N * K / 64,
+                "optistack_cpu.LlamaEngine: ", what, " panels must be contiguous uint8 codes of ", N * K / 2,
+                " bytes and float32 scales and zc of ", 2 * N * K / 64, " values, for N (", N, ") a multiple of 16 "
+                "(optistack_cpu.q4_panels makes them)");
+    w.pq = p.pq.data_ptr<uint8_t>();
+    w.ps = p.pf.data_ptr<float>();
+    w.pzc = w.ps + N * K / 64;
+    keep.push_back(p.pq);
+    keep.push_back(p.pf);
+  }
   for (const at::Tensor* t : {&p.q, &p.s, &p.zc, &p.bias})
     if (t->defined()) keep.push_back(*t);
   return w;
@@ -115,6 +129,10 @@ LlamaEngine::LlamaEngine(const EngineSpec& spec, at::Tensor cos_t, at::Tensor si
   filled.assign(S, 0);
   amx_min = amx_supported() && !act16 ? 32 : 0;  // int16 activations (the exact mode) have no AMX product
   gemm_min = !amx_min && !act16 ? kGemmRows : 0;  // nor an int8 chunk GEMM
+  for (const Layer& ly : layers)
+    for (const Q4Weight* w : {&ly.qkv, &ly.o, &ly.gate_up, &ly.down}) has_panels |= w->pq != nullptr;
+  TORCH_CHECK(!has_panels || !act16, "optistack_cpu.LlamaEngine: int16 activations (act_bits=16) do not read panels");
+  panels_on = has_panels;
 }
 
 void LlamaEngine::set_gemm_rows(int64_t n) {
@@ -122,6 +140,24 @@ void LlamaEngine::set_gemm_rows(int64_t n) {
   TORCH_CHECK(n >= 0, "optistack_cpu.LlamaEngine: gemm_rows must be >= 0 (0: never), got ", n);
   TORCH_CHECK(n == 0 || !act16, "optistack_cpu.LlamaEngine: int16 activations (act_bits=16) have no int8 chunk GEMM");
   gemm_min = n;
+}
+
+void LlamaEngine::set_panels(bool on) {
+  std::lock_guard<std::mutex> g(mu);
+  TORCH_CHECK(!on || has_panels, "optistack_cpu.LlamaEngine: this engine was built without panels (give each ",
+              "projection's pq and pf: optistack_cpu.q4_panels)");
+  panels_on = on;
+}
+
+std::tuple<at::Tensor, at::Tensor> q4_panels(const at::Tensor& q, const at::Tensor& s, const at::Tensor& zc) {
+  TORCH_CHECK(q.dim() == 2 && q.size(0) % 16 == 0 && q.size(0) > 0,
+              "optistack_cpu.q4_panels: codes must be uint8 [N, K/2] with N a positive multiple of 16");
+  std::vector<at::Tensor> keep;
+  const int64_t N = q.size(0), K = q.size(1) * 2;
+  const Q4Weight w = q4_weight(Q4Proj{q, s, zc, at::Tensor()}, N, K, "q4_panels' weight", keep);
+  at::Tensor pq = at::empty({N * K / 2}, q.options()), pf = at::empty({2 * N * K / 64}, q.options().dtype(at::kFloat));
+  q4_panel_pack(w, pq.data_ptr<uint8_t>(), pf.data_ptr<float>(), pf.data_ptr<float>() + N * K / 64);
+  return {pq, pf};
 }
 
 void LlamaEngine::set_amx_rows(int64_t n) {

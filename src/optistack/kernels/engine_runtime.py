@@ -21,6 +21,15 @@ import torch
 KV_TYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
 
 
+def default_panels(act_bits: int) -> bool:
+    """Whether engines read int4 panels when not told (csrc/cpu/int4_panel.h): with int8 activations where the CPU
+    has no AMX tiles (measured there: docs/decoding.md; where it has, the tiles take batches and panels were never
+    timed)."""
+    from . import cpu
+
+    return act_bits == 8 and not cpu.lib().amx_supported()
+
+
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys or values [..., D] as the engine stores them in an int8 cache: codes and one scale per vector
     (largest magnitude / 127, codes rounded half to even: the bytes the engine itself writes)."""
@@ -32,7 +41,7 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class EngineRuntime:
     def __init__(self, weights: Any, slots: int, length: int, act_bits: int = 8, max_rows: int = 512,
-                 kv: str | None = None) -> None:
+                 kv: str | None = None, panels: bool | None = None) -> None:
         from . import cpu
 
         if slots < 1 or length < 1:
@@ -50,7 +59,11 @@ class EngineRuntime:
             self.k_cache, self.v_cache = torch.zeros(shape, dtype=KV_TYPES[kv]), torch.zeros(shape, dtype=KV_TYPES[kv])
             scales = shape[:-1] if kv == "int8" else (0,)
             self.k_scale, self.v_scale = torch.zeros(scales), torch.zeros(scales)
-        self.impl = cpu.lib().LlamaEngine(weights.spec(), cos, sin, self.k_cache, self.v_cache, self.k_scale,
+        if panels is None:
+            panels = default_panels(act_bits)
+        if panels and act_bits != 8:
+            raise ValueError("panels need int8 activations (act_bits=8): the exact mode reads the row layout")
+        self.impl = cpu.lib().LlamaEngine(weights.spec(panels), cos, sin, self.k_cache, self.v_cache, self.k_scale,
                                           self.v_scale, act_bits, max_rows)
         self._lock = threading.Lock()
         self._free = list(range(slots))

@@ -214,14 +214,27 @@ class Q4Projection:
     s: torch.Tensor
     zc: torch.Tensor
     bias: torch.Tensor
+    panels: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # see with_panels
 
     @property
     def out_features(self) -> int:
         return self.q.shape[0]
 
-    def native(self, lib: Any) -> Any:
+    def __getstate__(self) -> dict:  # panels are made again where wanted, never saved or copied
+        return {**self.__dict__, "panels": None}
+
+    def with_panels(self, lib: Any) -> None:
+        """Adds the same weights as panels of 16 rows (csrc/cpu/int4_panel.h), made once and shared by every
+        engine built from them: a second copy of the codes, for ~1.3x a decode row and ~1.6x a batch of eight
+        on a CPU without AMX (SmolLM2, Zen 4, 2 threads; docs/decoding.md)."""
+        if self.panels is None and self.out_features % 16 == 0:
+            self.panels = tuple(lib.q4_panels(self.q, self.s, self.zc))
+
+    def native(self, lib: Any, panels: bool = False) -> Any:
         p = lib.Q4Proj()
         p.q, p.s, p.zc, p.bias = self.q, self.s, self.zc, self.bias
+        if panels and self.panels is not None:
+            p.pq, p.pf = self.panels
         return p
 
 
@@ -236,10 +249,10 @@ class EngineBlock:
     gate_up: Q4Projection
     down: Q4Projection
 
-    def native(self, lib: Any) -> Any:
+    def native(self, lib: Any, panels: bool = False) -> Any:
         b = lib.EngineLayer()
         b.norm1, b.norm2 = self.norm1, self.norm2
-        b.qkv, b.o, b.gate_up, b.down = (p.native(lib) for p in (self.qkv, self.o, self.gate_up, self.down))
+        b.qkv, b.o, b.gate_up, b.down = (p.native(lib, panels) for p in (self.qkv, self.o, self.gate_up, self.down))
         return b
 
 
@@ -321,11 +334,25 @@ class EngineWeights:
             tensors += [b.norm1, b.norm2] + [t for p in (b.qkv, b.o, b.gate_up, b.down) for t in (p.q, p.s, p.zc, p.bias)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def spec(self) -> Any:
-        """The C++ `EngineSpec` naming every tensor (built on each call: cheap, tensors are shared)."""
+    def make_panels(self) -> int:
+        """Makes every projection's panels (`Q4Projection.with_panels`, once); returns the bytes they take."""
+        from . import cpu
+
+        lib, total = cpu.lib(), 0
+        for b in self.blocks:
+            for p in (b.qkv, b.o, b.gate_up, b.down):
+                p.with_panels(lib)
+                total += sum(t.numel() * t.element_size() for t in p.panels or ())
+        return total
+
+    def spec(self, panels: bool = False) -> Any:
+        """The C++ `EngineSpec` naming every tensor (built on each call: cheap, tensors are shared); `panels`:
+        with the projections' panels too (made on the first such call)."""
         from . import cpu
 
         lib = cpu.lib()
+        if panels:
+            self.make_panels()
         s = lib.EngineSpec()
         d = self.dims
         s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate, s.vocab = (
@@ -334,7 +361,7 @@ class EngineWeights:
         s.embed, s.final_norm, s.head_q, s.head_s = self.embed, self.final_norm, self.head_q, self.head_s
         if self.head4 is not None:
             s.head4 = self.head4.native(lib)
-        s.layers = [b.native(lib) for b in self.blocks]
+        s.layers = [b.native(lib, panels) for b in self.blocks]
         return s
 
     def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,9 +376,12 @@ class EngineWeights:
             raise ValueError("the decode engine needs rotary tables of the rotate-half form over the whole head")
         return cos[:, :half].contiguous(), sin[:, :half].contiguous()
 
-    def runtime(self, slots: int, length: int, act_bits: int = 8, max_rows: int = 512, kv: str | None = None) -> Any:
+    def runtime(self, slots: int, length: int, act_bits: int = 8, max_rows: int = 512, kv: str | None = None,
+                panels: bool | None = None) -> Any:
         """An engine with a KV cache of `slots` sequences of `length` positions, of type `kv` (float16 by
-        default, float32 for act_bits=16, or int8; see engine_runtime.py)."""
+        default, float32 for act_bits=16, or int8; see engine_runtime.py). `panels` (int8 activations only):
+        its decode rows read the projections' panels (`Q4Projection.with_panels`); by default where the CPU
+        has no AMX tiles (where it has, they were not measured)."""
         from .engine_runtime import EngineRuntime
 
-        return EngineRuntime(self, slots, length, act_bits, max_rows, kv)
+        return EngineRuntime(self, slots, length, act_bits, max_rows, kv, panels)

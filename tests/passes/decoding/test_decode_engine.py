@@ -131,3 +131,30 @@ def test_a_saved_model_gets_its_engine_back_on_load(tmp_path):
     assert getattr(loaded, "optistack_decode", None) is not None
     prompt = torch.randint(0, 300, (1, 7))
     assert torch.equal(greedy_decode(loaded, prompt, 8).tokens, greedy_decode(model, prompt, 8).tokens)
+
+
+@needs_engine
+def test_panels_option_reports_its_cost_reaches_every_engine_and_is_refused_in_the_exact_mode():
+    from optistack.core.config import PassConfigError
+    from optistack.kernels.engine_runtime import default_panels
+    from optistack.serving.engine_backend import EngineBackend
+
+    on = apply(tiny_llama(), "rtn-int4{head=int8},decode-engine{check_prompts=0,panels=yes}")
+    off = apply(tiny_llama(), "rtn-int4{head=int8},decode-engine{check_prompts=0,panels=no}")
+    auto = apply(tiny_llama(), "rtn-int4{head=int8},decode-engine{check_prompts=0}")
+    # 2 layers of 128 x 256 q|k|v, 128 x 128 o, 512 x 128 gate|up, 128 x 256 down: codes and float32 s and zc
+    codes = 2 * (256 * 128 + 128 * 128 + 512 * 128 + 128 * 256) // 2
+    assert on.info["decode-engine.panels"] == f"yes (+{(codes + codes // 32 * 2 * 4) / 2**20:.1f} MB)"
+    assert off.info["decode-engine.panels"] == "no"
+    assert auto.info["decode-engine.panels"].startswith("yes" if default_panels(8) else "no")
+    prompt = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    a, b = greedy_decode(on.model, prompt, 10).tokens, greedy_decode(off.model, prompt, 10).tokens
+    assert (a == b).float().mean() >= 0.9  # the same codes; only the float sums' order differs
+    assert on.model.optistack_decode.acquire(1, 16)[0].impl.panels is True
+    assert off.model.optistack_decode.acquire(1, 16)[0].impl.panels is False
+    with EngineBackend.from_model(on.model, max_batch=2, max_context=64) as be:
+        assert be.runtime.impl.panels is True
+    with EngineBackend.from_model(on.model, max_batch=2, max_context=64, panels=False) as be:
+        assert be.runtime.impl.panels is False
+    with pytest.raises(PassConfigError, match="panels=yes' needs act=int8"):
+        Pipeline.parse("rtn-int4,decode-engine{act=int16,panels=yes}")

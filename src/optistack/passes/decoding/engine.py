@@ -70,6 +70,10 @@ class DecodeEngineConfig(PassConfig):
     # process; they run the engine's kernels) or stay as they were, beside the engine's copy: auto = shared
     # with act=int8, kept in the exact mode (whose promise is the quantized model's own numerics, prompt included)
     share_weights: Literal["auto", "yes", "no"] = "auto"
+    # the projections also as panels of 16 rows, which decode rows read (csrc/cpu/int4_panel.h; a second copy of the
+    # int4 codes): auto = where the CPU has no AMX and act=int8 (Zen 4: SmolLM2 decode 1.32x, a batch of 8 1.65x,
+    # the 1.1B 0.98x alone and 1.6x in a batch of 8); needs act=int8
+    panels: Literal["auto", "yes", "no"] = "auto"
     check_prompts: int = 2
     check_tokens: int = 32
     min_agreement: float = 0.9
@@ -79,6 +83,8 @@ class DecodeEngineConfig(PassConfig):
         check(self.check_tokens >= 2, f"decode-engine: option 'check_tokens' must be >= 2; got {self.check_tokens}")
         check(0.0 <= self.min_agreement <= 1.0,
               f"decode-engine: option 'min_agreement' must be within 0..1; got {self.min_agreement}")
+        check(self.panels != "yes" or self.act == "int8",
+              "decode-engine: option 'panels=yes' needs act=int8 (the exact mode reads the row layout)")
 
 
 def _unwrap(model: Any) -> Any:
@@ -115,7 +121,9 @@ class DecodeEnginePass(ConfiguredPass):
         if prefill == "auto":  # int8: AMX tiles or the int8 chunk GEMM (a 128-token SmolLM2 prompt on a Zen 4: the
             # engine 54 ms, the model's own forward 297 ms); int16 (the exact mode) has neither
             prefill = "engine" if cfg.act == "int8" else "model"
-        decoder = EngineDecode(weights, 16 if cfg.act == "int16" else 8, prefill, None if cfg.kv == "auto" else cfg.kv)
+        panels = {"auto": None, "yes": True, "no": False}[cfg.panels]
+        decoder = EngineDecode(weights, 16 if cfg.act == "int16" else 8, prefill, None if cfg.kv == "auto" else cfg.kv,
+                               panels)
         info: dict[str, Any] = {"act": cfg.act, "prefill": prefill, "kv_cache": decoder.kv, "scales": scales,
                                 "weight_mb": round(weights.nbytes / 2**20, 1),
                                 "build_s": round(time.perf_counter() - start, 3),
@@ -141,6 +149,11 @@ class DecodeEnginePass(ConfiguredPass):
             info["model_weights"] = f"shared with the engine ({freed / 2**20:.1f} MB no longer held twice)"
         else:
             info["model_weights"] = "kept beside the engine's copy"
+        from ...kernels.engine_runtime import default_panels
+
+        if panels is None:  # the runtimes' own default, made now so that their cost shows here
+            panels = default_panels(decoder.act_bits)
+        info["panels"] = f"yes (+{weights.make_panels() / 2**20:.1f} MB)" if panels else "no"
         object.__setattr__(model, DECODE_ATTR, decoder)
         install_generate(model)  # the user's generate() decodes on the engine (generation/hf_generate.py)
         return PassResult(model, modified=True, info=info)

@@ -140,7 +140,8 @@ class EngineSession:
 class EngineDecode:
     """The `optistack_decode` strategy: sessions on a shared engine runtime (see the module docstring)."""
 
-    def __init__(self, weights: Any, act_bits: int = 8, prefill: str = "model", kv: str | None = None) -> None:
+    def __init__(self, weights: Any, act_bits: int = 8, prefill: str = "model", kv: str | None = None,
+                 panels: bool | None = None) -> None:
         from ...kernels.engine_runtime import KV_TYPES
 
         if prefill not in ("model", "engine"):
@@ -148,18 +149,22 @@ class EngineDecode:
         kv = kv or ("float16" if act_bits == 8 else "float32")
         if kv not in KV_TYPES:
             raise ValueError(f"kv must be one of {', '.join(KV_TYPES)} (the KV cache's type); got {kv!r}")
+        if panels and act_bits != 8:
+            raise ValueError("panels need int8 activations (act_bits=8)")
         self.weights, self.act_bits, self.prefill_mode, self.kv = weights, act_bits, prefill, kv
+        self.panels = panels  # the engines' decode rows on int4 panels (None: where the CPU has no AMX; runtime())
         self._runtime: Any = None
         self._lock = threading.Lock()
 
     def __deepcopy__(self, memo: dict) -> "EngineDecode":  # runtimes (C++ objects) are rebuilt on use
-        return EngineDecode(copy.deepcopy(self.weights, memo), self.act_bits, self.prefill_mode, self.kv)
+        return EngineDecode(copy.deepcopy(self.weights, memo), self.act_bits, self.prefill_mode, self.kv, self.panels)
 
     def __getstate__(self) -> dict:
-        return {"weights": self.weights, "act_bits": self.act_bits, "prefill_mode": self.prefill_mode, "kv": self.kv}
+        return {"weights": self.weights, "act_bits": self.act_bits, "prefill_mode": self.prefill_mode, "kv": self.kv,
+                "panels": self.panels}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["weights"], state["act_bits"], state["prefill_mode"], state.get("kv"))
+        self.__init__(state["weights"], state["act_bits"], state["prefill_mode"], state.get("kv"), state.get("panels"))
 
     def acquire(self, batch: int, length: int) -> tuple[Any, list[int]]:
         """(runtime, slots): `batch` slots of >= `length` positions, from the shared runtime when it fits."""
@@ -180,9 +185,9 @@ class EngineDecode:
                     return rt, slots
             if rt is None or rt.free_slots == rt.slots:  # idle (or none yet): rebuild it big enough
                 self._runtime = rt = self.weights.runtime(max(batch, SHARED_SLOTS), max(size, rt.length if rt else 0),
-                                                          self.act_bits, kv=self.kv)
+                                                          self.act_bits, kv=self.kv, panels=self.panels)
                 return rt, rt.acquire(batch)
-        private = self.weights.runtime(batch, size, self.act_bits, kv=self.kv)
+        private = self.weights.runtime(batch, size, self.act_bits, kv=self.kv, panels=self.panels)
         return private, private.acquire(batch)
 
     def open_session(self, model: Any, batch: int, max_len: int) -> EngineSession:
