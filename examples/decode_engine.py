@@ -11,8 +11,9 @@ The chain (docs/decoding.md, "The decode engine"):
   prompt (`prefill=auto` with int8 activations: its chunk on AMX tiles where the CPU has them, else on the
   engine's int8 GEMM; the "prefill" printed says who ran it). Where the CPU has no AMX its decode rows read
   the projections as panels of 16 rows (a second copy of the int4 codes: "panels" says how many MB; about
-  1.3x a decode step on a Zen 4, 1.6x a batch of 8; `decode-engine{panels=no}` turns it off). At apply it
-  measures how often it picks the model's own next token (teacher-forced) and refuses below 0.9.
+  1.3x a decode step on a Zen 4, 1.6x a batch of 8; for models of up to 256 MB of codes, `panels=yes|no` to
+  choose). At apply it measures how often it picks the model's own next token (teacher-forced) and refuses
+  below 0.9.
 Prints tokens/s and TTFT of the engine and of the same model's own decode loop, and the text.
 """
 import argparse

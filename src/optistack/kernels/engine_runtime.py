@@ -21,13 +21,22 @@ import torch
 KV_TYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
 
 
-def default_panels(act_bits: int) -> bool:
+# Panels for a single stream only up to this many bytes of int4 codes: below it a decode row is bound by its
+# instructions and panels pay (SmolLM2, 53 MB: 1.32x on a Zen 4), above it by DRAM, where they only cost a second
+# copy of the codes (the ~1.1B Llama, 550 MB: 0.98x). A batch of rows is bound by its instructions at any size
+# (the 1.1B, 8 rows: 1.60x), so a server takes them whatever the size (serving/engine_backend.py).
+PANELS_ALONE_MAX_BYTES = 256 * 2**20
+
+
+def default_panels(act_bits: int, code_bytes: int = 0, batches: bool = False) -> bool:
     """Whether engines read int4 panels when not told (csrc/cpu/int4_panel.h): with int8 activations where the CPU
-    has no AMX tiles (measured there: docs/decoding.md; where it has, the tiles take batches and panels were never
-    timed)."""
+    has no AMX tiles (where it has, the tiles take batches and panels were never timed), for batches or for
+    `code_bytes` of int4 codes up to PANELS_ALONE_MAX_BYTES (measured: docs/decoding.md)."""
     from . import cpu
 
-    return act_bits == 8 and not cpu.lib().amx_supported()
+    if act_bits != 8 or cpu.lib().amx_supported():
+        return False
+    return batches or code_bytes <= PANELS_ALONE_MAX_BYTES
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +69,7 @@ class EngineRuntime:
             scales = shape[:-1] if kv == "int8" else (0,)
             self.k_scale, self.v_scale = torch.zeros(scales), torch.zeros(scales)
         if panels is None:
-            panels = default_panels(act_bits)
+            panels = default_panels(act_bits, weights.code_bytes)
         if panels and act_bits != 8:
             raise ValueError("panels need int8 activations (act_bits=8): the exact mode reads the row layout")
         self.impl = cpu.lib().LlamaEngine(weights.spec(panels), cos, sin, self.k_cache, self.v_cache, self.k_scale,

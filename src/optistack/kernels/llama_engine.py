@@ -334,6 +334,11 @@ class EngineWeights:
             tensors += [b.norm1, b.norm2] + [t for p in (b.qkv, b.o, b.gate_up, b.down) for t in (p.q, p.s, p.zc, p.bias)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of the blocks' int4 codes (what panels copy)."""
+        return sum(p.q.numel() for b in self.blocks for p in (b.qkv, b.o, b.gate_up, b.down))
+
     def make_panels(self) -> int:
         """Makes every projection's panels (`Q4Projection.with_panels`, once); returns the bytes they take."""
         from . import cpu

@@ -78,9 +78,9 @@ class EngineBackend:
         `kv`: the KV cache's type (float16, float32 or int8: about half float16's bytes, twice the slots in
         the same memory); by default the one the decode-engine step chose.
         `panels`: decode rows read the projections' panels of 16 rows (csrc/cpu/int4_panel.h; a second copy
-        of the int4 codes); by default as the decode-engine step chose (`panels=auto`: where the CPU has no AMX
-        and activations are int8; SmolLM2, Zen 4, 2 threads: a step of 8 decode rows 16.6 -> 10.1 ms, of one
-        4.9 -> 3.7).
+        of the int4 codes); by default as the decode-engine step was told, else where the CPU has no AMX and
+        activations are int8, whatever the model's size (SmolLM2, Zen 4, 2 threads: a step of 8 decode rows 16.6
+        -> 10.1 ms; the ~1.1B Llama 1.6x).
         """
         strategy = getattr(model, DECODE_ATTR, None)
         weights = getattr(strategy, "weights", None)
@@ -96,8 +96,7 @@ class EngineBackend:
             raise ServingError(f"max_context {context} exceeds the model's max_position_embeddings ({limit})")
         try:
             runtime = weights.runtime(max_batch, context, strategy.act_bits, max_rows=step_tokens + max_batch,
-                                      kv=kv or getattr(strategy, "kv", None),
-                                      panels=panels if panels is not None else getattr(strategy, "panels", None))
+                                      kv=kv or getattr(strategy, "kv", None), panels=cls._panels(panels, strategy))
         except ValueError as e:
             raise ServingError(str(e)) from None
         from ..kernels import cpu
@@ -110,6 +109,16 @@ class EngineBackend:
                                f"activations; got {amx_batch}")
         runtime.impl.amx_batch = amx_batch
         return cls(runtime, step_tokens=step_tokens)
+
+    @staticmethod
+    def _panels(asked: bool | None, strategy: Any) -> bool:
+        """Asked here, else as the decode-engine step was told, else on for batches (engine_runtime.default_panels)."""
+        from ..kernels.engine_runtime import default_panels
+
+        for choice in (asked, getattr(strategy, "panels", None)):
+            if choice is not None:
+                return bool(choice)
+        return default_panels(strategy.act_bits, batches=True)
 
     # ---------------------------------------------------------------- the Backend contract
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, request_id: str | None = None,

@@ -147,6 +147,15 @@ def test_panels_option_reports_its_cost_reaches_every_engine_and_is_refused_in_t
     assert on.info["decode-engine.panels"] == f"yes (+{(codes + codes // 32 * 2 * 4) / 2**20:.1f} MB)"
     assert off.info["decode-engine.panels"] == "no"
     assert auto.info["decode-engine.panels"].startswith("yes" if default_panels(8) else "no")
+    # a stream takes them for small models only; a server (batches) at any size; never with int16 activations
+    from optistack.kernels.engine_runtime import PANELS_ALONE_MAX_BYTES
+
+    no_amx = not cpu.lib().amx_supported()
+    assert default_panels(8, PANELS_ALONE_MAX_BYTES) is no_amx and default_panels(8, PANELS_ALONE_MAX_BYTES + 1) is False
+    assert default_panels(8, 10 * PANELS_ALONE_MAX_BYTES, batches=True) is no_amx
+    assert default_panels(16) is False and default_panels(16, batches=True) is False
+    with EngineBackend.from_model(auto.model, max_batch=2, max_context=64) as be:
+        assert be.runtime.impl.panels is no_amx
     prompt = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
     a, b = greedy_decode(on.model, prompt, 10).tokens, greedy_decode(off.model, prompt, 10).tokens
     assert (a == b).float().mean() >= 0.9  # the same codes; only the float sums' order differs

@@ -71,8 +71,9 @@ class DecodeEngineConfig(PassConfig):
     # with act=int8, kept in the exact mode (whose promise is the quantized model's own numerics, prompt included)
     share_weights: Literal["auto", "yes", "no"] = "auto"
     # the projections also as panels of 16 rows, which decode rows read (csrc/cpu/int4_panel.h; a second copy of the
-    # int4 codes): auto = where the CPU has no AMX and act=int8 (Zen 4: SmolLM2 decode 1.32x, a batch of 8 1.65x,
-    # the 1.1B 0.98x alone and 1.6x in a batch of 8); needs act=int8
+    # int4 codes): auto = where the CPU has no AMX and act=int8, for models of up to 256 MB of codes (Zen 4: SmolLM2
+    # decode 1.32x, a batch of 8 1.65x; the 1.1B 0.98x alone, 1.6x in a batch of 8, so a server takes them at any
+    # size: serving/engine_backend.py); needs act=int8
     panels: Literal["auto", "yes", "no"] = "auto"
     check_prompts: int = 2
     check_tokens: int = 32
@@ -151,8 +152,8 @@ class DecodeEnginePass(ConfiguredPass):
             info["model_weights"] = "kept beside the engine's copy"
         from ...kernels.engine_runtime import default_panels
 
-        if panels is None:  # the runtimes' own default, made now so that their cost shows here
-            panels = default_panels(decoder.act_bits)
+        if panels is None:  # the runtimes' own default for a stream, made now so that their cost shows here
+            panels = default_panels(decoder.act_bits, weights.code_bytes)
         info["panels"] = f"yes (+{weights.make_panels() / 2**20:.1f} MB)" if panels else "no"
         object.__setattr__(model, DECODE_ATTR, decoder)
         install_generate(model)  # the user's generate() decodes on the engine (generation/hf_generate.py)
