@@ -79,8 +79,8 @@ class EngineBackend:
         the same memory); by default the one the decode-engine step chose.
         `panels`: decode rows read the projections' panels of 16 rows (csrc/cpu/int4_panel.h; a second copy
         of the int4 codes); by default as the decode-engine step was told, else where the CPU has no AMX and
-        activations are int8, whatever the model's size (SmolLM2, Zen 4, 2 threads: a step of 8 decode rows 16.6
-        -> 10.1 ms; the ~1.1B Llama 1.6x).
+        activations are int8, whatever the model's size when max_batch > 1 (SmolLM2, Zen 4, 2 threads: a step of
+        8 decode rows 16.6 -> 10.1 ms; the ~1.1B Llama 1.6x), as for one stream when it is 1.
         """
         strategy = getattr(model, DECODE_ATTR, None)
         weights = getattr(strategy, "weights", None)
@@ -96,7 +96,8 @@ class EngineBackend:
             raise ServingError(f"max_context {context} exceeds the model's max_position_embeddings ({limit})")
         try:
             runtime = weights.runtime(max_batch, context, strategy.act_bits, max_rows=step_tokens + max_batch,
-                                      kv=kv or getattr(strategy, "kv", None), panels=cls._panels(panels, strategy))
+                                      kv=kv or getattr(strategy, "kv", None),
+                                      panels=cls._panels(panels, strategy, weights, max_batch))
         except ValueError as e:
             raise ServingError(str(e)) from None
         from ..kernels import cpu
@@ -111,14 +112,15 @@ class EngineBackend:
         return cls(runtime, step_tokens=step_tokens)
 
     @staticmethod
-    def _panels(asked: bool | None, strategy: Any) -> bool:
-        """Asked here, else as the decode-engine step was told, else on for batches (engine_runtime.default_panels)."""
+    def _panels(asked: bool | None, strategy: Any, weights: Any, max_batch: int) -> bool:
+        """Asked here, else as the decode-engine step was told, else engine_runtime.default_panels: on for batches
+        (max_batch > 1) at any size, for one stream as a stream takes them."""
         from ..kernels.engine_runtime import default_panels
 
         for choice in (asked, getattr(strategy, "panels", None)):
             if choice is not None:
                 return bool(choice)
-        return default_panels(strategy.act_bits, batches=True)
+        return default_panels(strategy.act_bits, weights.code_bytes, batches=max_batch > 1)
 
     # ---------------------------------------------------------------- the Backend contract
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, request_id: str | None = None,

@@ -156,6 +156,12 @@ def test_panels_option_reports_its_cost_reaches_every_engine_and_is_refused_in_t
     assert default_panels(16) is False and default_panels(16, batches=True) is False
     with EngineBackend.from_model(auto.model, max_batch=2, max_context=64) as be:
         assert be.runtime.impl.panels is no_amx
+    from types import SimpleNamespace
+
+    big, stream = SimpleNamespace(code_bytes=2 * PANELS_ALONE_MAX_BYTES), SimpleNamespace(act_bits=8, panels=None)
+    assert EngineBackend._panels(None, stream, big, 8) is no_amx  # a server's batches: at any size
+    assert EngineBackend._panels(None, stream, big, 1) is False  # one stream of a big model: as a stream
+    assert EngineBackend._panels(False, stream, big, 8) is False
     prompt = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
     a, b = greedy_decode(on.model, prompt, 10).tokens, greedy_decode(off.model, prompt, 10).tokens
     assert (a == b).float().mean() >= 0.9  # the same codes; only the float sums' order differs
