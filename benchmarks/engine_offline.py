@@ -2,7 +2,8 @@
 
     python benchmarks/engine_offline.py [--chain TEXT] [--rounds 2] [--samples 32] [--panels auto|on|off|ab]
 
-The same requests (the smollm2 workload's text, seed 0: prompts 32-256 tokens, 16-64 new tokens) go to
+The same requests (the smollm2 workload's text, seed 0, `ScenarioOptions`' lengths: prompts 32-254 tokens, mean
+159.5; 17-128 new tokens, mean 71.5) go to
 `EngineBackend.from_model(model, max_batch=B, max_context=320)` through `measure_offline` for B = 1 and 8,
 interleaved per round; every round's tokens/s is printed, then the medians and their ratio.
 """
