@@ -385,8 +385,8 @@ class EngineWeights:
                 panels: bool | None = None) -> Any:
         """An engine with a KV cache of `slots` sequences of `length` positions, of type `kv` (float16 by
         default, float32 for act_bits=16, or int8; see engine_runtime.py). `panels` (int8 activations only):
-        its decode rows read the projections' panels (`Q4Projection.with_panels`); by default where the CPU
-        has no AMX tiles (where it has, they were not measured)."""
+        its decode rows read the projections' panels (`Q4Projection.with_panels`); by default as
+        `engine_runtime.default_panels` says for one stream (no AMX, up to 256 MB of codes)."""
         from .engine_runtime import EngineRuntime
 
         return EngineRuntime(self, slots, length, act_bits, max_rows, kv, panels)

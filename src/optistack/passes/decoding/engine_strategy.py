@@ -152,7 +152,7 @@ class EngineDecode:
         if panels and act_bits != 8:
             raise ValueError("panels need int8 activations (act_bits=8)")
         self.weights, self.act_bits, self.prefill_mode, self.kv = weights, act_bits, prefill, kv
-        self.panels = panels  # the engines' decode rows on int4 panels (None: where the CPU has no AMX; runtime())
+        self.panels = panels  # the engines' decode rows on int4 panels (None: engine_runtime.default_panels decides)
         self._runtime: Any = None
         self._lock = threading.Lock()
 
