@@ -39,6 +39,35 @@ def _metadata(v: Any) -> str | None:
 
 def read_header(path: Path, name: str) -> dict[str, Layout]:
     """tensor name -> (shape, dtype) from a safetensors file, refusing any inconsistency."""
+    return {key: layout for key, (layout, _) in _checked_header(path, name).items()}
+
+
+def read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, each read into memory of its own (no mapping of the file).
+
+    Why not safetensors' `load_file`: its tensors are views of one private mapping of the whole file, so
+    the pages a later step reads and replaces (the decode engine repacks the int4 projections) stay
+    resident for as long as any one tensor of the file lives (a 1.1B Llama loaded: 520 MB of the file
+    mapped, ~0.2 GB of it dead)."""
+    header = _checked_header(path, name)
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb", buffering=0) as f:
+        start = 8 + int.from_bytes(f.read(8), "little")
+        for key, ((dims, dtype), (begin, end)) in header.items():
+            t = torch.empty(dims, dtype=dtype)
+            view = memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+            f.seek(start + begin)
+            got = 0
+            while got < end - begin:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise LoadError(f"{name}: the file ended inside tensor {short(key)}")
+                got += n
+            out[key] = t
+    return out
+
+
+def _checked_header(path: Path, name: str) -> dict[str, tuple[Layout, tuple[int, int]]]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -55,7 +84,7 @@ def read_header(path: Path, name: str) -> dict[str, Layout]:
     if type(header) is not dict:
         raise LoadError(f"{name}: safetensors header must be a JSON object")
     data = size - 8 - n
-    out: dict[str, Layout] = {}
+    out: dict[str, tuple[Layout, tuple[int, int]]] = {}
     fields = {"dtype": choice(*_DTYPES), "shape": shape, "data_offsets": _offsets}
     for key, entry in header.items():
         if key == "__metadata__":
@@ -72,7 +101,7 @@ def read_header(path: Path, name: str) -> dict[str, Layout]:
         if end > data or end - begin != numel * dtype.itemsize:
             raise LoadError(f"{name}: tensor {short(key)} has byte range {begin}..{end}, which does not fit its shape "
                             f"{list(dims)} {entry['dtype']} in the file's {data} data bytes")
-        out[key] = (dims, dtype)
+        out[key] = ((dims, dtype), (begin, end))
     return out
 
 

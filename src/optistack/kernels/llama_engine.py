@@ -20,42 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .engine_projection import UNIT, Q4Projection, _projection, _units, int4_grid  # noqa: F401 (their home before)
+
 MODEL_TYPES = ("llama", "mistral", "qwen2")
-UNIT = 64  # input channels per scale unit of the engine layout
-
-
-def int4_grid(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
-    """(codes uint8 [N, K padded], scale, zero float32 [N, groups], group size) of any int4 form a pipeline
-    leaves (w = (code - 8) * scale + zero): `Int4Linear`, fuse-kernels' CPU `FusedInt4Linear`, decode-engine's
-    `EngineInt4Linear` (per 64-channel unit); None for another kind. Save formats read it too."""
-    from ..layers.int4 import Int4Linear
-    from .engine_linear import EngineInt4Linear
-    from .modules import FusedInt4Linear
-
-    if isinstance(lin, Int4Linear):
-        from ..layers.int4 import int4_parts
-
-        codes, scale, zero = int4_parts(lin)
-        return codes.cpu(), scale.cpu(), zero.cpu(), lin.group_size
-    if isinstance(lin, FusedInt4Linear) and lin.backend == "cpu-cpp":
-        from .cpu import int4_unpack
-
-        packed = lin.packed()
-        codes = int4_unpack(packed["qweight"], lin.out_features, lin.packed_k)
-        return codes, packed["scale"].float(), packed["zero"].float(), lin.group_size
-    if isinstance(lin, EngineInt4Linear):
-        s = lin.s.float()
-        return lin.codes(), s, lin.zc.float() + 8 * s, UNIT
-    return None
-
-
-def _int4_parts(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """`int4_grid` with the codes cut to the layer's real input width."""
-    grid = int4_grid(lin)
-    if grid is None:
-        raise ValueError(f"{type(lin).__name__} is not an int4 layer the engine reads")
-    codes, scale, zero, group = grid
-    return codes[:, : lin.in_features], scale, zero, group
 
 
 def _projection_reason(name: str, lin: Any) -> str | None:
@@ -126,17 +93,6 @@ def unsupported(model: Any) -> str | None:
     return _projection_reason("lm_head", head) if _is_int4(head) else None
 
 
-def _units(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> list[torch.Tensor]:
-    """[packed uint8 [N, K/2], unit scale, unit zc float32 [N, K/64]] in the engine layout."""
-    n, k = codes.shape
-    c = codes.to(torch.uint8).reshape(n, k // UNIT, 2, UNIT // 2)
-    packed = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-    units, rep = k // UNIT, group // UNIT  # unit u lies in group u // rep (a padded last group included)
-    s, z = scale.float(), zero.float()
-    return [packed, s.repeat_interleave(rep, dim=1)[:, :units].contiguous(),
-            (z - 8 * s).repeat_interleave(rep, dim=1)[:, :units].contiguous()]
-
-
 def _as_is(w: torch.Tensor) -> torch.Tensor:
     """A model's float32 parameter itself where the engine can read it (so a deep copy of the model and its
     engine together still holds one copy: a Parameter's deepcopy clones its data, which a detached view of it
@@ -170,72 +126,6 @@ def _head(model: Any) -> list[torch.Tensor]:
     w = head.weight.detach().float()  # a float head is quantized per row, as head=int8 does
     scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
     return [torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale.contiguous()]
-
-
-def _halved(s: torch.Tensor, zc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """s and zc as float16 when that moves no weight by more than 1% of its quantization step (scales in
-    float16's normal range: a relative error of 2^-11), else None (the projection keeps float32)."""
-    s16, zc16 = s.half(), zc.half()
-    if not (torch.isfinite(s16).all() and torch.isfinite(zc16).all()):
-        return None
-    step = s.abs()
-    # a weight is q * s + zc, q <= 15: its error is at most 15 |ds| + |dzc|
-    err = 15 * (s16.float() - s).abs() + (zc16.float() - zc).abs()
-    return (s16, zc16) if bool((err <= 0.01 * step).all()) else None
-
-
-def _projection(lins: list[nn.Module], scales: str = "float32") -> "Q4Projection":
-    """One engine projection: the rows of `lins` one after the other; unit scales and zc in `scales`
-    (float16 where every unit's weights stay within 1% of a quantization step of float32's)."""
-    from .engine_linear import EngineInt4Linear
-
-    if all(isinstance(lin, EngineInt4Linear) for lin in lins):  # the engine's own layout already: no round trip
-        packed, s, zc = ([getattr(lin, a) for lin in lins] for a in ("q", "s", "zc"))
-        s, zc = [t.float() for t in s], [t.float() for t in zc]  # float16 -> float32 is exact
-    else:
-        packed, s, zc = zip(*(_units(*_int4_parts(lin)) for lin in lins))
-    biases = [getattr(lin, "bias", None) for lin in lins]
-    bias = torch.empty(0)
-    if any(b is not None for b in biases):
-        bias = torch.cat([b.detach().float() if b is not None else torch.zeros(lin.out_features)
-                          for b, lin in zip(biases, lins)]).contiguous()
-    s_all, zc_all = torch.cat(s).contiguous(), torch.cat(zc).contiguous()
-    if scales == "float16":
-        s_all, zc_all = _halved(s_all, zc_all) or (s_all, zc_all)
-    return Q4Projection(torch.cat(packed).contiguous(), s_all, zc_all, bias)
-
-
-@dataclass
-class Q4Projection:
-    """An int4 matrix in the engine layout: codes uint8 [N, K/2], unit scale and zc [N, K/64] (float32, or
-    float16: 36 bytes a unit of 64 weights instead of 40), bias [N] or empty."""
-
-    q: torch.Tensor
-    s: torch.Tensor
-    zc: torch.Tensor
-    bias: torch.Tensor
-    panels: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # see with_panels
-
-    @property
-    def out_features(self) -> int:
-        return self.q.shape[0]
-
-    def __getstate__(self) -> dict:  # panels are made again where wanted, never saved or copied
-        return {**self.__dict__, "panels": None}
-
-    def with_panels(self, lib: Any) -> None:
-        """Adds the same weights as panels of 16 rows (csrc/cpu/int4_panel.h), made once and shared by every
-        engine built from them: a second copy of the codes, for ~1.3x a decode row and ~1.6x a batch of eight
-        on a CPU without AMX (SmolLM2, Zen 4, 2 threads; docs/decoding.md)."""
-        if self.panels is None and self.out_features % 16 == 0:
-            self.panels = tuple(lib.q4_panels(self.q, self.s, self.zc))
-
-    def native(self, lib: Any, panels: bool = False) -> Any:
-        p = lib.Q4Proj()
-        p.q, p.s, p.zc, p.bias = self.q, self.s, self.zc, self.bias
-        if panels and self.panels is not None:
-            p.pq, p.pf = self.panels
-        return p
 
 
 @dataclass
