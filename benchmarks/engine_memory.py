@@ -45,7 +45,7 @@ def _held(model) -> int:
     tensors = [*model.parameters(), *model.buffers()]
     w = getattr(getattr(model, "optistack_decode", None), "weights", None)
     if w is not None:
-        tensors += [w.embed, w.head_q, w.head_s] + [t for b in w.blocks for p in (b.qkv, b.o, b.gate_up, b.down)
+        tensors += [w.embed, w.embed_s, w.head_q, w.head_s] + [t for b in w.blocks for p in (b.qkv, b.o, b.gate_up, b.down)
                                                      for t in (p.q, p.s, p.zc)]
     for t in tensors:
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()

@@ -31,7 +31,7 @@ def test_encoder_preset_follows_the_machine(features, expected):
 
 def test_llm_decode_is_the_engine_with_vnni_else_the_compiled_chain():
     for features in ({"amx", "avx512_vnni", "avx512"}, {"avx512_vnni"}):
-        assert expand_preset("@llm-decode", features) == "awq{head=int8,zero_grid=float},fuse-kernels,decode-engine"
+        assert expand_preset("@llm-decode", features) == "awq{head=int8,zero_grid=float},embed-int8,fuse-kernels,decode-engine"
     for features in ({"amx"}, {"avx512", "avx2"}, set()):
         text = expand_preset("@llm-decode", features)
         assert text.startswith("awq{head=int8,zero_grid=float},fuse-kernels,kv-cache{impl=static},compile{")

@@ -44,6 +44,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("vocab", &EngineSpec::vocab)
       .def_readwrite("eps", &EngineSpec::eps)
       .def_readwrite("embed", &EngineSpec::embed)
+      .def_readwrite("embed_s", &EngineSpec::embed_s)
       .def_readwrite("final_norm", &EngineSpec::final_norm)
       .def_readwrite("head_q", &EngineSpec::head_q)
       .def_readwrite("head_s", &EngineSpec::head_s)

@@ -247,7 +247,7 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
         }
       }
     };
-    for (int64_t b = tid; b < N; b += nt) std::copy(embed + tok[b] * H, embed + (tok[b] + 1) * H, x.data() + b * H);
+    for (int64_t b = tid; b < N; b += nt) embed_row(embed, embed_q, embed_s, tok[b], H, x.data() + b * H);
     for (int64_t l = 0; l < L; ++l) {
       const Layer& ly = layers[l];
       for (int64_t b = tid; b < N; b += nt) {  // each row's owner: norm and quantize

@@ -176,12 +176,13 @@ constexpr int64_t kChunkAttnRows = 32;
 constexpr int64_t kChunkQueries = 32;
 static_assert(kTileQueries <= kChunkQueries, "a chunk item's scores buffer holds kChunkQueries rows");
 
-// The whole model: sizes, the token embedding [V, H] float32, the final norm [H], the int8 head [V, H] with
-// one float32 scale per row [V], and the blocks.
+// The whole model: sizes, the token embedding [V, H] float32 (or int8 codes with one float32 scale per row in
+// embed_s [V]: a row is code * scale), the final norm [H], the int8 head [V, H] with one float32 scale per row
+// [V], and the blocks.
 struct EngineSpec {
   int64_t hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, intermediate = 0, vocab = 0;
   double eps = 1e-6;
-  at::Tensor embed, final_norm, head_q, head_s;
+  at::Tensor embed, embed_s, final_norm, head_q, head_s;
   Q4Proj head4;  // an int4 head in the engine layout (int16 activations); when set, head_q and head_s are unused
   std::vector<EngineLayer> layers;
 };
@@ -256,8 +257,8 @@ class LlamaEngine {
   bool act16, has_panels = false, panels_on = false;
   enum KvType { KV_F32 = 0, KV_F16 = 1, KV_I8 = 2 } kv_type;
   std::vector<at::Tensor> keep;  // holds every tensor the pointers below point into
-  const float *embed, *final_norm, *head_s = nullptr, *cos, *sin;
-  const int8_t* head_q = nullptr;
+  const float *embed = nullptr, *embed_s = nullptr, *final_norm, *head_s = nullptr, *cos, *sin;
+  const int8_t *head_q = nullptr, *embed_q = nullptr;  // embed_q: an int8 embedding (rows scaled by embed_s)
   bool head_int4 = false;
   Q4Weight head4w;
   void *kc, *vc;  // float32, float16 (half the bytes attention reads) or int8 codes (a quarter, plus scales)

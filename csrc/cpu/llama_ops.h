@@ -239,6 +239,19 @@ static void swiglu(const float* gate, const float* up, float* out, int64_t n) {
   }
 }
 
+// Token `tok`'s embedding row into x [H]: a float32 table's row as it is, an int8 one's codes times the row's
+// scale (float32 products, as the model's Int8Embedding computes them).
+static inline void embed_row(const float* embed, const int8_t* embed_q, const float* embed_s, int64_t tok, int64_t H,
+                             float* x) {
+  if (embed_q) {
+    const int8_t* e = embed_q + tok * H;
+    const float s = embed_s[tok];
+    for (int64_t k = 0; k < H; ++k) x[k] = float(e[k]) * s;
+  } else {
+    std::copy(embed + tok * H, embed + (tok + 1) * H, x);
+  }
+}
+
 // [n0, n1) of N rows for thread tid of nt, in multiples of `align`.
 static inline void share(int64_t N, int tid, int nt, int64_t align, int64_t& n0, int64_t& n1) {
   const int64_t per = ((N + nt - 1) / nt + align - 1) / align * align;

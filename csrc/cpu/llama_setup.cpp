@@ -70,7 +70,15 @@ LlamaEngine::LlamaEngine(const EngineSpec& spec, at::Tensor cos_t, at::Tensor si
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= 32 && D % 32 == 0 && D <= 256,
               "optistack_cpu.LlamaEngine: needs Hq a multiple of Hkv (at most 32 query heads a key/value head) and a "
               "head size that is a multiple of 32 up to 256");
-  embed = f32(spec.embed, V * H, "embed");
+  if (spec.embed.defined() && spec.embed.scalar_type() == at::kChar) {  // int8 rows, one float32 scale each
+    TORCH_CHECK(spec.embed.is_contiguous() && spec.embed.numel() == V * H,
+                "optistack_cpu.LlamaEngine: an int8 embed must be contiguous [V, H] (", V, " x ", H, ")");
+    embed_q = spec.embed.data_ptr<int8_t>();
+    embed_s = f32(spec.embed_s, V, "embed_s (float32 [V], the int8 embedding's row scales)");
+    keep.push_back(spec.embed_s);
+  } else {
+    embed = f32(spec.embed, V * H, "embed");
+  }
   final_norm = f32(spec.final_norm, H, "final_norm");
   head_int4 = spec.head4.q.defined() && spec.head4.q.numel() > 0;
   if (head_int4) {  // an int4 head in the engine layout: head_q and head_s are not read (may be empty)

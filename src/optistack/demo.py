@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-DEMO_LLM_PIPELINE = "rtn-int4{head=int8,zero_grid=float},fuse-kernels,decode-engine"
+DEMO_LLM_PIPELINE = "rtn-int4{head=int8,zero_grid=float},embed-int8,fuse-kernels,decode-engine"
 DEMO_PROMPT = "Explain in two sentences why the sky is blue."
 
 

@@ -238,3 +238,15 @@ def test_fused_and_decode_engine_forms_write_what_the_int4_layers_write(tmp_path
             assert got[key][0] == kind, (name, key)
             assert np.abs(got[key][1] - w).max() <= 1e-3 * max(np.abs(w).max(), 1e-6), (name, key)
     assert "decode engine" in written.summary()
+
+
+def test_int8_embedding_rows_are_written_as_q8_0(tmp_path):
+    """embed-int8's rows: Q8_0 blocks whose dequantization (gguf's decoder) is our table up to the fp16
+    rounding of each row's scale."""
+    tied = _load(llama_folder(tmp_path / "tied", tie=True))
+    quant = _apply(_apply(tied, "rtn-int4{group_size=32}", int8_head=True), "embed-int8")
+    _, tensors = _read(save_gguf(tmp_path / "e.gguf", quant).path)
+    kind, got = tensors["token_embd.weight"]
+    want = quant.model.embed_tokens.weight.numpy()
+    assert kind == "Q8_0" and got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()

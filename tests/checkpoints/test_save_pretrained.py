@@ -76,6 +76,15 @@ def test_quantized_formats_load_back_with_the_same_logits(model, tmp_path, text,
     assert _rel(_logits(ours), _logits(model)) > 1e-4  # the format really is quantized, not a float copy
 
 
+def test_int8_embedding_rows_are_written_as_the_float_table_they_stand_for(model, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    ours = _apply(_apply(model, "rtn-int4"), "embed-int8")
+    reloaded = _reload(save_pretrained(tmp_path / "out", ours))
+    assert type(reloaded.model.embed_tokens).__name__ == "Embedding"
+    assert torch.equal(reloaded.model.embed_tokens.weight, ours.model.embed_tokens.weight)
+    assert _rel(_logits(reloaded), _logits(ours)) < 2e-3
+
+
 def test_int4_checkpoint_is_smaller_and_stores_integer_zero_points(model, tmp_path):
     from safetensors import safe_open
 

@@ -139,13 +139,17 @@ def _check_linear_in_architecture(expected: dict | None, name: str) -> None:
 def _plain_state(model: Any, handled: set[str]) -> dict[str, Any]:
     """Every state-dict tensor outside the quantized layers, tied copies left out (transformers re-ties
     them from config.json); a tensor subclass we do not know how to store is refused."""
+    from ..layers.int8_embedding import Int8Embedding
     from .compressed_tensors import CheckpointError
 
     out, seen = {}, {}
+    rows = {name: m for name, m in model.named_modules() if isinstance(m, Int8Embedding)}
+    for name, m in rows.items():  # int8 rows (embed-int8): the float table they stand for, a plain embedding
+        out[f"{name}.weight"] = m.weight.detach().cpu()
     tie = bool(getattr(model.config, "tie_word_embeddings", False))
     for key, t in model.state_dict().items():
         prefix = key.rsplit(".", 1)[0] if "." in key else ""
-        if prefix in handled:
+        if prefix in handled or prefix in rows:
             continue
         if type(t).__name__ not in ("Tensor", "Parameter"):
             raise CheckpointError(f"{key} is a {type(t).__name__}, which this format cannot store; "

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..core.modeling import unwrap_compiled
 from ..layers.int8 import Int8Linear
+from ..layers.int8_embedding import Int8Embedding
 from .compressed_tensors import CheckpointError
 from .gguf_blocks import dequantize_blocks, float_tensor, int4_blocks, int8_blocks, rope_rows
 from .gguf_int4 import RowSlice, int4_form, stacked_rows
@@ -289,6 +290,9 @@ def _convert(name: str, module: Any, float_kind: str, is_norm: bool,
     if isinstance(module, Int8Linear):
         kind, data = int8_blocks(name, rows(module.qweight.cpu()), rows(module.scale.cpu()))
         return kind, data, rows(module.dequantized_weight(torch.float32).cpu()), "int8 per channel"
+    if isinstance(module, Int8Embedding):  # int8 rows: Q8_0 blocks, as an int8 head
+        kind, data = int8_blocks(name, module.qweight.cpu(), module.scale.cpu())
+        return kind, data, module.weight.cpu(), "int8 rows"
     plain = (nn.Linear, nn.Embedding)
     if type(module) in plain or (is_norm and type(module).__name__.endswith("RMSNorm")):
         w = rows(module.weight.detach().float().cpu())

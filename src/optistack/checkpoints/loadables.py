@@ -18,6 +18,7 @@ from ..core import load_registry
 REGISTERING = (
     "optistack.layers.int4",
     "optistack.layers.int8",
+    "optistack.layers.int8_embedding",
     "optistack.layers.fp8",
     "optistack.kernels.modules",
     "optistack.kernels.engine_linear",

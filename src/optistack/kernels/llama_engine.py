@@ -100,6 +100,16 @@ def _as_is(w: torch.Tensor) -> torch.Tensor:
     return w if w.dtype == torch.float32 and w.is_contiguous() else w.detach().float().contiguous()
 
 
+def _embedding(emb: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table, row scales): an `Int8Embedding`'s int8 codes and scales themselves, else the float32 table
+    (`_as_is`) and no scales."""
+    from ..layers.int8_embedding import Int8Embedding
+
+    if isinstance(emb, Int8Embedding):
+        return emb.qweight.contiguous(), emb.scale.float().contiguous()
+    return _as_is(emb.weight), torch.empty(0)
+
+
 def _norm(m: nn.Module) -> tuple[torch.Tensor, float]:
     eps = getattr(m, "variance_epsilon", None)
     eps = getattr(m, "eps", 1e-6) if eps is None else eps
@@ -177,6 +187,7 @@ class EngineWeights:
     head_quantized_here: bool = False
     max_positions: int | None = None  # the model's max_position_embeddings, when it says
     head4: "Q4Projection | None" = None  # an int4 head (then head_q and head_s are empty)
+    embed_s: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # an int8 embed's row scales
 
     @classmethod
     def from_model(cls, model: Any, scales: str = "float32") -> "EngineWeights":
@@ -194,7 +205,7 @@ class EngineWeights:
         hq = config.num_attention_heads
         hkv = getattr(config, "num_key_value_heads", None) or hq
         d = getattr(config, "head_dim", None) or config.hidden_size // hq
-        emb = _as_is(model.get_input_embeddings().weight)
+        emb, emb_s = _embedding(model.get_input_embeddings())
         final, eps = _norm(inner.norm)
         head_q, head_s = _head(model)
         blocks = []
@@ -212,17 +223,19 @@ class EngineWeights:
         head4 = _projection([head], scales) if _is_int4(head) else None
         quantized_here = head4 is None and not isinstance(head, Int8Linear)
         return cls(dims, eps, emb, final, head_q, head_s, blocks, inner.rotary_emb, quantized_here,
-                   getattr(config, "max_position_embeddings", None), head4)
+                   getattr(config, "max_position_embeddings", None), head4, emb_s)
 
     @property
     def nbytes(self) -> int:
-        """Bytes the engine's weights take (embedding, head and blocks)."""
-        tensors = [self.embed, self.final_norm, self.head_q, self.head_s]
+        """Bytes the engine's weights take (embedding, head and blocks; a tensor two of them share, once)."""
+        tensors = [self.embed, self.embed_s, self.final_norm, self.head_q, self.head_s]
         if self.head4 is not None:
             tensors += [self.head4.q, self.head4.s, self.head4.zc]
         for b in self.blocks:
             tensors += [b.norm1, b.norm2] + [t for p in (b.qkv, b.o, b.gate_up, b.down) for t in (p.q, p.s, p.zc, p.bias)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        held = {(t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()): t.numel() * t.element_size()
+                for t in tensors if t.numel()}
+        return sum(held.values())
 
     @property
     def code_bytes(self) -> int:
@@ -254,6 +267,8 @@ class EngineWeights:
             d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate, d.vocab)
         s.eps = float(self.eps)
         s.embed, s.final_norm, s.head_q, s.head_s = self.embed, self.final_norm, self.head_q, self.head_s
+        if self.embed_s.numel():
+            s.embed_s = self.embed_s
         if self.head4 is not None:
             s.head4 = self.head4.native(lib)
         s.layers = [b.native(lib, panels) for b in self.blocks]
