@@ -50,7 +50,7 @@ class Preset:
 _LLM_CPU = "awq{head=int8,zero_grid=float},fuse-kernels,kv-cache{impl=static},compile{freezing=true,cpp_wrapper=true}"
 # the whole decode step in one C++ call (passes/decoding/engine.py); fuse-kernels for the prefill (TTFT);
 # embed-int8: the embedding as int8 rows, on a tied model the int8 head's own (SmolLM2: -108 MB, perplexity
-# 19.525 -> 19.519 after rtn-int4; a ~1.1B Llama loaded: 1.40 -> 1.20 GB resident; docs/passes.md)
+# 15.8765 -> 15.8775 after this awq; a ~1.1B Llama loaded: 1.40 -> 1.20 GB resident; docs/passes.md)
 _LLM_ENGINE = "awq{head=int8,zero_grid=float},embed-int8,fuse-kernels,decode-engine"
 _INT8_ENCODER = "pt2e-int8{mixed=bf16}"  # int8 linears on oneDNN (AMX/VNNI), the rest in bf16
 
