@@ -15,14 +15,7 @@ from torch import nn
 
 from ..core.load_registry import register_module
 from ..core.load_schema import integer
-
-
-def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 codes, float32 scale per row): symmetric, scale = the row's largest magnitude / 127 (as
-    `Int8Linear.from_linear` quantizes a head, so a tied head's codes are these)."""
-    w = w.detach().float()
-    scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
-    return torch.round(w / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8).contiguous(), scale.contiguous()
+from .int8 import quantize_rows
 
 
 class Int8Embedding(nn.Module):

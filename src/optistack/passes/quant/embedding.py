@@ -35,8 +35,8 @@ class EmbedInt8Pass(ConfiguredPass):
         import torch
         from torch import nn
 
-        from ...layers.int8 import Int8Linear
-        from ...layers.int8_embedding import Int8Embedding, quantize_rows
+        from ...layers.int8 import Int8Linear, quantize_rows
+        from ...layers.int8_embedding import Int8Embedding
         from ..linears import set_module
 
         getter = getattr(model, "get_input_embeddings", None)

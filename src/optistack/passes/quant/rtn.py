@@ -114,11 +114,12 @@ class RtnInt4Pass(ConfiguredPass):
         tally = Int4Tally(self.config.group_size, self.config.zero_mode)
         if not plan.chosen:
             return plan.unchanged(model, tally.info(len(plan.skipped)))
+        planned = plan.info()
         with torch.no_grad():
-            for name in plan.chosen:
-                layer = swap_to_int4(model, name, plan.layers[name], tally)
+            for name in plan.chosen:  # the plan lets go of each float layer once swapped: in place, it is freed
+                layer = swap_to_int4(model, name, plan.layers.pop(name), tally)
                 for alias in (a for a, p in plan.aliases.items() if p == name):
                     set_module(model, alias, layer)
             head = quantize_head(model, self.config.head, lambda n, lin: swap_to_int4(model, n, lin, tally),
                                  plan.skipped)
-        return PassResult(model, modified=True, info={**tally.info(len(plan.skipped)), **plan.info(), **head})
+        return PassResult(model, modified=True, info={**tally.info(len(plan.skipped)), **planned, **head})
