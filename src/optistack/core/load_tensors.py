@@ -55,7 +55,7 @@ def read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
         start = 8 + int.from_bytes(f.read(8), "little")
         for key, ((dims, dtype), (begin, end)) in header.items():
             t = torch.empty(dims, dtype=dtype)
-            view = memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+            view = t.view(-1).view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
             f.seek(start + begin)
             got = 0
             while got < end - begin:

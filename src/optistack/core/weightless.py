@@ -45,6 +45,12 @@ def _sentinel(dtype: torch.dtype) -> float | int | None:
     return None
 
 
+def _buffer(m: torch.nn.Module, name: str) -> torch.Tensor:
+    t = m._buffers[name]
+    assert t is not None
+    return t
+
+
 def _written(t: torch.Tensor, sentinel: float | int) -> bool:
     return not bool((torch.isnan(t) if isinstance(sentinel, float) else t == sentinel).any())
 
@@ -64,6 +70,7 @@ def weightless_transformers(build: Callable[[], torch.nn.Module]) -> tuple[torch
     filled: list[tuple[torch.nn.Module, str, float | int]] = []
     for m, name in owners:
         meta = m._buffers[name]
+        assert meta is not None  # non_persistent lists only buffers that are set
         sentinel = _sentinel(meta.dtype)
         if sentinel is None:
             return None, f"a non-persistent {meta.dtype} buffer '{name}' (no sentinel to check it was computed)"
@@ -72,7 +79,7 @@ def weightless_transformers(build: Callable[[], torch.nn.Module]) -> tuple[torch
     with torch.no_grad():
         for m in {id(m): m for m, _ in owners}.values():
             init(m)  # its parameters are on meta: only the buffers change
-    missed = [name for m, name, sentinel in filled if not _written(m._buffers[name], sentinel)]
+    missed = [name for m, name, sentinel in filled if not _written(_buffer(m, name), sentinel)]
     if missed:
         return None, f"_init_weights does not compute the non-persistent buffer(s) {', '.join(missed[:3])}"
     return model, ""
