@@ -68,6 +68,14 @@ class Computed(torch.nn.Module):
         pass
 
 
+class NeedsValues(Computed):
+    """An _init_weights that reads its parameters' values (which meta tensors do not have)."""
+
+    def _init_weights(self, module):
+        if module is self:
+            self.table.copy_(torch.arange(8.0) * float(self.lin.weight.sum()))
+
+
 class Stray(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -80,6 +88,8 @@ def test_what_cannot_be_vouched_for_is_refused_by_name():
     assert model is None and "table" in why
     model, why = weightless_transformers(Stray)
     assert model is None and "cache" in why
+    model, why = weightless_transformers(NeedsValues)
+    assert model is None and "_init_weights fails" in why
     with torch.device("meta"):
         assert meta_tensor_attributes(Stray()) == ["cache"]
         assert not weightless_replacement(Stray())

@@ -2,7 +2,8 @@
 
 Each layer gets the ggml type that holds its grid as it is (gguf_blocks.py): int4 asymmetric groups
 (AWQ, GPTQ, RTN; integer or float zero points; group 32/64/128) -> Q4_1, symmetric int4 -> Q4_0,
-per-channel int8 -> Q8_0, float linears and the embedding -> F16 (or F32, `float_type="f32"`),
+per-channel int8 (heads, `embed-int8`'s embedding rows) -> Q8_0, float linears and a float embedding -> F16
+(or F32, `float_type="f32"`),
 norms -> F32. The only loss is fp16's rounding of the block scales, reported per layer as the
 largest difference from our own dequantized weight. What has no such type (fp8, a row length or
 group size that is not a multiple of 32, a module llama.cpp's Llama graph has no place for) is refused
@@ -299,5 +300,5 @@ def _convert(name: str, module: Any, float_kind: str, is_norm: bool,
         kind, data = float_tensor(name, w, "F32" if is_norm else float_kind)
         return kind, data, w, ("norm" if is_norm else type(module).__name__.lower() + f" {module.weight.dtype}")
     raise CheckpointError(f"{name} is a {type(module).__name__}, which has no GGUF tensor type llama.cpp runs (it "
-                          "reads float F32/F16 and ggml blocks; save_gguf maps Int4Linear to Q4_0/Q4_1, Int8Linear "
+                          "reads float F32/F16 and ggml blocks; save_gguf maps Int4Linear to Q4_0/Q4_1, Int8Linear / Int8Embedding "
                           "to Q8_0, nn.Linear/nn.Embedding to F16/F32)")

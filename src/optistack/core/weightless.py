@@ -58,8 +58,11 @@ def _written(t: torch.Tensor, sentinel: float | int) -> bool:
 def weightless_transformers(build: Callable[[], torch.nn.Module]) -> tuple[torch.nn.Module | None, str]:
     """(model, "") with every parameter and persistent buffer on meta and every non-persistent buffer
     real and computed by the model's own `_init_weights`; (None, why) where that cannot be vouched for."""
-    with torch.device("meta"):
-        model = build()
+    try:
+        with torch.device("meta"):
+            model = build()
+    except Exception as exc:  # a class whose construction needs real tensors: the caller builds it for real
+        return None, f"it does not build on the meta device ({type(exc).__name__}: {str(exc)[:120]})"
     stray = meta_tensor_attributes(model)
     if stray:
         return None, f"tensor attributes outside parameters and buffers ({', '.join(stray[:3])})"
@@ -76,9 +79,12 @@ def weightless_transformers(build: Callable[[], torch.nn.Module]) -> tuple[torch
             return None, f"a non-persistent {meta.dtype} buffer '{name}' (no sentinel to check it was computed)"
         m._buffers[name] = torch.full(meta.shape, sentinel, dtype=meta.dtype, device="cpu")
         filled.append((m, name, sentinel))
-    with torch.no_grad():
-        for m in {id(m): m for m, _ in owners}.values():
-            init(m)  # its parameters are on meta: only the buffers change
+    try:
+        with torch.no_grad():
+            for m in {id(m): m for m, _ in owners}.values():
+                init(m)  # its parameters are on meta: only the buffers change
+    except Exception as exc:  # an _init_weights that needs real parameters
+        return None, f"_init_weights fails on meta parameters ({type(exc).__name__}: {str(exc)[:120]})"
     missed = [name for m, name, sentinel in filled if not _written(_buffer(m, name), sentinel)]
     if missed:
         return None, f"_init_weights does not compute the non-persistent buffer(s) {', '.join(missed[:3])}"
