@@ -300,5 +300,5 @@ def _convert(name: str, module: Any, float_kind: str, is_norm: bool,
         kind, data = float_tensor(name, w, "F32" if is_norm else float_kind)
         return kind, data, w, ("norm" if is_norm else type(module).__name__.lower() + f" {module.weight.dtype}")
     raise CheckpointError(f"{name} is a {type(module).__name__}, which has no GGUF tensor type llama.cpp runs (it "
-                          "reads float F32/F16 and ggml blocks; save_gguf maps Int4Linear to Q4_0/Q4_1, Int8Linear / Int8Embedding "
-                          "to Q8_0, nn.Linear/nn.Embedding to F16/F32)")
+                          "reads float F32/F16 and ggml blocks; save_gguf maps Int4Linear to Q4_0/Q4_1, Int8Linear and "
+                          "Int8Embedding to Q8_0, nn.Linear/nn.Embedding to F16/F32)")
