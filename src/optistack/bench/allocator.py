@@ -19,35 +19,19 @@ Not glibc (macOS, musl, Windows): nothing is changed and the description says so
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
-import sys
-
 try:
     import resource  # Unix only
 except ImportError:  # Windows: no fault counts
     resource = None
+
+from ..core.heap import glibc, release_free_memory  # noqa: F401 (release_free_memory: bench.memory's, from here)
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
 MMAP_BYTES = 256 << 20  # requests below this come from the heap, not a fresh mmap each call
 TRIM_BYTES = 512 << 20  # free memory at the top of the heap kept, not returned to the OS
 
 _state: dict[str, str] = {}
-
-
-@functools.lru_cache(maxsize=1)
-def _glibc() -> ctypes.CDLL | None:
-    """glibc, found once (find_library runs ldconfig), or None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version.restype = ctypes.c_char_p  # absent outside glibc (musl): AttributeError
-        libc.gnu_get_libc_version()
-        return libc
-    except (OSError, AttributeError):
-        return None
+_glibc = glibc  # the tests' and older callers' name
 
 
 def steady_allocator() -> str:
@@ -86,15 +70,6 @@ def for_transforms() -> None:
         libc.mallopt(M_MMAP_THRESHOLD, PASS_BYTES)
         libc.mallopt(M_TRIM_THRESHOLD, PASS_BYTES)
         _state["fixed"] = ""
-
-
-def release_free_memory() -> bool:
-    """Hand the heap's free memory back to the OS (glibc `malloc_trim(0)`), so that the next call's
-    temporaries take fresh pages again and show up as RSS growth: what `bench.memory.peak_memory`
-    measures on CPU. Without it, a steady allocator serves them from memory already counted. Returns
-    whether anything was released (False outside glibc)."""
-    libc = _glibc()
-    return bool(libc is not None and libc.malloc_trim(0))
 
 
 def allocator_state() -> str:

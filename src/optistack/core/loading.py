@@ -16,6 +16,7 @@ import torch
 
 from .checksums import MANIFEST, WEIGHTS, listed, read_manifest, verify_files
 from .errors import LoadError, OptistackError
+from .heap import release_free_memory
 from .load_registry import MODULES, RUNTIMES, check_config, check_reapply, lookup, spec_fields, transformers_class
 from .load_schema import check_fields, list_of, short, text
 from .load_tensors import MAX_NON_PERSISTENT_BYTES, check_against, expected_state, non_persistent_bytes, read_header, read_tensors
@@ -182,28 +183,9 @@ def _load_module(manifest: dict[str, Any], files: dict[str, Path], model: torch.
     for pass_cls, options in reapply:
         with _guard(f"steps: re-applying '{pass_cls.name}'"):
             result = pass_cls(**options).apply(result, PassContext()).model
-    if reapply:
-        release_freed_memory()
+    if reapply:  # a step that repacked freed the file's copy in pieces the heap would keep resident
+        release_free_memory()
     return result
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's freed pages back to the system (glibc's malloc_trim) where that exists: steps re-run
-    on load free the file's copy of what they repack in pieces the allocator would otherwise keep resident
-    (a 1.1B Llama loaded: ~80 MB)."""
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # musl and others: nothing to do
-        return
-    trim.argtypes = [ctypes.c_size_t]
-    trim(0)
 
 
 def _copy(config: dict[str, Any]) -> dict[str, Any]:
