@@ -10,7 +10,8 @@ A row's error is at most half a step of its own scale (its largest magnitude / 2
 on SmolLM2 after `rtn-int4{head=int8,zero_grid=float}` perplexity moves by +0.02% (docs/passes.md). The
 decode engine reads the codes directly; `save_gguf` writes them as Q8_0 (llama.cpp's int8 blocks);
 `save_pretrained` writes the dequantized float rows, which transformers loads as a plain embedding.
-An embedding that is not a plain `nn.Embedding` (a scaled subclass, `max_norm`) is left alone with the reason.
+An embedding that is not a plain `nn.Embedding` (a scaled subclass, `max_norm`), or whose matrix a float head
+still reads (tied, the head not quantized: int8 rows would be bytes beside it), is left alone with the reason.
 """
 from __future__ import annotations
 
@@ -52,11 +53,15 @@ class EmbedInt8Pass(ConfiguredPass):
         if emb.weight.device.type != "cpu" or emb.weight.dtype != torch.float32:  # Int8Embedding gives float32
             return PassResult(model, modified=False, info={"reason": f"the embedding is {emb.weight.dtype} on "
                                                                      f"{emb.weight.device.type}, not float32 on the CPU"})
+        head = getattr(model, "get_output_embeddings", lambda: None)()
+        if getattr(head, "weight", None) is emb.weight:  # int8 rows would be bytes beside the float matrix it keeps
+            return PassResult(model, modified=False, info={
+                "reason": "the embedding's matrix is also the float head's (tied): int8 rows would add bytes; "
+                          "quantize the head first (head=int8), whose rows the embedding then shares"})
         name = next(n for n, m in model.named_modules() if m is emb)
         before = _bytes(emb.weight)
         with torch.no_grad():
             codes = quantize_rows(emb.weight)
-            head = getattr(model, "get_output_embeddings", lambda: None)()
             shared = (isinstance(head, Int8Linear) and head.qweight.shape == codes[0].shape
                       and torch.equal(head.qweight, codes[0]) and torch.equal(head.scale.float(), codes[1]))
             if shared:  # the tied head's own rows: the same codes and scales, held once
