@@ -12,8 +12,8 @@ in float32, more than the whole int4 body (~57 MB). `awq` and `rtn-int4` therefo
   SmolLM2).
 - `keep`: the head stays as it is.
 
-A tied input embedding keeps working: the embedding keeps its float weight (a lookup reads one row a
-token, so it costs nothing to keep); only the head gets the quantized copy. The head is found as
+A tied input embedding keeps working: the embedding keeps its float weight; only the head gets the
+quantized copy (`embed-int8` after this pass makes the embedding share the int8 head's rows). The head is found as
 the model's output embeddings (`get_output_embeddings()`), else a Linear named `lm_head`, and is
 changed only while it is still a float `nn.Linear` (a `skip` pattern that let the body pass quantize
 it already decided).
