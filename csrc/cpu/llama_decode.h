@@ -164,9 +164,10 @@ struct Q4Proj {
 // q4_linear read. `what` names the projection in errors.
 Q4Weight q4_weight(const Q4Proj& p, int64_t N, int64_t K, const char* what, std::vector<at::Tensor>& keep);
 
-// One decoder block: the two RMSNorm weights [H] and its four projections (q, k and v stacked; gate and up stacked).
+// One decoder block: the two RMSNorm weights [H] and its four projections (q, k and v stacked; gate and up stacked);
+// q_norm, k_norm [D] (optional, Qwen3): an RMSNorm of every query and key head before RoPE.
 struct EngineLayer {
-  at::Tensor norm1, norm2;
+  at::Tensor norm1, norm2, q_norm, k_norm;
   Q4Proj qkv, o, gate_up, down;
 };
 
@@ -249,7 +250,7 @@ class LlamaEngine {
   }
   int64_t scores_per_thread() const { return std::max(Hq / Hkv * Tmax, kChunkQueries * ((Tmax + 15) / 16 * 16)); }
   struct Layer {
-    const float *norm1, *norm2;
+    const float *norm1, *norm2, *q_norm = nullptr, *k_norm = nullptr;
     Q4Weight qkv, o, gate_up, down;
   };
   int64_t L, H, Hq, Hkv, D, I, V, S, Tmax, Kh, Nmax, amx_min = 0, amx_batch_min = 0, gemm_min = 0;

@@ -127,6 +127,14 @@ LlamaEngine::LlamaEngine(const EngineSpec& spec, at::Tensor cos_t, at::Tensor si
     y.norm2 = f32(e.norm2, H, "norm2");
     keep.push_back(e.norm1);
     keep.push_back(e.norm2);
+    if (e.q_norm.defined() && e.q_norm.numel()) {
+      y.q_norm = f32(e.q_norm, D, "q_norm [head_dim]");
+      keep.push_back(e.q_norm);
+    }
+    if (e.k_norm.defined() && e.k_norm.numel()) {
+      y.k_norm = f32(e.k_norm, D, "k_norm [head_dim]");
+      keep.push_back(e.k_norm);
+    }
     y.qkv = q4_weight(e.qkv, Nqkv, H, "qkv", keep);
     y.o = q4_weight(e.o, H, Hq * D, "o_proj", keep);
     y.gate_up = q4_weight(e.gate_up, 2 * I, H, "gate_up", keep);

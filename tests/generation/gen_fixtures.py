@@ -38,15 +38,20 @@ def llama(seed: int = 0):
     return tiny_llama(vocab_size=vocab(), seed=seed, num_hidden_layers=2)
 
 
-def qwen2(seed: int = 0):
+def qwen2(seed: int = 0, kind: str = "qwen2"):
     torch.manual_seed(seed)
-    config = AutoConfig.for_model("qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = AutoConfig.for_model(kind, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab(),
                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-MODELS = {"llama": llama, "qwen2": qwen2}
+def qwen3(seed: int = 0):
+    """qwen2's shape with Qwen3's per-head q/k norms (and its default head size of 128: heads wider than hidden)."""
+    return qwen2(seed, "qwen3")
+
+
+MODELS = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3}
 
 
 def prompt(batch: int = 1, length: int = 9, seed: int = 1) -> torch.Tensor:

@@ -33,7 +33,7 @@ def session_llama():
     return decoding("session")
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("kind", ["session", "static"])
 def test_greedy_equals_the_models_own_generate(name, kind):
     base, m = decoding(kind, name)

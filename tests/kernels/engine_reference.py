@@ -73,8 +73,13 @@ def forward(weights, tokens, slots, positions, k_cache, v_cache, cos, sin, act_b
     c, s = cos[positions][:, None], sin[positions][:, None]
     for layer, blk in enumerate(weights.blocks):
         qkv = linear(rms(x, blk.norm1, eps), blk.qkv, qmax, bf16_rows)
-        q = rope(qkv[:, : hq * hd].reshape(n, hq, hd), c, s)
-        k = rope(qkv[:, hq * hd: (hq + hkv) * hd].reshape(n, hkv, hd), c, s)
+        q = qkv[:, : hq * hd].reshape(n, hq, hd)
+        k = qkv[:, hq * hd: (hq + hkv) * hd].reshape(n, hkv, hd)
+        if blk.q_norm.numel():  # Qwen3: each query and key head normalized before RoPE
+            q = rms(q, blk.q_norm, eps)
+        if blk.k_norm.numel():
+            k = rms(k, blk.k_norm, eps)
+        q, k = rope(q, c, s), rope(k, c, s)
         v = qkv[:, (hq + hkv) * hd:].reshape(n, hkv, hd)
         if kv_int8:
             k, v = int8_roundtrip(k), int8_roundtrip(v)

@@ -1,6 +1,6 @@
 """The C++ serving engine (csrc/cpu/llama_decode.cpp) built from a Llama-family model.
 
-`EngineWeights.from_model(model)` repacks an int4-quantized LlamaForCausalLM (or Mistral, Qwen2) once:
+`EngineWeights.from_model(model)` repacks an int4-quantized LlamaForCausalLM (or Mistral, Qwen2, Qwen3) once:
 q, k and v into one int4 matrix, gate and up into another, every projection in the engine's unit
 layout (int4_q8_gemv.cpp), the head as int8 rows. The result holds every tensor by name (`EngineBlock`
 per decoder layer, `Q4Projection` per matrix) and hands the C++ engine the same names (`EngineSpec`).
@@ -9,7 +9,8 @@ slots and positions, which runs any rows (token, slot, position) in one call.
 
 `unsupported(model)` says in one sentence why a model cannot run on the engine (None when it can):
 the engine serves what it computes exactly as transformers does (RMSNorm, RoPE from the model's own
-tables, grouped-query attention, SwiGLU), and nothing else.
+tables, grouped-query attention, SwiGLU, Qwen3's RMSNorm of each query and key head before RoPE), and
+nothing else.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch import nn
 
 from .engine_projection import UNIT, Q4Projection, _projection, _units, int4_grid  # noqa: F401 (their home before)
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _projection_reason(name: str, lin: Any) -> str | None:
@@ -87,6 +88,12 @@ def unsupported(model: Any) -> str | None:
         scaling = getattr(layer.self_attn, "scaling", None)
         if head_dim and scaling is not None and not math.isclose(scaling, head_dim ** -0.5, rel_tol=1e-6):
             return "the decode engine scales attention by 1/sqrt(head_dim); this model uses another scale"
+        if getattr(layer.self_attn, "sliding_window", None) is not None:
+            return (f"the decode engine has no sliding-window attention; layer {i} attends to the last "
+                    f"{layer.self_attn.sliding_window} positions")
+        why = _head_norms_reason(i, layer.self_attn, _norm(inner.norm)[1])
+        if why:
+            return why
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         return "the decode engine's head has no bias; this model's lm_head has one"
@@ -116,6 +123,30 @@ def _norm(m: nn.Module) -> tuple[torch.Tensor, float]:
     return _as_is(m.weight), float(eps)
 
 
+def _head_norms(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_norm, k_norm) weights [head_dim] of an attention that normalizes each query and key head before
+    RoPE (Qwen3), each empty where there is none."""
+    return tuple(_as_is(m.weight) if m is not None else torch.empty(0)  # type: ignore[return-value]
+                 for m in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)))
+
+
+def _head_norms_reason(i: int, attn: nn.Module, eps: float) -> str | None:
+    """Why layer `i`'s per-head q/k norms are not ones the engine computes (an RMSNorm over one head with a
+    weight of head_dim values and the model's eps), or None."""
+    d = getattr(attn, "head_dim", None)
+    for name in ("q_norm", "k_norm"):
+        m = getattr(attn, name, None)
+        if m is None:
+            continue
+        w = getattr(m, "weight", None)
+        if not ("RMSNorm" in type(m).__name__ and isinstance(w, torch.Tensor) and tuple(w.shape) == (d,)):
+            return (f"layer {i} self_attn.{name} is a {type(m).__name__}; the engine computes an RMSNorm over "
+                    f"each head's {d} channels")
+        if not math.isclose(_norm(m)[1], eps, rel_tol=1e-6):
+            return f"layer {i} self_attn.{name} has eps {_norm(m)[1]}; the engine uses the model's {eps} for every norm"
+    return None
+
+
 def _is_int4(lin: Any) -> bool:
     from ..layers.int4 import Int4Linear
     from .engine_linear import EngineInt4Linear
@@ -140,7 +171,8 @@ def _head(model: Any) -> list[torch.Tensor]:
 
 @dataclass
 class EngineBlock:
-    """One decoder layer: its two RMSNorm weights and four projections (q|k|v and gate|up stacked)."""
+    """One decoder layer: its two RMSNorm weights, four projections (q|k|v and gate|up stacked), and the
+    per-head query and key RMSNorm weights of a Qwen3 layer (empty for the others)."""
 
     norm1: torch.Tensor
     norm2: torch.Tensor
@@ -148,10 +180,16 @@ class EngineBlock:
     o: Q4Projection
     gate_up: Q4Projection
     down: Q4Projection
+    q_norm: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    k_norm: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
     def native(self, lib: Any, panels: bool = False) -> Any:
         b = lib.EngineLayer()
         b.norm1, b.norm2 = self.norm1, self.norm2
+        if self.q_norm.numel():
+            b.q_norm = self.q_norm
+        if self.k_norm.numel():
+            b.k_norm = self.k_norm
         b.qkv, b.o, b.gate_up, b.down = (p.native(lib, panels) for p in (self.qkv, self.o, self.gate_up, self.down))
         return b
 
@@ -216,7 +254,7 @@ class EngineWeights:
                 _norm(layer.input_layernorm)[0], _norm(layer.post_attention_layernorm)[0],
                 _projection([p["self_attn.q_proj"], p["self_attn.k_proj"], p["self_attn.v_proj"]], scales),
                 _projection([p["self_attn.o_proj"]], scales), _projection(gate_up, scales),
-                _projection([p["mlp.down_proj"]], scales)))
+                _projection([p["mlp.down_proj"]], scales), *_head_norms(layer.self_attn)))
         inter = blocks[0].gate_up.out_features // 2 if blocks else 0
         dims = EngineDims(len(blocks), config.hidden_size, hq, hkv, d, inter, emb.shape[0])
         head = model.get_output_embeddings()
@@ -232,7 +270,7 @@ class EngineWeights:
         if self.head4 is not None:
             tensors += [self.head4.q, self.head4.s, self.head4.zc]
         for b in self.blocks:
-            tensors += [b.norm1, b.norm2] + [t for p in (b.qkv, b.o, b.gate_up, b.down) for t in (p.q, p.s, p.zc, p.bias)]
+            tensors += [b.norm1, b.norm2, b.q_norm, b.k_norm] + [t for p in (b.qkv, b.o, b.gate_up, b.down) for t in (p.q, p.s, p.zc, p.bias)]
         held = {(t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()): t.numel() * t.element_size()
                 for t in tensors if t.numel()}
         return sum(held.values())
