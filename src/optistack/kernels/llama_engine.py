@@ -270,7 +270,8 @@ class EngineWeights:
         if self.head4 is not None:
             tensors += [self.head4.q, self.head4.s, self.head4.zc]
         for b in self.blocks:
-            tensors += [b.norm1, b.norm2, b.q_norm, b.k_norm] + [t for p in (b.qkv, b.o, b.gate_up, b.down) for t in (p.q, p.s, p.zc, p.bias)]
+            tensors += [b.norm1, b.norm2, b.q_norm, b.k_norm]
+            tensors += [t for p in (b.qkv, b.o, b.gate_up, b.down) for t in (p.q, p.s, p.zc, p.bias)]
         held = {(t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()): t.numel() * t.element_size()
                 for t in tensors if t.numel()}
         return sum(held.values())
