@@ -1,15 +1,16 @@
 """Decode beyond the cache, side by side from one file: optistack's engine and llama.cpp on the same weights.
 
-    python benchmarks/peers/beyond_cache_decode.py [--model llama-1.1b | qwen-1.5b-shape] [--rounds 4]
-        [--tokens 64] [--threads 2]
+    python benchmarks/peers/beyond_cache_decode.py [--model llama-1.1b | qwen-1.5b-shape | qwen3-0.6b-shape]
+        [--rounds 4] [--tokens 64] [--threads 2]
 
 A Llama of the named shape (benchmarks/engine_bytes.py; SmolLM2's 49,152-token vocabulary, so the bundled
-GGUF's tokenizer fits) gets seeded random weights and `rtn-int4{zero_point=false,group_size=64,head=int8}`:
-a symmetric int4 grid, which `save_gguf` writes as Q4_0 (llama.cpp's fastest 4-bit format; the int8 head as
-Q8_0) with no re-rounding. llama.cpp decodes that file (llama_cpp_runner.py, its own process, `n_batch=1`);
-optistack decodes the same quantized model after `fuse-kernels,decode-engine`. Rounds interleave the two; each
-prints its tokens/s (median step after a 16-token prompt) and the ratio's median and range. Needs
-llama-cpp-python.
+GGUF's tokenizer fits; `qwen3-0.6b-shape` is a Qwen3 with Qwen3-0.6B's body: hidden 1024, 28 layers, 16 query
+heads of 128 over 8 key/value heads, q/k norms, written as llama.cpp's "qwen3" graph) gets seeded random
+weights and `rtn-int4{zero_point=false,group_size=64,head=int8}`: a symmetric int4 grid, which `save_gguf`
+writes as Q4_0 (llama.cpp's fastest 4-bit format; the int8 head as Q8_0) with no re-rounding. llama.cpp
+decodes that file (llama_cpp_runner.py, its own process, `n_batch=1`); optistack decodes the same quantized
+model after `fuse-kernels,decode-engine`. Rounds interleave the two; each prints its tokens/s (median step
+after a 16-token prompt) and the ratio's median and range. Needs llama-cpp-python.
 """
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+QWEN3 = {"qwen3-0.6b-shape": (1024, 3072, 28, 16, 8, 128)}  # hidden, intermediate, layers, heads, kv, head size
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="llama-1.1b", choices=["llama-1.1b", "qwen-1.5b-shape"])
+    ap.add_argument("--model", default="llama-1.1b", choices=["llama-1.1b", "qwen-1.5b-shape", *QWEN3])
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
@@ -45,11 +47,20 @@ def main() -> int:
     from optistack.generation import greedy_decode
 
     torch.set_num_threads(args.threads)
-    hidden, inter, layers, heads, kv, _ = SHAPES[args.model]
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=False)).eval()
+    if args.model in QWEN3:
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        hidden, inter, layers, heads, kv, head_dim = QWEN3[args.model]
+        model = Qwen3ForCausalLM(Qwen3Config(
+            hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=kv, head_dim=head_dim, vocab_size=49152, max_position_embeddings=2048,
+            tie_word_embeddings=False)).eval()
+    else:
+        hidden, inter, layers, heads, kv, _ = SHAPES[args.model]
+        model = LlamaForCausalLM(LlamaConfig(
+            hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=kv, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=False)).eval()
     model = Pipeline.parse("rtn-int4{zero_point=false,group_size=64,head=int8}").apply(model, PassContext()).model
     tmp = Path(tempfile.mkdtemp(prefix="beyond-cache-"))
     written = save_gguf(tmp / "model.gguf", model, tokenizer=str(smollm2_gguf()))

@@ -9,11 +9,14 @@ largest difference from our own dequantized weight. What has no such type (fp8, 
 group size that is not a multiple of 32, a module llama.cpp's Llama graph has no place for) is refused
 with one error naming the layer, before anything is written.
 
-Tensor names and metadata follow llama.cpp's converter (convert_hf_to_gguf.py, arch "llama"):
-q_proj/k_proj rows are permuted into llama.cpp's RoPE order (rows of every quantized form move with
-their scales), a tied lm_head is left out (llama.cpp reuses token_embd), an int8 head of a tied model
-is written as its own `output.weight`. The tokenizer comes from gguf_vocab.py. The file is written
-beside its destination and renamed into place; the model is only read.
+Tensor names and metadata follow llama.cpp's converter (convert_hf_to_gguf.py; arch "llama", "qwen2"
+or "qwen3" after the model's model_type): for "llama" q_proj/k_proj rows are permuted into llama.cpp's
+RoPE order (rows of every quantized form move with their scales; the Qwen graphs rotate halves as
+transformers does, so their rows stay), Qwen2's q/k/v biases are written beside their weights, Qwen3's
+per-head `q_norm`/`k_norm` as `attn_q_norm`/`attn_k_norm`, a tied lm_head is left out (llama.cpp reuses
+token_embd), an int8 head of a tied model is written as its own `output.weight`. The tokenizer comes
+from gguf_vocab.py. The file is written beside its destination and renamed into place; the model is
+only read.
 """
 from __future__ import annotations
 
@@ -40,6 +43,12 @@ BLOCK_NAMES = (("attn_norm", "input_layernorm"), ("attn_q", "self_attn.q_proj"),
                ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
                ("ffn_norm", "post_attention_layernorm"), ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"),
                ("ffn_down", "mlp.down_proj"))
+# llama.cpp's graph per model_type: (does it read q/k rows in its interleaved RoPE order, its extra block tensors)
+ARCHS: dict[str, tuple[bool, tuple[tuple[str, str], ...]]] = {
+    "llama": (True, ()),
+    "qwen2": (False, ()),
+    "qwen3": (False, (("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm"))),
+}
 
 
 @dataclass
@@ -111,7 +120,7 @@ def save_gguf(path: str | Path, model: Any, tokenizer: Any = None, float_type: s
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     main_types = [t.ggml_type for t in written if t.name.startswith("blk.") and not t.name.endswith("norm.weight")]
     file_type = max(set(main_types), key=main_types.count) if main_types else "F32"
-    writer = gguf.GGUFWriter(str(tmp), "llama")
+    writer = gguf.GGUFWriter(str(tmp), cfg.model_type)
     try:
         _write_metadata(writer, cfg, model, file_type, pipeline)
         vocab = _write_tokenizer(writer, tokenizer, source_model, model, int(cfg.vocab_size), tokenizer_pre)
@@ -136,11 +145,16 @@ def _check_architecture(model: Any) -> Any:
     if not isinstance(model, nn.Module) or cfg is None:
         raise CheckpointError(f"save_gguf writes Hugging Face Llama-family models; this is a {type(model).__name__} "
                               "(a form only optistack runs): use result.save(dir)")
-    if getattr(cfg, "model_type", None) != "llama":
-        raise CheckpointError(f"save_gguf writes llama.cpp's 'llama' architecture (model_type llama: Llama, SmolLM2, "
-                              f"TinyLlama...); this model's model_type is {getattr(cfg, 'model_type', None)!r}")
+    if getattr(cfg, "model_type", None) not in ARCHS:
+        raise CheckpointError(f"save_gguf writes llama.cpp's {', '.join(repr(a) for a in ARCHS)} architectures "
+                              "(model_type llama: Llama, SmolLM2, TinyLlama...; qwen2; qwen3); this model's model_type "
+                              f"is {getattr(cfg, 'model_type', None)!r}")
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise CheckpointError(f"llama.cpp's llama graph uses SiLU; this model's hidden_act is {cfg.hidden_act!r}")
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    if any(getattr(layer.self_attn, "sliding_window", None) is not None for layer in layers
+           if hasattr(layer, "self_attn")):
+        raise CheckpointError("the model has sliding-window attention layers, which save_gguf does not describe")
     if getattr(cfg, "mlp_bias", False):
         raise CheckpointError("the model has MLP biases (mlp_bias=True), which llama.cpp's llama graph does not add")
     rope = _rope(cfg)
@@ -211,13 +225,14 @@ def _write_tokenizer(writer: Any, tokenizer: Any, source_model: Any, model: Any,
 
 
 def _modules(model: Any, cfg: Any) -> list[tuple[str, str, int | None]]:
-    """(GGUF tensor prefix, module name, heads to permute rows for) of llama.cpp's llama graph."""
+    """(GGUF tensor prefix, module name, heads to permute rows for) of llama.cpp's graph for the model."""
+    permute, extra = ARCHS[cfg.model_type]
     n_head = int(cfg.num_attention_heads)
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_head)
     out: list[tuple[str, str, int | None]] = [("token_embd", "model.embed_tokens", None)]
     for i in range(int(cfg.num_hidden_layers)):
-        for short, long in BLOCK_NAMES:
-            heads = n_head if short == "attn_q" else n_kv if short == "attn_k" else None
+        for short, long in BLOCK_NAMES + extra:
+            heads = None if not permute else n_head if short == "attn_q" else n_kv if short == "attn_k" else None
             out.append((f"blk.{i}.{short}", f"model.layers.{i}.{long}", heads))
     out += [("output_norm", "model.norm", None), ("output", "lm_head", None)]
     return out
@@ -233,7 +248,7 @@ def _collect_tensors(model: Any, cfg: Any, float_kind: str) -> tuple[dict, list[
         for prefix, name, heads in _modules(model, cfg):
             module = model.get_submodule(name) if _has(model, name) else stacked_rows(model, name)
             if module is None:
-                raise CheckpointError(f"{name} is missing: llama.cpp's llama graph needs {prefix}.weight")
+                raise CheckpointError(f"{name} is missing: llama.cpp's {cfg.model_type} graph needs {prefix}.weight")
             covered.add(name if not isinstance(module, RowSlice) else name.rpartition(".")[0] + ".gate_up")
             if prefix == "output" and _tied(module, embed):
                 continue  # llama.cpp reads the tied head from token_embd
@@ -252,7 +267,7 @@ def _collect_tensors(model: Any, cfg: Any, float_kind: str) -> tuple[dict, list[
     stray = sorted({k.rsplit(".", 1)[0] for k in model.state_dict()} - covered)
     if stray:
         kind = type(model.get_submodule(stray[0])).__name__
-        raise CheckpointError(f"{stray[0]} (a {kind}) has no place in llama.cpp's llama graph"
+        raise CheckpointError(f"{stray[0]} (a {kind}) has no place in llama.cpp's {cfg.model_type} graph"
                               f"{f' ({len(stray)} such modules)' if len(stray) > 1 else ''}; save_gguf cannot write it")
     return arrays, written
 
