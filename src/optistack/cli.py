@@ -48,16 +48,32 @@ def cmd_run(args) -> int:
         run_cli_scenario(args, workload, result, scenario)
     _write_outputs(result.report, args)
     if args.save:  # after the report: a model transformers cannot load still leaves the report written
-        save_result(result, args.save, getattr(args, "save_format", "hf"))
+        save_result(result, args.save, getattr(args, "save_format", "auto"))
     return 0
 
 
 def save_result(result, path: str, save_format: str) -> None:
-    """--save / --save-format: a Hugging Face folder (hf) or one GGUF file llama.cpp runs (gguf)."""
+    """--save / --save-format: a Hugging Face folder (hf), one GGUF file llama.cpp runs (gguf), optistack's own
+    folder (optistack: what `optistack serve` and `optistack.load_model` read, any pipeline), or auto: hf where
+    that format holds the model (checked before a byte is written), else optistack's own, saying why."""
+    from .checkpoints import CheckpointError, DestinationError
+
     if save_format == "gguf":
         print(f"saved (llama.cpp loadable): {result.save_gguf(path).summary()}", file=sys.stderr)
+        return
+    if save_format in ("hf", "auto"):
+        try:
+            print(f"saved (transformers / vLLM loadable): {result.save_pretrained(path)}", file=sys.stderr)
+            return
+        except CheckpointError as exc:
+            if save_format == "hf" or isinstance(exc, DestinationError):  # the path, not the model: say so
+                raise
+            why = str(exc).split(": use result.save")[0].split("; use result.save")[0]
     else:
-        print(f"saved (transformers / vLLM loadable): {result.save_pretrained(path)}", file=sys.stderr)
+        why = None
+    out = result.save(path)
+    print(f"saved (optistack serve / optistack.load_model): {out}"
+          + (f"; not a Hugging Face folder: {why}" if why else ""), file=sys.stderr)
 
 
 def _print_tracebacks(report) -> None:
@@ -216,10 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "disjoint evaluation and calibration parts")
         p.add_argument("--task", choices=("causal-lm", "encoder", "sequence-classification", "image-classification"),
                        help="the model's task when config.json's architectures do not tell")
-        p.add_argument("--save", help="write the final model here as a Hugging Face folder (compressed-tensors for "
-                                      "int4/int8/fp8) that transformers and vLLM load")
-        p.add_argument("--save-format", choices=("hf", "gguf"), default="hf",
-                       help="hf: the folder above; gguf: one .gguf file llama.cpp runs (Llama-family models; int4 -> "
+        p.add_argument("--save", help="write the final model here (--save-format)")
+        p.add_argument("--save-format", choices=("auto", "hf", "optistack", "gguf"), default="auto",
+                       help="hf: a Hugging Face folder (compressed-tensors for int4/int8/fp8) that transformers and "
+                            "vLLM load; optistack: optistack's own folder, any pipeline (optistack serve and "
+                            "optistack.load_model read it); auto (default): hf where that format holds the model, "
+                            "else optistack's own; gguf: one .gguf file llama.cpp runs (Llama, Qwen2, Qwen3; int4 -> "
                             "Q4_0/Q4_1, int8 -> Q8_0), see docs/gguf.md")
         p.add_argument("--pipeline", required=pipeline_required, default=None,
                        help='e.g. "int8-dynamic,compile" or a preset, "@llm-decode" (see `optistack presets`)')

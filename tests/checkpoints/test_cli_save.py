@@ -49,3 +49,36 @@ def test_save_refusal_is_a_clear_cli_error(tmp_path, capsys):
     (tmp_path / "taken" / "keep.txt").write_text("x")
     rc = main(["run", "--model", str(folder), "--pipeline", "identity", "--quick", "--save", str(tmp_path / "taken")])
     assert rc == 2 and "not written by optistack" in capsys.readouterr().err
+
+
+def test_a_model_only_optistack_runs_is_saved_in_its_own_format_by_default(tmp_path, capsys):
+    """`--save` (auto): fuse-kernels' layers have no Hugging Face form, so the folder is optistack's own, the
+    reason is printed, and optistack.load_model reads it back to the same outputs; `--save-format hf` asked
+    explicitly is the clear error it was, with nothing written."""
+    import torch
+
+    from optistack import load_model
+    from optistack.cli import main
+    from optistack.kernels import cpu
+
+    if not cpu.available():
+        pytest.skip(cpu.available().reason)
+    folder = llama_folder(tmp_path / "llama")
+    chain = "rtn-int4,fuse-kernels"
+    rc = main(["run", "--model", str(folder), "--pipeline", chain, "--quick", "--save", str(tmp_path / "hf"),
+               "--save-format", "hf"])
+    assert rc == 2 and "only optistack runs it" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+    rc = main(["run", "--model", str(folder), "--pipeline", chain, "--quick", "--save", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 0 and "saved (optistack serve / optistack.load_model)" in err and "not a Hugging Face folder" in err
+    assert (tmp_path / "out" / "optistack.json").is_file() and not (tmp_path / "out" / "config.json").exists()
+    model = load_model(tmp_path / "out")
+    ids = torch.randint(4, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    again = load_model(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    assert type(model.model.layers[0].mlp).__name__ == "FusedGatedMLP"
+    rc = main(["run", "--model", str(folder), "--pipeline", "identity", "--quick", "--save", str(tmp_path / "own"),
+               "--save-format", "optistack"])
+    assert rc == 0 and (tmp_path / "own" / "optistack.json").is_file()

@@ -366,3 +366,22 @@ def test_loaded_model_is_bit_identical_and_lists_every_file(llama_folder):
     assert list(manifest["integrity"]["files"]) == ["model.safetensors"]
     assert manifest["base"] == {**manifest["base"], "library": "transformers", "class": "LlamaForCausalLM"}
     assert load_model(llama_folder)(IDS).logits.isfinite().all()
+
+
+def test_saving_over_a_folder_of_the_users_is_refused_and_an_earlier_save_is_replaced(tmp_path):
+    """`--save ./my-llama` on the folder the model came from must not replace its model.safetensors."""
+    model = tiny_llama(vocab_size=128)
+    p = RtnInt4Pass(group_size=32)
+    result = p.apply(copy.deepcopy(model), PassContext())
+    theirs = tmp_path / "my-llama"
+    theirs.mkdir()
+    (theirs / "model.safetensors").write_bytes(b"the user's weights")
+    with pytest.raises(OptistackError, match="is not empty and is not an optistack save"):
+        save_model(theirs, result.model, model, [step(p, result.info)], {})
+    assert (theirs / "model.safetensors").read_bytes() == b"the user's weights"
+    ours = tmp_path / "ours"
+    for _ in range(2):  # an earlier save is ours to replace
+        save_model(ours, result.model, model, [step(p, result.info)], {})
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(load_model(ours)(ids).logits, result.model(ids).logits)

@@ -14,14 +14,14 @@ from typing import Any
 
 from ..core.modeling import unwrap_compiled
 
-__all__ = ["CheckpointError", "save_gguf", "save_pretrained"]
+__all__ = ["CheckpointError", "DestinationError", "save_gguf", "save_pretrained"]
 
 
 def __getattr__(attr: str) -> Any:
-    if attr == "CheckpointError":  # lazy: importing the package stays free of torch
-        from .compressed_tensors import CheckpointError
+    if attr in ("CheckpointError", "DestinationError"):  # lazy: importing the package stays free of torch
+        from . import compressed_tensors
 
-        return CheckpointError
+        return getattr(compressed_tensors, attr)
     if attr == "save_gguf":  # lazy, like CheckpointError: gguf and torch load on first use
         from .gguf_out import save_gguf
 

@@ -35,6 +35,10 @@ class CheckpointError(OptistackError, ValueError):
     """The model holds something this checkpoint format cannot store."""
 
 
+class DestinationError(CheckpointError):
+    """The path to write to cannot take the checkpoint (a file, or a folder of the user's): nothing about the model."""
+
+
 def pack_bits(values: torch.Tensor, bits: int = 4) -> torch.Tensor:
     """Unsigned `bits`-bit values [R, C] (4: 0..15, 8: 0..255) -> int32 [R, ceil(C * bits / 32)]:
     value e of a word's 32/bits in bits e*bits.. of it (the format's dense packing, little end first)."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .compressed_tensors import CheckpointError
+from .compressed_tensors import DestinationError
 
 MARKER = "optistack-checkpoint.json"
 # Files beside the weights that loaders need: tokenizers, chat templates, sentence-transformers modules.
@@ -100,9 +100,9 @@ def prepare_destination(path: str | Path) -> tuple[Path, Path]:
     final = Path(path).expanduser()
     if final.exists():
         if not final.is_dir():
-            raise CheckpointError(f"save_pretrained: {final} exists and is a file; give a folder path")
+            raise DestinationError(f"save_pretrained: {final} exists and is a file; give a folder path")
         if any(final.iterdir()) and not (final / MARKER).is_file():
-            raise CheckpointError(f"save_pretrained: {final} exists, is not empty and was not written by optistack; "
+            raise DestinationError(f"save_pretrained: {final} exists, is not empty and was not written by optistack; "
                                   "choose a new or empty folder")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))

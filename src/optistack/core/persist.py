@@ -161,8 +161,13 @@ def save_model(path: str | Path, model: Any, original: Any, steps: list[Any], wo
 
 
 def _folder(path: Any) -> Path:
-    """The folder to save into, made if missing; one OptistackError naming the path when it cannot be."""
-    out = Path(path)
+    """The folder to save into, made if missing; one OptistackError naming the path when it cannot be. A
+    folder that already holds files is used only if it is an earlier save (its manifest): saving over the
+    model folder it was loaded from (or any folder of the user's) would replace their files."""
+    out = Path(path).expanduser()
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise OptistackError(f"cannot save to {str(out)!r}: it exists, is not empty and is not an optistack save "
+                             f"(no {MANIFEST}); choose a new or empty folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
