@@ -32,6 +32,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("norm2", &EngineLayer::norm2)
       .def_readwrite("q_norm", &EngineLayer::q_norm)
       .def_readwrite("k_norm", &EngineLayer::k_norm)
+      .def_readwrite("rope", &EngineLayer::rope)
       .def_readwrite("qkv", &EngineLayer::qkv)
       .def_readwrite("o", &EngineLayer::o)
       .def_readwrite("gate_up", &EngineLayer::gate_up)

@@ -263,7 +263,7 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
         const int64_t b = j / Hkv, h = j % Hkv, p = pos[b];
         float* k = qkv.data() + b * Nqkv + (Hq + h) * D;
         if (ly.k_norm) rms_norm(k, ly.k_norm, k, D, eps);
-        rope(k, cos + p * half, sin + p * half, D);
+        if (ly.rope) rope(k, cos + p * half, sin + p * half, D);
         float *ksp = scale(ks, l, slot[b], h), *vsp = scale(vs, l, slot[b], h);
         put(kv(kc, l, slot[b], h) + p * D, ksp ? ksp + p : nullptr, k, D);
         put(kv(vc, l, slot[b], h) + p * D, vsp ? vsp + p : nullptr, k + Hkv * D, D);
@@ -279,7 +279,7 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
         float* q = qkv.data() + b * Nqkv + (h * grp + g0) * D;
         for (int64_t g = 0; g < g1 - g0; ++g) {
           if (ly.q_norm) rms_norm(q + g * D, ly.q_norm, q + g * D, D, eps);
-          rope(q + g * D, cos + p * half, sin + p * half, D);
+          if (ly.rope) rope(q + g * D, cos + p * half, sin + p * half, D);
         }
         attend(q, kv(kc, l, slot[b], h), kv(vc, l, slot[b], h), scale(ks, l, slot[b], h), scale(vs, l, slot[b], h),
                p + 1, D, g1 - g0, sc,
@@ -292,7 +292,7 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
           for (int64_t g = 0; g < grp; ++g) {
             const int64_t p = pos[it.b0 + i];
             if (ly.q_norm) rms_norm(q + i * Nqkv + g * D, ly.q_norm, q + i * Nqkv + g * D, D, eps);
-            rope(q + i * Nqkv + g * D, cos + p * half, sin + p * half, D);
+            if (ly.rope) rope(q + i * Nqkv + g * D, cos + p * half, sin + p * half, D);
           }
         const int64_t b = it.b0, h = it.h;
 #ifdef OPTISTACK_AMX_BUILD

@@ -165,10 +165,12 @@ struct Q4Proj {
 Q4Weight q4_weight(const Q4Proj& p, int64_t N, int64_t K, const char* what, std::vector<at::Tensor>& keep);
 
 // One decoder block: the two RMSNorm weights [H] and its four projections (q, k and v stacked; gate and up stacked);
-// q_norm, k_norm [D] (optional, Qwen3): an RMSNorm of every query and key head before RoPE.
+// q_norm, k_norm [D] (optional, Qwen3): an RMSNorm of every query and key head before RoPE; rope false: a layer
+// without position rotation (SmolLM3's NoPE layers).
 struct EngineLayer {
   at::Tensor norm1, norm2, q_norm, k_norm;
   Q4Proj qkv, o, gate_up, down;
+  bool rope = true;
 };
 
 // Attention for a prompt chunk (llama_attn_chunk.h): from this many rows of one slot in one call (int8
@@ -252,6 +254,7 @@ class LlamaEngine {
   struct Layer {
     const float *norm1, *norm2, *q_norm = nullptr, *k_norm = nullptr;
     Q4Weight qkv, o, gate_up, down;
+    bool rope = true;
   };
   int64_t L, H, Hq, Hkv, D, I, V, S, Tmax, Kh, Nmax, amx_min = 0, amx_batch_min = 0, gemm_min = 0;
   float eps;

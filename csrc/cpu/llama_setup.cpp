@@ -125,6 +125,7 @@ LlamaEngine::LlamaEngine(const EngineSpec& spec, at::Tensor cos_t, at::Tensor si
     Layer y;
     y.norm1 = f32(e.norm1, H, "norm1");
     y.norm2 = f32(e.norm2, H, "norm2");
+    y.rope = e.rope;
     keep.push_back(e.norm1);
     keep.push_back(e.norm2);
     if (e.q_norm.defined() && e.q_norm.numel()) {

@@ -27,7 +27,7 @@ def tiny(kind: str, seed: int = 0):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "smollm3"])
 def pair(request):
     quant = Pipeline.parse("rtn-int4{head=int8},fuse-kernels").apply(tiny(request.param), PassContext()).model
     chain = "decode-engine{act=int16,prefill=model,check_prompts=0}"

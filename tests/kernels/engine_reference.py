@@ -79,7 +79,8 @@ def forward(weights, tokens, slots, positions, k_cache, v_cache, cos, sin, act_b
             q = rms(q, blk.q_norm, eps)
         if blk.k_norm.numel():
             k = rms(k, blk.k_norm, eps)
-        q, k = rope(q, c, s), rope(k, c, s)
+        if getattr(blk, "rope", True):  # SmolLM3's NoPE layers skip it
+            q, k = rope(q, c, s), rope(k, c, s)
         v = qkv[:, (hq + hkv) * hd:].reshape(n, hkv, hd)
         if kv_int8:
             k, v = int8_roundtrip(k), int8_roundtrip(v)

@@ -1,6 +1,7 @@
 """The C++ serving engine (csrc/cpu/llama_decode.cpp) built from a Llama-family model.
 
-`EngineWeights.from_model(model)` repacks an int4-quantized LlamaForCausalLM (or Mistral, Qwen2, Qwen3) once:
+`EngineWeights.from_model(model)` repacks an int4-quantized LlamaForCausalLM (or Mistral, Qwen2, Qwen3, SmolLM3)
+once:
 q, k and v into one int4 matrix, gate and up into another, every projection in the engine's unit
 layout (int4_q8_gemv.cpp), the head as int8 rows. The result holds every tensor by name (`EngineBlock`
 per decoder layer, `Q4Projection` per matrix) and hands the C++ engine the same names (`EngineSpec`).
@@ -9,8 +10,8 @@ slots and positions, which runs any rows (token, slot, position) in one call.
 
 `unsupported(model)` says in one sentence why a model cannot run on the engine (None when it can):
 the engine serves what it computes exactly as transformers does (RMSNorm, RoPE from the model's own
-tables, grouped-query attention, SwiGLU, Qwen3's RMSNorm of each query and key head before RoPE), and
-nothing else.
+tables, grouped-query attention, SwiGLU, Qwen3's RMSNorm of each query and key head before RoPE, SmolLM3's
+layers without RoPE), and nothing else.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from torch import nn
 
 from .engine_projection import UNIT, Q4Projection, _projection, _units, int4_grid  # noqa: F401 (their home before)
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 
 
 def _projection_reason(name: str, lin: Any) -> str | None:
@@ -171,8 +172,8 @@ def _head(model: Any) -> list[torch.Tensor]:
 
 @dataclass
 class EngineBlock:
-    """One decoder layer: its two RMSNorm weights, four projections (q|k|v and gate|up stacked), and the
-    per-head query and key RMSNorm weights of a Qwen3 layer (empty for the others)."""
+    """One decoder layer: its two RMSNorm weights, four projections (q|k|v and gate|up stacked), the per-head
+    query and key RMSNorm weights of a Qwen3 layer (empty for the others), and whether it applies RoPE."""
 
     norm1: torch.Tensor
     norm2: torch.Tensor
@@ -182,6 +183,7 @@ class EngineBlock:
     down: Q4Projection
     q_norm: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     k_norm: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    rope: bool = True  # False: a SmolLM3 NoPE layer (queries and keys enter attention as projected)
 
     def native(self, lib: Any, panels: bool = False) -> Any:
         b = lib.EngineLayer()
@@ -190,6 +192,7 @@ class EngineBlock:
             b.q_norm = self.q_norm
         if self.k_norm.numel():
             b.k_norm = self.k_norm
+        b.rope = self.rope
         b.qkv, b.o, b.gate_up, b.down = (p.native(lib, panels) for p in (self.qkv, self.o, self.gate_up, self.down))
         return b
 
@@ -254,7 +257,8 @@ class EngineWeights:
                 _norm(layer.input_layernorm)[0], _norm(layer.post_attention_layernorm)[0],
                 _projection([p["self_attn.q_proj"], p["self_attn.k_proj"], p["self_attn.v_proj"]], scales),
                 _projection([p["self_attn.o_proj"]], scales), _projection(gate_up, scales),
-                _projection([p["mlp.down_proj"]], scales), *_head_norms(layer.self_attn)))
+                _projection([p["mlp.down_proj"]], scales), *_head_norms(layer.self_attn),
+                rope=bool(getattr(layer.self_attn, "use_rope", True))))
         inter = blocks[0].gate_up.out_features // 2 if blocks else 0
         dims = EngineDims(len(blocks), config.hidden_size, hq, hkv, d, inter, emb.shape[0])
         head = model.get_output_embeddings()

@@ -90,7 +90,7 @@ def _opt_requires(cfg: Any) -> str | None:
 
 
 _LLAMA = Mapping(
-    "llama", ("llama", "mistral", "qwen2", "qwen3"), "model.layers",
+    "llama", ("llama", "mistral", "qwen2", "qwen3", "smollm3"), "model.layers",
     (GroupSpec("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn", "input_layernorm"),
      GroupSpec("o", ("self_attn.o_proj",), "self_attn.o_proj", "self_attn.v_proj"),
      GroupSpec("gate_up", ("mlp.gate_proj", "mlp.up_proj"), "mlp", "post_attention_layernorm"),

@@ -1,6 +1,7 @@
-"""Qwen3 on the decode engine: each query and key head RMS-normalized before RoPE, a head size whose heads do
-not add up to the hidden size (Qwen3-0.6B: 16 x 128 over 1024), against the plain-torch reference and the
-model's own forward; and the per-head norms or layer kinds the engine does not compute, refused by name."""
+"""Architectures beyond Llama on the decode engine, against the plain-torch reference and the model's own
+forward: Qwen3 (each query and key head RMS-normalized before RoPE, heads that do not add up to the hidden
+size: Qwen3-0.6B's 16 x 128 over 1024) and SmolLM3 (layers without RoPE); and the per-head norms or layer
+kinds the engine does not compute, refused by name."""
 from __future__ import annotations
 
 import copy
@@ -33,19 +34,30 @@ def tiny_qwen3(layers: int = 2, **extra):
     return model
 
 
+def tiny_smollm3(layers: int = 4):
+    """Every other layer without RoPE (SmolLM3-3B: every fourth), so a rotation applied or skipped in the wrong
+    layer shows."""
+    return tiny("smollm3", hidden=192, inter=320, layers=layers, heads=3, kv=1, pad_token_id=0,
+                no_rope_layers=[1, 0] * (layers // 2))
+
+
 @pytest.mark.parametrize("act_bits", [8, 16])
+@pytest.mark.parametrize("arch", ["qwen3", "smollm3"])
 @torch.no_grad()
-def test_qwen3_prompt_and_decode_rows_match_the_reference(act_bits):
+def test_prompt_and_decode_rows_match_the_reference(arch, act_bits):
     """A 40-row prompt (a chunk: its rows attend together) in slot 0, a 5-row one in slot 1, then decode
     steps of both; int16 activations within 1e-3 of the reference, int8 ones within 1e-2 (one activation
     code rounding the other way moves a row by ~0.5%; a head normalized with the wrong weight or not at all
     is off by tens of %)."""
     from optistack.kernels.llama_engine import EngineWeights
 
-    weights = EngineWeights.from_model(quantized(tiny_qwen3()))
+    weights = EngineWeights.from_model(quantized(tiny_qwen3() if arch == "qwen3" else tiny_smollm3()))
     d = weights.dims
-    assert (d.heads * d.head_dim, d.hidden) == (512, 256)
-    assert all(b.q_norm.shape == (128,) and b.k_norm.shape == (128,) for b in weights.blocks)
+    if arch == "qwen3":
+        assert (d.heads * d.head_dim, d.hidden) == (512, 256)
+        assert all(b.q_norm.shape == (128,) and b.k_norm.shape == (128,) for b in weights.blocks)
+    else:
+        assert [b.rope for b in weights.blocks] == [True, False, True, False]
     rt = weights.runtime(2, 64, act_bits=act_bits)
     cos, sin = weights.rope_tables(64)
     kc, vc = torch.zeros_like(rt.k_cache), torch.zeros_like(rt.v_cache)
@@ -89,11 +101,12 @@ def test_the_reference_is_the_models_own_forward_on_dequantized_weights():
     assert float((want.argmax(-1) == x.argmax(-1)).float().mean()) >= 0.9
 
 
-def test_decode_engine_serves_qwen3_and_generate_gives_its_own_tokens_in_the_exact_mode():
+@pytest.mark.parametrize("arch", ["qwen3", "smollm3"])
+def test_decode_engine_serves_it_and_generate_gives_its_own_tokens_in_the_exact_mode(arch):
     from optistack.core.pass_protocol import PassContext
     from optistack.core.pipeline import Pipeline
 
-    quant = quantized(tiny_qwen3())
+    quant = quantized(tiny_qwen3() if arch == "qwen3" else tiny_smollm3())
     chain = "decode-engine{act=int16,prefill=model,check_prompts=0}"
     engine = Pipeline.parse(chain).apply(copy.deepcopy(quant), PassContext()).model
     assert engine.optistack_decode is not None
