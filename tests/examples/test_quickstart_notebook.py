@@ -66,9 +66,13 @@ def test_quickstart_notebook_runs_and_shows_report_plot_and_search(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # Not in the notebook itself: a first cell that says which interpreter the kernel runs.
     nb.cells.insert(0, nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
-    client = NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=600,
-                            resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
+    km = _kernel_manager(tmp_path)
+    client = NotebookClient(nb, km=km, timeout=600, resources={"metadata": {"path": str(tmp_path)}})
+    try:
+        client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
+    finally:  # a kernel manager we pass in is ours to stop (nbclient stops only kernels it made): else the
+        if km.has_kernel:  # kernel lives on, holding ~1 GB, for the rest of the suite
+            km.shutdown_kernel(now=True)
 
     assert _stream(nb.cells[0]).strip() == sys.executable
 

@@ -136,3 +136,18 @@ def amx_mask(slots: torch.Tensor, amx_rows: int) -> torch.Tensor:
             mask[i:j] = True
         i = j
     return mask
+
+
+def check_decode_steps(rt, weights, kc, vc, cos, sin, act_bits: int, starts: list[int], tok: torch.Tensor,
+                       steps: int, bound: float) -> None:
+    """`steps` decode steps of one row per slot (slot b at position starts[b] + step) on the engine against
+    the reference (which keeps its own caches kc, vc), each row's logits within `bound` relative norm; the
+    next tokens are the reference's arg-max."""
+    slots = torch.arange(len(starts))
+    for step in range(steps):
+        pos = torch.tensor(starts) + step
+        got = rt.forward(tok, slots, pos, slots)
+        want = forward(weights, tok, slots, pos, kc, vc, cos, sin, act_bits)
+        err = ((got - want).norm(dim=-1) / want.norm(dim=-1)).tolist()
+        assert max(err) < bound, (step, err)
+        tok = want.argmax(-1)

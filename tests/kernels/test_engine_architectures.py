@@ -70,13 +70,7 @@ def test_prompt_and_decode_rows_match_the_reference(arch, act_bits):
         err = ((got - want).norm(dim=-1) / want.norm(dim=-1))
         assert float(err.max()) < (bound if not rt.impl.amx_rows or n < 32 else 2e-2), (b, err.tolist())
     tok = torch.randint(0, 300, (2,), generator=g)
-    for step in range(4):
-        pos = torch.tensor([40, 5]) + step
-        got = rt.forward(tok, torch.arange(2), pos, torch.arange(2))
-        want = ref.forward(weights, tok, torch.arange(2), pos, kc, vc, cos, sin, act_bits)
-        err = ((got - want).norm(dim=-1) / want.norm(dim=-1)).tolist()
-        assert max(err) < bound, (step, err)
-        tok = want.argmax(-1)
+    ref.check_decode_steps(rt, weights, kc, vc, cos, sin, act_bits, [40, 5], tok, 4, bound)
 
 
 def test_the_reference_is_the_models_own_forward_on_dequantized_weights():

@@ -42,13 +42,7 @@ def test_head_size_128_matches_the_reference(kind, act_bits):
         rt.forward(*rows, torch.arange(0))
         ref.forward(weights, *rows, kc, vc, cos, sin, act_bits)
     tok = torch.randint(0, 300, (2,), generator=g)
-    for step in range(4):
-        pos = torch.tensor([7, 3]) + step
-        got = rt.forward(tok, torch.arange(2), pos, torch.arange(2))
-        want = ref.forward(weights, tok, torch.arange(2), pos, kc, vc, cos, sin, act_bits)
-        err = ((got - want).norm(dim=-1) / want.norm(dim=-1)).tolist()
-        assert max(err) < (1e-3 if act_bits == 16 else 1e-2), (step, err)
-        tok = want.argmax(-1)
+    ref.check_decode_steps(rt, weights, kc, vc, cos, sin, act_bits, [7, 3], tok, 4, 1e-3 if act_bits == 16 else 1e-2)
 
 
 @pytest.mark.skipif(not cpu.available() or not cpu.lib().amx_supported(), reason="needs AMX tiles")
