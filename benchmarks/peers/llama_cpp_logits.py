@@ -27,11 +27,12 @@ def score(args: argparse.Namespace) -> dict:
     n_ctx = max(max(len(c) for c in chunks), len(prompt) + args.new_tokens) + 8
     llm = llama_cpp.Llama(model_path=args.model, n_ctx=n_ctx, n_batch=args.n_batch, n_ubatch=args.n_batch,
                           n_threads=args.threads, n_threads_batch=args.threads, logits_all=True, verbose=False)
-    nll, count = 0.0, 0
+    nll, count, top1 = 0.0, 0, []
     for chunk in chunks:
         llm.reset()
         llm.eval(chunk)
         logits = np.asarray(llm.scores[: len(chunk) - 1], dtype=np.float64)
+        top1.append(logits.argmax(axis=1).tolist())
         top = logits.max(axis=1, keepdims=True)
         logz = (top[:, 0] + np.log(np.exp(logits - top).sum(axis=1)))
         nll += float((logz - logits[np.arange(len(chunk) - 1), chunk[1:]]).sum())
@@ -44,7 +45,7 @@ def score(args: argparse.Namespace) -> dict:
         tokens.append(token)
         llm.eval([token])
     return {"version": llama_cpp.__version__, "perplexity": math.exp(nll / count), "scored_tokens": count,
-            "greedy": tokens}
+            "greedy": tokens, "top1": top1}
 
 
 def quantize(args: argparse.Namespace) -> dict:

@@ -8,6 +8,7 @@ import copy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,10 +27,10 @@ def tiny(kind: str, **extra):
 
     tok = tiny_tokenizer()
     torch.manual_seed(0)
-    config = AutoConfig.for_model(kind, vocab_size=len(tok), hidden_size=128, intermediate_size=256,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=256, rope_theta=20000.0, rms_norm_eps=1e-5,
-                                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **extra)
+    shape = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=20000.0,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    config = AutoConfig.for_model(kind, **(shape | extra))
     model = AutoModelForCausalLM.from_config(config).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # norms and biases away from their ones and zeros, so a dropped one shows
@@ -103,3 +104,20 @@ def test_a_module_the_qwen3_graph_has_no_place_for_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"layers\.0\.self_attn\.extra \(a Linear\) has no place in "
                                               r"llama.cpp's qwen3 graph"):
         save_gguf(tmp_path / "x.gguf", model, tokenizer=tok)
+
+
+def test_smollm3_is_written_as_llamas_rows_and_only_with_llama_cpps_nope_layers(tmp_path):
+    """SmolLM3: llama.cpp's smollm3 graph reads q/k rows in the llama order and skips RoPE in every fourth layer
+    (no key says so), so only that pattern is written."""
+    from test_gguf_out import _unpermute
+
+    model, tok = tiny("smollm3", num_hidden_layers=4, pad_token_id=0)
+    written = save_gguf(tmp_path / "s.gguf", model, tokenizer=tok, float_type="f32")
+    r = gguf.GGUFReader(str(written.path))
+    assert r.fields["general.architecture"].contents() == "smollm3"
+    tensors = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in r.tensors}
+    q = model.model.layers[3].self_attn.q_proj.weight.detach().numpy()
+    assert np.array_equal(_unpermute(tensors["blk.3.attn_q.weight"], 4), q)
+    odd, _ = tiny("smollm3", num_hidden_layers=4, pad_token_id=0, no_rope_layers=[1, 0, 1, 1])
+    with pytest.raises(CheckpointError, match=r"every fourth layer; this model's no_rope_layers is \[1, 0, 1, 1\]"):
+        save_gguf(tmp_path / "o.gguf", odd, tokenizer=tok)

@@ -48,6 +48,7 @@ ARCHS: dict[str, tuple[bool, tuple[tuple[str, str], ...]]] = {
     "llama": (True, ()),
     "qwen2": (False, ()),
     "qwen3": (False, (("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm"))),
+    "smollm3": (True, ()),  # llama's tensors; llama.cpp skips RoPE in every fourth layer (no key says so)
 }
 
 
@@ -147,10 +148,15 @@ def _check_architecture(model: Any) -> Any:
                               "(a form only optistack runs): use result.save(dir)")
     if getattr(cfg, "model_type", None) not in ARCHS:
         raise CheckpointError(f"save_gguf writes llama.cpp's {', '.join(repr(a) for a in ARCHS)} architectures "
-                              "(model_type llama: Llama, SmolLM2, TinyLlama...; qwen2; qwen3); this model's model_type "
-                              f"is {getattr(cfg, 'model_type', None)!r}")
+                              "(model_type llama: Llama, SmolLM2, TinyLlama...; qwen2; qwen3; smollm3); this model's "
+                              f"model_type is {getattr(cfg, 'model_type', None)!r}")
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise CheckpointError(f"llama.cpp's llama graph uses SiLU; this model's hidden_act is {cfg.hidden_act!r}")
+    if cfg.model_type == "smollm3":
+        want = [int((i + 1) % 4 != 0) for i in range(int(cfg.num_hidden_layers))]
+        if list(getattr(cfg, "no_rope_layers", want)) != want:
+            raise CheckpointError("llama.cpp's smollm3 graph skips RoPE in every fourth layer; this model's "
+                                  f"no_rope_layers is {list(cfg.no_rope_layers)}")
     layers = getattr(getattr(model, "model", None), "layers", None) or []
     if any(getattr(layer.self_attn, "sliding_window", None) is not None for layer in layers
            if hasattr(layer, "self_attn")):
