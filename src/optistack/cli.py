@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hf: a Hugging Face folder (compressed-tensors for int4/int8/fp8) that transformers and "
                             "vLLM load; optistack: optistack's own folder, any pipeline (optistack serve and "
                             "optistack.load_model read it); auto (default): hf where that format holds the model, "
-                            "else optistack's own; gguf: one .gguf file llama.cpp runs (Llama, Qwen2, Qwen3; int4 -> "
+                            "else optistack's own; gguf: one .gguf file llama.cpp runs (Llama, Qwen2, Qwen3, SmolLM3; int4 -> "
                             "Q4_0/Q4_1, int8 -> Q8_0), see docs/gguf.md")
         p.add_argument("--pipeline", required=pipeline_required, default=None,
                        help='e.g. "int8-dynamic,compile" or a preset, "@llm-decode" (see `optistack presets`)')
