@@ -2,6 +2,7 @@
 
     python benchmarks/gptq_logits_1b.py [--groups 64,128] [--methods rtn,gptq,awq,awq+gptq]
         [--calib-samples 16] [--calib-seq-len 128] [--eval-windows 8] [--eval-len 256] [--n-grid 20]
+        [--awq-options judge_z=2] [--gptq-options awq_check=true]
 
 The model is the `llama-1.1b` shape of benchmarks/engine_bytes.py (TinyLlama's body: hidden 2048, 22
 layers, 32 heads, 4 kv heads) with SmolLM2's 49,152-token vocabulary, as benchmarks/peers/
@@ -41,9 +42,9 @@ HERE = Path(__file__).resolve().parent
 VOCAB = 49152  # SmolLM2's tokenizer, whose calibration and evaluation text feed the model
 METHODS = {
     "rtn": "rtn-int4{{group_size={g},zero_grid=integer}}",
-    "gptq": "gptq{{group_size={g},zero_grid=integer{c}}}",
+    "gptq": "gptq{{group_size={g},zero_grid=integer{c}{q}}}",
     "awq": "awq{{group_size={g},zero_grid=integer{c}{a}}}",
-    "awq+gptq": "awq{{group_size={g},zero_grid=integer,quantize=false{c}{a}}},gptq{{group_size={g},zero_grid=integer{c}}}",
+    "awq+gptq": "awq{{group_size={g},zero_grid=integer,quantize=false{c}{a}}},gptq{{group_size={g},zero_grid=integer{c}{q}}}",
 }
 
 
@@ -97,6 +98,7 @@ def main() -> int:
     ap.add_argument("--eval-len", type=int, default=256)
     ap.add_argument("--n-grid", type=int, default=20, help="awq's alpha grid")
     ap.add_argument("--awq-options", default="", help="extra awq options, e.g. search_samples=4")
+    ap.add_argument("--gptq-options", default="", help="extra gptq options, e.g. awq_check=true")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from gptq_quality import cpu_name, run_pipeline
@@ -114,6 +116,7 @@ def main() -> int:
     ctx = PassContext(workload=wl)
     calib = f",calib_samples={args.calib_samples},calib_seq_len={args.calib_seq_len}"
     awq = f",n_grid={args.n_grid}" + (f",{args.awq_options}" if args.awq_options else "")
+    gptq = f",{args.gptq_options}" if args.gptq_options else ""
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads; load average {os.getloadavg()[0]:.1f}; calibration {args.calib_samples} x "
           f"{args.calib_seq_len} tokens, evaluation {args.eval_windows} x {args.eval_len}", flush=True)
@@ -125,7 +128,7 @@ def main() -> int:
     rows = []
     for g in (int(x) for x in args.groups.split(",")):
         for method in methods:
-            text = METHODS[method].format(g=g, c=calib, a=awq)
+            text = METHODS[method].format(g=g, c=calib, a=awq, q=gptq)
             model = build()
             assert float(model.lm_head.weight.double().sum()) == checksum, "the seeded build is not reproducible"
             model, seconds = run_pipeline(text, model, ctx)

@@ -59,8 +59,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                          "where the CPU has VNNI, else fused kernels and a compiled step)", (
         Variant("cuda", "awq,fuse-kernels,kv-cache{impl=static},compile{mode=max-autotune}",
                 "CUDA: the GPU int4 kernels and a CUDA-graphed decode step (not yet measured here)"),
-        Variant("avx512_vnni", _LLM_ENGINE, "SmolLM2-135M, Xeon with AMX, 2 cores, side by side with llama.cpp 0.3.36 "
-                "(native build, same GGUF): 276 tokens/s vs 239 (1.15x), TTFT 98 ms vs 533 (2026-12-02)"),
+        Variant("avx512_vnni", _LLM_ENGINE, "SmolLM2-135M, 2 cores, side by side with llama.cpp 0.3.36 (native build, "
+                "same GGUF, benchmarks/peers/test_llama_cpp.py): Xeon with AMX 373 tokens/s vs 264 (1.41x, median, "
+                "2026-12-05); AMD Zen 4 262 vs 115 / 84.5 (llama.cpp before / after ours), TTFT 88 ms vs 537 (2026-12-07)"),
         Variant(ANY, _LLM_CPU, "no AVX512-VNNI: fused int4 kernels (AVX2 at most) and a compiled decode step; "
                                "74.9 tokens/s on the AMX Xeon where the engine is not used (2026-12-02)"),
     )),
@@ -68,8 +69,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         Variant("cuda", "cast{dtype=fp16},compile", "CUDA: fp16 tensor cores (not yet measured here)"),
         Variant("amx", _INT8_ENCODER, "MiniLM 8x128, Xeon with AMX, 2 threads, one process with OpenVINO 2026.4: 20.0 ms vs "
                 "OpenVINO bf16 24.0 ms (1.20x; 4.22x eager fp32) at cosine 0.993 (benchmarks/peers, quiet, 2026-12-02)"),
-        Variant("avx512_bf16", _INT8_ENCODER, "no AMX (AMD Zen 4): a VNNI int8 dot product does 2x the multiply-adds of an "
-                "AVX512-BF16 one, so int8 linears + bf16 attention beat all-bf16 (reasoned, not measured; docs/export.md)"),
+        Variant("avx512_bf16", _INT8_ENCODER, "no AMX (AMD Zen 4): MiniLM 8x128, 2 threads, one process with OpenVINO "
+                "2026.4: 55.2 ms vs OpenVINO bf16 72.2 ms (1.31x, repeats 1.25-1.32x; all-bf16 compiled 78.6 ms) at "
+                "cosine 0.993 (benchmarks/peers/test_encoder_peers.py --repeats 3, 2026-12-07)"),
         Variant(ANY, "int8-dynamic,compile", "no bf16 hardware: int8 (VNNI where present), 2.2-2.3x on MiniLM"),
     )),
 )}

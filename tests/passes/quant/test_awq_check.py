@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from test_awq import CTX, FAST, held_out_ids, logits, tiny_llama
 
 from optistack.core.pipeline import Pipeline
 from optistack.passes.quant.awq_check import FOLDS_ATTR, AwqFold, keep_scales, split_sequences, undo
 from optistack.passes.quant.awq_search import fold_scale
+from optistack.passes.quant.gptq import GptqConfig
 
 QKV = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
 
@@ -61,6 +63,27 @@ def test_a_blocks_scales_are_kept_where_they_help_and_undone_where_they_hurt():
         assert keep_scales(block, [fold], QKV, inputs, grid(0.01)) is kept
         weight = block.self_attn.q_proj.weight
         assert torch.allclose(weight, unscaled * s_value, rtol=1e-5) if kept else torch.allclose(weight, unscaled, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_a_margin_undoes_scales_that_help_by_less_than_it():
+    """awq_check_z: scales that help (the 100x finer grid) are kept at 2 standard errors and undone at 100,
+    a margin the held-out sequences' differing gains do not clear."""
+    model = tiny_llama()
+    inputs = block_inputs(model, held_out_ids(n=4))
+    block = copy.deepcopy(model.model.layers[0])
+    unscaled = block.self_attn.q_proj.weight.clone()
+    s = torch.full((block.input_layernorm.weight.shape[0],), 100.0)
+    fold_scale(block.input_layernorm, [block.get_submodule(n) for n in QKV], s)
+    fold = AwqFold("model.layers.0", "input_layernorm", QKV, s)
+    assert keep_scales(copy.deepcopy(block), [fold], QKV, inputs, grid(0.01), z=2.0) is True
+    assert keep_scales(block, [fold], QKV, inputs, grid(0.01), z=100.0) is False
+    assert torch.allclose(block.self_attn.q_proj.weight, unscaled, rtol=1e-5)
+
+
+def test_awq_check_z_is_validated():
+    with pytest.raises(ValueError, match="awq_check_z"):
+        GptqConfig(awq_check_z=-1.0)
 
 
 def test_sequences_split_in_halves_per_batch():

@@ -59,9 +59,11 @@ def split_sequences(inputs: list) -> tuple[list, list]:
 
 
 def block_error(block: Any, chosen: list[str], fit: list, judge: list, refs: list,
-                round_weight: Callable[[Any, Any], Any]) -> float:
-    """The output MSE on `judge` of `block` after its `chosen` linears are rounded (`round_weight(w, H)`, in
-    place as float weights) with H from `fit`."""
+                round_weight: Callable[[Any, Any], Any]) -> Any:
+    """The output MSE of each `judge` sequence (a float64 vector) of `block` after its `chosen` linears are
+    rounded (`round_weight(w, H)`, in place as float weights) with H from `fit`."""
+    import torch
+
     from ..linears import weight_rows
     from .awq_search import output_of
     from .gptq import Hessians
@@ -74,14 +76,16 @@ def block_error(block: Any, chosen: list[str], fit: list, judge: list, refs: lis
     for n, lin in layers.items():
         w = weight_rows(lin)
         w.copy_(round_weight(w.detach().float(), hs.sums[n].hessian()).to(w.dtype))
-    return sum(float((output_of(block, inp) - ref).float().pow(2).mean()) for inp, ref in zip(judge, refs))
+    return torch.cat([(output_of(block, inp) - ref).double().pow(2).flatten(1).mean(1)
+                      for inp, ref in zip(judge, refs)])
 
 
 def keep_scales(block: Any, folds: list[AwqFold], chosen: list[str], inputs: list,
-                round_weight: Callable[[Any, Any], Any]) -> bool | None:
-    """Undoes the block's scales where GPTQ-rounded it scores better without them; returns whether they were
-    kept (None: nothing to judge on, kept)."""
-    from .awq_search import output_of
+                round_weight: Callable[[Any, Any], Any], z: float = 0.0) -> bool | None:
+    """Undoes the block's scales unless, GPTQ-rounded, it scores lower with them by more than `z` standard
+    errors of the per-sequence difference (0: lower at all); returns whether they were kept (None: nothing to
+    judge on, kept)."""
+    from .awq_search import clearly_lower, output_of
 
     fit, judge = split_sequences(inputs)
     if not judge or not folds or not chosen:
@@ -93,7 +97,7 @@ def keep_scales(block: Any, folds: list[AwqFold], chosen: list[str], inputs: lis
     err_with = block_error(with_scales, chosen, fit, judge, refs, round_weight)
     err_without = block_error(without, chosen, fit, judge, refs, round_weight)
     del with_scales, without
-    if err_without < err_with:
+    if not clearly_lower(err_with, err_without, z):
         undo(block, folds)
         return False
     return True

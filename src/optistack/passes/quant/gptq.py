@@ -55,6 +55,7 @@ class GptqConfig(Int4Config):
     act_order: bool = False
     clip: bool = True  # search each group's range (AWQ's clipping search, judged by the group's H block)
     awq_check: bool = False  # after awq{quantize=false}: keep a block's scales only where they help (awq_check.py)
+    awq_check_z: float = 0.0  # ... by more than this many standard errors of the per-sequence difference
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,6 +65,8 @@ class GptqConfig(Int4Config):
                                             f"between two lazy updates); got {self.block_size}")
         check(math.isfinite(self.damp) and 0 < self.damp <= 1, f"option 'damp' must be in (0, 1] (a fraction of "
                                                                 f"H's mean diagonal added to it); got {self.damp}")
+        check(math.isfinite(self.awq_check_z) and 0.0 <= self.awq_check_z <= 100.0,
+              f"option 'awq_check_z' must be between 0 and 100 (standard errors); got {self.awq_check_z}")
 
 
 class Hessians:
@@ -268,7 +271,7 @@ class GptqPass(ConfiguredPass):
                 return
             rel = {id(m): n for n, m in block.named_modules()}
             checked.append(keep_scales(block, by_block[id(block)], [rel[id(m)] for m in mine.values()], inputs,
-                                       round_weight))
+                                       round_weight, self.config.awq_check_z))
 
         return before_block
 
