@@ -68,7 +68,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property("amx_rows", &LlamaEngine::amx_rows, &LlamaEngine::set_amx_rows)
       .def_property("amx_batch", &LlamaEngine::amx_batch, &LlamaEngine::set_amx_batch)
       .def_property("gemm_rows", &LlamaEngine::gemm_rows, &LlamaEngine::set_gemm_rows)
-      .def_property("panels", &LlamaEngine::panels, &LlamaEngine::set_panels);
+      .def_property("panels", &LlamaEngine::panels, &LlamaEngine::set_panels)
+      .def_property("adaptive_threads", &LlamaEngine::adaptive_threads, &LlamaEngine::set_adaptive_threads)
+      .def_property_readonly("team_threads", &LlamaEngine::team_threads)
+      .def_property_readonly("last_work_ratio", &LlamaEngine::last_work_ratio);
   m.def("amx_supported", &amx_supported);
   m.def("prefetch_far", &prefetch_far);  // simd.h: how the decode GEMVs prefetch on this CPU (read once)
   m.attr("gemm_rows_default") = kGemmRows;

@@ -2,15 +2,14 @@
 // call (every layer, attention over each row's own slot and the head), inside one OpenMP parallel region
 // whose threads meet at barriers (no fork/join per op, no Python, no guards).
 //
-// Why: the compiled PyTorch decode step of SmolLM2-135M (int4 body, int8 head) took ~12 ms a token on
-// 2 cores while its ~85 MB of weights stream in ~2-3 ms: per-call guard checks (~1.4 ms), a fork/join
-// per kernel (210 of them), attention over every slot of a static cache, and int4 dot products that
-// split float32 activations into two bfloat16 halves. Rows are independent requests (continuous
-// batching: each has its own slot and position), prompt chunks, or draft tokens to verify; every weight
-// block is read once per call for all rows. Semantics are those of transformers' LlamaForCausalLM in
-// float32 (RMSNorm, RoPE with the model's own cos/sin tables, grouped-query attention, SwiGLU), with
-// int8 (or int16) activations for the int4 projections (int4_q8_gemv.cpp) and int16 ones for the int8
-// head (int8_gemm.cpp).
+// Why: the compiled PyTorch decode step of SmolLM2-135M (int4 body, int8 head) took ~12 ms a token on 2 cores while its
+// ~85 MB of weights stream in ~2-3 ms: per-call guard checks (~1.4 ms), a fork/join per kernel (210 of them), attention
+// over every slot of a static cache, and int4 dot products that split float32 activations into two bfloat16 halves.
+// Rows are independent requests (continuous batching: each has its own slot and position), prompt chunks, or draft
+// tokens to verify; every weight block is read once per call for all rows. Semantics are those of transformers'
+// LlamaForCausalLM in float32 (RMSNorm, RoPE with the model's own cos/sin tables, grouped-query attention, SwiGLU),
+// with int8 (or int16) activations for the int4 projections (int4_q8_gemv.cpp) and int16 ones for the int8 head
+// (int8_gemm.cpp).
 #include "llama_decode.h"
 
 #include <ATen/ATen.h>
@@ -105,7 +104,7 @@ at::Tensor LlamaEngine::forward(const at::Tensor& tokens_in, const at::Tensor& s
   // share each key block (llama_attn_chunk.h); other rows one by one. A run on AMX bf16 tiles attends on the
   // tiles (llama_attn_amx.h), whose items convert their keys and values once: fewer, longer items, cut where
   // they hold equal shares of the causal scores (rows late in the prompt read more keys).
-  const int nthreads = std::max(1, at::get_num_threads());
+  const int nthreads = team.begin(at::get_num_threads());  // fewer where other processes held the last calls up
   row_chunk.assign(N, 0);
   chunk_items.clear();
   const int64_t item_rows = std::max<int64_t>(1, std::min<int64_t>(8, kChunkQueries / (Hq / Hkv)));
@@ -141,6 +140,7 @@ at::Tensor LlamaEngine::forward(const at::Tensor& tokens_in, const at::Tensor& s
   if (kv_type == KV_I8) run<int8_t>(tok, slot, pos, N, lrows, R, lg, nthreads, runs, amx_tiles, amx8_tiles, gemm);
   else if (kv_type == KV_F16) run<at::Half>(tok, slot, pos, N, lrows, R, lg, nthreads, runs, amx_tiles, amx8_tiles, gemm);
   else run<float>(tok, slot, pos, N, lrows, R, lg, nthreads, runs, amx_tiles, amx8_tiles, gemm);
+  team.finish();
   for (int64_t i = 0; i < N; ++i)
     if (i + 1 == N || slot[i + 1] != slot[i]) filled[slot[i]] = pos[i] + 1;
   for (int64_t r = 0; r < R; ++r)  // a non-finite hidden state gives NaN logits, as the float model would
@@ -180,14 +180,14 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
     if (row_path[b] != AMX_BF16) act16 ? prep_q16(v, K, xq[b]) : prep_q8(v, K, xq[b]);
   };
 #ifdef OPTISTACK_ENGINE_PROFILE
-  double prof_last = omp_get_wtime();
-  const double prof_start = prof_last;
+  double prof_last = omp_get_wtime(), prof_start = prof_last;
 #endif
   // the team may be smaller than asked (OMP_THREAD_LIMIT, nesting): the barrier learns its size from the team
   std::atomic<SpinBarrier*> barrier{nullptr};
   alignas(64) unsigned char barrier_store[sizeof(SpinBarrier)];
 #pragma omp parallel num_threads(nthreads)
   {
+    TeamMember member(team);  // this thread's CPU time and spin, for the next call's team (llama_team.h)
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
 #pragma omp single
     barrier.store(new (barrier_store) SpinBarrier(nt), std::memory_order_release);

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "amx_tiles.h"
+#include "llama_team.h"
 
 namespace optistack_cpu {
 
@@ -231,6 +232,13 @@ class LlamaEngine {
   // (int4_panel.h), where the spec gave them: on by default then; off: the row layout, as without them.
   bool panels() const { return panels_on; }
   void set_panels(bool on);
+  // Whether a call may run with fewer threads than torch allows when the last ones were held up by other
+  // processes (llama_team.h; on by default), the threads it would use now, and the last call's work over its
+  // wall time (how many threads it kept busy).
+  bool adaptive_threads() const { return team.adaptive; }
+  void set_adaptive_threads(bool on);
+  int64_t team_threads();
+  double last_work_ratio();
 
  private:
   enum Path { VNNI = 0, AMX_BF16 = 1, AMX_INT8 = 2, VNNI_GEMM = 3 };
@@ -270,6 +278,7 @@ class LlamaEngine {
   std::vector<Layer> layers;
   std::vector<int64_t> filled;  // per slot
   std::mutex mu;
+  TeamPolicy team;  // under `mu`
   // scratch, grown on demand under `mu`
   int64_t rows_cap = 0, lrows_cap = 0, threads_cap = 0, amx_cap = 0, amx8_cap = 0, wbuf_cap = 0, act_t_cap = 0,
           kv_tiles_cap = 0;

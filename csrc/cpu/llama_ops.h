@@ -16,6 +16,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "llama_team.h"
 #include "simd.h"
 
 namespace optistack_cpu {
@@ -39,18 +40,21 @@ class SpinBarrier {
       if (sleepers_.load() > 0) futex(FUTEX_WAKE_PRIVATE, INT_MAX);
       return;
     }
+    const uint64_t t = __rdtsc();  // the spinning and yielding count as a wait on the CPU (llama_team.h)
     for (int spins = 0; phase_.load(std::memory_order_acquire) == phase; ++spins) {
       if (spins < 20000) {
         _mm_pause();
       } else if (spins < 20064) {
         sched_yield();
       } else {
+        spin_ticks += __rdtsc() - t;
         sleepers_.fetch_add(1);
         while (phase_.load() == phase) futex(FUTEX_WAIT_PRIVATE, phase);  // returns at once if phase moved
         sleepers_.fetch_sub(1);
         return;
       }
     }
+    spin_ticks += __rdtsc() - t;
   }
 
  private:

@@ -1,6 +1,7 @@
 // The serving engine's construction (every size and pointer it trusts checked here), its scratch space and
 // its per-slot lengths; the forward itself is in llama_decode.cpp.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <string>
@@ -164,6 +165,23 @@ void LlamaEngine::set_panels(bool on) {
   TORCH_CHECK(!on || has_panels, "optistack_cpu.LlamaEngine: this engine was built without panels (give each ",
               "projection's pq and pf: optistack_cpu.q4_panels)");
   panels_on = on;
+}
+
+void LlamaEngine::set_adaptive_threads(bool on) {
+  std::lock_guard<std::mutex> g(mu);
+  team.adaptive = on;
+  team.cap = 0;
+}
+
+int64_t LlamaEngine::team_threads() {  // what the next call would run with, were it not a probe
+  std::lock_guard<std::mutex> g(mu);
+  const int allowed = std::max(1, at::get_num_threads());
+  return team.adaptive && team.cap > 0 && team.cap < allowed ? team.cap : allowed;
+}
+
+double LlamaEngine::last_work_ratio() {
+  std::lock_guard<std::mutex> g(mu);
+  return team.last_work_ratio;
 }
 
 std::tuple<at::Tensor, at::Tensor> q4_panels(const at::Tensor& q, const at::Tensor& s, const at::Tensor& zc) {
