@@ -4,13 +4,14 @@
 // another process holds one of the cores, the thread that shares it is descheduled for whole scheduler slices
 // and its partner waits for it at every barrier. Measured (AMD EPYC Zen 4, 2 cores, SmolLM2 through
 // `generate()`, a CPU-bound process beside it): 30-56 tokens/s with 2 threads against 102-122 with 1 (on a quiet
-// machine 2 threads are the faster). So each call measures the work its threads did (their CPU time, less
+// machine 2 threads are the faster; with this policy, 136-141: docs/decoding.md). So each call measures the work its threads did (their CPU time, less
 // what they spent spinning at barriers), summed over a window of calls (kWindowNs: a decode call of a small
 // model takes a fraction of a millisecond, a scheduler slice several, so most calls are untouched and a few
-// stall); where one thread fewer would have done the window's work clearly sooner than it took, the next calls
-// run one thread smaller. After a hold (kHoldNs of calls), a window of calls tries a thread more: kept if it
-// runs unhindered, else the hold doubles (up to kMaxHoldNs), so a team under lasting contention spends one
-// window in 500 on a probe. A row's result does not depend on the team's size (tested in tests/kernels), so
+// stall); where one thread fewer would have done the work clearly sooner than it took, in two windows in a row
+// (a quiet machine has single stalls of ~15 ms: a 1.1B model's 30 ms calls were judged held up by them when
+// windows were 32 ms and one was enough), the next calls run one thread smaller. After a hold (kHoldNs of
+// calls), a window of calls tries a thread more: kept if it runs unhindered, else the hold doubles (up to
+// kMaxHoldNs), so a team under lasting contention spends one window in 160 on a probe. A row's result does not depend on the team's size (tested in tests/kernels), so
 // this moves speed only. The state belongs to one engine and changes under its mutex; `adaptive` off gives
 // every call the threads torch allows.
 #pragma once
@@ -33,13 +34,13 @@ inline int64_t thread_cpu_ns() {
 }
 
 struct TeamPolicy {
-  static constexpr double kWindowNs = 32e6;  // calls are judged together over at least this much wall time
+  static constexpr double kWindowNs = 100e6;  // calls are judged together over at least this much wall time
   static constexpr double kHoldNs = 0.25e9, kMaxHoldNs = 16e9;  // at a smaller team before a probe (doubling)
   static constexpr double kMargin = 1.1;  // a smaller team must be this much faster by the estimate
   std::atomic<int64_t> cpu_ns{0}, spun{0}, members{0};  // the call's threads: CPU time, spin ticks, count
   bool adaptive = true, probing = false;
   int cap = 0;  // 0: every thread torch allows
-  int max_threads = 1, window_n = 0;
+  int max_threads = 1, window_n = 0, strikes = 0;  // strikes: hindered windows in a row at full strength
   double hold = 0, backoff = kHoldNs, window_work = 0, window_wall = 0;  // ns
   uint64_t t0 = 0;
   std::chrono::steady_clock::time_point w0;
@@ -63,7 +64,7 @@ struct TeamPolicy {
     const double work = std::max(0.0, double(cpu_ns.load()) - double(spun.load()) * wall / ticks);
     const int n = int(members.load());
     last_work_ratio = work / wall;
-    if (!adaptive || n < 1 || n != window_n) return;
+    if (!adaptive || n < 1) return;
     if (cap > 0 && !probing && (hold -= wall) <= 0) {  // held long enough: the next calls try a thread more
       probing = true;
       return;
@@ -74,7 +75,9 @@ struct TeamPolicy {
     if (window_wall < kWindowNs) return;
     const bool hindered = n > 1 && window_work / (n - 1) * kMargin < window_wall;  // n - 1: done clearly sooner
     window_work = window_wall = 0;
-    if (hindered) {  // one thread fewer for a while
+    strikes = hindered && cap == 0 && !probing ? strikes + 1 : 0;
+    if (hindered && (cap > 0 || probing || strikes >= 2)) {  // one thread fewer for a while
+      strikes = 0;
       cap = n - 1;
       probing = false;
       hold = backoff;
