@@ -109,3 +109,19 @@ def test_a_busy_core_shrinks_the_team_with_the_same_logits_and_a_free_one_grows_
         os.sched_setaffinity(0, affinity)
         torch.set_num_threads(threads)
         e.adaptive_threads = True
+
+
+def test_the_environment_fixes_the_team_of_engines_built_afterwards(monkeypatch):
+    from optistack.kernels.llama_engine import EngineWeights
+
+    weights = EngineWeights.from_model(quantized(tiny()))
+    monkeypatch.setenv("OPTISTACK_ENGINE_THREADS", "fixed")
+    rt = weights.runtime(1, 64)
+    assert rt.adaptive_threads is False and rt.team_threads == torch.get_num_threads()
+    rt.adaptive_threads = True
+    assert rt.impl.adaptive_threads is True
+    monkeypatch.setenv("OPTISTACK_ENGINE_THREADS", "Auto")
+    assert weights.runtime(1, 64).adaptive_threads is True
+    monkeypatch.setenv("OPTISTACK_ENGINE_THREADS", "2")
+    with pytest.raises(ValueError, match="OPTISTACK_ENGINE_THREADS must be 'auto'.*'fixed'.*got '2'"):
+        weights.runtime(1, 64)

@@ -10,9 +10,14 @@ callers never share a cache row. `forward(tokens, slots, positions, logit_rows)`
 engine call: decode steps of many sequences, each at its own position, prompt chunks and draft tokens to
 verify (rows past the engine's `max_rows` go in several calls). The engine itself serializes calls with a
 mutex and sizes its scratch for the threads each call uses.
+
+Threads: a call runs with torch's thread count, one thread fewer while other processes hold its cores
+(csrc/cpu/llama_team.h; `adaptive_threads`); `OPTISTACK_ENGINE_THREADS=fixed` in the environment makes every
+engine built afterwards use torch's count always (for timings on cores set aside, say).
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Sequence
 
@@ -26,6 +31,15 @@ KV_TYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.in
 # copy of the codes (the ~1.1B Llama, 550 MB: 0.98x). A batch of rows is bound by its instructions at any size
 # (the 1.1B, 8 rows: 1.60x), so a server takes them whatever the size (serving/engine_backend.py).
 PANELS_ALONE_MAX_BYTES = 256 * 2**20
+
+
+def engine_threads_adaptive() -> bool:
+    """`OPTISTACK_ENGINE_THREADS`: `auto` (the default; the team shrinks while held up) or `fixed`."""
+    value = os.environ.get("OPTISTACK_ENGINE_THREADS", "auto").strip().lower() or "auto"
+    if value not in ("auto", "fixed"):
+        raise ValueError(f"OPTISTACK_ENGINE_THREADS must be 'auto' (fewer threads while other processes hold the "
+                         f"cores) or 'fixed' (torch's thread count always); got {value!r}")
+    return value == "auto"
 
 
 def default_panels(act_bits: int, code_bytes: int = 0, batches: bool = False) -> bool:
@@ -53,6 +67,7 @@ class EngineRuntime:
                  kv: str | None = None, panels: bool | None = None) -> None:
         from . import cpu
 
+        adaptive = engine_threads_adaptive()  # a bad value is refused before anything is allocated
         if slots < 1 or length < 1:
             raise ValueError(f"an engine needs >= 1 slot and >= 1 position; got {slots} slots of {length}")
         if act_bits not in (8, 16):
@@ -74,8 +89,24 @@ class EngineRuntime:
             raise ValueError("panels need int8 activations (act_bits=8): the exact mode reads the row layout")
         self.impl = cpu.lib().LlamaEngine(weights.spec(panels), cos, sin, self.k_cache, self.v_cache, self.k_scale,
                                           self.v_scale, act_bits, max_rows)
+        self.impl.adaptive_threads = adaptive
         self._lock = threading.Lock()
         self._free = list(range(slots))
+
+    # ---------------------------------------------------------------- threads
+    @property
+    def adaptive_threads(self) -> bool:
+        """Whether a call may run with fewer threads than torch allows while others hold the cores."""
+        return bool(self.impl.adaptive_threads)
+
+    @adaptive_threads.setter
+    def adaptive_threads(self, on: bool) -> None:
+        self.impl.adaptive_threads = bool(on)
+
+    @property
+    def team_threads(self) -> int:
+        """The threads the next call would use (fewer than torch's count while the team is held up)."""
+        return int(self.impl.team_threads)
 
     # ---------------------------------------------------------------- slots
     @property
