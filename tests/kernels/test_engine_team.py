@@ -44,6 +44,20 @@ def decode(rt, steps: int, start: int) -> tuple[list[torch.Tensor], list[int]]:
     return logits, teams
 
 
+def pin(cpus: dict[int, set[int]] | set[int]) -> dict[int, set[int]]:
+    """Every thread of this process (OpenMP's workers too, which pinning the main thread alone leaves where
+    they are) onto `cpus` (or each onto its own set); returns what each had."""
+    before = {}
+    for name in os.listdir("/proc/self/task"):
+        tid = int(name)
+        try:
+            before[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, cpus[tid] if isinstance(cpus, dict) else cpus)
+        except (OSError, KeyError):  # a thread that ended meanwhile, or one born since
+            pass
+    return before
+
+
 def prompt(rt) -> None:
     rt.impl.set_length(0, 0)
     rt.impl.forward(torch.arange(3, 35), torch.zeros(32, dtype=torch.long), torch.arange(32), torch.tensor([31]))
@@ -72,12 +86,12 @@ def test_a_busy_core_shrinks_the_team_with_the_same_logits_and_a_free_one_grows_
     calls go on with 1 thread (same logits as a team of 2 computes undisturbed); once the other process is gone,
     a probe finds the team unhindered and it grows back to 2."""
     e = runtime.impl
-    affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
-    a, b = sorted(affinity)[:2]
-    hog = None
+    threads = torch.get_num_threads()
+    a, b = sorted(os.sched_getaffinity(0))[:2]
+    hog, affinity = None, {}
     try:
-        os.sched_setaffinity(0, {a, b})
         torch.set_num_threads(2)
+        affinity = pin({a, b})
         e.adaptive_threads = False
         prompt(runtime)
         reference, _ = decode(runtime, 64, 32)
@@ -106,7 +120,7 @@ def test_a_busy_core_shrinks_the_team_with_the_same_logits_and_a_free_one_grows_
         if hog is not None:
             hog.kill()
             hog.wait()
-        os.sched_setaffinity(0, affinity)
+        pin(affinity)
         torch.set_num_threads(threads)
         e.adaptive_threads = True
 
