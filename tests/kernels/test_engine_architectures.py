@@ -123,18 +123,21 @@ def test_decode_engine_with_int8_activations_passes_its_agreement_check_on_qwen3
 
 
 @pytest.mark.parametrize("change,words", [
-    ("sliding", "layer 1 attends to the last 16 positions"),
+    ("sliding", "sliding window must be a positive number of positions; it is 0"),
     ("eps", "eps"),
     ("layernorm", "RMSNorm over each head"),
 ])
 def test_what_the_engine_does_not_compute_is_refused_by_name(change, words):
     from optistack.kernels.llama_engine import unsupported
 
-    if change == "sliding":  # the config's switch, or one layer's own window (what its attention reads)
+    if change == "sliding":  # a window is served up to its length (tests/generation/test_sliding_window.py)
+        from optistack.kernels.llama_engine import EngineWeights
+
         model = tiny_qwen3(use_sliding_window=True, sliding_window=16, max_window_layers=1)
-        assert unsupported(quantized(model, "rtn-int4{head=int8}")) == "the decode engine has no sliding-window attention"
+        assert unsupported(quantized(model, "rtn-int4{head=int8}")) is None
+        assert EngineWeights.from_model(quantized(model, "rtn-int4{head=int8}")).max_positions == 16
         model = tiny_qwen3()
-        model.model.layers[1].self_attn.sliding_window = 16
+        model.model.layers[1].self_attn.sliding_window = 0
     else:
         model = tiny_qwen3()
         attn = model.model.layers[1].self_attn

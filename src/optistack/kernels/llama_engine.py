@@ -70,9 +70,6 @@ def unsupported(model: Any) -> str | None:
         return "the decode engine needs AVX512-VNNI (vpdpbusd); this CPU does not have it"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"the decode engine computes SwiGLU; this model's activation is {config.hidden_act}"
-    window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", kind == "mistral"):
-        return "the decode engine has no sliding-window attention"
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
         return "the decode engine needs transformers' model.model.layers and model.model.rotary_emb"
@@ -89,16 +86,30 @@ def unsupported(model: Any) -> str | None:
         scaling = getattr(layer.self_attn, "scaling", None)
         if head_dim and scaling is not None and not math.isclose(scaling, head_dim ** -0.5, rel_tol=1e-6):
             return "the decode engine scales attention by 1/sqrt(head_dim); this model uses another scale"
-        if getattr(layer.self_attn, "sliding_window", None) is not None:
-            return (f"the decode engine has no sliding-window attention; layer {i} attends to the last "
-                    f"{layer.self_attn.sliding_window} positions")
         why = _head_norms_reason(i, layer.self_attn, _norm(inner.norm)[1])
         if why:
             return why
+    window = attention_window(model)
+    if window is not None and (not isinstance(window, int) or window < 1):
+        return f"the model's sliding window must be a positive number of positions; it is {window!r}"
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         return "the decode engine's head has no bias; this model's lm_head has one"
     return _projection_reason("lm_head", head) if _is_int4(head) else None
+
+
+def attention_window(model: Any) -> int | None:
+    """The fewest past positions any layer attends to (Mistral's `sliding_window`, a Qwen2 layer's), or None.
+    The engine attends to every position of a sequence; up to that many positions that is what the window
+    lets through (transformers: key k is seen from query q when q - k < window), so the engine holds sequences
+    of up to that length and longer ones run the model's own loop (`EngineWeights.max_positions`)."""
+    config = model.config
+    windows = [w for w in (getattr(layer.self_attn, "sliding_window", None) for layer in model.model.layers)
+               if w is not None]
+    w = getattr(config, "sliding_window", None)
+    if w is not None and getattr(config, "use_sliding_window", config.model_type == "mistral"):
+        windows.append(w)  # Mistral's attention reads the config's window, whatever its layers say
+    return min(windows) if windows else None
 
 
 def _as_is(w: torch.Tensor) -> torch.Tensor:
@@ -226,9 +237,16 @@ class EngineWeights:
     blocks: list[EngineBlock]
     rotary: Any = field(repr=False)
     head_quantized_here: bool = False
-    max_positions: int | None = None  # the model's max_position_embeddings, when it says
+    max_positions: int | None = None  # the model's max_position_embeddings (or its sliding window, if fewer)
     head4: "Q4Projection | None" = None  # an int4 head (then head_q and head_s are empty)
     embed_s: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # an int8 embed's row scales
+    window: int | None = None  # the model's sliding window (attention_window), which max_positions respects
+
+    def positions_limit(self) -> str:
+        """What bounds `max_positions`, for messages."""
+        if self.window is not None and self.window == self.max_positions:
+            return f"the model's sliding window ({self.window})"
+        return f"the model's max_position_embeddings ({self.max_positions})"
 
     @classmethod
     def from_model(cls, model: Any, scales: str = "float32") -> "EngineWeights":
@@ -264,8 +282,11 @@ class EngineWeights:
         head = model.get_output_embeddings()
         head4 = _projection([head], scales) if _is_int4(head) else None
         quantized_here = head4 is None and not isinstance(head, Int8Linear)
-        return cls(dims, eps, emb, final, head_q, head_s, blocks, inner.rotary_emb, quantized_here,
-                   getattr(config, "max_position_embeddings", None), head4, emb_s)
+        limits = [n for n in (getattr(config, "max_position_embeddings", None), attention_window(model)) if n]
+        weights = cls(dims, eps, emb, final, head_q, head_s, blocks, inner.rotary_emb, quantized_here,
+                      min(limits) if limits else None, head4, emb_s)
+        weights.window = attention_window(model)
+        return weights
 
     @property
     def nbytes(self) -> int:

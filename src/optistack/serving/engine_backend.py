@@ -93,7 +93,9 @@ class EngineBackend:
         limit = weights.max_positions or DEFAULT_CONTEXT
         context = max_context or min(DEFAULT_CONTEXT, limit)
         if context > limit:
-            raise ServingError(f"max_context {context} exceeds the model's max_position_embeddings ({limit})")
+            raise ServingError(f"max_context {context} exceeds {weights.positions_limit()}"
+                               if weights.max_positions else
+                               f"max_context {context} exceeds the engine's default ({limit})")
         try:
             runtime = weights.runtime(max_batch, context, strategy.act_bits, max_rows=step_tokens + max_batch,
                                       kv=kv or getattr(strategy, "kv", None),

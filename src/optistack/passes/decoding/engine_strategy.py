@@ -172,8 +172,8 @@ class EngineDecode:
             raise ValueError(f"an engine session needs >= 1 row and >= 1 position; got {batch} x {length}")
         limit = self.weights.max_positions
         if limit is not None and length > limit:
-            raise SessionUnavailable(f"the engine holds up to the model's max_position_embeddings ({limit}) "
-                                     f"positions; this call needs {length}")
+            raise SessionUnavailable(f"the engine holds up to {self.weights.positions_limit()} positions; this "
+                                     f"call needs {length}")
         size = LENGTH_BUCKET * -(-length // LENGTH_BUCKET)
         if limit is not None:
             size = min(size, max(limit, length))
