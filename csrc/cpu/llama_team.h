@@ -4,7 +4,7 @@
 // another process holds one of the cores, the thread that shares it is descheduled for whole scheduler slices
 // and its partner waits for it at every barrier. Measured (AMD EPYC Zen 4, 2 cores, SmolLM2 through
 // `generate()`, a CPU-bound process beside it): 30-56 tokens/s with 2 threads against 102-122 with 1 (on a quiet
-// machine 2 threads are the faster; with this policy, 136-141: docs/decoding.md). So each call measures the work its threads did (their CPU time, less
+// machine 2 threads are the faster; with this policy, 117-135: docs/decoding.md). So each call measures the work its threads did (their CPU time, less
 // what they spent spinning at barriers), summed over a window of calls (kWindowNs: a decode call of a small
 // model takes a fraction of a millisecond, a scheduler slice several, so most calls are untouched and a few
 // stall); where one thread fewer would have done the work clearly sooner than it took, in two windows in a row
@@ -37,11 +37,16 @@ struct TeamPolicy {
   static constexpr double kWindowNs = 100e6;  // calls are judged together over at least this much wall time
   static constexpr double kHoldNs = 0.25e9, kMaxHoldNs = 16e9;  // at a smaller team before a probe (doubling)
   static constexpr double kMargin = 1.1;  // a smaller team must be this much faster by the estimate
+  // Calls shorter than this on average keep the full team: a model so small that a call takes a fraction of a
+  // millisecond (tests' tiny ones) ran 1.2-3.6x slower on one thread beside a busy process than on two, while
+  // SmolLM2's 3-4 ms calls ran 2-5x faster (Zen 4, 2026-12-07)
+  static constexpr double kMinCallNs = 1e6;
   std::atomic<int64_t> cpu_ns{0}, spun{0}, members{0};  // the call's threads: CPU time, spin ticks, count
   bool adaptive = true, probing = false;
   int cap = 0;  // 0: every thread torch allows
   int max_threads = 1, window_n = 0, strikes = 0;  // strikes: hindered windows in a row at full strength
   double hold = 0, backoff = kHoldNs, window_work = 0, window_wall = 0;  // ns
+  int64_t window_calls = 0;
   uint64_t t0 = 0;
   std::chrono::steady_clock::time_point w0;
   double last_work_ratio = 0.0;  // the last call's work over its wall time: the threads it kept busy
@@ -51,7 +56,7 @@ struct TeamPolicy {
     int n = max_threads;
     if (adaptive && cap > 0 && cap < max_threads) n = probing ? cap + 1 : cap;
     else cap = 0, probing = false;
-    if (n != window_n) window_n = n, window_work = window_wall = 0;  // a window is of one team size
+    if (n != window_n) window_n = n, window_work = window_wall = 0, window_calls = 0;  // one team size a window
     cpu_ns = spun = members = 0;
     w0 = std::chrono::steady_clock::now();
     t0 = __rdtsc();
@@ -72,9 +77,12 @@ struct TeamPolicy {
     if (n == 1) return;  // a team of one has nothing to measure
     window_work += work;
     window_wall += wall;
+    window_calls += 1;
     if (window_wall < kWindowNs) return;
-    const bool hindered = n > 1 && window_work / (n - 1) * kMargin < window_wall;  // n - 1: done clearly sooner
+    const bool hindered = n > 1 && window_work / (n - 1) * kMargin < window_wall &&  // n - 1: done clearly sooner
+                          window_wall >= kMinCallNs * double(window_calls);
     window_work = window_wall = 0;
+    window_calls = 0;
     strikes = hindered && cap == 0 && !probing ? strikes + 1 : 0;
     if (hindered && (cap > 0 || probing || strikes >= 2)) {  // one thread fewer for a while
       strikes = 0;

@@ -27,9 +27,9 @@ HOG = "import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])}); print('ready
 def runtime():
     from optistack.kernels.llama_engine import EngineWeights
 
-    # wide enough that a call's work, not its barriers, is most of its time on 2 threads (a quiet team keeps
-    # ~1.5-1.9 threads busy), small enough for the suite
-    model = tiny(hidden=512, inter=1536, layers=6, heads=8, kv=2)
+    # big enough that a decode call takes over a millisecond (shorter ones keep the full team: llama_team.h),
+    # small enough for the suite (~30 MB of int4 weights)
+    model = tiny(hidden=1024, inter=2816, layers=6, heads=8, kv=2)
     return EngineWeights.from_model(quantized(model)).runtime(1, 1024)
 
 
