@@ -16,6 +16,8 @@ Measured on SmolLM2 (16 evaluation chunks, integer zero points, 2026-12-06): wit
 15.78 at g64, the same as without it, in 337 / 297 s against 237 / 212: the block judge, too, prefers the
 scales at g128, where `gptq` alone scores better (16.19). So it is off by default (`gptq{awq_check=true}`);
 it is the guard to try where AWQ's scales have nothing to protect (the ~1.1B random-weight Llama, not yet run).
+With a margin (`awq_check_z=2`: scales kept only where they clearly help) SmolLM2 at g128 scored 16.40 (Zen 4,
+2026-12-07), worse than `gptq` (16.34) and than the scales kept (16.13): no default either.
 """
 from __future__ import annotations
 
