@@ -175,8 +175,7 @@ void LlamaEngine::set_adaptive_threads(bool on) {
 
 int64_t LlamaEngine::team_threads() {  // what the next call would run with, were it not a probe
   std::lock_guard<std::mutex> g(mu);
-  const int allowed = std::max(1, at::get_num_threads());
-  return team.adaptive && team.cap > 0 && team.cap < allowed ? team.cap : allowed;
+  return team.held(std::max(1, at::get_num_threads()));
 }
 
 double LlamaEngine::last_work_ratio() {

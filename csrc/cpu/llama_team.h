@@ -4,14 +4,15 @@
 // another process holds one of the cores, the thread that shares it is descheduled for whole scheduler slices
 // and its partner waits for it at every barrier. Measured (AMD EPYC Zen 4, 2 cores, SmolLM2 through
 // `generate()`, a CPU-bound process beside it): 30-56 tokens/s with 2 threads against 102-122 with 1 (on a quiet
-// machine 2 threads are the faster; with this policy, 117-135: docs/decoding.md). So each call measures the work its threads did (their CPU time, less
-// what they spent spinning at barriers), summed over a window of calls (kWindowNs: a decode call of a small
-// model takes a fraction of a millisecond, a scheduler slice several, so most calls are untouched and a few
-// stall); where one thread fewer would have done the work clearly sooner than it took, in two windows in a row
-// (a quiet machine has single stalls of ~15 ms: a 1.1B model's 30 ms calls were judged held up by them when
-// windows were 32 ms and one was enough), the next calls run one thread smaller. After a hold (kHoldNs of
-// calls), a window of calls tries a thread more: kept if it runs unhindered, else the hold doubles (up to
-// kMaxHoldNs), so a team under lasting contention spends one window in 160 on a probe. A row's result does not depend on the team's size (tested in tests/kernels), so
+// machine 2 threads are the faster; with this policy, 117-135: docs/decoding.md). So each call measures the
+// work its threads did (their CPU time, less what they spent spinning at barriers), summed over a window of
+// calls (kWindowNs: a decode call of a small model takes a fraction of a millisecond, a scheduler slice
+// several, so most calls are untouched and a few stall); where one thread fewer would have done the work
+// clearly sooner than it took, in two windows in a row (a quiet machine has single stalls of ~15 ms: a 1.1B
+// model's 30 ms calls were judged held up by them when windows were 32 ms and one was enough), the next calls
+// run one thread smaller. After a hold (kHoldNs of calls), a window of calls tries a thread more: kept if it
+// runs unhindered, else the hold doubles (up to kMaxHoldNs), so a team under lasting contention spends one
+// window in 160 on a probe. A row's result does not depend on the team's size (tested in tests/kernels), so
 // this moves speed only. The state belongs to one engine and changes under its mutex; `adaptive` off gives
 // every call the threads torch allows.
 #pragma once
@@ -51,11 +52,14 @@ struct TeamPolicy {
   std::chrono::steady_clock::time_point w0;
   double last_work_ratio = 0.0;  // the last call's work over its wall time: the threads it kept busy
 
+  int held(int allowed) const {  // the team while not probing
+    return adaptive && cap > 0 && cap < allowed ? cap : allowed;
+  }
   int begin(int allowed) {  // the team for this call; starts its clocks
     max_threads = std::max(1, allowed);
-    int n = max_threads;
-    if (adaptive && cap > 0 && cap < max_threads) n = probing ? cap + 1 : cap;
-    else cap = 0, probing = false;
+    int n = held(max_threads);
+    if (n < max_threads && probing) n += 1;
+    else if (n == max_threads) cap = 0, probing = false;
     if (n != window_n) window_n = n, window_work = window_wall = 0, window_calls = 0;  // one team size a window
     cpu_ns = spun = members = 0;
     w0 = std::chrono::steady_clock::now();
@@ -79,7 +83,7 @@ struct TeamPolicy {
     window_wall += wall;
     window_calls += 1;
     if (window_wall < kWindowNs) return;
-    const bool hindered = n > 1 && window_work / (n - 1) * kMargin < window_wall &&  // n - 1: done clearly sooner
+    const bool hindered = window_work / (n - 1) * kMargin < window_wall &&  // n - 1 threads: done clearly sooner
                           window_wall >= kMinCallNs * double(window_calls);
     window_work = window_wall = 0;
     window_calls = 0;

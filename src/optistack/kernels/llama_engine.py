@@ -282,11 +282,10 @@ class EngineWeights:
         head = model.get_output_embeddings()
         head4 = _projection([head], scales) if _is_int4(head) else None
         quantized_here = head4 is None and not isinstance(head, Int8Linear)
-        limits = [n for n in (getattr(config, "max_position_embeddings", None), attention_window(model)) if n]
-        weights = cls(dims, eps, emb, final, head_q, head_s, blocks, inner.rotary_emb, quantized_here,
-                      min(limits) if limits else None, head4, emb_s)
-        weights.window = attention_window(model)
-        return weights
+        window = attention_window(model)
+        limits = [n for n in (getattr(config, "max_position_embeddings", None), window) if n]
+        return cls(dims, eps, emb, final, head_q, head_s, blocks, inner.rotary_emb, quantized_here,
+                   min(limits) if limits else None, head4, emb_s, window)
 
     @property
     def nbytes(self) -> int:
