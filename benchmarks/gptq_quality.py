@@ -58,8 +58,12 @@ def run_pipeline(text: str, model, ctx) -> tuple[object, float]:
     seconds = 0.0
     for p in Pipeline.parse(text).passes:
         start = time.perf_counter()
-        model = p.apply(model, ctx).model
+        result = p.apply(model, ctx)
+        model = result.model
         seconds += time.perf_counter() - start
+        checked = {k: v for k, v in result.info.items() if k.startswith("awq_")}
+        if checked:  # what gptq's check of AWQ's scales decided (awq_model_check.py, awq_check.py)
+            print(f"    {p.name}: {checked}", flush=True)
     return model, seconds
 
 

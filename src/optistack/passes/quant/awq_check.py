@@ -1,5 +1,6 @@
-"""`awq{quantize=false},gptq`: GPTQ keeps a block's AWQ scales only where, rounded by GPTQ on its real inputs,
-the block is closer to the float one with them than without (held out).
+"""`awq{quantize=false},gptq{awq_check=block}`: GPTQ keeps a block's AWQ scales only where, rounded by GPTQ on its
+real inputs, the block is closer to the float one with them than without (held out). The default judges the
+whole model instead (`awq_model_check.py`); this module also holds the record of the folds both undo.
 
 Why: AWQ judges each group's scales on the float model's inputs, group by group (`awq_rounding.py`); GPTQ
 then rounds block after block on the rounded blocks' outputs. On SmolLM2 at g128 (16 evaluation chunks)
@@ -14,8 +15,7 @@ group divided by s, the group's linears multiplied by it; undoing is the same fo
 
 Measured on SmolLM2 (16 evaluation chunks, integer zero points, 2026-12-06): with the check, 16.38 at g128 and
 15.78 at g64, the same as without it, in 337 / 297 s against 237 / 212: the block judge, too, prefers the
-scales at g128, where `gptq` alone scores better (16.19). So it is off by default (`gptq{awq_check=true}`);
-it is the guard to try where AWQ's scales have nothing to protect (the ~1.1B random-weight Llama, not yet run).
+scales at g128, where `gptq` alone scores better (16.19). So it is not the default (`gptq{awq_check=block}`).
 With a margin (`awq_check_z=2`: scales kept only where they clearly help) SmolLM2 at g128 scored 16.40 (Zen 4,
 2026-12-07), worse than `gptq` (16.34) and than the scales kept (16.13): no default either.
 """
@@ -68,7 +68,7 @@ def block_error(block: Any, chosen: list[str], fit: list, judge: list, refs: lis
 
     from ..linears import weight_rows
     from .awq_search import output_of
-    from .gptq import Hessians
+    from .gptq_blocks import Hessians
 
     layers = {n: block.get_submodule(n) for n in chosen}
     with Hessians(layers) as hs:

@@ -22,7 +22,10 @@ workload's calibration text (as `awq` does); other models (and inputs with paddi
 types) on `calib_samples` calibration inputs as the workload gives them.
 
 `awq` then `gptq`: run `awq{quantize=false},gptq` (same `group_size` and `zero_grid` in both). AWQ
-searches and folds its per-channel scales and leaves the layers float; GPTQ rounds the scaled weights.
+searches and folds its per-channel scales and leaves the layers float; GPTQ rounds the scaled weights, and
+(`awq_check=model`, the default) a copy with the scales undone beside them, and keeps the model closer to
+the float one on held-out calibration text (`awq_model_check.py`; `block`: judged block by block,
+`awq_check.py`; `off`: the scales kept as they are).
 A plain `awq` has already rounded every layer to int4 and the float weights it scaled are gone (an
 `Int4Linear` keeps codes only), so `gptq` after it finds nothing to round and says so.
 
@@ -33,14 +36,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any
+from typing import Any, Literal
 
 from ...core.config import check
 from ...core.errors import PassApplyError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
-from ..calibration import capture_block_inputs, with_hidden
 from ..linears import plan_linears, set_module, weight_rows
 from .awq_check import FOLDS_ATTR
+from .gptq_blocks import calibrate_and_round
 from .rtn import Int4Config, Int4Tally, swap_to_int4
 
 CHUNK_TOKENS = 2048  # calibration tokens per forward call (windows are batched up to this)
@@ -54,8 +57,11 @@ class GptqConfig(Int4Config):
     damp: float = 0.01
     act_order: bool = False
     clip: bool = True  # search each group's range (AWQ's clipping search, judged by the group's H block)
-    awq_check: bool = False  # after awq{quantize=false}: keep a block's scales only where they help (awq_check.py)
+    # after awq{quantize=false}: keep AWQ's scales only where GPTQ does better with them, judged on the whole model
+    # (awq_model_check.py), block by block (awq_check.py; `true` means this), or not at all (`off`; `false`)
+    awq_check: bool | Literal["model", "block", "off"] = "model"
     awq_check_z: float = 0.0  # ... by more than this many standard errors of the per-sequence difference
+    awq_check_samples: int = 8  # held-out calibration windows the whole-model check scores on
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,43 +71,14 @@ class GptqConfig(Int4Config):
                                             f"between two lazy updates); got {self.block_size}")
         check(math.isfinite(self.damp) and 0 < self.damp <= 1, f"option 'damp' must be in (0, 1] (a fraction of "
                                                                 f"H's mean diagonal added to it); got {self.damp}")
+        if isinstance(self.awq_check, bool):  # the older spelling: true judged blocks
+            object.__setattr__(self, "awq_check", "block" if self.awq_check else "off")
+        check(self.awq_check in ("model", "block", "off"),
+              f"option 'awq_check' must be model, block or off; got {self.awq_check!r}")
+        check(1 <= self.awq_check_samples <= 1024,
+              f"option 'awq_check_samples' must be between 1 and 1024 (windows); got {self.awq_check_samples}")
         check(math.isfinite(self.awq_check_z) and 0.0 <= self.awq_check_z <= 100.0,
               f"option 'awq_check_z' must be between 0 and 100 (standard errors); got {self.awq_check_z}")
-
-
-class Hessians:
-    """Forward pre-hooks that sum X^T X of each layer's inputs; a tensor read by several layers in one
-    call is multiplied once. Call `next_call()` after each forward so cached products are dropped."""
-
-    def __init__(self, layers: dict[str, Any]) -> None:
-        from .gptq_solver import HessianSum
-
-        self.layers = layers
-        self.sums = {n: HessianSum(weight_rows(m).shape[1], m.weight.device) for n, m in layers.items()}
-        self._cache: dict[int, tuple[Any, Any]] = {}
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> "Hessians":
-        for name, m in self.layers.items():
-            self._handles.append(m.register_forward_pre_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._cache.clear()
-
-    def _hook(self, name: str) -> Any:
-        def hook(_m: Any, args: tuple) -> None:
-            x = args[0]
-            seen = self._cache.get(id(x))
-            product = seen[1] if seen is not None and seen[0] is x else None
-            self._cache[id(x)] = (x, self.sums[name].add(x, product))  # keeps x alive: ids stay unique
-        return hook
-
-    def next_call(self) -> None:
-        self._cache.clear()
 
 
 def _token_windows(item: Any) -> bool:
@@ -137,56 +114,6 @@ def calibration(model: Any, ctx: PassContext, cfg: GptqConfig, name: str) -> tup
     rows, device = max(1, CHUNK_TOKENS // ids.shape[1]), model_device(model)
     batches = [((), {"input_ids": ids[i:i + rows].to(device), **extra}) for i in range(0, ids.shape[0], rows)]
     return batches, {"calib_samples": int(ids.shape[0]), "calib_seq_len": int(ids.shape[1])}
-
-
-def _output(out: Any) -> Any:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def calibrate_and_round(model: Any, batches: list, layers: dict[str, Any], round_layer: Any, label: str,
-                        before_block: Any = None) -> str:
-    """Sum H for `layers` block by block (or in one pass) and call `round_layer(name, H)` on each;
-    returns "sequential" or "single-pass". `before_block(block, inputs, layers of it)`: called with each
-    block's inputs before its H is summed."""
-    import torch
-
-    from ..prune.wanda import decoder_blocks
-    from .awq import progress_bar
-
-    done: set[str] = set()
-    mode = "single-pass"
-    with torch.no_grad():
-        blocks = decoder_blocks(model)
-        inputs = capture_block_inputs(model, blocks[0], batches) if blocks is not None else []
-        if blocks is not None and len(inputs) == len(batches):
-            mode = "sequential"
-            with progress_bar(len(blocks), f"{label}: calibrating blocks") as advance:
-                for block in blocks:
-                    inside = {id(m) for m in block.modules()}
-                    mine = {n: m for n, m in layers.items() if id(m) in inside}
-                    if mine and before_block is not None:
-                        before_block(block, inputs, mine)
-                    if mine:
-                        with Hessians(mine) as hs:
-                            for args, kwargs in inputs:
-                                block(*args, **kwargs)
-                                hs.next_call()
-                        for n in mine:
-                            round_layer(n, hs.sums[n])
-                            done.add(n)
-                    if block is not blocks[-1]:  # the rounded block gives the next one its inputs
-                        inputs = [with_hidden(inp, _output(block(*inp[0], **inp[1]))) for inp in inputs]
-                    advance()
-        del inputs
-        rest = {n: m for n, m in layers.items() if n not in done}
-        if rest:
-            with Hessians(rest) as hs:
-                for args, kwargs in batches:
-                    model(*args, **kwargs)
-                    hs.next_call()
-            for n in rest:
-                round_layer(n, hs.sums[n])
-    return mode
 
 
 def _int4_hint(model: Any) -> str:
@@ -225,29 +152,72 @@ class GptqPass(ConfiguredPass):
         solve = [0.0]
 
         def round_layer(name: str, hsum: Any) -> None:
-            stats[name] = self._round(model, name, layers[name], hsum, tally, plan, originals, solve)
+            layer, stats[name], reason = self._layer(layers[name], hsum, solve)
+            for target in [name, *(a for a, p in plan.aliases.items() if p == name)]:
+                originals.setdefault(target, model.get_submodule(target))
+                set_module(model, target, layer)
+            tally.add(name, layer, reason)
 
         head = find_head(model)
         checked: list[bool | None] = []
+        taken: dict[str, Any] = {}  # the scaled blocks the whole-model check took out
+        check_info: dict[str, Any] = {}
+        before, after = None, None
+        if cfg.awq_check == "block":
+            before = self._awq_check(model, checked)
+        elif cfg.awq_check == "model" and getattr(model, FOLDS_ATTR, None):
+            before, after = self._model_check(model, ctx, stats, solve, taken, check_info)
         try:
-            mode = calibrate_and_round(model, batches, layers, round_layer, self.name,
-                                       self._awq_check(model, checked) if cfg.awq_check else None)
+            mode = calibrate_and_round(model, batches, layers, round_layer, self.name, before, after)
             head_info = quantize_head(model, cfg.head, lambda n, lin: swap_to_int4(model, n, lin, tally),
                                       plan.skipped)
         except BaseException:  # put every swapped layer back: the model is never left half rounded
-            for name, module in originals.items():
+            for name, module in [*taken.items(), *originals.items()]:
                 set_module(model, name, module)
             if head is not None:
                 set_module(model, *head)
             raise
         model.__dict__.pop(FOLDS_ATTR, None)  # awq's record is used up (awq_check.py)
+        if cfg.awq_check == "model" and before is not None and "awq_scales_kept" not in check_info:
+            check_info["awq_check_skipped"] = f"calibration ran {mode}, not block by block"
         info = {**tally.info(len(plan.skipped)), **plan.info(), **head_info, **calib_info, "calibration": mode,
                 "block_size": cfg.block_size, "damp": cfg.damp, "act_order": cfg.act_order, "clip": cfg.clip,
                 **error_summary(stats), "solve_seconds": round(solve[0], 2),
                 **({"awq_blocks_kept": checked.count(True), "awq_blocks_undone": checked.count(False)}
-                   if checked else {}),
+                   if checked else {}), **check_info,
                 "quantize_seconds": round(time.perf_counter() - start, 2)}
         return PassResult(model, modified=True, info=info)
+
+    def _model_check(self, model: Any, ctx: PassContext, stats: dict, solve: list, taken: dict,
+                     check_info: dict) -> tuple[Any, Any]:
+        """(before_block, after_blocks) of the whole-model check (awq_model_check.py), or (None, None) with the
+        reason in `check_info` where it cannot judge."""
+        from .awq_model_check import Reference, UnscaledStream, choose_body, judge_windows
+
+        cfg = self.config
+        ids = judge_windows(ctx, cfg.calib_samples, cfg.calib_seq_len, cfg.awq_check_samples, self.name) \
+            if _token_windows((ctx.calibration_inputs(1) or [None])[0]) else None
+        if ids is None:
+            check_info["awq_check_skipped"] = (f"no calibration windows of {cfg.calib_seq_len} tokens after the "
+                                               f"{cfg.calib_samples} GPTQ calibrates on; AWQ's scales kept")
+            return None, None
+        from ...core.modeling import model_device
+
+        try:
+            ref = Reference(model, ids.to(model_device(model)))
+        except ValueError as exc:
+            check_info["awq_check_skipped"] = f"{exc}; AWQ's scales kept"
+            return None, None
+        stream = UnscaledStream(model, getattr(model, FOLDS_ATTR), lambda lin, hsum: self._layer(lin, hsum, solve)[:2])
+
+        def after_blocks() -> None:
+            out, info = choose_body(model, ref, stream, cfg.awq_check_z)
+            taken.update(out)
+            check_info.update(info)
+            if out:
+                stats.update(stream.stats)
+
+        return stream.before_block, after_blocks
 
     def _awq_check(self, model: Any, checked: list) -> Any:
         """The block callback that undoes AWQ's scales where GPTQ does better without them (None: no scales
@@ -287,8 +257,8 @@ class GptqPass(ConfiguredPass):
                                cfg.damp, cfg.act_order, cfg.clip)
         return gq, st, kernel, reason
 
-    def _round(self, model: Any, name: str, lin: Any, hsum: Any, tally: Int4Tally, plan: Any,
-               originals: dict[str, Any], solve: list[float]) -> Any:
+    def _layer(self, lin: Any, hsum: Any, solve: list[float]) -> tuple[Any, Any, str]:
+        """(the Int4Linear GPTQ rounds `lin` to on H, its stats, why its kernel)."""
         from ...layers.int4 import Int4Linear, param_dtype_for
         from .gptq_solver import error_vs_rtn
 
@@ -302,11 +272,7 @@ class GptqPass(ConfiguredPass):
         st.tokens = hsum.tokens
         layer = Int4Linear.from_quantized(gq, lin.bias, kernel, w.device)
         layer.weight_dtype = w.dtype
-        for target in [name, *(a for a, p in plan.aliases.items() if p == name)]:
-            originals.setdefault(target, model.get_submodule(target))
-            set_module(model, target, layer)
-        tally.add(name, layer, reason)
-        return st
+        return layer, st, reason
 
 
 def error_summary(stats: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ average stored bits per weight stays within `bits`, spent where the calibration 
    windows gives, per layer, the mean squared gradient of the next-token loss at each output channel;
    one forward finds the layers that read the same input (q/k/v, gate/up), which take one choice
    together with `tie=true` (so `fuse-kernels` fuses gate/up, and the engine stacks like with like).
-2. Measure: block by block, as `gptq` calibrates (`gptq.calibrate_and_round`, the blocks left float),
+2. Measure: block by block, as `gptq` calibrates (`gptq_blocks.calibrate_and_round`, the blocks left float),
    H = X^T X / n of each layer's inputs, and for every choice the predicted rise of the loss
    (`mixed_precision_select.py`: 1/2 sum_i f_i d_i^T H d_i, in nats per token).
 3. Select: a greedy for the multiple-choice knapsack over the (bits, sensitivity) convex hulls.
@@ -88,7 +88,8 @@ class MixedPrecisionPass(ConfiguredPass):
     def apply(self, model: Any, ctx: PassContext) -> PassResult:
         import torch
 
-        from .gptq import calibrate_and_round, calibration
+        from .gptq import calibration
+        from .gptq_blocks import calibrate_and_round
         from .mixed_precision_probe import loss_moments, shared_inputs
         from .mixed_precision_select import BudgetError, Unit, select, sensitivities, stored_bits
 
@@ -145,7 +146,7 @@ class MixedPrecisionPass(ConfiguredPass):
         """Swap every layer to its choice ({name: new layer}); on any failure put every layer back."""
         import torch
 
-        from .gptq import calibrate_and_round
+        from .gptq_blocks import calibrate_and_round
         from .head import int8_kernel
 
         cfg = self.config
