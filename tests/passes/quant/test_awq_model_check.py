@@ -147,3 +147,23 @@ def test_awq_check_takes_a_mode_and_the_older_booleans(raw, expected):
 def test_bad_check_options_are_refused(options, match):
     with pytest.raises((PassConfigError, ValueError), match=match):
         GptqConfig(**options)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt-neox", "phi3", "opt", "llama"])
+def test_every_architecture_awq_maps_gets_the_check_and_the_float_function_where_it_undoes(arch):
+    """On each family awq folds scales for, both bodies are rounded and scored; the kept one is a working model
+    close to the float one."""
+    from test_awq import ARCHS
+
+    model = ARCHS[arch]()
+    ids = held_out_ids()
+    ref = logits(model, ids)
+    opts = ",".join(f"{k}={v}" for k, v in GPTQ.items())
+    out, result = copy.deepcopy(model), None
+    for p in Pipeline.parse(f"awq{{quantize=false,n_grid=4,search_samples=4,{opts}}},gptq{{{opts}}}").passes:
+        result = p.apply(out, CTX)
+        out = result.model
+    assert isinstance(result.info["awq_scales_kept"], bool), result.info.get("awq_check_skipped")
+    assert result.info["layers_quantized"] > 0 and not hasattr(out, FOLDS_ATTR)
+    err = float((logits(out, ids) - ref).pow(2).mean()) / float(ref.pow(2).mean())
+    assert err < 0.05
