@@ -178,3 +178,19 @@ def test_text_form_round_trips():
     p = GptqPass(group_size=128, act_order=True, zero_grid="float")
     assert str(p) == "gptq{group_size=128,zero_grid=float,act_order=true}"
     assert Pipeline.parse(str(p)).passes == [p]
+
+
+@pytest.mark.parametrize("k", [7, 513, 1100])
+def test_the_inverse_factor_is_the_cholesky_factor_of_the_damped_inverse(k):
+    """U (upper, positive diagonal) with U^T U = (H + damp mean(diag H) I)^-1, against torch's own inverse and
+    Cholesky of it (float64); sizes around the halving's 512-wide leaves."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(2 * k, k, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, k, dtype=torch.float64)
+    h = 2 * x.T @ x / x.shape[0]
+    u, used, retries = gptq_solver.inverse_cholesky(h, 0.01)
+    hd = h + 0.01 * float(h.diagonal().mean()) * torch.eye(k, dtype=torch.float64)
+    ref = torch.linalg.cholesky(torch.linalg.inv(hd), upper=True)
+    assert used == 0.01 and retries == 0 and torch.equal(u, u.triu()) and bool((u.diagonal() > 0).all())
+    assert torch.allclose(u.double(), ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+    m = torch.linalg.cholesky(hd)
+    assert torch.allclose(gptq_solver.lower_triangular_inverse(m), torch.linalg.inv(m), rtol=1e-9, atol=1e-12)
