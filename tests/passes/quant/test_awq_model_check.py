@@ -167,3 +167,25 @@ def test_every_architecture_awq_maps_gets_the_check_and_the_float_function_where
     assert result.info["layers_quantized"] > 0 and not hasattr(out, FOLDS_ATTR)
     err = float((logits(out, ids) - ref).pow(2).mean()) / float(ref.pow(2).mean())
     assert err < 0.05
+
+
+@pytest.mark.parametrize("mode", ["model", "block"])
+def test_undoing_scales_leaves_the_model_before_the_pass_untouched(mode):
+    """gptq declares copy_on_write: the runner hands it a copy sharing the tensors of the model before it and
+    discards its result if any of them changed. Undoing scales (here every block's) must write fresh tensors."""
+    from optistack.core.pass_protocol import MODULE
+    from optistack.core.run import check_guard, pass_input
+
+    good = tiny_llama()
+    bad = copy.deepcopy(good)
+    ds = [wild_scale(64, i) for i in range(len(bad.model.layers))]
+    for layer, d in zip(bad.model.layers, ds):
+        fold_scale(layer.input_layernorm, [layer.get_submodule(n) for n in QKV], d)
+    before = with_recorded_folds(bad, lambda i: ds[i])
+    norm = before.model.layers[0].input_layernorm.weight.clone()
+    (p,) = Pipeline.parse(f"gptq{{awq_check={mode},{','.join(f'{k}={v}' for k, v in GPTQ.items())}}}").passes
+    model, guard = pass_input(p, before, MODULE)
+    info = p.apply(model, CTX).info
+    check_guard(p, guard)  # raises if a shared tensor was written
+    assert info.get("awq_scales_kept") is False or info.get("awq_blocks_undone") == len(ds)
+    assert torch.equal(before.model.layers[0].input_layernorm.weight, norm)

@@ -38,10 +38,20 @@ class AwqFold:
 
 
 def undo(block: Any, folds: list[AwqFold]) -> None:
+    """Folds each of `folds` back (by 1 / s) into fresh copies of the tensors it touches: the block's tensors may
+    be shared with the model before the pass (copy-on-write), which must not change."""
+    import torch
+
     from .awq_search import fold_scale
 
     for f in folds:
-        fold_scale(block.get_submodule(f.prev), [block.get_submodule(n) for n in f.linears], 1.0 / f.s, f.rows)
+        prev, linears = block.get_submodule(f.prev), [block.get_submodule(n) for n in f.linears]
+        for m in (prev, *linears):
+            for name in ("weight", "bias"):
+                t = getattr(m, name, None)
+                if isinstance(t, torch.nn.Parameter):
+                    setattr(m, name, torch.nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
+        fold_scale(prev, linears, 1.0 / f.s, f.rows)
 
 
 def split_sequences(inputs: list) -> tuple[list, list]:
