@@ -53,8 +53,8 @@ def _coerce(pass_name: str, key: str, raw: Any, tp: Any) -> Any:
                 continue
             try:
                 return _coerce(pass_name, key, raw, arg)
-            except PassConfigError as exc:
-                errors.append(str(exc))
+            except PassConfigError as exc:  # a list of choices says more than a type: it goes first
+                errors.insert(0 if _choices(arg) is not None else len(errors), str(exc))
         raise PassConfigError(errors[0] if errors else f"{where}: cannot use {raw!r}")
     choices = _choices(tp)
     if choices is not None:

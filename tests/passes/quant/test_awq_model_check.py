@@ -140,6 +140,12 @@ def test_awq_check_takes_a_mode_and_the_older_booleans(raw, expected):
     assert GptqConfig(awq_check=True).awq_check == "block"
 
 
+def test_a_misspelt_mode_is_answered_with_the_modes():
+    with pytest.raises(PassConfigError, match=r"option 'awq_check' must be one of model, block, off; got 'modle' "
+                                              r"\(did you mean 'model'\?\)"):
+        Pipeline.parse("gptq{awq_check=modle}")
+
+
 @pytest.mark.parametrize("options,match", [
     ({"awq_check": "layer"}, "awq_check"),
     ({"awq_check_samples": 0}, "awq_check_samples"),
