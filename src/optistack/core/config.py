@@ -47,7 +47,7 @@ def _coerce(pass_name: str, key: str, raw: Any, tp: Any) -> Any:
         args = get_args(tp)
         if type(None) in args and (raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null"))):
             return None
-        errors = []
+        errors: list[str] = []
         for arg in args:
             if arg is type(None):
                 continue

@@ -29,6 +29,16 @@ def wild_scale(width: int, seed: int = 0) -> torch.Tensor:
     return 10.0 ** (torch.rand(width, generator=torch.Generator().manual_seed(seed)) * 6 - 3)
 
 
+def plain_and_wild():
+    """(good, bad, ds): a tiny Llama, and the same function with wild factors ds[i] folded into block i's q/k/v."""
+    good = tiny_llama()
+    bad = copy.deepcopy(good)
+    ds = [wild_scale(64, i) for i in range(len(bad.model.layers))]
+    for layer, d in zip(bad.model.layers, ds):
+        fold_scale(layer.input_layernorm, [layer.get_submodule(n) for n in QKV], d)
+    return good, bad, ds
+
+
 def with_recorded_folds(model, s_of_block):
     """Records on `model` one q/k/v fold per block with scale `s_of_block(i)`, as the awq pass would."""
     setattr(model, FOLDS_ATTR, [AwqFold(f"model.layers.{i}", "input_layernorm", QKV, s_of_block(i))
@@ -47,11 +57,7 @@ def kl_to(reference, model, ids):
 def test_the_body_closer_to_the_float_model_is_kept(scales_help):
     """`good` has plain weights; `bad` is the same function with wild factors folded into q/k/v. Recorded as AWQ's
     scales, 1/d on `good` (undoing them would make it `bad`: kept) or d on `bad` (undoing makes it `good`: undone)."""
-    good = tiny_llama()
-    bad = copy.deepcopy(good)
-    ds = [wild_scale(64, i) for i in range(len(bad.model.layers))]
-    for layer, d in zip(bad.model.layers, ds):
-        fold_scale(layer.input_layernorm, [layer.get_submodule(n) for n in QKV], d)
+    good, bad, ds = plain_and_wild()
     model = with_recorded_folds(copy.deepcopy(good), lambda i: 1.0 / ds[i]) if scales_help \
         else with_recorded_folds(copy.deepcopy(bad), lambda i: ds[i])
     ref = copy.deepcopy(good)
@@ -111,11 +117,7 @@ def test_the_reference_scores_the_float_model_itself_at_zero():
 
 
 def test_a_failure_after_the_unscaled_body_was_chosen_puts_the_scaled_float_model_back(monkeypatch):
-    good = tiny_llama()
-    bad = copy.deepcopy(good)
-    ds = [wild_scale(64, i) for i in range(len(bad.model.layers))]
-    for layer, d in zip(bad.model.layers, ds):
-        fold_scale(layer.input_layernorm, [layer.get_submodule(n) for n in QKV], d)
+    good, bad, ds = plain_and_wild()
     model = with_recorded_folds(bad, lambda i: ds[i])
     blocks = list(model.model.layers)
     ids = held_out_ids()
@@ -182,11 +184,7 @@ def test_undoing_scales_leaves_the_model_before_the_pass_untouched(mode):
     from optistack.core.pass_protocol import MODULE
     from optistack.core.run import check_guard, pass_input
 
-    good = tiny_llama()
-    bad = copy.deepcopy(good)
-    ds = [wild_scale(64, i) for i in range(len(bad.model.layers))]
-    for layer, d in zip(bad.model.layers, ds):
-        fold_scale(layer.input_layernorm, [layer.get_submodule(n) for n in QKV], d)
+    good, bad, ds = plain_and_wild()
     before = with_recorded_folds(bad, lambda i: ds[i])
     norm = before.model.layers[0].input_layernorm.weight.clone()
     (p,) = Pipeline.parse(f"gptq{{awq_check={mode},{','.join(f'{k}={v}' for k, v in GPTQ.items())}}}").passes

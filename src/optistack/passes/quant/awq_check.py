@@ -78,16 +78,13 @@ def block_error(block: Any, chosen: list[str], fit: list, judge: list, refs: lis
 
     from ..linears import weight_rows
     from .awq_search import output_of
-    from .gptq_blocks import Hessians
+    from .gptq_blocks import hessian_sums
 
     layers = {n: block.get_submodule(n) for n in chosen}
-    with Hessians(layers) as hs:
-        for args, kwargs in fit:
-            block(*args, **kwargs)
-            hs.next_call()
+    sums = hessian_sums(layers, block, fit)
     for n, lin in layers.items():
         w = weight_rows(lin)
-        w.copy_(round_weight(w.detach().float(), hs.sums[n].hessian()).to(w.dtype))
+        w.copy_(round_weight(w.detach().float(), sums[n].hessian()).to(w.dtype))
     return torch.cat([(output_of(block, inp) - ref).double().pow(2).flatten(1).mean(1)
                       for inp, ref in zip(judge, refs)])
 

@@ -93,7 +93,7 @@ class UnscaledStream:
     def before_block(self, block: Any, inputs: list, mine: dict[str, Any]) -> None:
         import torch
 
-        from .gptq_blocks import Hessians, block_output
+        from .gptq_blocks import block_output, hessian_sums
 
         if self.inputs is None:  # the first block's inputs come from the embedding: the same for both
             self.inputs = inputs
@@ -104,12 +104,9 @@ class UnscaledStream:
         chosen = {rel[id(m)]: twin.get_submodule(rel[id(m)]) for m in mine.values()}
         with torch.no_grad():
             if chosen:
-                with Hessians(chosen) as hs:
-                    for args, kwargs in self.inputs:
-                        twin(*args, **kwargs)
-                        hs.next_call()
+                sums = hessian_sums(chosen, twin, self.inputs)
                 for n, lin in chosen.items():
-                    layer, st = self.make_layer(lin, hs.sums[n])
+                    layer, st = self.make_layer(lin, sums[n])
                     set_module(twin, n, layer)
                     self.stats[f"{name}.{n}"] = st
             self.inputs = [with_hidden(inp, block_output(twin(*inp[0], **inp[1]))) for inp in self.inputs]

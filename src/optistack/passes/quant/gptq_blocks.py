@@ -47,6 +47,15 @@ class Hessians:
         self._cache.clear()
 
 
+def hessian_sums(layers: dict[str, Any], module: Any, calls: list) -> dict[str, Any]:
+    """The X^T X sums (`HessianSum`) of `layers`' inputs while `module` runs on each (args, kwargs) of `calls`."""
+    with Hessians(layers) as hs:
+        for args, kwargs in calls:
+            module(*args, **kwargs)
+            hs.next_call()
+    return hs.sums
+
+
 def block_output(out: Any) -> Any:
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -76,12 +85,9 @@ def calibrate_and_round(model: Any, batches: list, layers: dict[str, Any], round
                     if before_block is not None:
                         before_block(block, inputs, mine)
                     if mine:
-                        with Hessians(mine) as hs:
-                            for args, kwargs in inputs:
-                                block(*args, **kwargs)
-                                hs.next_call()
+                        sums = hessian_sums(mine, block, inputs)
                         for n in mine:
-                            round_layer(n, hs.sums[n])
+                            round_layer(n, sums[n])
                             done.add(n)
                     if block is not blocks[-1]:  # the rounded block gives the next one its inputs
                         inputs = [with_hidden(inp, block_output(block(*inp[0], **inp[1]))) for inp in inputs]
@@ -91,10 +97,7 @@ def calibrate_and_round(model: Any, batches: list, layers: dict[str, Any], round
         del inputs
         rest = {n: m for n, m in layers.items() if n not in done}
         if rest:
-            with Hessians(rest) as hs:
-                for args, kwargs in batches:
-                    model(*args, **kwargs)
-                    hs.next_call()
+            sums = hessian_sums(rest, model, batches)
             for n in rest:
-                round_layer(n, hs.sums[n])
+                round_layer(n, sums[n])
     return mode
