@@ -14,6 +14,11 @@ GPTQ solve per layer; the float model's distributions on `awq_check_samples` win
 after the ones GPTQ calibrates on (`Reference`) are taken before anything is rounded. The body closer to
 them by KL divergence is kept (the scaled one only where it is lower, by more than `awq_check_z` standard
 errors of the per-window difference), before layers outside the blocks (a chosen head) are rounded.
+
+Measured (Zen 4, 2026-12-07): on SmolLM2 it kept the scales at g128 and g64 (held-out KL 0.079 against 0.107 at
+g128), perplexity as without the check; on the ~1.1B random-weight Llama at g128 it kept them by 1.0% on the
+held-out windows where the evaluation text found them 1.8% worse than `gptq` alone (docs/gptq.md): it guards
+against scales that clearly hurt (the tests' wild ones: KL 100x), not differences of a percent.
 """
 from __future__ import annotations
 
