@@ -85,7 +85,7 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float,
         low, info = torch.linalg.cholesky_ex(hd)
         if int(info) == 0:  # J H J = M M^T, so H = (J M J)(J M J)^T and H^-1 = U^T U for U = J M^-1 J, upper
             upper = lower_triangular_inverse(low).flip(0, 1)
-            if torch.isfinite(upper).all() and bool((upper.diagonal() > 0).all()):
+            if torch.isfinite(upper).all():  # its diagonal is 1 / M's: positive
                 return upper.float(), d, retry
     raise PassApplyError(f"gptq: the inputs' Hessian is not positive definite even with damp={d:g} "
                          "(calibration activations contain inf/nan, or too few distinct tokens)")
@@ -165,6 +165,8 @@ def _gptq(w: torch.Tensor, h: torch.Tensor, group_size: int, zero_point: bool | 
           block_size: int, damp: float, act_order: bool, clip: bool) -> tuple[GroupQuant, SolveStats]:
     n, k = w.shape
     g = group_size
+    if g % INNER:
+        raise PassApplyError(f"gptq: group size {g} is not a multiple of {INNER}")
     groups = math.ceil(k / g)
     weight = w.detach().float().clone()
     scale = torch.empty(n, groups, device=weight.device)
@@ -192,14 +194,10 @@ def _gptq(w: torch.Tensor, h: torch.Tensor, group_size: int, zero_point: bool | 
         u1 = u[i1:i2, i1:i2]
         for j1 in range(0, i2 - i1, INNER):  # rank-1 updates inside 16 columns, a product for the rest
             j2 = min(j1 + INNER, i2 - i1)
-            for i in range(j1, j2):
-                col = i1 + i
-                if perm is None and col % g == 0:  # a group starts at a sub-block start: w1 is current
-                    if i != j1:
-                        raise PassApplyError(f"gptq: group size {g} is not a multiple of {INNER}")
-                    lo, hi = _ranges(w1[:, i:i + g], hf, col, g, zero_point, param_dtype, clip)
-                    scale[:, group_of[col]], zero[:, group_of[col]] = qparams(lo[:, 0], hi[:, 0], zero_point,
-                                                                              param_dtype)
+            col = i1 + j1
+            if perm is None and col % g == 0:  # groups start at sub-block starts (g % INNER == 0): w1 is current
+                lo, hi = _ranges(w1[:, j1:j1 + g], hf, col, g, zero_point, param_dtype, clip)
+                scale[:, group_of[col]], zero[:, group_of[col]] = qparams(lo[:, 0], hi[:, 0], zero_point, param_dtype)
             with _one_thread(w1):
                 for i in range(j1, j2):
                     col = i1 + i
