@@ -7,9 +7,8 @@
 // over every slot of a static cache, and int4 dot products that split float32 activations into two bfloat16 halves.
 // Rows are independent requests (continuous batching: each has its own slot and position), prompt chunks, or draft
 // tokens to verify; every weight block is read once per call for all rows. Semantics are those of transformers'
-// LlamaForCausalLM in float32 (RMSNorm, RoPE with the model's own cos/sin tables, grouped-query attention, SwiGLU),
-// with int8 (or int16) activations for the int4 projections (int4_q8_gemv.cpp) and int16 ones for the int8 head
-// (int8_gemm.cpp).
+// LlamaForCausalLM in float32 (RMSNorm, RoPE with the model's own cos/sin tables, grouped-query attention, SwiGLU), with
+// int8 (or int16) activations for the int4 projections (int4_q8_gemv.cpp), int16 ones for the int8 head (int8_gemm.cpp).
 #include "llama_decode.h"
 
 #include <ATen/ATen.h>
@@ -91,7 +90,8 @@ at::Tensor LlamaEngine::forward(const at::Tensor& tokens_in, const at::Tensor& s
   bool gemm = false;
   row_path.assign(N, VNNI);
   for (Run& r : runs) {
-    if (r.path == VNNI && amx_batch_min > 0 && r.len >= amx_batch_min) r.path = AMX_INT8;
+    // a batch's decode rows on int8 tiles unless they read panels (faster: docs/decoding.md); the head takes tiles
+    if (r.path == VNNI && amx_batch_min > 0 && r.len >= amx_batch_min && !panels_on) r.path = AMX_INT8;
     gemm |= r.path == VNNI_GEMM;
     int64_t& count = r.path == AMX_BF16 ? amx_tiles : amx8_tiles;
     if (r.path == AMX_BF16 || r.path == AMX_INT8) {

@@ -347,26 +347,36 @@ def test_amx_rows_is_refused_where_it_cannot_run():
 
 
 @pytest.mark.skipif(not cpu.available() or not cpu.lib().amx_supported(), reason="needs AMX tiles")
-def test_a_batch_of_decode_rows_on_amx_tiles_matches_the_reference():
+@pytest.mark.parametrize("panels", [False, True])
+def test_a_batch_of_decode_rows_on_amx_tiles_matches_the_reference(panels):
     """amx_batch=8: nine slots' decode rows (one each, each at its own position) take the int8 tiles together:
     the same int8 codes and exact integer products as the VNNI path, the float sums in another order; the
-    head takes them as int8 rows on AMX tiles too (V = 300: 18 tiles of 16 rows and a VNNI tail of 12)."""
+    head takes them as int8 rows on AMX tiles too (V = 300: 18 tiles of 16 rows and a VNNI tail of 12). With
+    panels (a server's default) the rows read the panels instead and only the head takes the tiles: the
+    keys and values they write are then those of the same rows on panels without amx_batch, bit for bit."""
     from optistack.kernels.llama_engine import EngineWeights
 
     weights = EngineWeights.from_model(quantized(tiny(layers=2)))
-    rt = weights.runtime(9, 32)
-    rt.impl.amx_batch = 8
     cos, sin = weights.rope_tables(32)
-    kc, vc = fresh_caches(rt)
     g = torch.Generator().manual_seed(9)
-    for b in range(9):  # slot b holds b + 1 positions
-        rows = torch.randint(0, 300, (b + 1,), generator=g), torch.full((b + 1,), b), torch.arange(b + 1)
-        rt.forward(*rows, torch.arange(0))
-        ref.forward(weights, *rows, kc, vc, cos, sin)
+    history = [(torch.randint(0, 300, (b + 1,), generator=g), torch.full((b + 1,), b), torch.arange(b + 1))
+               for b in range(9)]  # slot b holds b + 1 positions
     step = torch.randint(0, 300, (9,), generator=g), torch.arange(9), torch.arange(9) + 1
-    got = rt.forward(*step, torch.arange(9))
-    want = ref.forward(weights, *step, kc, vc, cos, sin, head_bits=8)  # a batch of >= amx_batch: the AMX int8 head
-    ok, err = close_rows(got, want, 1e-3, loose=2e-2)  # one int8 code of the head's row moves a row by up to ~1%
-    assert ok, err
+    caches = {}
+    for batch in (8, 0):
+        rt = weights.runtime(9, 32, panels=panels)
+        rt.impl.amx_batch = batch
+        kc, vc = fresh_caches(rt)
+        for rows in history:
+            rt.forward(*rows, torch.arange(0))
+            ref.forward(weights, *rows, kc, vc, cos, sin)
+        got = rt.forward(*step, torch.arange(9))
+        caches[batch] = rt.k_cache.clone(), rt.v_cache.clone()
+        # a batch of >= amx_batch: the AMX int8 head (its rows as int8 with one scale a row)
+        want = ref.forward(weights, *step, kc, vc, cos, sin, head_bits=8 if batch else 16)
+        ok, err = close_rows(got, want, 1e-3, loose=2e-2)  # one int8 code of the head's row moves a row by up to ~1%
+        assert ok, (batch, err)
+    same = all(torch.equal(a, b) for a, b in zip(caches[8], caches[0]))
+    assert same is panels  # panels: the projections took the panels either way; else tiles against VNNI rows
     with pytest.raises(RuntimeError, match="amx_batch must be >= 0"):
         rt.impl.amx_batch = -1
