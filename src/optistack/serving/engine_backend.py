@@ -68,19 +68,20 @@ class EngineBackend:
                    panels: bool | None = None) -> "EngineBackend":
         """The engine the model's `decode-engine` step built, with `max_batch` slots of `max_context` positions.
 
-        `amx_batch`: from this many decode rows in one step, they (and the head) run on AMX int8 tiles (the
-        same int8 codes, their float sums in another order; the head's rows as int8 instead of int16, so a
-        request's greedy tokens may differ from generate()'s where two logits are close); with it on, decode rows
-        that share a call with a prompt chunk on bf16 tiles join that chunk. The default, 5 where the CPU has
-        AMX: where the tiles start to win (SmolLM2, 2 cores, median of 5 interleaved rounds, 2026-12-06: 4 rows
-        8.23 ms a step on VNNI against 9.13 on tiles, 5 rows 10.31 / 9.79, 6 rows 11.51 / 10.32, 8 rows
-        14.6 / 11.0).
+        `amx_batch`: from this many decode rows in one step, the head runs on AMX int8 tiles (its rows as int8
+        instead of int16, so a request's greedy tokens may differ from generate()'s where two logits are close),
+        and so do the rows' projections unless they read panels (the same int8 codes, their float sums in another
+        order); with it on, decode rows that share a call with a prompt chunk on bf16 tiles join that chunk. The
+        default, 5 where the CPU has AMX: where the tiles started to win over the VNNI rows (SmolLM2, 2 cores,
+        median of 5 interleaved rounds, 2026-12-06: 4 rows 8.23 ms a step on VNNI against 9.13 on tiles, 5 rows
+        10.31 / 9.79, 8 rows 14.6 / 11.0; on panels 8 rows take 7.8 ms, the head on tiles).
         `kv`: the KV cache's type (float16, float32 or int8: about half float16's bytes, twice the slots in
         the same memory); by default the one the decode-engine step chose.
         `panels`: decode rows read the projections' panels of 16 rows (csrc/cpu/int4_panel.h; a second copy
-        of the int4 codes); by default as the decode-engine step was told, else where the CPU has no AMX and
-        activations are int8, whatever the model's size when max_batch > 1 (SmolLM2, Zen 4, 2 threads: a step of
-        8 decode rows 16.6 -> 10.1 ms; the ~1.1B Llama 1.6x), as for one stream when it is 1.
+        of the int4 codes); by default as the decode-engine step was told, else with int8 activations whatever
+        the model's size when max_batch > 1, on every CPU (SmolLM2, 2 threads, a step of 8 decode rows: Zen 4
+        16.6 -> 10.1 ms, the ~1.1B Llama 1.6x; Xeon with AMX 8.6 on int8 tiles -> 7.8 ms), as for one stream
+        when it is 1.
         """
         strategy = getattr(model, DECODE_ATTR, None)
         weights = getattr(strategy, "weights", None)
