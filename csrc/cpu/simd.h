@@ -25,23 +25,17 @@ namespace optistack_cpu {
 
 using bf16 = c10::BFloat16;
 
-// How the decode GEMVs ask for the weights they read next (int4_q8_gemv.cpp, int8_gemm.cpp): "far" = 16 rows
-// ahead into L2 (prefetcht1), "near" = 4 rows ahead into L1 (prefetcht0). Why: a GEMV block reads 4 rows
-// interleaved 64 bytes at a time, four streams of one row each (a few KB) that the hardware prefetcher does
-// not follow, so the reads wait on DRAM; near prefetches hold L1's few miss buffers. On a Zen 4 (2 threads, a
-// 115 MB int4 matrix at K = 2048, a C++ copy of the GEMV) near read 16-18 GB/s, far 27-28, a plain sequential
-// read 24-29. Near is kept where it was measured (the Xeon with AMX, at its read bandwidth); far where it was
-// (AMD); $OPTISTACK_PREFETCH=far|near overrides (read once).
+// How the decode GEMVs ask for the weights they read next (int4_q8_gemv.cpp, int8_gemm.cpp, int4_panel.cpp):
+// "far" = 16 rows ahead into L2 (prefetcht1), "near" = 4 rows ahead into L1 (prefetcht0). Why: a GEMV block
+// reads 4 rows interleaved 64 bytes at a time, four streams of one row each (a few KB) that the hardware
+// prefetcher does not follow, so the reads wait on DRAM; near prefetches hold L1's few miss buffers. On a Zen 4
+// (2 threads, a 115 MB int4 matrix at K = 2048, a C++ copy of the GEMV) near read 16-18 GB/s, far 27-28, a plain
+// sequential read 24-29; on a Xeon with AMX far decoded the ~1.1B Llama 5.5% faster and a step of 8 SmolLM2 rows
+// on panels 7.1 -> 6.3 ms (docs/decoding.md). Far everywhere; $OPTISTACK_PREFETCH=far|near overrides (read once).
 inline bool prefetch_far() {
   static const bool far = [] {
     const char* env = std::getenv("OPTISTACK_PREFETCH");
-    if (env && std::strcmp(env, "far") == 0) return true;
-    if (env && std::strcmp(env, "near") == 0) return false;
-#if defined(__x86_64__) && defined(__GNUC__)
-    return bool(__builtin_cpu_is("amd"));
-#else
-    return false;
-#endif
+    return !(env && std::strcmp(env, "near") == 0);
   }();
   return far;
 }

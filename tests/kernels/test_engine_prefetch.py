@@ -1,4 +1,4 @@
-"""The decode GEMVs' prefetch distance (simd.h: prefetch_far, chosen per CPU at run time, $OPTISTACK_PREFETCH to
+"""The decode GEMVs' prefetch distance (simd.h: prefetch_far, far by default, $OPTISTACK_PREFETCH to
 override) changes where the weights are asked for, never the arithmetic: the same logits bit for bit either way.
 Each setting is read once per process, so each runs in its own."""
 from __future__ import annotations

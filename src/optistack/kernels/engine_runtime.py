@@ -43,15 +43,11 @@ def engine_threads_adaptive() -> bool:
 
 
 def default_panels(act_bits: int, code_bytes: int = 0, batches: bool = False) -> bool:
-    """Whether engines read int4 panels when not told (csrc/cpu/int4_panel.h), with int8 activations: for batches
-    on every CPU (with AMX too, where they beat int8 tiles for a batch's decode rows: 7.8 against 8.6 ms a step of 8
-    SmolLM2 rows), and for one stream where the CPU has no AMX tiles and `code_bytes` of int4 codes are at most
-    PANELS_ALONE_MAX_BYTES (with AMX one row gains nothing: 2.65 against 2.72 ms; measured: docs/decoding.md)."""
-    from . import cpu
-
-    if act_bits != 8:
-        return False
-    return batches or (not cpu.lib().amx_supported() and code_bytes <= PANELS_ALONE_MAX_BYTES)
+    """Whether engines read int4 panels when not told (csrc/cpu/int4_panel.h), with int8 activations: for batches,
+    and for one stream where `code_bytes` of int4 codes are at most PANELS_ALONE_MAX_BYTES, on every CPU (where it
+    has AMX tiles too: a SmolLM2 step of 1 row 2.53 -> 2.34 ms, of 8 rows 7.7 on int8 tiles -> 6.3; measured:
+    docs/decoding.md)."""
+    return act_bits == 8 and (batches or code_bytes <= PANELS_ALONE_MAX_BYTES)
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
