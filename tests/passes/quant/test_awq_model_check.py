@@ -4,6 +4,7 @@ with them undone, and keeps the one closer to the float model on held-out calibr
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -66,6 +67,8 @@ def test_the_body_closer_to_the_float_model_is_kept(scales_help):
     assert info["awq_check_windows"] == GptqConfig().awq_check_samples
     low, high = sorted((info["awq_check_kl_with"], info["awq_check_kl_without"]))
     assert high > 3 * low  # the wild factors cost far more than the rounding
+    # the windows' own next tokens beside the KL (random tokens here: about log(vocab) for either body)
+    assert all(0 < info[f"awq_check_ce_{k}"] < 2 * math.log(VOCAB) for k in ("with", "without"))
     assert not hasattr(model, FOLDS_ATTR)
     for layer, plain in zip(model.model.layers, good.model.layers):  # the norms of the plain body either way
         assert torch.allclose(layer.input_layernorm.weight, plain.input_layernorm.weight, rtol=1e-5)
@@ -111,6 +114,10 @@ def test_the_reference_scores_the_float_model_itself_at_zero():
     model = tiny_llama()
     ref = Reference(model, held_out_ids(n=3))
     assert ref.kl(model).abs().max() < 1e-3  # bfloat16 probabilities against exact log-probabilities
+    ids = held_out_ids(n=3)  # the cross-entropy beside it: the windows' own next tokens, as torch computes it
+    want = torch.stack([torch.nn.functional.cross_entropy(model(input_ids=ids[i:i + 1]).logits[0, :-1].float(),
+                                                          ids[i, 1:]) for i in range(3)]).double()
+    torch.testing.assert_close(ref.scores(model)[1], want, rtol=1e-5, atol=1e-5)
     noisy = copy.deepcopy(model)
     noisy.model.layers[0].mlp.down_proj.weight.add_(torch.randn_like(noisy.model.layers[0].mlp.down_proj.weight))
     assert float(ref.kl(noisy).min()) > 1e-3

@@ -70,14 +70,21 @@ class Reference:
 
     def kl(self, model: Any) -> Any:
         """Mean KL divergence of each window (float64 [n]) from the float model's distributions to `model`'s."""
+        return self.scores(model)[0]
+
+    def scores(self, model: Any) -> tuple[Any, Any]:
+        """Per window (float64 [n] each): the mean KL divergence above, and `model`'s cross-entropy on the
+        window's own next tokens (reported beside it: whether the text's perplexity agrees with the KL)."""
         import torch
 
-        out = []
+        kl, ce = [], []
         with torch.no_grad():
             for i, (p, h) in enumerate(zip(self.probs, self.entropy)):
                 logq = torch.log_softmax(_logits(model, self.ids[i:i + 1])[0].float(), dim=-1)
-                out.append(float(-(p.float() * logq).sum(-1).mean()) - h)
-        return torch.tensor(out, dtype=torch.float64)
+                kl.append(float(-(p.float() * logq).sum(-1).mean()) - h)
+                nxt = self.ids[i, 1:].long().unsqueeze(-1)
+                ce.append(float(-logq[:-1].gather(-1, nxt).mean()))
+        return torch.tensor(kl, dtype=torch.float64), torch.tensor(ce, dtype=torch.float64)
 
 
 class UnscaledStream:
@@ -130,14 +137,15 @@ def choose_body(model: Any, ref: Reference, stream: UnscaledStream, z: float) ->
     one only where `clearly_lower` by `z`); returns (blocks taken out, info)."""
     from .awq_search import clearly_lower
 
-    kl_with = ref.kl(model)
+    kl_with, ce_with = ref.scores(model)
     taken = stream.swap_in(model)
-    kl_without = ref.kl(model)
+    kl_without, ce_without = ref.scores(model)
     keep = bool(clearly_lower(kl_with, kl_without, z))
     if keep:
         for n, block in taken.items():
             set_module(model, n, block)
         taken = {}
     info = {"awq_scales_kept": keep, "awq_check_kl_with": round(float(kl_with.mean()), 6),
-            "awq_check_kl_without": round(float(kl_without.mean()), 6), "awq_check_windows": int(ref.ids.shape[0])}
+            "awq_check_kl_without": round(float(kl_without.mean()), 6), "awq_check_windows": int(ref.ids.shape[0]),
+            "awq_check_ce_with": round(float(ce_with.mean()), 6), "awq_check_ce_without": round(float(ce_without.mean()), 6)}
     return taken, info
