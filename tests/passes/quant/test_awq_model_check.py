@@ -40,6 +40,26 @@ def plain_and_wild():
     return good, bad, ds
 
 
+class SampledText:
+    """Calibration windows the float model itself would write (sampled at temperature 1, seeded): on such text a
+    model's cross-entropy is the float model's entropy plus its KL from it, so the check's two scores agree (on
+    random tokens a tiny random model's cross-entropy says nothing)."""
+
+    def __init__(self, model, seq_len: int = 32) -> None:
+        self.model, self.seq_len, self.windows = model, seq_len, None
+
+    @torch.no_grad()
+    def calibration_inputs(self, n: int):
+        if self.windows is None or self.windows.shape[0] < n:
+            g = torch.Generator().manual_seed(3)
+            ids = torch.randint(0, VOCAB, (max(n, 48), 1), generator=g)
+            while ids.shape[1] < self.seq_len:
+                p = torch.softmax(self.model(ids).logits[:, -1].float(), -1)
+                ids = torch.cat([ids, torch.multinomial(p, 1, generator=g)], 1)
+            self.windows = ids
+        return [((), {"input_ids": self.windows[i:i + 1]}) for i in range(n)]
+
+
 def with_recorded_folds(model, s_of_block):
     """Records on `model` one q/k/v fold per block with scale `s_of_block(i)`, as the awq pass would."""
     setattr(model, FOLDS_ATTR, [AwqFold(f"model.layers.{i}", "input_layernorm", QKV, s_of_block(i))
@@ -62,13 +82,14 @@ def test_the_body_closer_to_the_float_model_is_kept(scales_help):
     model = with_recorded_folds(copy.deepcopy(good), lambda i: 1.0 / ds[i]) if scales_help \
         else with_recorded_folds(copy.deepcopy(bad), lambda i: ds[i])
     ref = copy.deepcopy(good)
-    info = GptqPass(**GPTQ).apply(model, CTX).info
+    info = GptqPass(**GPTQ).apply(model, PassContext(SampledText(good))).info
     assert info["awq_scales_kept"] is scales_help
     assert info["awq_check_windows"] == GptqConfig().awq_check_samples
     low, high = sorted((info["awq_check_kl_with"], info["awq_check_kl_without"]))
     assert high > 3 * low  # the wild factors cost far more than the rounding
-    # the windows' own next tokens beside the KL (random tokens here: about log(vocab) for either body)
+    # the text the float model writes agrees: the wild body predicts it clearly worse
     assert all(0 < info[f"awq_check_ce_{k}"] < 2 * math.log(VOCAB) for k in ("with", "without"))
+    assert (info["awq_check_ce_with"] < info["awq_check_ce_without"]) is scales_help
     assert not hasattr(model, FOLDS_ATTR)
     for layer, plain in zip(model.model.layers, good.model.layers):  # the norms of the plain body either way
         assert torch.allclose(layer.input_layernorm.weight, plain.input_layernorm.weight, rtol=1e-5)
@@ -87,8 +108,11 @@ def test_awq_then_gptq_judges_the_whole_model_by_default_and_reports_both_scores
         out = result.model
     info = result.info
     assert isinstance(info["awq_scales_kept"], bool) and "awq_blocks_kept" not in info
-    kept = info["awq_check_kl_with"] if info["awq_scales_kept"] else info["awq_check_kl_without"]
-    assert kept <= min(info["awq_check_kl_with"], info["awq_check_kl_without"])
+    # kept: closer to the float model by more than awq_check_z (2) standard errors, and the text's cross-entropy
+    # not clearly worse; the paired t statistics in info say which
+    z = GptqConfig().awq_check_z
+    assert info["awq_scales_kept"] is (info["awq_check_kl_t"] < -z and info["awq_check_ce_t"] < -z)
+    assert (info["awq_check_kl_t"] < 0) is (info["awq_check_kl_with"] < info["awq_check_kl_without"])
     assert not hasattr(out, FOLDS_ATTR) and all(isinstance(m.self_attn.q_proj, Int4Linear) for m in out.model.layers)
     ref = logits(model, held_out_ids())
     assert float((logits(out, held_out_ids()) - ref).pow(2).mean()) < 0.05 * float(ref.pow(2).mean())
@@ -200,3 +224,37 @@ def test_undoing_scales_leaves_the_model_before_the_pass_untouched(mode):
     check_guard(p, guard)  # raises if a shared tensor was written
     assert info.get("awq_scales_kept") is False or info.get("awq_blocks_undone") == len(ds)
     assert torch.equal(before.model.layers[0].input_layernorm.weight, norm)
+
+
+class _Scores:
+    """A Reference stand-in that hands out preset (KL, cross-entropy) per window: first the scaled body's, then the
+    unscaled one's."""
+
+    def __init__(self, *scores):
+        self.ids, self._scores = torch.zeros(4, 8), iter(scores)
+
+    def scores(self, model):
+        return next(self._scores)
+
+
+class _NoSwap:
+    def swap_in(self, model):
+        return {}
+
+
+@pytest.mark.parametrize("ce_shift, kl_gap, kept", [
+    (-0.05, 0.1, True),  # both clearly better: kept
+    (0.0, 0.1, False),  # clearly closer to the float model, the text no better: undone (SmolLM2 at g128)
+    (0.05, 0.1, False),  # the text clearly worse: undone
+    (-0.05, 0.0, False),  # a tie in KL: undone
+])
+def test_the_scales_stay_only_where_both_kl_and_the_texts_cross_entropy_are_clearly_lower(ce_shift, kl_gap, kept):
+    from optistack.passes.quant.awq_model_check import choose_body
+
+    t = torch.tensor
+    base_kl, base_ce = t([0.10, 0.12, 0.09, 0.11], dtype=torch.float64), t([3.0, 3.2, 2.9, 3.1], dtype=torch.float64)
+    noise = t([0.001, -0.001, 0.002, -0.002], dtype=torch.float64)
+    ref = _Scores((base_kl + noise, base_ce + ce_shift + noise), (base_kl + kl_gap, base_ce))
+    taken, info = choose_body(torch.nn.Linear(1, 1), ref, _NoSwap(), GptqConfig().awq_check_z)
+    assert info["awq_scales_kept"] is kept and taken == {}
+    assert info["awq_check_ce_with"] == pytest.approx(float((base_ce + ce_shift + noise).mean()), abs=1e-6)

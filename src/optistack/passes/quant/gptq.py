@@ -60,8 +60,8 @@ class GptqConfig(Int4Config):
     # after awq{quantize=false}: keep AWQ's scales only where GPTQ does better with them, judged on the whole model
     # (awq_model_check.py), block by block (awq_check.py; `true` means this), or not at all (`off`; `false`)
     awq_check: bool | Literal["model", "block", "off"] = "model"
-    awq_check_z: float = 0.0  # ... by more than this many standard errors of the per-sequence difference
-    awq_check_samples: int = 8  # held-out calibration windows the whole-model check scores on
+    awq_check_z: float = 2.0  # ... by more than this many standard errors of the per-sequence difference
+    awq_check_samples: int = 32  # held-out calibration windows the whole-model check scores on
 
     def __post_init__(self) -> None:
         super().__post_init__()
