@@ -42,8 +42,9 @@ print(f"{text}: quantized {step.info.get('layers_quantized')} Linear layers in {
       f"(the GPTQ math {step.info.get('solve_seconds')} s), {step.info.get('bits_per_weight')} bits per weight; "
       f"output error {step.info.get('output_error_ratio')} x round-to-nearest's on the calibration inputs")
 if "awq_scales_kept" in step.info:
-    print(f"AWQ's scales {'kept' if step.info['awq_scales_kept'] else 'undone'}: KL to fp32 on held-out calibration "
-          f"text {step.info['awq_check_kl_with']} with them, {step.info['awq_check_kl_without']} without")
+    print(f"AWQ's scales {'kept' if step.info['awq_scales_kept'] else 'undone'}: on held-out calibration text, KL "
+          f"to fp32 {step.info['awq_check_kl_with']} with them, {step.info['awq_check_kl_without']} without; the "
+          f"text's cross-entropy {step.info['awq_check_ce_with']} / {step.info['awq_check_ce_without']}")
 if "awq_blocks_kept" in step.info:
     print(f"AWQ's scales kept in {step.info['awq_blocks_kept']} blocks, undone in {step.info['awq_blocks_undone']}")
 print(f"perplexity {base['accuracy']['perplexity']:.2f} -> {step.accuracy.after:.2f}")

@@ -1,6 +1,6 @@
 """`awq{quantize=false},gptq` (`gptq{awq_check=model}`, the default): GPTQ rounds the model twice, with AWQ's
-scales and with them undone, and keeps the whole model whose next-token distributions on held-out calibration
-text are closer to the float model's.
+scales and with them undone, and keeps the scaled whole model only where held-out calibration text says it is
+clearly better: closer to the float model's next-token distributions, and predicting the text itself better.
 
 Why: AWQ's scales are judged group by group on the float model's inputs (`awq_rounding.py`), GPTQ then rounds
 block after block on the rounded blocks' outputs, and whether the scales carry through shows only in the whole
@@ -10,15 +10,17 @@ was 0.5-2.4% above `gptq` in logits error whichever group or block judge chose t
 The issue's promise, `awq,gptq` no worse than the better of the two, is a whole-model one, so this judges
 the whole model: the second rounding (`UnscaledStream`) runs beside the first, block by block, each block a
 copy with its scales undone, on its own stream of inputs (the unscaled copies' outputs), and costs one more
-GPTQ solve per layer; the float model's distributions on `awq_check_samples` windows of calibration text
-after the ones GPTQ calibrates on (`Reference`) are taken before anything is rounded. The body closer to
-them by KL divergence is kept (the scaled one only where it is lower, by more than `awq_check_z` standard
-errors of the per-window difference), before layers outside the blocks (a chosen head) are rounded.
+GPTQ solve per layer; the float model's distributions on `awq_check_samples` (32) windows of calibration text
+after the ones GPTQ calibrates on (`Reference`) are taken before anything is rounded. The scaled body is kept only
+where it is closer to them by KL divergence *and* predicts those windows' own text better (cross-entropy), both by
+more than `awq_check_z` (2) standard errors of the per-window difference; else the unscaled one stays, before
+layers outside the blocks (a chosen head) are rounded.
 
-Measured (Zen 4, 2026-12-07): on SmolLM2 it kept the scales at g128 and g64 (held-out KL 0.079 against 0.107 at
-g128), perplexity as without the check; on the ~1.1B random-weight Llama at g128 it kept them by 1.0% on the
-held-out windows where the evaluation text found them 1.8% worse than `gptq` alone (docs/gptq.md): it guards
-against scales that clearly hurt (the tests' wild ones: KL 100x), not differences of a percent.
+Measured: on SmolLM2 (Xeon, 2026-12-07) the KL alone kept the scales at g128 (t = -9.4) where the text did not
+(t = +0.2) and the evaluation sided with the text (16.38 against `gptq`'s 16.19); with both scores the scales are
+undone there (16.27: `gptq`'s body, its codes an ulp-amplified drift away) and kept at g64 (15.78 against 16.08).
+On the ~1.1B random-weight Llama at g128 the two bodies tie on 32 windows (KL 0.144277 / 0.144276), so the scales
+are undone and the result is `gptq`'s (docs/gptq.md).
 """
 from __future__ import annotations
 
