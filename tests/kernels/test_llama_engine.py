@@ -57,6 +57,16 @@ def fresh_caches(rt):
     return torch.zeros_like(rt.k_cache), torch.zeros_like(rt.v_cache)
 
 
+def replayed(rt, amx_batch, history, weights, cos, sin):
+    """`rt` with `amx_batch` set, and fresh reference caches, both after the calls of `history` (no logits)."""
+    rt.impl.amx_batch = amx_batch
+    kc, vc = fresh_caches(rt)
+    for rows in history:
+        rt.forward(*rows, torch.arange(0))
+        ref.forward(weights, *rows, kc, vc, cos, sin)
+    return rt, kc, vc
+
+
 def close_rows(got, want, tight, loose=1e-2):
     """Per-row relative error: a 1-ulp input difference may flip the rounding of one quantized activation
     (an int8 code moves a row by ~0.5%, and the flipped key stays in the cache), so a third of the rows
@@ -318,12 +328,7 @@ def test_with_amx_batch_decode_rows_join_a_prompt_chunk_on_bf16_tiles():
     call = (torch.randint(0, 300, (43,), generator=g), torch.tensor([1, 2, 3] + [0] * 40),
             torch.cat([torch.arange(3) + 2, torch.arange(40)]))
     for batch in (0, 8):
-        rt = weights.runtime(4, 64)
-        rt.impl.amx_batch = batch
-        kc, vc = fresh_caches(rt)
-        for rows in history:
-            rt.forward(*rows, torch.arange(0))
-            ref.forward(weights, *rows, kc, vc, cos, sin)
+        rt, kc, vc = replayed(weights.runtime(4, 64), batch, history, weights, cos, sin)
         got = rt.forward(*call, torch.arange(43))
         head = 8 if batch else 16  # 43 logit rows >= amx_batch: the head's rows as int8 on AMX tiles
         want, other = (ref.forward(weights, *call, kc.clone(), vc.clone(), cos, sin, amx_rows=32, amx_batch=b,
@@ -364,12 +369,7 @@ def test_a_batch_of_decode_rows_on_amx_tiles_matches_the_reference(panels):
     step = torch.randint(0, 300, (9,), generator=g), torch.arange(9), torch.arange(9) + 1
     caches = {}
     for batch in (8, 0):
-        rt = weights.runtime(9, 32, panels=panels)
-        rt.impl.amx_batch = batch
-        kc, vc = fresh_caches(rt)
-        for rows in history:
-            rt.forward(*rows, torch.arange(0))
-            ref.forward(weights, *rows, kc, vc, cos, sin)
+        rt, kc, vc = replayed(weights.runtime(9, 32, panels=panels), batch, history, weights, cos, sin)
         got = rt.forward(*step, torch.arange(9))
         caches[batch] = rt.k_cache.clone(), rt.v_cache.clone()
         # a batch of >= amx_batch: the AMX int8 head (its rows as int8 with one scale a row)
