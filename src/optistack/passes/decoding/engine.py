@@ -72,9 +72,9 @@ class DecodeEngineConfig(PassConfig):
     # with act=int8, kept in the exact mode (whose promise is the quantized model's own numerics, prompt included)
     share_weights: Literal["auto", "yes", "no"] = "auto"
     # the projections also as panels of 16 rows, which decode rows read (csrc/cpu/int4_panel.h; a second copy of the
-    # int4 codes): auto = where the CPU has no AMX and act=int8, for models of up to 256 MB of codes (Zen 4: SmolLM2
-    # decode 1.32x, a batch of 8 1.65x; the 1.1B 0.98x alone, 1.6x in a batch of 8, so a server takes them at any
-    # size: serving/engine_backend.py); needs act=int8
+    # int4 codes): auto = with act=int8, for models of up to 256 MB of codes, on every CPU (Zen 4: SmolLM2 decode
+    # 1.32x, a batch of 8 1.65x; Xeon with AMX: 1.08x, a batch of 8 1.2x against int8 tiles; the 1.1B 0.98x alone,
+    # 1.6x in a batch of 8, so a server takes them at any size: serving/engine_backend.py); needs act=int8
     panels: Literal["auto", "yes", "no"] = "auto"
     check_prompts: int = 2
     check_tokens: int = 32

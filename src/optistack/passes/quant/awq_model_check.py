@@ -76,7 +76,7 @@ class Reference:
 
     def scores(self, model: Any) -> tuple[Any, Any]:
         """Per window (float64 [n] each): the mean KL divergence above, and `model`'s cross-entropy on the
-        window's own next tokens (reported beside it: whether the text's perplexity agrees with the KL)."""
+        window's own next tokens (the text's perplexity: `choose_body` keeps the scales only where both are lower)."""
         import torch
 
         kl, ce = [], []
