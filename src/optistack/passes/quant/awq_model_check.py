@@ -54,7 +54,8 @@ def _logits(model: Any, ids: Any) -> Any:
 
 class Reference:
     """The float model's next-token distributions on held-out windows (bfloat16 probabilities, the exact
-    entropy of each window beside them), to score rounded models by mean KL(p_float || p_rounded)."""
+    entropy of each window beside them), to score rounded models by mean KL(p_float || p_rounded) and by
+    cross-entropy on the windows' own text."""
 
     def __init__(self, model: Any, ids: Any) -> None:
         import torch
@@ -70,13 +71,10 @@ class Reference:
                 self.entropy.append(float(-(p * logp).sum(-1).mean()))
                 self.probs.append(p.to(torch.bfloat16))
 
-    def kl(self, model: Any) -> Any:
-        """Mean KL divergence of each window (float64 [n]) from the float model's distributions to `model`'s."""
-        return self.scores(model)[0]
-
     def scores(self, model: Any) -> tuple[Any, Any]:
-        """Per window (float64 [n] each): the mean KL divergence above, and `model`'s cross-entropy on the
-        window's own next tokens (the text's perplexity: `choose_body` keeps the scales only where both are lower)."""
+        """Per window (float64 [n] each): the mean KL divergence from the float model's distributions to `model`'s,
+        and `model`'s cross-entropy on the window's own next tokens (the text's perplexity: `choose_body` keeps the
+        scales only where both are lower)."""
         import torch
 
         kl, ce = [], []
