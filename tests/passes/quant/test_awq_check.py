@@ -9,7 +9,7 @@ import torch
 from test_awq import CTX, FAST, held_out_ids, logits, tiny_llama
 
 from optistack.core.pipeline import Pipeline
-from optistack.passes.quant.awq_check import FOLDS_ATTR, AwqFold, keep_scales, split_sequences, undo
+from optistack.passes.quant.awq_check import FOLDS_ATTR, AwqFold, Originals, keep_scales, restore, split_sequences, undo
 from optistack.passes.quant.awq_search import fold_scale
 from optistack.passes.quant.gptq import GptqConfig
 
@@ -46,6 +46,71 @@ def test_undo_gives_the_unscaled_weights_back_and_the_function_never_changes():
     undo(block, [AwqFold("model.layers.0", "input_layernorm", QKV, s)])
     for n, p in block.named_parameters():
         assert torch.allclose(p, before[n], rtol=1e-5, atol=1e-7), n
+
+
+def awq_like_folds(block):
+    """Folds AWQ-like factors (0.25 to 4.25) into `block` as awq does (norm -> q/k/v, norm -> gate/up, up -> down);
+    returns the record with the tensors before (`Originals`) and a copy of the block as it was."""
+    as_was = copy.deepcopy(block)
+    g = torch.Generator().manual_seed(1)
+    folds = []
+    for prev, lins in (("input_layernorm", QKV), ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
+                       ("mlp.up_proj", ["mlp.down_proj"])):
+        width = block.get_submodule(lins[0]).weight.shape[1]
+        s = torch.rand(width, generator=g) * 4 + 0.25
+        fold_scale(block.get_submodule(prev), [block.get_submodule(n) for n in lins], s)
+        folds.append(AwqFold("model.layers.0", prev, lins, s, None, Originals.of(as_was, [prev, *lins])))
+    return folds, as_was
+
+
+@torch.no_grad()
+def test_undo_from_the_record_gives_the_weights_before_awq_back_bit_for_bit():
+    """Folding 1 / s back lands an ulp away; the record of the tensors before AWQ gives them back exactly, as fresh
+    tensors (the model before the pass keeps its own)."""
+    block = tiny_llama().model.layers[0]
+    folds, as_was = awq_like_folds(block)
+    arithmetic = copy.deepcopy(block)
+    undo(arithmetic, [AwqFold(f.block, f.prev, f.linears, f.s) for f in folds])
+    assert not all(torch.equal(p, q) for p, q in zip(arithmetic.parameters(), as_was.parameters()))
+    assert restore(block, folds) is True
+    for (n, p), q in zip(block.named_parameters(), as_was.parameters()):
+        assert torch.equal(p, q), n
+        assert p.data_ptr() != q.data_ptr(), n
+    assert copy.deepcopy(folds)[0].originals is folds[0].originals  # a model's copy does not copy the body
+
+
+@torch.no_grad()
+def test_a_block_edited_after_awq_is_undone_by_folding_back():
+    """Where the block's tensors are no longer what the folds made of the record (another pass edited them),
+    the record is not used: undo folds 1 / s back into what is there."""
+    block = tiny_llama().model.layers[0]
+    folds, as_was = awq_like_folds(block)
+    block.self_attn.q_proj.weight[0, 0] += 1.0
+    edited = block.self_attn.q_proj.weight.clone()
+    assert restore(copy.deepcopy(block), folds) is False
+    undo(block, folds)
+    s = folds[0].s
+    assert torch.allclose(block.self_attn.q_proj.weight, edited / s, rtol=1e-5)
+    assert torch.allclose(block.mlp.down_proj.weight, as_was.mlp.down_proj.weight, rtol=1e-5, atol=1e-7)
+
+
+def test_awq_then_gptq_with_the_scales_undone_is_gptq_alone_bit_for_bit():
+    """`awq,gptq` no worse than the better of the two: where the check undoes the scales (a margin no body clears),
+    the result is `gptq`'s on the same model, every tensor equal."""
+    model = tiny_llama()
+    opts = ",".join(f"{k}={v}" for k, v in FAST.items() if k != "search_samples")
+    out, info = copy.deepcopy(model), {}
+    for p in Pipeline.parse(f"awq{{quantize=false,n_grid=4,search_samples=4,{opts}}},"
+                            f"gptq{{awq_check_z=100,{opts}}}").passes:
+        result = p.apply(out, CTX)
+        out, info = result.model, result.info
+    assert info["awq_scales_kept"] is False
+    (g,) = Pipeline.parse(f"gptq{{{opts}}}").passes
+    ref = g.apply(copy.deepcopy(model), CTX).model.state_dict()
+    got = out.state_dict()
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
 
 
 @torch.no_grad()

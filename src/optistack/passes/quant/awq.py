@@ -35,7 +35,7 @@ from ...core.errors import PassApplyError, PreconditionError
 from ...core.pass_protocol import MODULE, ConfiguredPass, PassContext, PassResult
 from ..calibration import capture_block_inputs, with_hidden
 from ..linears import as_linear, is_conv1d, plan_linears, set_module
-from .awq_check import FOLDS_ATTR, AwqFold
+from .awq_check import FOLDS_ATTR, AwqFold, Originals
 from .awq_rounding import ROUNDINGS, gptq_rounder
 from .rtn import Int4Config, Int4Tally, swap_to_int4
 
@@ -193,6 +193,7 @@ class AwqPass(ConfiguredPass):
         folds: list[AwqFold] = []
         with torch.no_grad(), progress_bar(len(blocks), f"{self.name}: calibrating blocks") as advance:
             for i in range(len(blocks)):
+                before = blocks[i]  # the input model's block: its tensors stay as they are (exact undo)
                 block = own_block(blocks, i, f"{mapping.blocks}.{i}", name_of)
                 groups = [ScaleGroup(g.label, g.prev, g.linears, g.inspect, g.prev_rows)
                           for g in resolve_groups(mapping, block, model_cfg)]
@@ -216,7 +217,8 @@ class AwqPass(ConfiguredPass):
                 if not cfg.quantize:  # the layers stay float: a rounding pass after it may undo a block's scales
                     rel_of = {id(m): n for n, m in block.named_modules()}
                     folds.extend(AwqFold(f"{mapping.blocks}.{i}", rel_of[id(prev)], [rel_of[id(lin)] for lin in lins],
-                                         s.detach().cpu(), None if rows is None else rows.detach().cpu())
+                                         s.detach().cpu(), None if rows is None else rows.detach().cpu(),
+                                         Originals.of(before, [rel_of[id(m)] for m in (prev, *lins)]))
                                  for prev, lins, s, rows in report.folds
                                  if id(prev) in rel_of and all(id(lin) in rel_of for lin in lins))
                 out = block(*inp[0], **inp[1])

@@ -28,6 +28,25 @@ from typing import Any, Callable
 FOLDS_ATTR = "optistack_awq_folds"
 
 
+class Originals:
+    """The tensors a fold touched as they were before AWQ, by "module.param" name relative to the block: the model
+    AWQ was given holds them (its pass edits copies), so the record costs no memory while that model lives. Never
+    written, and never copied with the model (a pass's deep copy of its input would otherwise copy the body)."""
+
+    def __init__(self, tensors: dict[str, Any]) -> None:
+        self.tensors = tensors
+
+    def __deepcopy__(self, memo: dict) -> "Originals":
+        return self
+
+    @classmethod
+    def of(cls, block: Any, modules: list[str]) -> "Originals":
+        import torch
+
+        return cls({f"{rel}.{name}": t for rel in modules for name in ("weight", "bias")
+                    if isinstance(t := getattr(block.get_submodule(rel), name, None), torch.Tensor)})
+
+
 @dataclass
 class AwqFold:
     block: str  # the decoder block's name in the model
@@ -35,15 +54,63 @@ class AwqFold:
     linears: list[str]
     s: Any  # the folded scale [in]
     rows: Any = None  # prev's output rows feeding the linears (None: all)
+    originals: Originals | None = None  # prev's and the linears' tensors before AWQ (exact undo)
 
 
-def undo(block: Any, folds: list[AwqFold]) -> None:
-    """Folds each of `folds` back (by 1 / s) into fresh copies of the tensors it touches: the block's tensors may
-    be shared with the model before the pass (copy-on-write), which must not change."""
+def _fresh(t: Any, like: Any) -> Any:
+    import torch
+
+    return torch.nn.Parameter(t.detach().clone().to(like.device), requires_grad=like.requires_grad)
+
+
+def restore(block: Any, folds: list[AwqFold]) -> bool:
+    """Puts back, bit for bit, the tensors the folds touched as they were before AWQ, where the record holds them
+    and replaying the folds on them gives the block's tensors exactly (nothing edited them since); returns
+    whether it did. Why: folding by 1 / s lands an ulp away from the original weights, and GPTQ's error feedback
+    turns that into other codes (SmolLM2 at g128, scales undone: 16.27 against `gptq` alone's 16.19)."""
     import torch
 
     from .awq_search import fold_scale
 
+    if not folds or any(f.originals is None for f in folds):
+        return False
+    before: dict[str, Any] = {}
+    for f in folds:
+        for key, t in f.originals.tensors.items():  # type: ignore[union-attr]
+            before.setdefault(key, t)
+    trial = copy.deepcopy(block)
+    for key, t in before.items():
+        rel, _, name = key.rpartition(".")
+        now = getattr(trial.get_submodule(rel), name, None)
+        if not isinstance(now, torch.nn.Parameter) or now.shape != t.shape or now.dtype != t.dtype:
+            return False
+        setattr(trial.get_submodule(rel), name, _fresh(t, now))
+    with torch.no_grad():
+        for f in folds:
+            prev = trial.get_submodule(f.prev)
+            fold_scale(prev, [trial.get_submodule(n) for n in f.linears], f.s.to(prev.weight.device), f.rows)
+    for key in before:
+        rel, _, name = key.rpartition(".")
+        if not torch.equal(getattr(trial.get_submodule(rel), name), getattr(block.get_submodule(rel), name)):
+            return False
+    del trial
+    for key, t in before.items():
+        rel, _, name = key.rpartition(".")
+        m = block.get_submodule(rel)
+        setattr(m, name, _fresh(t, getattr(m, name)))
+    return True
+
+
+def undo(block: Any, folds: list[AwqFold]) -> None:
+    """Takes the folds back: exactly from the tensors before AWQ where the record holds them (`restore`), else by
+    folding 1 / s into fresh copies of the tensors it touches. Either way the block's tensors may be shared with
+    the model before the pass (copy-on-write), which must not change."""
+    import torch
+
+    from .awq_search import fold_scale
+
+    if restore(block, folds):
+        return
     for f in folds:
         prev, linears = block.get_submodule(f.prev), [block.get_submodule(n) for n in f.linears]
         for m in (prev, *linears):
@@ -51,7 +118,7 @@ def undo(block: Any, folds: list[AwqFold]) -> None:
                 t = getattr(m, name, None)
                 if isinstance(t, torch.nn.Parameter):
                     setattr(m, name, torch.nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
-        fold_scale(prev, linears, 1.0 / f.s, f.rows)
+        fold_scale(prev, linears, 1.0 / f.s.to(prev.weight.device), f.rows)
 
 
 def split_sequences(inputs: list) -> tuple[list, list]:
