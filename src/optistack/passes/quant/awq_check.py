@@ -11,7 +11,8 @@ half of the calibration sequences and scored on the other half (the block's outp
 block's, on the same inputs: folding scales does not change the float function); where the copy without
 scales scores lower, the real block's scales are undone, and GPTQ rounds it as usual with all sequences.
 The folds are those the `awq` pass recorded on the model (`optistack_awq_folds`): a norm or linear before the
-group divided by s, the group's linears multiplied by it; undoing is the same fold by 1 / s.
+group divided by s, the group's linears multiplied by it; undoing puts back the tensors before AWQ, which the
+record also holds (`restore`, exact), or, where the block was edited since, folds 1 / s.
 
 Measured on SmolLM2 (16 evaluation chunks, integer zero points, 2026-12-06): with the check, 16.38 at g128 and
 15.78 at g64, the same as without it, in 337 / 297 s against 237 / 212: the block judge, too, prefers the

@@ -18,9 +18,9 @@ layers outside the blocks (a chosen head) are rounded.
 
 Measured: on SmolLM2 (Xeon, 2026-12-07) the KL alone kept the scales at g128 (t = -9.4) where the text did not
 (t = +0.2) and the evaluation sided with the text (16.38 against `gptq`'s 16.19); with both scores the scales are
-undone there (16.27: `gptq`'s body, its codes an ulp-amplified drift away) and kept at g64 (15.78 against 16.08).
-On the ~1.1B random-weight Llama at g128 the two bodies tie on 32 windows (KL 0.144277 / 0.144276), so the scales
-are undone and the result is `gptq`'s (docs/gptq.md).
+undone there and, undone exactly (`awq_check.restore`), the result is `gptq`'s to every bit (16.188), and kept at
+g64 (15.777 against 16.080). On the ~1.1B random-weight Llama at g128 the two bodies tie on 32 windows (KL 0.144277 /
+0.144276), so the scales are undone and the result is `gptq`'s (docs/gptq.md).
 """
 from __future__ import annotations
 
