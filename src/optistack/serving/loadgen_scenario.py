@@ -205,10 +205,12 @@ def warm_up(backend: Any, samples: Sequence[Sample], timeout_s: float = 120.0) -
         raise ServingError(f"backend {backend.name!r} failed its warm-up request: {handle.error or 'timed out'}")
 
 
-def measure_offline(backend: Any, samples: Sequence[Sample], options: ScenarioOptions, label: str = "offline") -> LoadRun:
+def measure_offline(backend: Any, samples: Sequence[Sample], options: ScenarioOptions, label: str = "offline",
+                    longest_first: bool = True) -> LoadRun:
+    """`longest_first`: the samples submitted longest first (loadgen_sut.py), else in LoadGen's order."""
     run = run_loadgen(backend, samples, "Offline", n_queries=len(samples), max_duration_s=0.0,
                       drain_timeout_s=options.offline_timeout_s, seed=options.seed, log_dir=_log_dir(options, label),
-                      ttft_limit_s=options.ttft_limit_s, tpot_limit_s=options.tpot_limit_s)
+                      ttft_limit_s=options.ttft_limit_s, tpot_limit_s=options.tpot_limit_s, longest_first=longest_first)
     return _load_run(run, options)
 
 
