@@ -272,18 +272,26 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
       PHASE(2);
       // each row attends to its slot's positions 0..its own: one item is a row's query heads of one key/value
       // head (split in parts when there are fewer items than twice the threads, so none waits idle)
+      // (the next item's keys and values are asked for while one computes: attend's KvAhead)
+      bool fetched = false;
       for (int64_t j = tid; j < N * Hkv * parts; j += nt) {
         const int64_t b = j / (Hkv * parts), h = (j / parts) % Hkv, part = j % parts, p = pos[b];
-        if (row_chunk[b]) continue;
+        if (row_chunk[b]) {
+          fetched = false;
+          continue;
+        }
+        const int64_t jn = j + nt, bn = jn / (Hkv * parts), hn = (jn / parts) % Hkv;
+        const bool next = jn < N * Hkv * parts && !row_chunk[bn];
         const int64_t g0 = part * grp / parts, g1 = (part + 1) * grp / parts;
         float* q = qkv.data() + b * Nqkv + (h * grp + g0) * D;
         for (int64_t g = 0; g < g1 - g0; ++g) {
           if (ly.q_norm) rms_norm(q + g * D, ly.q_norm, q + g * D, D, eps);
           if (ly.rope) rope(q + g * D, cos + p * half, sin + p * half, D);
         }
-        attend(q, kv(kc, l, slot[b], h), kv(vc, l, slot[b], h), scale(ks, l, slot[b], h), scale(vs, l, slot[b], h),
-               p + 1, D, g1 - g0, sc,
-               attn.data() + (b * Hq + h * grp + g0) * D);
+        fetched = attend(q, kv(kc, l, slot[b], h), kv(vc, l, slot[b], h), scale(ks, l, slot[b], h),
+                         scale(vs, l, slot[b], h), p + 1, D, g1 - g0, sc, attn.data() + (b * Hq + h * grp + g0) * D,
+                         fetched, next ? kv(kc, l, slot[bn], hn) : nullptr, next ? kv(vc, l, slot[bn], hn) : nullptr,
+                         next ? pos[bn] + 1 : 0);
       }
       for (int64_t j = tid; j < int64_t(chunk_items.size()); j += nt) {  // prompt chunks: rows sharing each key block
         const ChunkItem& it = chunk_items[size_t(j)];

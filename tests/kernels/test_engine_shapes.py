@@ -95,3 +95,28 @@ def test_a_length_dependent_rope_scaling_is_refused_by_name(rope):
     model = quantized(tiny(hidden=128, inter=256, heads=4, kv=2, layers=1, rope_parameters=params))
     why = unsupported(model)
     assert why is not None and rope in why and "length" in why
+
+
+@pytest.mark.parametrize("head_dim, heads, kv", [(64, 4, 4), (64, 4, 2), (64, 6, 2), (64, 8, 2), (64, 10, 2), (64, 14, 2),
+                                                 (128, 6, 2), (128, 8, 2)])
+def test_decode_attention_shares_each_key_among_the_heads_of_a_group(head_dim, heads, kv):
+    """Decode rows' attention loads each key and value once for up to 3 query heads of a group (2 at head size 128)
+    and asks for the next item's while one computes (llama_ops.h): groups of 1-7 heads, split 3 + 2 + 2 and so
+    on, three slots at 6-253 positions (past a block of 128 at head size 128), every row within 1e-3 of the
+    reference (int16 activations)."""
+    from optistack.kernels.llama_engine import EngineWeights
+
+    model = quantized(tiny(hidden=heads * head_dim, inter=256, heads=heads, kv=kv))
+    weights = EngineWeights.from_model(model)
+    assert weights.dims.head_dim == head_dim
+    starts = [250, 37, 6]
+    rt = weights.runtime(3, 256, act_bits=16)
+    cos, sin = weights.rope_tables(256)
+    kc, vc = torch.zeros_like(rt.k_cache), torch.zeros_like(rt.v_cache)
+    g = torch.Generator().manual_seed(5)
+    for b, n in enumerate(starts):
+        rows = (torch.randint(0, 300, (n,), generator=g), torch.full((n,), b), torch.arange(n))
+        rt.forward(*rows, torch.arange(0))
+        ref.forward(weights, *rows, kc, vc, cos, sin, 16)
+    tok = torch.randint(0, 300, (3,), generator=g)
+    ref.check_decode_steps(rt, weights, kc, vc, cos, sin, 16, starts, tok, 3, 1e-3)
