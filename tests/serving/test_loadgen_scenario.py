@@ -96,6 +96,30 @@ def test_offline_and_server_runs_answer_every_sample_and_agree_with_loadgen(mode
     assert server.meets_limits == lg["perf_constraints_met"]  # our verdict is LoadGen's
 
 
+class _Recording(StockBackend):
+    """The stock backend, noting what was submitted in which order."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.order = []
+
+    def submit(self, prompt_ids, params, **kw):
+        self.order.append((params.max_new_tokens, len(prompt_ids)))
+        return super().submit(prompt_ids, params, **kw)
+
+
+@pytest.mark.parametrize("longest_first", [True, False])
+def test_offline_submits_the_longest_requests_first_unless_told_not_to(model, samples, longest_first):
+    """Offline hands every sample over at once; the SUT submits them by most new tokens, then longest prompt (so a
+    batch does not end with one long request decoding alone), or in LoadGen's order when asked."""
+    with _Recording(model, max_batch=4, max_context=64) as backend:
+        run = measure_offline(backend, samples, _options(), longest_first=longest_first)
+    assert run.answered == len(samples) and sorted(backend.order) == sorted((s.max_new_tokens, len(s.prompt_ids))
+                                                                            for s in samples)
+    by_length = sorted(backend.order, key=lambda o: (-o[0], -o[1]))
+    assert (backend.order == by_length) is longest_first  # LoadGen's own order is shuffled (seeded): not sorted
+
+
 def test_percentiles_come_from_the_per_token_times_recorded(model, samples):
     from optistack.serving.loadgen_sut import run_loadgen
     from optistack.serving.server_metrics import own_metrics

@@ -23,7 +23,7 @@ import torch
 
 from ..core.hooks import DECODE_ATTR
 from .backend import RequestHandle, SamplingParams, ServingError, check_request
-from .sampling import TokenChooser
+from .sampling import TokenChooser, greedy_tokens
 
 DEFAULT_CONTEXT = 2048  # positions per slot unless the caller asks (the KV cache is slots x context)
 
@@ -238,10 +238,12 @@ class EngineBackend:
         self.steps += 1
         self.rows += len(tokens)
         now = time.perf_counter()
+        greedy = [j for j, (_, r) in enumerate(wants) if r.chooser.plain_greedy(len(r.handle.tokens))]
+        picked = dict(zip(greedy, greedy_tokens(logits, greedy, self.vocab_size))) if len(greedy) > 1 else {}
         for j, (_, r) in enumerate(wants):
             h = r.handle
             try:
-                token = r.chooser.choose(logits[j], len(h.tokens))
+                token = picked[j] if j in picked else r.chooser.choose(logits[j], len(h.tokens))
             except Exception as exc:
                 self._end(r, "error", f"choosing the next token failed: {type(exc).__name__}: {exc}")
                 continue
