@@ -225,6 +225,15 @@ class EngineBackend:
                 wants.append((len(tokens) - 1, r))
         return tokens, slots, positions, wants
 
+    def _greedy(self, logits: torch.Tensor, wants: list[tuple[int, _Running]]) -> dict[int, int]:
+        """The tokens of the call's plain-greedy rows, by row, from one `max` (sampling.greedy_tokens); empty where
+        fewer than two rows are, or it failed (each row then chooses alone and fails alone)."""
+        try:
+            greedy = [j for j, (_, r) in enumerate(wants) if r.chooser.plain_greedy(len(r.handle.tokens))]
+            return dict(zip(greedy, greedy_tokens(logits, greedy, self.vocab_size))) if len(greedy) > 1 else {}
+        except Exception:  # noqa: BLE001 - the per-row path reports the error on each request
+            return {}
+
     def _step(self) -> None:
         tokens, slots, positions, wants = self._rows()
         t = torch.tensor
@@ -238,8 +247,7 @@ class EngineBackend:
         self.steps += 1
         self.rows += len(tokens)
         now = time.perf_counter()
-        greedy = [j for j, (_, r) in enumerate(wants) if r.chooser.plain_greedy(len(r.handle.tokens))]
-        picked = dict(zip(greedy, greedy_tokens(logits, greedy, self.vocab_size))) if len(greedy) > 1 else {}
+        picked = self._greedy(logits, wants)
         for j, (_, r) in enumerate(wants):
             h = r.handle
             try:
