@@ -1,7 +1,7 @@
 """LoadGen Offline throughput of the engine's continuous batching at max_batch 1 against 8 (issue 22's bar).
 
     python benchmarks/engine_offline.py [--chain TEXT] [--rounds 2] [--samples 32] [--panels auto|on|off|ab]
-        [--order longest|loadgen|ab]
+        [--order longest|loadgen|ab] [--kv float16|int8|float32]
 
 The same requests (the smollm2 workload's text, seed 0, `ScenarioOptions`' lengths: prompts 32-254 tokens, mean
 159.5, 5105 in all; 17-128 new tokens, mean 71.5, 2287 in all) go to
@@ -9,7 +9,8 @@ The same requests (the smollm2 workload's text, seed 0, `ScenarioOptions`' lengt
 interleaved per round, C the longest request's prompt + new tokens rounded up to 64 (before 2026-12-07 it was 320,
 and the 3 of 32 requests longer than that failed at submission, uncounted); every round's tokens/s is printed
 (with the requests that failed, if any), then the medians and their ratio. `--order`: Offline submits the samples
-longest first (the default, loadgen_sut.py) or in LoadGen's order; `ab` runs both.
+longest first (the default, loadgen_sut.py) or in LoadGen's order; `ab` runs both. `--kv`: the engine's KV cache
+type (default: the decode-engine step's, float16).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def main() -> None:
                     help="the engine's int4 panels (auto: the backend's default; ab: both, interleaved)")
     ap.add_argument("--order", choices=["longest", "loadgen", "ab"], default="longest",
                     help="Offline's submission order (ab: both, interleaved)")
+    ap.add_argument("--kv", choices=["float16", "int8", "float32"], default=None, help="the KV cache's type")
     args = ap.parse_args()
     import torch
 
@@ -51,7 +53,7 @@ def main() -> None:
     res: dict[tuple, list[float]] = {(p, o, mb): [] for p in modes for o in orders for mb in (1, 8)}
     for rnd in range(args.rounds):
         for p, o, mb in res:
-            be = EngineBackend.from_model(model, max_batch=mb, max_context=context, panels=p)
+            be = EngineBackend.from_model(model, max_batch=mb, max_context=context, panels=p, kv=args.kv)
             check_samples(be, samples)
             warm_up(be, samples[:2])
             run = measure_offline(be, samples, ScenarioOptions(samples=args.samples, server_samples=opts.server_samples,
