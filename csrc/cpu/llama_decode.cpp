@@ -25,6 +25,8 @@
 #include "int4_panel.h"
 #include "llama_attn_amx.h"
 #include "llama_attn_chunk.h"
+#include "llama_attn_rows.h"
+#include "llama_profile.h"
 #include "llama_ops.h"
 #include "simd.h"
 
@@ -149,19 +151,6 @@ at::Tensor LlamaEngine::forward(const at::Tensor& tokens_in, const at::Tensor& s
 }
 
 #if defined(OPTISTACK_AVX512) && defined(__AVX512VNNI__)
-#ifdef OPTISTACK_ENGINE_PROFILE  // a build for tuning (OPTISTACK_ENGINE_PROFILE=1): ms per phase, printed every 20 calls
-static double prof_ms[16];
-static int prof_calls;
-#define PHASE(i)                                                       \
-  if (tid == 0) {                                                      \
-    const double now = omp_get_wtime();                                \
-    prof_ms[i] += (now - prof_last) * 1e3;                             \
-    prof_last = now;                                                   \
-  }
-#else
-#define PHASE(i)
-#endif
-
 template <typename KV>
 void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* pos, int64_t N, const int64_t* lrows,
                       int64_t R, float* lg, int nthreads, const std::vector<Run>& runs, int64_t amx_tiles,
@@ -179,9 +168,7 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
   auto prep = [&](int64_t b, const float* v, int64_t K) {
     if (row_path[b] != AMX_BF16) act16 ? prep_q16(v, K, xq[b]) : prep_q8(v, K, xq[b]);
   };
-#ifdef OPTISTACK_ENGINE_PROFILE
-  double prof_last = omp_get_wtime(), prof_start = prof_last;
-#endif
+  PROFILE_START();
   // the team may be smaller than asked (OMP_THREAD_LIMIT, nesting): the barrier learns its size from the team
   std::atomic<SpinBarrier*> barrier{nullptr};
   alignas(64) unsigned char barrier_store[sizeof(SpinBarrier)];
@@ -272,14 +259,10 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
       PHASE(2);
       // each row attends to its slot's positions 0..its own: one item is a row's query heads of one key/value
       // head (split in parts when there are fewer items than twice the threads, so none waits idle)
-      // (the next item's keys and values are asked for while one computes: attend's KvAhead)
-      bool fetched = false;
+      bool fetched = false;  // this item's keys and values asked for by the one before (not after a chunk's row)
       for (int64_t j = tid; j < N * Hkv * parts; j += nt) {
         const int64_t b = j / (Hkv * parts), h = (j / parts) % Hkv, part = j % parts, p = pos[b];
-        if (row_chunk[b]) {
-          fetched = false;
-          continue;
-        }
+        if (row_chunk[b]) continue;
         const int64_t jn = j + nt, bn = jn / (Hkv * parts), hn = (jn / parts) % Hkv;
         const bool next = jn < N * Hkv * parts && !row_chunk[bn];
         const int64_t g0 = part * grp / parts, g1 = (part + 1) * grp / parts;
@@ -384,18 +367,7 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
     bar.wait();
     PHASE(9);
   }
-#ifdef OPTISTACK_ENGINE_PROFILE
-  prof_ms[15] += (omp_get_wtime() - prof_start) * 1e3;
-  if (++prof_calls % 20 == 0) {
-    static const char* names[] = {"norm1", "qkv", "rope+kv", "attention", "o", "norm2", "gate_up", "swiglu", "down",
-                                  "head"};
-    fprintf(stderr, "engine profile, ms a call over the last %d calls:", prof_calls);
-    for (int i = 0; i < 10; ++i) fprintf(stderr, " %s %.2f", names[i], prof_ms[i] / prof_calls);
-    fprintf(stderr, " | total %.2f (%lld rows)\n", prof_ms[15] / prof_calls, (long long)N);
-    std::fill(prof_ms, prof_ms + 16, 0.0);  // each line is its own 20 calls
-    prof_calls = 0;
-  }
-#endif
+  PROFILE_CALL(N);
 }
 #else
 template <typename KV>

@@ -23,7 +23,8 @@ SOURCES = ["ops.cpp", "bindings.cpp", "norm_act.cpp", "int4_gemm.cpp", "int4_deq
            "int4_q8_gemv.cpp", "int4_vnni_gemm.cpp", "int4_panel.cpp", "int4_amx.cpp", "int4_amx_int8.cpp", "llama_setup.cpp",
            "llama_decode.cpp", "q4_linear.cpp"]
 HEADERS = ["simd.h", "kernels.h", "int4_gemm_prep.h", "int4_layout.h", "llama_decode.h", "llama_ops.h", "llama_attn_chunk.h",
-           "llama_attn_amx.h", "amx_tiles.h", "int4_panel.h", "llama_team.h"]
+           "llama_attn_rows.h", "llama_attn_amx.h", "amx_tiles.h", "int4_panel.h", "llama_team.h",
+           "llama_profile.h"]
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 GROUP_SIZES = (32, 64, 128, 256)
 CHUNK_K = 4096  # input channels per stored chunk of an int4 weight; must match kChunkK in int4_layout.h
