@@ -10,7 +10,7 @@ interleaved per round, C the longest request's prompt + new tokens rounded up to
 and the 3 of 32 requests longer than that failed at submission, uncounted); every round's tokens/s is printed
 (with the requests that failed, if any), then the medians and their ratio. `--order`: Offline submits the samples
 longest first (the default, loadgen_sut.py) or in LoadGen's order; `ab` runs both. `--kv`: the engine's KV cache
-type (default: the decode-engine step's, float16).
+type (default: EngineBackend's, int8 where the decode-engine step was not told one; float16 before 2026-12-07).
 """
 from __future__ import annotations
 

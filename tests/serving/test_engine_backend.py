@@ -18,24 +18,33 @@ VOCAB = 300
 
 
 @pytest.fixture(scope="module")
-def engine_model():
+def float_model():
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from optistack.core.pass_protocol import PassContext
-    from optistack.core.pipeline import Pipeline
 
     torch.manual_seed(0)
     config = AutoConfig.for_model("llama", vocab_size=VOCAB, hidden_size=192, intermediate_size=320, num_hidden_layers=2,
                                   num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=256)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    chain = "rtn-int4{head=int8},decode-engine{check_prompts=0}"
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def engine(model, options: str = ""):
+    from optistack.core.pass_protocol import PassContext
+    from optistack.core.pipeline import Pipeline
+
+    chain = f"rtn-int4{{head=int8}},decode-engine{{check_prompts=0{options}}}"
     return Pipeline.parse(chain).apply(copy.deepcopy(model), PassContext()).model
 
 
-def alone(model, ids: list[int], n: int) -> list[int]:
-    """Greedy on the engine, one request, one row per call after an engine prefill of the whole prompt."""
+@pytest.fixture(scope="module")
+def engine_model(float_model):
+    return engine(float_model)
+
+
+def alone(model, ids: list[int], n: int, kv: str = "int8") -> list[int]:
+    """Greedy on the engine, one request, one row per call after an engine prefill of the whole prompt, on a
+    cache of type `kv` (a server's default with int8 activations)."""
     weights = model.optistack_decode.weights
-    rt = weights.runtime(1, 64)
+    rt = weights.runtime(1, 64, kv=kv)
     logits = rt.prefill([ids], [0])
     out = [int(logits[0].argmax())]
     while len(out) < n:
@@ -67,6 +76,43 @@ def test_requests_joining_and_leaving_each_decode_as_alone(engine_model):
         assert h.tokens == alone(engine_model, p, n)
     assert stats["running"] == 0 and stats["waiting"] == 0
     assert stats["rows"] > stats["steps"]  # rows of several requests shared calls
+    assert stats["kv_cache"] == "int8"  # a server's default with int8 activations
+
+
+def test_a_servers_kv_cache_is_int8_unless_told(engine_model):
+    """Nobody chose (decode-engine's kv=auto): int8, half float16's bytes a token; asked for: what was asked,
+    and its requests decode as a request alone on that cache; a wrong name is one clear error."""
+    from optistack.serving import backends_for
+    from optistack.serving.engine_backend import EngineBackend
+
+    with EngineBackend.from_model(engine_model, max_batch=2, max_context=64) as be:
+        assert be.runtime.kv == "int8"
+        int8_bytes = be.runtime.kv_bytes_per_token
+    ask = prompts(1, seed=7)[0]
+    with backends_for(engine_model, max_batch=2, max_context=64, kv="float16") as be:
+        assert be.runtime.kv == "float16" and be.stats()["kv_cache"] == "float16"
+        assert int8_bytes < 0.6 * be.runtime.kv_bytes_per_token
+        h = be.submit(ask, SamplingParams(max_new_tokens=8))
+        assert h.wait(60)
+    assert h.tokens == alone(engine_model, ask, 8, kv="float16")
+    with pytest.raises(ServingError, match="kv must be one of"):
+        EngineBackend.from_model(engine_model, max_batch=2, max_context=64, kv="int4")
+    with pytest.raises(ServingError, match="has no engine"):
+        backends_for(torch.nn.Linear(2, 2), kv="int8")
+
+
+def test_the_kv_the_decode_engine_step_was_told_is_kept_by_a_server(float_model, engine_model):
+    """decode-engine{kv=float16} is a choice, kept through a copy of the model; kv=auto's float16 for one stream
+    is not (the server picks int8)."""
+    from optistack.serving.engine_backend import EngineBackend
+
+    told = engine(float_model, ",kv=float16")
+    for model in (told, copy.deepcopy(told)):
+        with EngineBackend.from_model(model, max_batch=2, max_context=64) as be:
+            assert be.runtime.kv == "float16"
+    assert engine_model.optistack_decode.kv == "float16"  # one stream's default
+    with EngineBackend.from_model(copy.deepcopy(engine_model), max_batch=2, max_context=64) as be:
+        assert be.runtime.kv == "int8"
 
 
 def test_stop_tokens_min_length_and_streams(engine_model):

@@ -80,6 +80,21 @@ def test_the_tokenizer_is_found_through_the_manifest_or_refused_with_the_fix(tin
         prepare(bare, tokenizer=original, backend="fast")
 
 
+def test_kv_is_the_engines_and_a_wrong_one_is_one_clear_error(tiny, tmp_path):
+    """`--kv` chooses the decode engine's cache: a name it does not know, a backend with its own cache, or a
+    model without an engine are each refused with what would be valid."""
+    tok, model = tiny
+    folder = _saved(tmp_path / "saved", model)
+    tok.save_pretrained(folder)
+    with pytest.raises(ServingError, match="kv must be one of auto, float16, float32, int8; got 'int4'"):
+        prepare(folder, kv="int4")
+    with pytest.raises(ServingError, match="backend 'simple' has its own"):
+        prepare(folder, kv="int8", backend="simple")
+    with pytest.raises(ServingError, match="has no engine"):
+        prepare(folder, kv="int8")
+    prepare(folder, kv="auto").backend.close()
+
+
 def test_a_hugging_face_folder_serves_too(tiny, tmp_path):
     tok, model = tiny
     model.save_pretrained(tmp_path / "hf")

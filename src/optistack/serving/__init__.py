@@ -18,17 +18,24 @@ from __future__ import annotations
 from typing import Any
 
 
-def backends_for(model: Any, tokenizer: Any = None, *, max_batch: int = 8, max_context: int | None = None) -> Any:
+def backends_for(model: Any, tokenizer: Any = None, *, max_batch: int = 8, max_context: int | None = None,
+                 kv: str | None = None) -> Any:
     """The serving backend for `model`: the C++ engine's continuous batching (`EngineBackend`) for a model whose
     `decode-engine` step built an engine, else transformers' own continuous batching on the model as it is
-    (`StockBackend`), else one request at a time through its `generate()` (`SimpleBackend`)."""
+    (`StockBackend`), else one request at a time through its `generate()` (`SimpleBackend`). `kv`: the engine's
+    KV cache type (None: EngineBackend.from_model's default, int8 with int8 activations)."""
     from ..core.hooks import DECODE_ATTR
 
     engine = getattr(getattr(model, DECODE_ATTR, None), "weights", None)
     if engine is not None and hasattr(engine, "runtime"):
         from .engine_backend import EngineBackend
 
-        return EngineBackend.from_model(model, max_batch=max_batch, max_context=max_context)
+        return EngineBackend.from_model(model, max_batch=max_batch, max_context=max_context, kv=kv)
+    if kv is not None:
+        from .backend import ServingError
+
+        raise ServingError(f"kv={kv!r} chooses the decode engine's KV cache, and this {type(model).__name__} has no "
+                           "engine (run the decode-engine pass first, or leave kv unset)")
     if callable(getattr(model, "init_continuous_batching", None)):
         from .stock import StockBackend
 

@@ -107,13 +107,16 @@ def stop_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 BACKENDS = ("auto", "simple")
+KV_CHOICES = ("auto", "float16", "float32", "int8")
 
 
 def make_backend(model: Any, tokenizer: Any, max_batch: int, max_context: int | None,
-                 backend: str | Callable[..., Any] | None) -> Any:
+                 backend: str | Callable[..., Any] | None, kv: str | None = None) -> Any:
     """`backend`: "auto" (None) picks `serving.backends_for(model)`, the best this package has for the model;
     "simple" is SimpleBackend (one request at a time through `generate()`); or a factory
-    `f(model, max_batch=, max_context=) -> Backend`."""
+    `f(model, max_batch=, max_context=) -> Backend`. `kv`: the engine's KV cache type (auto only)."""
+    if kv is not None and backend not in (None, "auto"):
+        raise ServingError(f"kv chooses the decode engine's KV cache (backend auto); backend {backend!r} has its own")
     if callable(backend):
         return backend(model, max_batch=max_batch, max_context=max_context)
     if backend == "simple":
@@ -122,7 +125,7 @@ def make_backend(model: Any, tokenizer: Any, max_batch: int, max_context: int | 
         return SimpleBackend(model, max_context)
     from . import backends_for
 
-    return backends_for(model, tokenizer, max_batch=max_batch, max_context=max_context)
+    return backends_for(model, tokenizer, max_batch=max_batch, max_context=max_context, kv=kv)
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -132,9 +135,11 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None
 
 def prepare(saved_dir: str | Path, *, max_batch: int = 8, max_context: int | None = None, threads: int | None = None,
             tokenizer: str | Path | None = None, model_name: str | None = None,
-            backend: str | Callable[..., Any] | None = None) -> Served:
+            backend: str | Callable[..., Any] | None = None, kv: str | None = None) -> Served:
     """Load `saved_dir` and build the app (nothing listens yet); close `served.backend` when done."""
     _check_int("max_batch", max_batch, 1)
+    if kv not in (None, *KV_CHOICES):
+        raise ServingError(f"kv must be one of {', '.join(KV_CHOICES)}; got {kv!r}")
     if not callable(backend) and backend not in (None, *BACKENDS):
         raise ServingError(f"backend must be one of {', '.join(BACKENDS)} or a factory f(model, max_batch=, max_context=); "
                            f"got {backend!r}")
@@ -150,7 +155,7 @@ def prepare(saved_dir: str | Path, *, max_batch: int = 8, max_context: int | Non
         raise ServingError(f"{saved_dir} holds a {type(model).__name__}, which cannot generate text; serve needs a causal LM")
     tok = find_tokenizer(Path(saved_dir).expanduser(), workload, tokenizer)
     name = model_name or Path(os.path.realpath(Path(saved_dir).expanduser())).name
-    made = make_backend(model, tok, max_batch, max_context, backend)
+    made = make_backend(model, tok, max_batch, max_context, backend, None if kv == "auto" else kv)
     from .http import create_app
 
     try:
@@ -216,9 +221,13 @@ def add_serve_args(p: Any) -> None:
     p.add_argument("--model-name", default=None, help="the model id clients name (default: the folder's name)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto: the best batching backend for the model; simple: one request at a time through generate()")
+    p.add_argument("--kv", choices=KV_CHOICES, default="auto",
+                   help="the decode engine's KV cache (auto: as the decode-engine step was told, else int8 with int8 "
+                        "activations, float32 in the exact mode)")
 
 
 def serve_from_args(args: Any) -> int:
     serve(args.saved_dir, host=args.host, port=args.port, max_batch=args.max_batch, max_context=args.max_context,
-          threads=args.threads, tokenizer=args.tokenizer, model_name=args.model_name, backend=args.backend)
+          threads=args.threads, tokenizer=args.tokenizer, model_name=args.model_name, backend=args.backend,
+          kv=None if args.kv == "auto" else args.kv)
     return 0

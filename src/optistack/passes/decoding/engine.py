@@ -18,7 +18,7 @@ decode step streams. The exact mode keeps float32, the model's own weights.
 
 The KV cache is float16 (float32 in the exact mode); `kv=int8` holds each key and value as int8 codes
 with one scale per position and head: ~0.53x float16's bytes, so a server holds about twice the
-requests (or contexts) in the same memory.
+requests (or contexts) in the same memory. With `kv=auto` a server (serving/engine_backend.py) takes int8.
 
 Numerics: the int4 projections take int8 activations (per 64 channels, as llama.cpp's Q8 blocks; or
 int16 with `act=int16`: twice the dot-product work, 15 significant bits like the model's own kernel, the

@@ -146,6 +146,7 @@ class EngineDecode:
 
         if prefill not in ("model", "engine"):
             raise ValueError(f"prefill must be 'model' or 'engine'; got {prefill!r}")
+        self.kv_asked = kv  # None: nobody chose (a server then picks its own: serving/engine_backend.py)
         kv = kv or ("float16" if act_bits == 8 else "float32")
         if kv not in KV_TYPES:
             raise ValueError(f"kv must be one of {', '.join(KV_TYPES)} (the KV cache's type); got {kv!r}")
@@ -157,14 +158,16 @@ class EngineDecode:
         self._lock = threading.Lock()
 
     def __deepcopy__(self, memo: dict) -> "EngineDecode":  # runtimes (C++ objects) are rebuilt on use
-        return EngineDecode(copy.deepcopy(self.weights, memo), self.act_bits, self.prefill_mode, self.kv, self.panels)
+        return EngineDecode(copy.deepcopy(self.weights, memo), self.act_bits, self.prefill_mode, self.kv_asked,
+                            self.panels)
 
     def __getstate__(self) -> dict:
         return {"weights": self.weights, "act_bits": self.act_bits, "prefill_mode": self.prefill_mode, "kv": self.kv,
-                "panels": self.panels}
+                "kv_asked": self.kv_asked, "panels": self.panels}
 
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["weights"], state["act_bits"], state["prefill_mode"], state.get("kv"), state.get("panels"))
+    def __setstate__(self, state: dict) -> None:  # a state from before kv_asked: its kv as if asked
+        self.__init__(state["weights"], state["act_bits"], state["prefill_mode"], state.get("kv_asked", state.get("kv")),
+                      state.get("panels"))
 
     def acquire(self, batch: int, length: int) -> tuple[Any, list[int]]:
         """(runtime, slots): `batch` slots of >= `length` positions, from the shared runtime when it fits."""
