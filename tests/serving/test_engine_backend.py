@@ -91,6 +91,7 @@ def test_a_servers_kv_cache_is_int8_unless_told(engine_model):
     ask = prompts(1, seed=7)[0]
     with backends_for(engine_model, max_batch=2, max_context=64, kv="float16") as be:
         assert be.runtime.kv == "float16" and be.stats()["kv_cache"] == "float16"
+        assert be.name == "optistack-engine (float16 KV cache)"  # what the scenario's report names
         assert int8_bytes < 0.6 * be.runtime.kv_bytes_per_token
         h = be.submit(ask, SamplingParams(max_new_tokens=8))
         assert h.wait(60)

@@ -57,6 +57,7 @@ class EngineBackend:
         self.runtime = runtime
         self.max_batch = runtime.slots
         self.max_context = runtime.length
+        self.name = f"optistack-engine ({runtime.kv} KV cache)"  # what a report or /health says served
         self.step_tokens = step_tokens
         self.vocab_size = vocab_size or runtime.weights.dims.vocab
         self._waiting: collections.deque[RequestHandle] = collections.deque()
