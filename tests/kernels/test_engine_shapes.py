@@ -101,7 +101,7 @@ def test_a_length_dependent_rope_scaling_is_refused_by_name(rope):
                                                  (128, 6, 2), (128, 8, 2)])
 def test_decode_attention_shares_each_key_among_the_heads_of_a_group(head_dim, heads, kv):
     """Decode rows' attention loads each key and value once for up to 3 query heads of a group (2 at head size 128)
-    and asks for the next item's while one computes (llama_ops.h): groups of 1-7 heads, split 3 + 2 + 2 and so
+    and asks for the next item's while one computes (llama_attn_rows.h): groups of 1-7 heads, split 3 + 2 + 2 and so
     on, three slots at 6-253 positions (past a block of 128 at head size 128), every row within 1e-3 of the
     reference (int16 activations)."""
     from optistack.kernels.llama_engine import EngineWeights

@@ -108,7 +108,7 @@ class EngineBackend:
             raise ServingError(f"max_context {context} exceeds {weights.positions_limit()}"
                                if weights.max_positions else
                                f"max_context {context} exceeds the engine's default ({limit})")
-        kv = kv or getattr(strategy, "kv_asked", getattr(strategy, "kv", None)) or server_kv(strategy.act_bits)
+        kv = kv or getattr(strategy, "kv_asked", None) or server_kv(strategy.act_bits)
         try:
             runtime = weights.runtime(max_batch, context, strategy.act_bits, max_rows=step_tokens + max_batch,
                                       kv=kv,

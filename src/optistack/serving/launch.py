@@ -229,5 +229,5 @@ def add_serve_args(p: Any) -> None:
 def serve_from_args(args: Any) -> int:
     serve(args.saved_dir, host=args.host, port=args.port, max_batch=args.max_batch, max_context=args.max_context,
           threads=args.threads, tokenizer=args.tokenizer, model_name=args.model_name, backend=args.backend,
-          kv=None if args.kv == "auto" else args.kv)
+          kv=args.kv)
     return 0
