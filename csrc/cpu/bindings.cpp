@@ -52,6 +52,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("head_q", &EngineSpec::head_q)
       .def_readwrite("head_s", &EngineSpec::head_s)
       .def_readwrite("head4", &EngineSpec::head4)
+      .def_readwrite("head_f", &EngineSpec::head_f)
       .def_readwrite("layers", &EngineSpec::layers);
   py::class_<LlamaEngine>(m, "LlamaEngine")
       .def(py::init<const EngineSpec&, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t,

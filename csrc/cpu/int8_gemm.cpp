@@ -139,6 +139,33 @@ void int8_rows_f32(const int8_t* qw, const float* sc, int64_t K, const int16_t* 
     for (int64_t m = 0; m < M; ++m) rows_mb<1, float>(qw, sc, K, xq + m * Kp, Kp, sx + m, n, n + 1, y + m * N, N);
 }
 
+// The exact mode's float32 head: the model's own weights, no rounding but float32's. Each weight row (in L1
+// after its first use) meets every activation row; two accumulators of 16 lanes each, summed at the end.
+void float_rows_f32(const float* w, int64_t K, const float* x, int64_t M, int64_t n0, int64_t n1, float* y, int64_t N) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* wr = w + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      int64_t k = 0;
+      float d = 0.f;
+#ifdef OPTISTACK_AVX512
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      for (; k + 32 <= K; k += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + k), _mm512_loadu_ps(xr + k), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + k + 16), _mm512_loadu_ps(xr + k + 16), a1);
+      }
+      for (; k < K; k += 16) {
+        const __mmask16 mk = tail_mask(K - k);
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, wr + k), _mm512_maskz_loadu_ps(mk, xr + k), a0);
+      }
+      d = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+      for (; k < K; ++k) d += wr[k] * xr[k];
+      y[m * N + n] = d;
+    }
+  }
+}
+
 at::Tensor int8_matmul(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scale) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
               "optistack_cpu.int8_matmul: x must be float32 or bfloat16, got ", x_in.scalar_type());

@@ -326,16 +326,16 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
     }
     // the head, for the rows whose logits were asked for: int16 activations on VNNI, or, for a batch of at
     // least amx_batch rows, int8 ones on AMX tiles (the 16 x ... weight rows past the last multiple of 16 on VNNI)
-    // (an int4 head: the projections' VNNI rows with int16 activations)
-    const bool head_amx = !head_int4 && amx_batch_min > 0 && R >= amx_batch_min && H % 64 == 0 && V >= 16;
+    // (an int4 head: the projections' VNNI rows with int16 activations; a float32 head: float32 products)
+    const bool head_amx = !head_int4 && !head_f && amx_batch_min > 0 && R >= amx_batch_min && H % 64 == 0 && V >= 16;
     for (int64_t r = tid; r < R; r += nt) {  // sx16[r] < 0 marks a row with inf/NaN (its logits become NaN)
       rms_norm(x.data() + lrows[r] * H, final_norm, xn.data() + r * H, H, eps);
-      if (head_int4) {
+      if (head_f || head_int4) {  // a float32 head reads xn as it is
         const float* v = xn.data() + r * H;
         bool finite = true;
         for (int64_t k = 0; k < H; ++k) finite &= std::isfinite(v[k]);
         sx16[r] = finite ? 0.f : -1.f;
-        if (finite) prep_q16(v, H, xq[r]);  // a non-finite row's logits become NaN below, whatever its codes
+        if (finite && head_int4) prep_q16(v, H, xq[r]);  // a non-finite row's logits become NaN below, whatever its codes
       } else if (head_amx) {
         sx8[r] = quantize_i8_row(xn.data() + r * H, H, head8.data() + r * H);
         sx16[r] = sx8[r] < 0.f ? -1.f : 0.f;
@@ -344,7 +344,10 @@ void LlamaEngine::run(const int64_t* tok, const int64_t* slot, const int64_t* po
       }
     }
     bar.wait();
-    if (head_int4) {
+    if (head_f) {
+      share(V, tid, nt, 16, n0, n1);
+      if (n0 < n1 && R > 0) float_rows_f32(head_f, H, xn.data(), R, n0, n1, lg, V);
+    } else if (head_int4) {
       share(V, tid, nt, 4, n0, n1);
       if (n0 < n1 && R > 0) q4_rows(head4w, xq.data(), R, n0, n1, lg, V, false, true);
     } else if (head_amx) {

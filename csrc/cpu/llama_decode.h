@@ -146,6 +146,8 @@ void head_amx8(const int8_t* qw, const float* sc, int64_t K, const int8_t* tiles
 float int8_quantize_f32(const float* x, int64_t K, int64_t Kp, int16_t* out);
 void int8_rows_f32(const int8_t* qw, const float* sc, int64_t K, const int16_t* xq, int64_t Kp, const float* sx,
                    int64_t M, int64_t n0, int64_t n1, float* y, int64_t N);
+// A float32 head (int8_gemm.cpp): rows [n0, n1) of y (row stride N) = x [M, K] @ w.T, float32 products and sums.
+void float_rows_f32(const float* w, int64_t K, const float* x, int64_t M, int64_t n0, int64_t n1, float* y, int64_t N);
 
 // y = x @ w.T (+ bias) for float32 x [M, K] on an engine-layout projection (q4_linear.cpp): path 0 the VNNI rows
 // with int16 activations, 1 with int8 ones, 2 AMX-BF16 tiles. What the model's own projections run once they
@@ -188,6 +190,7 @@ struct EngineSpec {
   double eps = 1e-6;
   at::Tensor embed, embed_s, final_norm, head_q, head_s;
   Q4Proj head4;  // an int4 head in the engine layout (int16 activations); when set, head_q and head_s are unused
+  at::Tensor head_f;  // the model's own float32 head [V, H] (the exact mode); when set, head_q and head_s are unused
   std::vector<EngineLayer> layers;
 };
 
@@ -272,6 +275,7 @@ class LlamaEngine {
   const float *embed = nullptr, *embed_s = nullptr, *final_norm, *head_s = nullptr, *cos, *sin;
   const int8_t *head_q = nullptr, *embed_q = nullptr;  // embed_q: an int8 embedding (rows scaled by embed_s)
   bool head_int4 = false;
+  const float* head_f = nullptr;  // a float32 head (the model's own, in the exact mode)
   Q4Weight head4w;
   void *kc, *vc;  // float32, float16 (half the bytes attention reads) or int8 codes (a quarter, plus scales)
   float *ks = nullptr, *vs = nullptr;  // int8 codes' scale per (layer, slot, head, position)

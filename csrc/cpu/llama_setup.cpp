@@ -85,10 +85,13 @@ LlamaEngine::LlamaEngine(const EngineSpec& spec, at::Tensor cos_t, at::Tensor si
   if (head_int4) {  // an int4 head in the engine layout: head_q and head_s are not read (may be empty)
     head4w = q4_weight(spec.head4, V, H, "head4", keep);
     TORCH_CHECK(!head4w.bias, "optistack_cpu.LlamaEngine: the head has no bias");
+  } else if (spec.head_f.defined() && spec.head_f.numel() > 0) {  // the model's own float32 head, read as it is
+    head_f = f32(spec.head_f, V * H, "head_f (float32 [V, H], the model's own head)");
+    keep.push_back(spec.head_f);
   } else {
     TORCH_CHECK(spec.head_q.defined() && spec.head_q.scalar_type() == at::kChar && spec.head_q.is_contiguous() &&
                     spec.head_q.numel() == V * H,
-                "optistack_cpu.LlamaEngine: head_q must be contiguous int8 [V, H] (or head4 an int4 head)");
+                "optistack_cpu.LlamaEngine: head_q must be contiguous int8 [V, H] (or head4 an int4 head, or head_f a float32 one)");
     head_q = spec.head_q.data_ptr<int8_t>();
     head_s = f32(spec.head_s, V, "head_s");
   }

@@ -74,3 +74,13 @@ def test_smollm2_exact_mode_gives_its_own_tokens_alone_and_left_padded():
     batch = tok(texts, return_tensors="pt", padding=True)
     assert int((batch["attention_mask"] == 0).sum()) > 0  # the rows really are padded
     assert torch.equal(ours(engine, **batch, **kw), own_generate(quant, **batch, **kw))
+
+
+def test_the_exact_mode_names_a_bfloat16_reference():
+    """torch's int4pack kernel (rtn-int4 without fuse-kernels) rounds activations to bfloat16: the report says
+    the model's own tokens are then its bfloat16 rounding's; after fuse-kernels (float32 projections) it says nothing."""
+    info = Pipeline.parse("rtn-int4,decode-engine{act=int16,check_prompts=0}").apply(tiny("llama"), PassContext()).info
+    assert "bfloat16" in info["decode-engine.exact_reference"] and info["decode-engine.head"] == "float32 (the model's own)"
+    fused = Pipeline.parse("rtn-int4,fuse-kernels,decode-engine{act=int16,check_prompts=0}").apply(tiny("llama"),
+                                                                                                 PassContext()).info
+    assert "decode-engine.exact_reference" not in fused

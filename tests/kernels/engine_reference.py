@@ -106,6 +106,8 @@ def forward(weights, tokens, slots, positions, k_cache, v_cache, cos, sin, act_b
     h = rms(x, weights.final_norm, eps)
     if getattr(weights, "head4", None) is not None:  # an int4 head: int16 activations per 64 channels
         return linear(h, weights.head4, 32767)
+    if weights.float_head.numel():  # the model's own float32 head: no rounding
+        return h @ weights.float_head.T
     amax = h.abs().amax(-1, keepdim=True)
     h = q16(h) if head_bits == 16 else torch.round(h * 127 / amax) * amax / 127
     return h @ (weights.head_q.float() * weights.head_s[:, None]).T

@@ -3,7 +3,8 @@
 `EngineWeights.from_model(model)` repacks an int4-quantized LlamaForCausalLM (or Mistral, Qwen2, Qwen3, SmolLM3)
 once:
 q, k and v into one int4 matrix, gate and up into another, every projection in the engine's unit
-layout (int4_q8_gemv.cpp), the head as int8 rows. The result holds every tensor by name (`EngineBlock`
+layout (int4_q8_gemv.cpp), the head as int8 rows (the exact mode: a float head as the model's own float32).
+The result holds every tensor by name (`EngineBlock`
 per decoder layer, `Q4Projection` per matrix) and hands the C++ engine the same names (`EngineSpec`).
 `weights.runtime(slots, length)` (engine_runtime.py) then gives an engine with a KV cache of that many
 slots and positions, which runs any rows (token, slot, position) in one call.
@@ -168,17 +169,24 @@ def _is_int4(lin: Any) -> bool:
                                                                and lin.backend == "cpu-cpp")
 
 
-def _head(model: Any) -> list[torch.Tensor]:
+def _head(model: Any, float_head: bool = False) -> list[torch.Tensor]:
+    """[int8 codes, row scales, float32 weight] of the head: the int8 pair, or (`float_head`, a float head) the
+    model's own weight as float32 (the same tensor when it already is one), or neither for an int4 head."""
     from ..layers.int8 import Int8Linear
 
     head = model.get_output_embeddings()
+    none = [torch.empty(0, dtype=torch.int8), torch.empty(0)]
     if _is_int4(head):  # the int4 head is a projection in the engine layout (EngineWeights.head4)
-        return [torch.empty(0, dtype=torch.int8), torch.empty(0)]
+        return [*none, torch.empty(0)]
     if isinstance(head, Int8Linear):
-        return [head.qweight.contiguous(), head.scale.float().contiguous()]
-    w = head.weight.detach().float()  # a float head is quantized per row, as head=int8 does
+        return [head.qweight.contiguous(), head.scale.float().contiguous(), torch.empty(0)]
+    w = head.weight.detach().float()
+    if float_head:
+        return [*none, w.contiguous()]
+    # a float head is quantized per row, as head=int8 does
     scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-    return [torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale.contiguous()]
+    return [torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale.contiguous(),
+            torch.empty(0)]
 
 
 @dataclass
@@ -241,6 +249,7 @@ class EngineWeights:
     head4: "Q4Projection | None" = None  # an int4 head (then head_q and head_s are empty)
     embed_s: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # an int8 embed's row scales
     window: int | None = None  # the model's sliding window (attention_window), which max_positions respects
+    head_f: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # the model's own float32 head (exact mode)
 
     def positions_limit(self) -> str:
         """What bounds `max_positions`, for messages."""
@@ -249,10 +258,11 @@ class EngineWeights:
         return f"the model's max_position_embeddings ({self.max_positions})"
 
     @classmethod
-    def from_model(cls, model: Any, scales: str = "float32") -> "EngineWeights":
+    def from_model(cls, model: Any, scales: str = "float32", float_head: bool = False) -> "EngineWeights":
         """`scales="float16"`: each projection's unit scales and zc in 16 bits where that keeps every weight
         within 1% of its quantization step (a tenth fewer bytes a decode step reads); float32 keeps the
-        model's own weights exactly (the exact mode)."""
+        model's own weights exactly (the exact mode). `float_head`: a float (not int8 or int4) head stays
+        the model's own float32 weights instead of int8 rows quantized here (the exact mode)."""
         why = unsupported(model)
         if why:
             raise ValueError(why)
@@ -266,7 +276,7 @@ class EngineWeights:
         d = getattr(config, "head_dim", None) or config.hidden_size // hq
         emb, emb_s = _embedding(model.get_input_embeddings())
         final, eps = _norm(inner.norm)
-        head_q, head_s = _head(model)
+        head_q, head_s, head_f = _head(model, float_head)
         blocks = []
         for layer in inner.layers:
             p = _layer_projections(layer)
@@ -281,16 +291,16 @@ class EngineWeights:
         dims = EngineDims(len(blocks), config.hidden_size, hq, hkv, d, inter, emb.shape[0])
         head = model.get_output_embeddings()
         head4 = _projection([head], scales) if _is_int4(head) else None
-        quantized_here = head4 is None and not isinstance(head, Int8Linear)
+        quantized_here = head4 is None and not isinstance(head, Int8Linear) and not head_f.numel()
         window = attention_window(model)
         limits = [n for n in (getattr(config, "max_position_embeddings", None), window) if n]
         return cls(dims, eps, emb, final, head_q, head_s, blocks, inner.rotary_emb, quantized_here,
-                   min(limits) if limits else None, head4, emb_s, window)
+                   min(limits) if limits else None, head4, emb_s, window, head_f)
 
     @property
     def nbytes(self) -> int:
         """Bytes the engine's weights take (embedding, head and blocks; a tensor two of them share, once)."""
-        tensors = [self.embed, self.embed_s, self.final_norm, self.head_q, self.head_s]
+        tensors = [self.embed, self.embed_s, self.final_norm, self.head_q, self.head_s, self.float_head]
         if self.head4 is not None:
             tensors += [self.head4.q, self.head4.s, self.head4.zc]
         for b in self.blocks:
@@ -299,6 +309,13 @@ class EngineWeights:
         held = {(t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()): t.numel() * t.element_size()
                 for t in tensors if t.numel()}
         return sum(held.values())
+
+    @property
+    def float_head(self) -> torch.Tensor:
+        """The model's own float32 head the engine reads (empty when it reads int8 or int4 rows); weights
+        pickled before it existed have none."""
+        head_f = getattr(self, "head_f", None)
+        return head_f if head_f is not None else torch.empty(0)
 
     @property
     def code_bytes(self) -> int:
@@ -334,6 +351,8 @@ class EngineWeights:
             s.embed_s = self.embed_s
         if self.head4 is not None:
             s.head4 = self.head4.native(lib)
+        if self.float_head.numel():
+            s.head_f = self.float_head
         s.layers = [b.native(lib, panels) for b in self.blocks]
         return s
 

@@ -22,7 +22,8 @@ requests (or contexts) in the same memory. With `kv=auto` a server (serving/engi
 
 Numerics: the int4 projections take int8 activations (per 64 channels, as llama.cpp's Q8 blocks; or
 int16 with `act=int16`: twice the dot-product work, 15 significant bits like the model's own kernel, the
-exact mode), the head int16 ones (as the int8 head); everything else is float32. So with int8 the tokens
+exact mode), the head int16 ones (as the int8 head; the exact mode keeps a float head as the model's own
+float32 weights); everything else is float32. So with int8 the tokens
 can differ from the model's own float32-activation decoding where two logits are close. At apply the pass
 measures, on the workload's calibration prompts, how often the engine picks the token the model's own
 loop picks when both see the same history (teacher-forced top-1 agreement), records it, and refuses the
@@ -118,7 +119,7 @@ class DecodeEnginePass(ConfiguredPass):
             return PassResult(model, modified=False, info={"reason": why})
         start = time.perf_counter()
         scales = cfg.scales if cfg.scales != "auto" else ("float16" if cfg.act == "int8" else "float32")
-        weights = EngineWeights.from_model(_unwrap(model), scales=scales)
+        weights = EngineWeights.from_model(_unwrap(model), scales=scales, float_head=cfg.act == "int16")
         prefill = cfg.prefill
         if prefill == "auto":  # int8: AMX tiles or the int8 chunk GEMM (a 128-token SmolLM2 prompt on a Zen 4: the
             # engine 54 ms, the model's own forward 297 ms); int16 (the exact mode) has neither
@@ -131,7 +132,13 @@ class DecodeEnginePass(ConfiguredPass):
                                 "build_s": round(time.perf_counter() - start, 3),
                                 "threads": torch.get_num_threads(),
                                 "head": "int4" if weights.head4 is not None else
+                                        "float32 (the model's own)" if weights.float_head.numel() else
                                         "int8 (quantized by this pass)" if weights.head_quantized_here else "int8"}
+        bf16 = _bf16_projections(_unwrap(model)) if cfg.act == "int16" else 0
+        if bf16:
+            info["exact_reference"] = (f"{bf16} int4 projections run torch's int4pack kernel on bfloat16 activations: "
+                                       "the engine's 15 bits can pick another token where two of the model's own "
+                                       "logits lie within bfloat16's rounding (fuse-kernels first: float32 ones)")
         prompts = check_prompts(ctx, cfg.check_prompts, weights.dims.vocab) if cfg.check_prompts else []
         matches = compared = 0
         for prompt in prompts:
@@ -162,6 +169,13 @@ class DecodeEnginePass(ConfiguredPass):
         # heap keeps: a ~1.1B Llama's process held 2.13 GB after the chain in place, 1.21 once handed back
         release_free_memory()
         return PassResult(model, modified=True, info=info)
+
+
+def _bf16_projections(model: Any) -> int:
+    """How many of the model's int4 projections compute on bfloat16 activations (torch's int4pack kernel)."""
+    from ...layers.int4 import Int4Linear
+
+    return sum(isinstance(m, Int4Linear) and m.act_dtype == torch.bfloat16 for m in model.modules())
 
 
 register_reapply(DecodeEnginePass)  # numbers only, checked by its config; the engine is rebuilt from the loaded weights
