@@ -40,7 +40,7 @@ test: setup
 asan: setup
 	OPTISTACK_SANITIZE=address LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:new_delete_type_mismatch=0 \
-	$(BIN)/python -m pytest -p no:cacheprovider tests/kernels/test_llama_engine.py tests/kernels/test_engine_kv_int8.py tests/kernels/test_engine_half_scales.py tests/kernels/test_engine_linear.py tests/kernels/test_engine_int4_head.py tests/kernels/test_engine_chunk_attention.py tests/kernels/test_engine_chunk_gemm.py tests/kernels/test_engine_panels.py tests/kernels/test_engine_architectures.py tests/kernels/test_int8_kernel.py tests/kernels/test_cpu_kernels.py tests/passes/quant/test_embedding.py -q
+	$(BIN)/python -m pytest -p no:cacheprovider tests/kernels/test_llama_engine.py tests/kernels/test_engine_kv_int8.py tests/kernels/test_engine_half_scales.py tests/kernels/test_engine_linear.py tests/kernels/test_engine_int4_head.py tests/kernels/test_engine_float_head.py tests/kernels/test_engine_chunk_attention.py tests/kernels/test_engine_chunk_gemm.py tests/kernels/test_engine_panels.py tests/kernels/test_engine_architectures.py tests/kernels/test_int8_kernel.py tests/kernels/test_cpu_kernels.py tests/passes/quant/test_embedding.py -q
 
 # A wheel carrying the C++ kernels, built by setup.py for each x86-64 variant against the pinned torch
 # (isolated: pip installs pyproject's build requirements, torch==2.13.0 included; the CPU build must be
